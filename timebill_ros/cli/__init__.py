@@ -1,0 +1,31 @@
+"""``timebill`` console script: one subcommand a module, imported only when used.
+
+Each module in this package defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported lazily so `timebill --help` is instant.
+COMMANDS = {
+    "generate": ("timebill_ros.cli.generate", "run one prompt through the engine with a budget / alpha"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="timebill", description="Time-budgeted LLM inference (TimeBill).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

