@@ -12,6 +12,9 @@ import sys
 # name -> (module, one-line help). Modules are imported lazily so `timebill --help` is instant.
 COMMANDS = {
     "generate": ("timebill_ros.cli.generate", "run one prompt through the engine with a budget / alpha"),
+    "bringup": ("timebill_ros.cli.bringup", "start the TimeBill ROS nodes and drive the server to active"),
+    "ask": ("timebill_ros.cli.ask", "send one time-budgeted goal to the running nodes and stream the answer"),
+    "calibrate": ("timebill_ros.cli.calibrate", "profile prefill/decode timings and fit the execution-time estimator"),
 }
 
 

@@ -1,0 +1,170 @@
+"""Calibration: held-out scoring, keyed profiles that refuse other setups, a real (tiny) run, the CLI."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from timebill_ros.core import calibration as cal
+from timebill_ros.core.budget import make_alpha_chooser
+from timebill_ros.core.config import TimeBillConfig
+from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.errors import ProfileMismatchError
+from timebill_ros.core.time_estimator import ExecutionTimeModel, mape
+
+TRUE = ExecutionTimeModel(a=2.5e-7, b=1.2e-3, c=0.30, p=1.0e-5, q=0.060)
+KEY = {"model": "smollm2-135m-instruct", "dtype": "float32", "device": "cpu", "threads": "2",
+       "torch": "2.13.0+cpu", "transformers": "5.24.0", "press": "snapkv", "preallocate": "True"}
+
+
+def synthetic(held_off_by=(0.10, 0.04)):
+    """Exact timings on the grid; held-out points off by a known fraction."""
+    pre = [cal.Measurement(n, [TRUE.prefill_s(n)] * 3) for n in cal.PREFILL_GRID]
+    pre += [cal.Measurement(n, [TRUE.prefill_s(n) * (1 + held_off_by[0])] * 3, True) for n in cal.PREFILL_HELD_OUT]
+    dec = [cal.Measurement(n, [TRUE.decode_step_s(n)] * 3) for n in cal.DECODE_GRID]
+    dec += [cal.Measurement(n, [TRUE.decode_step_s(n) * (1 + held_off_by[1])] * 3, True) for n in cal.DECODE_HELD_OUT]
+    return pre, dec
+
+
+def test_mape_is_computed_on_held_out_points_only():
+    pre, dec = synthetic()
+    prof = cal.fit_profile(KEY, pre, dec)
+    # the fit never saw the held-out points, so it is exact and they carry all the error
+    assert prof.model.a == pytest.approx(TRUE.a, rel=1e-6) and prof.model.q == pytest.approx(TRUE.q, rel=1e-6)
+    assert prof.mape["prefill"] == pytest.approx(100 * 0.10 / 1.10)
+    assert prof.mape["decode"] == pytest.approx(100 * 0.04 / 1.04)
+    assert prof.fit_mape["prefill"] == pytest.approx(0, abs=1e-6)
+    assert prof.fitted_ratios["prefill_a_over_b"] == pytest.approx(TRUE.a / TRUE.b, rel=1e-5)
+
+
+def test_fit_recovers_known_coefficients_from_noisy_samples():
+    rng = np.random.default_rng(3)
+    noisy = lambda t: list(t * (1 + np.abs(0.01 * rng.standard_normal(7))))  # noqa: E731 - load only adds time
+    pre = [cal.Measurement(n, noisy(TRUE.prefill_s(n))) for n in cal.PREFILL_GRID]
+    pre += [cal.Measurement(n, noisy(TRUE.prefill_s(n)), True) for n in cal.PREFILL_HELD_OUT]
+    dec = [cal.Measurement(n, noisy(TRUE.decode_step_s(n))) for n in cal.DECODE_GRID]
+    dec += [cal.Measurement(n, noisy(TRUE.decode_step_s(n)), True) for n in cal.DECODE_HELD_OUT]
+    prof = cal.fit_profile(KEY, pre, dec, statistic="min")
+    for name in ("a", "b", "c", "p", "q"):
+        assert getattr(prof.model, name) == pytest.approx(getattr(TRUE, name), rel=0.05), name
+    assert prof.mape["prefill"] < 0.5 and prof.mape["decode"] < 0.5
+    assert cal.fit_profile(KEY, pre, dec, statistic="median").mape["prefill"] > prof.mape["prefill"]
+
+
+def test_summarize():
+    assert cal.summarize([3.0, 1.0, 2.0, 10.0], "min") == 1.0
+    assert cal.summarize([3.0, 1.0, 2.0, 10.0], "median") == 2.5
+    with pytest.raises(ValueError):
+        cal.summarize([1.0], "mean")
+
+
+def test_profile_roundtrip(tmp_path):
+    prof = cal.fit_profile(KEY, *synthetic())
+    path = cal.save_profile(prof, tmp_path / "p.json")
+    back = cal.load_profile(path, KEY)
+    assert back.model == prof.model and back.key == KEY and back.mape == prof.mape
+    assert [m.n for m in back.prefill if m.held_out] == list(cal.PREFILL_HELD_OUT)
+    doc = json.loads(path.read_text())
+    doc["version"] = 0
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="re-run"):
+        cal.load_profile(path)
+
+
+def test_mismatched_key_is_refused_naming_the_fields(tmp_path):
+    path = cal.save_profile(cal.fit_profile(KEY, *synthetic()), tmp_path / "p.json")
+    running = {**KEY, "threads": "4", "torch": "2.14.0"}
+    with pytest.raises(ProfileMismatchError) as err:
+        cal.load_profile(path, running)
+    msg = str(err.value)
+    assert "threads: profile '2' vs engine '4'" in msg and "torch" in msg and "timebill calibrate" in msg
+    assert "dtype" not in msg and "model" not in msg.split("(")[1].split(")")[0]
+    with pytest.raises(ProfileMismatchError, match="press: profile '<missing>'"):
+        cal.check_key({k: v for k, v in KEY.items() if k != "press"}, KEY)
+    cal.check_key(dict(KEY), dict(KEY))  # same setup: accepted
+
+
+def test_default_path_is_keyed_under_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIMEBILL_CACHE", str(tmp_path))
+    p = cal.default_profile_path(KEY)
+    assert p.parent == tmp_path / "profiles" and p.name.startswith("smollm2-135m-instruct-float32-cpu-t2-")
+    assert all(cal.default_profile_path({**KEY, f: "other"}) != p for f in KEY)
+    with pytest.raises(FileNotFoundError, match="timebill calibrate"):
+        cal.load_profile_for(KEY)
+    cal.save_profile(cal.fit_profile(KEY, *synthetic()))
+    assert cal.load_profile_for(KEY).key == KEY
+    assert cal.load_time_model(TimeBillConfig(), running_key=KEY) is not None
+    assert cal.load_time_model(TimeBillConfig(), running_key={**KEY, "model": "other"}) is None  # none written
+    cfg = TimeBillConfig(profile_path=str(cal.default_profile_path(KEY)))
+    with pytest.raises(ProfileMismatchError):
+        cal.load_time_model(cfg, running_key={**KEY, "dtype": "bfloat16"})
+
+
+def test_held_out_lengths_must_be_unseen(tiny):
+    engine = Engine(tiny, None, press="none")
+    with pytest.raises(ValueError, match="also grid points"):
+        cal.calibrate(engine, prefill_grid=[16, 32, 64], prefill_held_out=[32], progress=False)
+    with pytest.raises(ValueError, match="context"):
+        cal.calibrate(engine, decode_grid=[16, 32, 5000], decode_held_out=[24], progress=False)
+
+
+def test_tiny_real_calibration_and_report(tiny, tmp_path):
+    engine = Engine(tiny, None, press="snapkv", window_size=8, model_name="tiny-llama")
+    prof = cal.calibrate(engine, cal.QUICK_PREFILL_GRID, cal.QUICK_DECODE_GRID, cal.QUICK_PREFILL_HELD_OUT,
+                         cal.QUICK_DECODE_HELD_OUT, repeats=2, decode_repeats=3, warmup=1, progress=False)
+    assert prof.key == engine.profile_key()
+    assert [m.n for m in prof.prefill if m.held_out] == list(cal.QUICK_PREFILL_HELD_OUT)
+    assert all(len(m.samples) == 2 for m in prof.prefill) and all(len(m.samples) == 3 for m in prof.decode)
+    held = [m for m in prof.decode if m.held_out]
+    assert prof.mape["decode"] == pytest.approx(
+        mape([min(m.samples) for m in held], [prof.model.decode_step_s(m.n) for m in held]))
+    assert set(prof.flops_ratios) == {"prefill_a_over_b", "decode_p_over_q"}
+    paths = cal.write_report(prof, tmp_path, stem="tiny")
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["md"].read_text()
+    assert "held-out" in md and "tiny-llama" in md and "prefill_a_over_b" in md
+    assert cal.load_profile(paths["json"], engine.profile_key()).model == prof.model
+    other = Engine(tiny, None, press="none", model_name="tiny-llama")  # another press: other timings
+    with pytest.raises(ProfileMismatchError, match="press"):
+        cal.load_profile(paths["json"], other.profile_key())
+
+
+def test_key_from_config_matches_the_engine(tiny):
+    cfg = TimeBillConfig(model="tiny-llama", threads=0, press="streaming_llm")
+    engine = Engine(tiny, None, press=cfg.press, model_name=cfg.model)
+    assert cal.key_from_config(cfg) == engine.profile_key()
+
+
+def test_chooser_drives_engine_eviction(tiny):
+    """The engine asks the chooser after prefill and evicts what the verdict says."""
+    engine = Engine(tiny, None, press="snapkv", window_size=8)
+    ids = list(np.random.default_rng(0).integers(3, 256, 200))
+    # decode at α = 0 is predicted at 9 s (9 steps × 5 ms × 200 entries): a 5 s budget needs α ≈ 0.45
+    ete = ExecutionTimeModel(a=0.0, b=0.0, c=0.0, p=5e-3, q=0.0)
+    chooser = make_alpha_chooser(ete, time.monotonic() + 5.0, n_hat=10, k=1.0, n_max=8192, alpha_max=0.95)
+    out = engine.generate(GenerationRequest(input_ids=ids, max_new_tokens=10), choose_alpha=chooser)
+    v = chooser.verdict
+    assert v.status == "met" and 0.0 < v.alpha < 0.95
+    assert v.total_s == pytest.approx(v.budget_s) and v.n_prompt == 200 and v.prefill_s == out.prefill_s
+    assert out.alpha == v.alpha and out.kv_after == round((1 - v.alpha) * 200)
+
+
+@pytest.mark.slow
+def test_cli_quick_smollm2(tmp_path, monkeypatch):
+    import argparse
+
+    from timebill_ros.cli import calibrate as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    monkeypatch.setenv("TIMEBILL_CACHE", str(cal.cache_dir()))  # the converted model lives there
+    prof_path = tmp_path / "profile.json"
+    args = parser.parse_args(["--quick", "--no-progress", "--out", str(tmp_path / "out"), "--profile", str(prof_path)])
+    assert cli.run(args) == 0
+    outs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert outs == [f"smollm2-135m-instruct-float32-cpu-t2-quick.{e}" for e in ("json", "md", "png")]
+    cfg = TimeBillConfig(profile_path=str(prof_path))
+    assert cal.load_time_model(cfg) == cal.load_profile(prof_path).model  # key_from_config found it valid
+    with pytest.raises(ProfileMismatchError, match="threads"):
+        cal.load_time_model(cfg.replace(threads=1))
