@@ -54,6 +54,7 @@ class TimeBillConfig:
     predictor_max_prompt_tokens: int = 256  # prompt compression N_p
     # --- ROS plumbing -----------------------------------------------------
     estimate_slack_s: float = 0.05  # generator waits this long past prefill for an estimate
+    peer_timeout_s: float = 5.0  # server: generator unreachable this long -> abort the goal with a reason
     record_bag: str = ""  # empty: do not record
 
     @property

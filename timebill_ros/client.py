@@ -1,0 +1,313 @@
+"""A typed client for planners (in the spirit of nav2_simple_commander's BasicNavigator).
+
+    from timebill_ros.client import TimeBillClient
+    with TimeBillClient() as tb:
+        tb.wait_until_ready()
+        plan = tb.estimate_budget("Is the corridor clear?", budget_s=5)   # before committing
+        out = tb.ask("Is the corridor clear?", budget_s=5, on_feedback=print)
+        print(out.status_name, out.text, out.deadline_met)
+
+Every way a goal can end comes back as one ``Outcome``, including goals the server refused
+(``accepted = False``) or that were invalid (``status == STATUS_REJECTED`` with a reason), so
+a planner branches on one object instead of catching exceptions. The client is a Node that
+spins only while one of its methods waits, like BasicNavigator; use it from one thread.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import rclpy
+from action_msgs.msg import GoalStatus
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from rclpy.action import ActionClient
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from unique_identifier_msgs.msg import UUID
+
+from timebill_ros.action import Generate, TimedInference
+from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_TIMED_INFERENCE, SERVICE_ESTIMATE_BUDGET,
+                                       s_to_duration, s_to_time)
+from timebill_ros.srv import EstimateBudget
+
+R = TimedInference.Result
+STATUS_NAMES = {R.STATUS_SUCCEEDED: "succeeded", R.STATUS_TRUNCATED: "truncated", R.STATUS_KILLED: "killed",
+                R.STATUS_DEADLINE_MISSED: "deadline_missed", R.STATUS_CANCELED: "canceled",
+                R.STATUS_ABORTED: "aborted", R.STATUS_REJECTED: "rejected"}
+STAGE_NAMES = {TimedInference.Feedback.STAGE_QUEUED: "queued", TimedInference.Feedback.STAGE_PREFILL: "prefill",
+               TimedInference.Feedback.STAGE_DECODING: "decoding"}
+TRANSITIONS = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
+               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP,
+               "shutdown": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN}
+
+
+@dataclass
+class Outcome:
+    """How a goal ended, with the TimeBill numbers (see action/TimedInference.action)."""
+
+    accepted: bool
+    status: int
+    reason: str
+    text: str = ""
+    completed: bool = False
+    deadline_met: bool = False
+    alpha: float = 0.0
+    predicted_length: int = 0
+    estimate_fallback: bool = False
+    wcet_s: float = 0.0
+    prompt_tokens: int = 0
+    tokens_generated: int = 0
+    kv_before: int = 0
+    kv_after: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    timeline: dict = field(default_factory=dict)  # stage -> seconds since acceptance
+    goal_status: int = GoalStatus.STATUS_UNKNOWN
+    budget_s: float = math.nan
+    goal_id: str = ""
+
+    @property
+    def status_name(self) -> str:
+        return STATUS_NAMES.get(self.status, str(self.status))
+
+    @property
+    def ok(self) -> bool:
+        """A usable answer arrived in time (complete, or truncated by request)."""
+        return self.status in (R.STATUS_SUCCEEDED, R.STATUS_TRUNCATED)
+
+    @property
+    def estimate_overlapped_prefill(self) -> bool:
+        """The predictor's estimate arrived before prefill finished (TimeBill's parallelism)."""
+        t = self.timeline
+        return 0 <= t.get("estimate_received", -1) <= t.get("prefill_end", -1)
+
+    @classmethod
+    def rejected(cls, reason: str, accepted: bool = False, **kw) -> "Outcome":
+        return cls(accepted=accepted, status=R.STATUS_REJECTED, reason=reason, **kw)
+
+    @classmethod
+    def from_result(cls, result: TimedInference.Result, goal_status: int, **kw) -> "Outcome":
+        timeline = {name[:-2]: getattr(result, name) for name in (
+            "dispatch_at_s", "prefill_start_s", "prefill_end_s", "estimate_received_s", "decode_start_s",
+            "finished_at_s")}
+        timeline["dispatch"] = timeline.pop("dispatch_at")
+        simple = {f: getattr(result, f) for f in (
+            "text", "completed", "deadline_met", "alpha", "predicted_length", "estimate_fallback", "wcet_s",
+            "prompt_tokens", "tokens_generated", "kv_before", "kv_after", "prefill_s", "decode_s", "total_s")}
+        return cls(accepted=True, status=result.status, reason=result.reason, timeline=timeline,
+                   goal_status=goal_status, **simple, **kw)
+
+
+def budget_problem(budget_s: Optional[float]) -> Optional[str]:
+    """Why a float budget cannot even be put on the wire (Duration has no NaN or infinity)."""
+    if budget_s is None:
+        return None
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)):
+        return f"time budget must be a number of seconds, got {budget_s!r}"
+    if math.isnan(budget_s):
+        return "time budget is NaN: give a finite number of seconds"
+    if math.isinf(budget_s):
+        return "time budget is infinite: give a finite number of seconds"
+    return None
+
+
+class TimeBillClient(Node):
+    """Sends TimedInference goals, asks EstimateBudget, and drives the server's lifecycle."""
+
+    def __init__(self, node_name: str = "timebill_client", server: str = "timebill_server",
+                 namespace: str = "", context=None):
+        self._owns_rclpy = context is None and not rclpy.ok()
+        if self._owns_rclpy:
+            rclpy.init()
+        super().__init__(node_name, namespace=namespace, context=context)
+        self.server = server
+        self._executor = SingleThreadedExecutor(context=self.context)
+        self._executor.add_node(self)
+        self._action = ActionClient(self, TimedInference, ACTION_TIMED_INFERENCE)
+        self._generate = ActionClient(self, Generate, ACTION_GENERATE)  # readiness checks only
+        self._estimate = self.create_client(EstimateBudget, SERVICE_ESTIMATE_BUDGET)
+        self._lifecycle: dict = {}
+        self._goal_handle = None
+        self._result_future = None
+        self._feedback: Optional[TimedInference.Feedback] = None
+        self._on_feedback: Optional[Callable] = None
+        self._budget_s = math.nan
+
+    # ------------------------------------------------------------------ plumbing
+    def spin_until(self, future, timeout_s: Optional[float]) -> bool:
+        self._executor.spin_until_future_complete(future, timeout_sec=timeout_s)
+        return future.done()
+
+    def now_s(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _wait(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        end = self.now_s() + timeout_s
+        while not predicate():
+            if self.now_s() >= end:
+                return False
+            self._executor.spin_once(timeout_sec=0.05)
+        return True
+
+    def close(self) -> None:
+        self._executor.shutdown()
+        self.destroy_node()
+        if self._owns_rclpy:
+            rclpy.try_shutdown()
+
+    def __enter__(self) -> "TimeBillClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- readiness
+    def wait_for_lifecycle(self, node: Optional[str] = None, timeout_s: float = 10.0) -> bool:
+        return self._lifecycle_client(GetState, node or self.server, "get_state").wait_for_service(timeout_s)
+
+    def wait_for_generator(self, timeout_s: float = 10.0) -> bool:
+        return self._wait(self._generate.server_is_ready, timeout_s)
+
+    def wait_for_estimator(self, timeout_s: float = 10.0) -> bool:
+        return self._estimate.wait_for_service(timeout_sec=timeout_s)
+
+    def wait_until_ready(self, timeout_s: float = 60.0) -> bool:
+        """True once the server is active and the action and estimate service answer."""
+        end = self.now_s() + timeout_s
+        ok = self.wait_for_lifecycle(timeout_s=timeout_s)
+        ok = ok and self._wait(lambda: self.get_state(timeout_s=2.0) == "active", max(end - self.now_s(), 0))
+        ok = ok and self._wait(self._action.server_is_ready, max(end - self.now_s(), 0))
+        return ok and self.wait_for_estimator(max(end - self.now_s(), 0.1))
+
+    # --------------------------------------------------------------- lifecycle
+    def _lifecycle_client(self, srv_type, node: str, service: str):
+        key = (node, service)
+        if key not in self._lifecycle:
+            self._lifecycle[key] = self.create_client(srv_type, f"/{node}/{service}")
+        return self._lifecycle[key]
+
+    def get_state(self, node: Optional[str] = None, timeout_s: float = 5.0) -> str:
+        """The node's lifecycle state label ('unconfigured', 'inactive', 'active', ...), '' if unknown."""
+        client = self._lifecycle_client(GetState, node or self.server, "get_state")
+        if not client.wait_for_service(timeout_sec=timeout_s):
+            return ""
+        future = client.call_async(GetState.Request())
+        return future.result().current_state.label if self.spin_until(future, timeout_s) else ""
+
+    def change_state(self, transition: str, node: Optional[str] = None, timeout_s: float = 30.0) -> bool:
+        """Trigger a lifecycle transition by name through ``/<node>/change_state``."""
+        client = self._lifecycle_client(ChangeState, node or self.server, "change_state")
+        if not client.wait_for_service(timeout_sec=timeout_s):
+            return False
+        req = ChangeState.Request()
+        req.transition.id = TRANSITIONS[transition]
+        future = client.call_async(req)
+        return self.spin_until(future, timeout_s) and bool(future.result().success)
+
+    def startup(self, node: Optional[str] = None, timeout_s: float = 30.0) -> bool:
+        """Configure (if needed) and activate, like BasicNavigator.lifecycleStartup."""
+        state = self.get_state(node, timeout_s)
+        if state == "unconfigured" and not self.change_state("configure", node, timeout_s):
+            return False
+        if self.get_state(node, timeout_s) == "inactive" and not self.change_state("activate", node, timeout_s):
+            return False
+        return self.get_state(node, timeout_s) == "active"
+
+    # ------------------------------------------------------------------ planning
+    def estimate_budget(self, prompt: str, budget_s: float, system_prompt: str = "", max_new_tokens: int = 0,
+                        timeout_s: float = 10.0) -> Optional[EstimateBudget.Response]:
+        """What TimeBill would do with this prompt and budget (None if the predictor is down)."""
+        problem = budget_problem(budget_s)
+        if problem:
+            return EstimateBudget.Response(ok=False, reason=problem)
+        if not self._estimate.wait_for_service(timeout_sec=timeout_s):
+            return None
+        req = EstimateBudget.Request(prompt=prompt, system_prompt=system_prompt,
+                                     time_budget=s_to_duration(budget_s), max_new_tokens=max_new_tokens)
+        future = self._estimate.call_async(req)
+        return future.result() if self.spin_until(future, timeout_s) else None
+
+    # -------------------------------------------------------------------- goals
+    def send_goal(self, prompt: str, budget_s: Optional[float] = None, deadline_s: Optional[float] = None,
+                  system_prompt: str = "", max_new_tokens: int = 0, overrun_policy: str = "",
+                  on_feedback: Optional[Callable[[TimedInference.Feedback], None]] = None,
+                  timeout_s: float = 10.0) -> Optional[Outcome]:
+        """Send a goal; None once accepted (then poll is_task_complete / get_result), else the
+        refusal as an Outcome. ``deadline_s`` is absolute ROS time in seconds."""
+        self._goal_handle = self._result_future = self._feedback = None
+        self._budget_s = budget_s if budget_s is not None else math.nan
+        problem = budget_problem(budget_s)
+        if problem:
+            return Outcome.rejected(problem, budget_s=self._budget_s)
+        goal = TimedInference.Goal(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+                                   overrun_policy=overrun_policy)
+        if budget_s is not None:
+            goal.time_budget = s_to_duration(budget_s)
+        if deadline_s is not None:
+            goal.deadline = s_to_time(deadline_s)
+        if not self._action.wait_for_server(timeout_sec=timeout_s):
+            return Outcome.rejected(f"no {ACTION_TIMED_INFERENCE} action server within {timeout_s:g} s "
+                                    f"(is {self.server} configured?)", budget_s=self._budget_s)
+        self._on_feedback = on_feedback
+        goal_id = UUID(uuid=list(uuid.uuid4().bytes))
+        future = self._action.send_goal_async(goal, feedback_callback=self._feedback_cb, goal_uuid=goal_id)
+        if not self.spin_until(future, timeout_s):
+            return Outcome.rejected(f"no answer to the goal request within {timeout_s:g} s", budget_s=self._budget_s)
+        handle = future.result()
+        if not handle.accepted:
+            state = self.get_state(timeout_s=2.0)
+            why = (f"{self.server} is {state or 'unreachable'}, not active" if state != "active"
+                   else f"{self.server} refused the goal")
+            return Outcome.rejected(f"rejected: {why}", budget_s=self._budget_s)
+        self._goal_handle = handle
+        self._result_future = handle.get_result_async()
+        return None
+
+    def _feedback_cb(self, msg) -> None:
+        self._feedback = msg.feedback
+        if self._on_feedback is not None:
+            self._on_feedback(msg.feedback)
+
+    def is_task_complete(self, timeout_s: float = 0.1) -> bool:
+        if self._result_future is None:
+            return True
+        return self.spin_until(self._result_future, timeout_s)
+
+    def get_feedback(self) -> Optional[TimedInference.Feedback]:
+        return self._feedback
+
+    def cancel_task(self, timeout_s: float = 5.0) -> bool:
+        """Ask the server to cancel the running goal; True if it accepted the request."""
+        if self._goal_handle is None:
+            return False
+        future = self._goal_handle.cancel_goal_async()
+        return self.spin_until(future, timeout_s) and len(future.result().goals_canceling) > 0
+
+    def get_result(self, timeout_s: Optional[float] = None) -> Outcome:
+        """Wait for the running goal to end and return its Outcome."""
+        if self._result_future is None:
+            return Outcome.rejected("no goal was sent")
+        if not self.spin_until(self._result_future, timeout_s):
+            return Outcome(accepted=True, status=R.STATUS_ABORTED, reason=f"no result within {timeout_s:g} s",
+                           budget_s=self._budget_s)
+        response = self._result_future.result()
+        return Outcome.from_result(response.result, response.status, budget_s=self._budget_s,
+                                   goal_id=bytes(self._goal_handle.goal_id.uuid).hex())
+
+    def ask(self, prompt: str, budget_s: Optional[float] = None, *, deadline_s: Optional[float] = None,
+            system_prompt: str = "", max_new_tokens: int = 0, overrun_policy: str = "",
+            on_feedback: Optional[Callable[[TimedInference.Feedback], None]] = None,
+            timeout_s: Optional[float] = None) -> Outcome:
+        """Send a goal and wait for its Outcome (``timeout_s`` None: budget + 60 s)."""
+        refused = self.send_goal(prompt, budget_s, deadline_s, system_prompt, max_new_tokens, overrun_policy,
+                                 on_feedback)
+        if refused is not None:
+            return refused
+        if timeout_s is None:
+            timeout_s = (budget_s or 0.0) + 60.0 if deadline_s is None else max(deadline_s - self.now_s(), 0) + 60
+        return self.get_result(timeout_s)

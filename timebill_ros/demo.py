@@ -1,0 +1,140 @@
+"""``make demo``: bring the three nodes up, send goals with different budgets, print a table.
+
+A planner's view of TimeBill: before each goal it asks ``estimate_budget`` (is this budget
+feasible, and with which α?), then sends the goal and gets an answer before the deadline —
+or, for the budget too tight to be feasible, a clean KILLED result at the deadline instead of
+a late one. Everything runs as separate processes on its own ROS_DOMAIN_ID and is stopped at
+the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+
+
+def robot_log(lines: int = 60) -> str:
+    """A long, deterministic sensor log: a long-context prompt where eviction pays off."""
+    out = []
+    battery = 96.0
+    for i in range(lines):
+        battery -= 0.8 + (i % 3) * 0.3
+        out.append(f"t={i * 2.5:6.1f}s lidar: nearest obstacle {1.2 + (i * 7 % 11) / 4:.2f} m at bearing "
+                   f"{(i * 37) % 360} deg; battery {battery:.1f}%; wheel odometry {i * 0.9:.1f} m; "
+                   f"status {'DOCKING' if i % 17 == 0 else 'PATROL'}")
+    return "\n".join(out)
+
+
+SHORT = "Name three things a delivery robot should check before crossing a road."
+LONG = robot_log() + "\n\nFrom the log above: at what time did the battery first drop below 50%? Answer briefly."
+
+# (label, prompt, budget seconds, max_new_tokens)
+GOALS = [
+    ("short, roomy", SHORT, 30.0, 48),
+    ("short, tight", SHORT, 6.0, 48),
+    ("long log, roomy", LONG, 20.0, 48),
+    ("long log, tight", LONG, 6.5, 48),
+    ("long log, tighter", LONG, 5.5, 48),
+    ("infeasible", LONG, 0.3, 48),
+]
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(args) -> int:
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.signals import SignalHandlerOptions
+
+    from timebill_ros.bringup import Bringup
+    from timebill_ros.client import TimeBillClient
+
+    domain = args.domain_id if args.domain_id is not None else 1 + os.getpid() % 100
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="timebill_demo_")
+    context = Context()
+    # Python's KeyboardInterrupt, not rclpy's handler: Ctrl-C must reach the finally below.
+    rclpy.init(context=context, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)
+    client = TimeBillClient("timebill_demo", context=context)
+    runner = Bringup(args.params, domain_id=domain, log_dir=log_dir)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    rows = []
+    try:
+        t0 = time.monotonic()
+        print(f"[demo] starting timebill_generator, timebill_predictor, timebill_server "
+              f"(ROS_DOMAIN_ID={domain}, logs in {log_dir}) ...", flush=True)
+        runner.up(client, timeout_s=300.0)
+        print(f"[demo] up in {time.monotonic() - t0:.1f} s; timebill_server is {client.get_state()}", flush=True)
+        for label, prompt, budget, max_new in GOALS[: args.goals]:
+            plan = client.estimate_budget(prompt, budget, max_new_tokens=max_new)
+            print(f"\n[demo] goal '{label}': budget {budget:g} s, {plan.prompt_tokens if plan else '?'} prompt "
+                  f"tokens; plan: {plan.verdict if plan else 'no predictor'}, α={plan.alpha if plan else 0:.3f}",
+                  flush=True)
+            out = client.ask(prompt, budget, max_new_tokens=max_new)
+            answer = " ".join(out.text.split())
+            print(f"[demo]   -> {out.status_name}: {out.reason}", flush=True)
+            if answer:
+                print(f"[demo]   answer: {answer[:160]}{'...' if len(answer) > 160 else ''}", flush=True)
+            rows.append((label, budget, plan, out))
+    except KeyboardInterrupt:
+        print("\n[demo] interrupted", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        client.close()
+        codes = runner.stop()
+        rclpy.try_shutdown(context=context)
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\n[demo] nodes stopped: {codes}", flush=True)
+    print_table(rows)
+    return 0 if rows and len(rows) == min(args.goals, len(GOALS)) else 1
+
+
+def print_table(rows) -> None:
+    head = ("goal", "budget s", "plan", "α", "N̂", "tokens", "time s", "status", "deadline met")
+    body = []
+    for label, budget, plan, out in rows:
+        body.append((label, f"{budget:g}", plan.verdict if plan else "-", f"{out.alpha:.3f}",
+                     f"{out.predicted_length}{'*' if out.estimate_fallback else ''}", str(out.tokens_generated),
+                     f"{out.total_s:.2f}", out.status_name, "yes" if out.deadline_met else "no"))
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    print("\n" + line(head))
+    print(line(["-" * w for w in widths]))
+    for r in body:
+        print(line(r))
+    print("\nN̂: predicted length (N_max capped by max_new_tokens until a length predictor is trained; "
+          "* = no estimate in time). time: acceptance to result.")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", help="ROS 2 parameters file (default: config/timebill.yaml)")
+    p.add_argument("--domain-id", type=int)
+    p.add_argument("--log-dir")
+    p.add_argument("--goals", type=int, default=len(GOALS), help="send only the first N goals")
+    args = p.parse_args(argv)
+    if os.environ.get("_TIMEBILL_REEXEC") != "1":
+        reexec_env_for_demo()
+    return run(args)
+
+
+def reexec_env_for_demo() -> None:
+    """Like the CLI: restart with the colcon install on the paths if it is not sourced."""
+    from timebill_ros.bringup import ros_env, ros_env_active
+
+    if ros_env_active():
+        return
+    env = ros_env()
+    env["_TIMEBILL_REEXEC"] = "1"
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "timebill_ros.demo", *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
