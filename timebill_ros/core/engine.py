@@ -1,0 +1,369 @@
+"""The time-budgeted generation engine: prefill → choose α → evict → decode to a deadline.
+
+TimeBill chooses the eviction ratio only once the prefill is done (when the predicted
+response length has arrived), so prefill, eviction and decoding are separate calls; ``generate``
+chains them. The decode loop is our own: ``model.generate`` cannot continue from an evicted
+cache (it derives positions from the cache length).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import kv_cache
+from .config import OVERRUN_POLICIES, TimeBillConfig
+from .errors import (DeadlinePassedError, EmptyPromptError, InvalidRequestError, PromptTooLongError)
+from .eviction import Press, check_alpha, get_press, n_keep
+
+ATTENTION_NAME = "timebill_sdpa"
+_collect = threading.local()  # the press collecting scores in this thread's prefill, if any
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa, plus (during a scoring prefill) the press's window scores for this layer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    press = getattr(_collect, "press", None)
+    if press is not None and query.shape[2] > 1:
+        _collect.scores[module.layer_idx] = press.score(module, query, key)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # else the causal mask silently vanishes
+
+
+@dataclass
+class GenerationRequest:
+    prompt: Optional[str] = None
+    input_ids: Optional[Sequence[int]] = None
+    system_prompt: Optional[str] = None
+    max_new_tokens: int = 512
+    deadline: Optional[float] = None  # absolute, time.monotonic() seconds
+    alpha: Optional[float] = None
+    overrun: str = "kill"
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    on_token: Optional[Callable[[int, int, str], None]] = None  # (step, token_id, text_so_far)
+    cancel: Optional[threading.Event] = None
+
+
+@dataclass
+class PrefillState:
+    """Everything decode needs after prefill; one prefill can be cloned for several policies."""
+
+    input_ids: List[int]
+    cache: object
+    logits: torch.Tensor  # last position's logits, [vocab]
+    scores: Dict[int, torch.Tensor]
+    started_at: float
+    prefill_s: float
+    kv_before: int
+    kv_after: int = 0
+    alpha: float = 0.0
+    evict_s: float = 0.0
+    evicted: bool = False
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: List[int]
+    completed: bool
+    deadline_met: bool
+    stop_reason: str  # eos | max_new_tokens | deadline | cancelled
+    alpha: float
+    kv_before: int
+    kv_after: int
+    tokens_generated: int
+    prefill_s: float
+    evict_s: float
+    decode_step_s: List[float]
+    total_s: float
+    started_at: float
+    finished_at: float
+    token_times: List[float] = field(default_factory=list)  # monotonic time each token was ready
+
+    @property
+    def decode_s(self) -> float:
+        return float(sum(self.decode_step_s))
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, press: str | Press = "snapkv", window_size: int = 64,
+                 kernel_size: int = 5, n_sink: int = 4, chat_template: bool = True, preallocate: bool = True,
+                 model_name: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.press = press if isinstance(press, Press) else get_press(
+            press, window_size=window_size, kernel_size=kernel_size, n_sink=n_sink)
+        self.chat_template = chat_template
+        self.preallocate = preallocate
+        self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
+        cfg = model.config.get_text_config(decoder=True)
+        self.num_layers = cfg.num_hidden_layers
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        eos = model.generation_config.eos_token_id
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        if self.press.needs_scores:
+            _register_attention()
+            model.set_attn_implementation(ATTENTION_NAME)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_config(cls, cfg: TimeBillConfig) -> "Engine":
+        from .model import load_model
+
+        model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, threads=cfg.threads)
+        return cls(model, tok, press=cfg.press, window_size=cfg.window_size, kernel_size=cfg.kernel_size,
+                   n_sink=cfg.n_sink, chat_template=cfg.chat_template, model_name=cfg.model)
+
+    # ------------------------------------------------------------------ input
+    def encode(self, prompt: str, system_prompt: Optional[str] = None) -> List[int]:
+        if prompt is None or not str(prompt).strip():
+            raise EmptyPromptError("prompt is empty: nothing to answer")
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer: pass input_ids instead of a prompt")
+        tok = self.tokenizer
+        if self.chat_template and getattr(tok, "chat_template", None):
+            msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            msgs.append({"role": "user", "content": prompt})
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            text = f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
+            ids = tok(text)["input_ids"]
+        return list(ids)
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _request_ids(self, request: GenerationRequest) -> List[int]:
+        if request.input_ids is not None:
+            ids = [int(t) for t in request.input_ids]
+            if not ids:
+                raise EmptyPromptError("input_ids is empty: nothing to answer")
+            return ids
+        return self.encode(request.prompt, request.system_prompt)
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Reject what cannot be served before spending any compute on it."""
+        if request.overrun not in OVERRUN_POLICIES:
+            raise InvalidRequestError(f"unknown overrun policy {request.overrun!r}; use one of {OVERRUN_POLICIES}")
+        if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")
+        if request.alpha is not None:
+            check_alpha(request.alpha)
+        if request.deadline is not None:
+            if isinstance(request.deadline, float) and math.isnan(request.deadline):
+                raise InvalidRequestError("deadline is NaN")
+            now = time.monotonic()
+            if request.deadline <= now:
+                raise DeadlinePassedError(f"deadline already passed {now - request.deadline:.3f} s ago")
+
+    def check_length(self, n_prompt: int) -> None:
+        if n_prompt >= self.max_context:
+            raise PromptTooLongError(
+                f"prompt has {n_prompt} tokens; the model's context is {self.max_context} (no room to answer)")
+
+    # --------------------------------------------------------------- stages
+    @torch.inference_mode()
+    def prefill(self, input_ids: Sequence[int], capacity: Optional[int] = None,
+                started_at: Optional[float] = None) -> PrefillState:
+        ids = list(input_ids)
+        if not ids:
+            raise EmptyPromptError("input_ids is empty: nothing to answer")
+        self.check_length(len(ids))
+        t0 = time.monotonic()
+        cap = capacity or min(self.max_context, len(ids) + 512)
+        cache = kv_cache.make_cache(self.num_layers, cap, self.preallocate)
+        x = torch.tensor([ids], device=self.device)
+        scores: Dict[int, torch.Tensor] = {}
+        if self.press.needs_scores:
+            _collect.press, _collect.scores = self.press, scores
+        try:
+            out = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            _collect.press = None
+        logits = out.logits[0, -1].float()
+        dt = time.monotonic() - t0
+        return PrefillState(input_ids=ids, cache=cache, logits=logits, scores=scores,
+                            started_at=started_at if started_at is not None else t0, prefill_s=dt,
+                            kv_before=len(ids), kv_after=len(ids))
+
+    @torch.inference_mode()
+    def evict(self, state: PrefillState, alpha: float) -> PrefillState:
+        """Keep round((1 − α)·L) prompt entries per layer and head, chosen by the press."""
+        alpha = check_alpha(alpha)
+        if state.evicted:
+            raise RuntimeError("this prefill state was already evicted; clone it to try another ratio")
+        t0 = time.monotonic()
+        length = state.kv_before
+        keep = n_keep(length, alpha)
+        if keep < length:
+            per_layer = []
+            for i, layer in enumerate(state.cache.layers):
+                per_layer.append(self.press.keep_indices(layer.keys, state.scores.get(i), keep))
+            kv_cache.keep_entries(state.cache, per_layer)
+        state.scores = {}  # no longer needed; free the memory
+        state.alpha, state.kv_after, state.evicted = alpha, keep, True
+        state.evict_s = time.monotonic() - t0
+        return state
+
+    def clone_state(self, state: PrefillState) -> PrefillState:
+        return PrefillState(input_ids=list(state.input_ids), cache=kv_cache.clone_cache(state.cache),
+                            logits=state.logits.clone(), scores={k: v.clone() for k, v in state.scores.items()},
+                            started_at=state.started_at, prefill_s=state.prefill_s, kv_before=state.kv_before,
+                            kv_after=state.kv_after, alpha=state.alpha, evict_s=state.evict_s, evicted=state.evicted)
+
+    def _sampler(self, request: GenerationRequest):
+        if not request.do_sample:
+            return lambda logits: int(torch.argmax(logits))
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(request.seed if request.seed is not None else torch.seed())
+        temp, top_p = max(float(request.temperature), 1e-5), float(request.top_p)
+
+        def sample(logits):
+            probs = torch.softmax(logits.float().cpu() / temp, dim=-1)
+            if top_p < 1.0:
+                sp, si = probs.sort(descending=True)
+                cut = sp.cumsum(0) - sp > top_p
+                sp[cut] = 0
+                probs = torch.zeros_like(probs).scatter_(0, si, sp)
+            return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+        return sample
+
+    @torch.inference_mode()
+    def decode(self, state: PrefillState, request: GenerationRequest) -> GenerationResult:
+        """Decode until EOS, max_new_tokens, the deadline or cancellation.
+
+        The loop stops *before* a step whose expected finish (last step's duration) lies past
+        the deadline, so an answer is never more than one step late and usually on time.
+        """
+        if not state.evicted:
+            state.alpha, state.kv_after = 0.0, state.kv_before
+        select = self._sampler(request)
+        max_new = min(request.max_new_tokens, self.max_context - state.n_prompt)
+        deadline = request.deadline if request.deadline is not None else math.inf
+        cancel = request.cancel
+        cache, model, dev = state.cache, self.model, self.device
+        tokens: List[int] = []
+        times: List[float] = []
+        steps: List[float] = []
+        pos = state.n_prompt
+        tok = select(state.logits)
+        tokens.append(tok)
+        times.append(time.monotonic())
+        if request.on_token:
+            request.on_token(0, tok, self.decode_text(tokens))
+        stop = None
+        last_step = 0.0
+        while stop is None:
+            if tok in self.eos_ids:
+                stop = "eos"
+            elif len(tokens) >= max_new:
+                stop = "max_new_tokens"
+            elif cancel is not None and cancel.is_set():
+                stop = "cancelled"
+            elif time.monotonic() + last_step > deadline:
+                stop = "deadline"
+            if stop:
+                break
+            t0 = time.monotonic()
+            out = model(input_ids=torch.tensor([[tok]], device=dev), cache=cache, use_cache=True,
+                        position_ids=torch.tensor([[pos]], device=dev))
+            tok = select(out.logits[0, -1])
+            t1 = time.monotonic()
+            last_step = t1 - t0
+            steps.append(last_step)
+            pos += 1
+            tokens.append(tok)
+            times.append(t1)
+            if request.on_token:
+                request.on_token(len(tokens) - 1, tok, self.decode_text(tokens))
+        finished = time.monotonic()
+        completed = stop in ("eos", "max_new_tokens")
+        deadline_met = completed and finished <= deadline
+        text = self.decode_text(tokens)
+        if not completed and (stop == "cancelled" or request.overrun == "kill"):
+            text = ""
+        return GenerationResult(
+            text=text, token_ids=tokens, completed=completed, deadline_met=deadline_met, stop_reason=stop,
+            alpha=state.alpha, kv_before=state.kv_before, kv_after=state.kv_after, tokens_generated=len(tokens),
+            prefill_s=state.prefill_s, evict_s=state.evict_s, decode_step_s=steps,
+            total_s=finished - state.started_at, started_at=state.started_at, finished_at=finished,
+            token_times=times)
+
+    def generate(self, request: GenerationRequest,
+                 choose_alpha: Optional[Callable[[PrefillState], float]] = None) -> GenerationResult:
+        """Prefill, pick α (fixed, or by ``choose_alpha`` once prefill is done), evict, decode."""
+        started = time.monotonic()
+        self.check_request(request)
+        ids = self._request_ids(request)
+        self.check_length(len(ids))
+        cap = min(self.max_context, len(ids) + request.max_new_tokens + 1)
+        state = self.prefill(ids, capacity=cap, started_at=started)
+        alpha = choose_alpha(state) if choose_alpha is not None else (request.alpha or 0.0)
+        if alpha > 0:
+            self.evict(state, alpha)
+        return self.decode(state, request)
+
+    # ---------------------------------------------------------- calibration
+    @torch.inference_mode()
+    def time_prefill(self, n_tokens: int, repeats: int = 3) -> List[float]:
+        """Wall time of a prefill of ``n_tokens`` (random ids), including score collection."""
+        vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        g = torch.Generator().manual_seed(n_tokens)
+        out = []
+        for _ in range(repeats):
+            ids = torch.randint(3, vocab, (n_tokens,), generator=g).tolist()
+            out.append(self.prefill(ids, capacity=n_tokens + 1).prefill_s)
+        return out
+
+    @torch.inference_mode()
+    def time_decode_step(self, n_kv: int, repeats: int = 5) -> List[float]:
+        """Wall time of one decode step with ``n_kv`` entries cached (contents do not matter)."""
+        cfg = self.model.config.get_text_config(decoder=True)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        like = torch.zeros(1, cfg.num_key_value_heads, 1, head_dim, dtype=self.model.dtype, device=self.device)
+        cache = kv_cache.make_cache(self.num_layers, n_kv + 1, preallocate=True)
+        out = []
+        for _ in range(repeats):
+            for layer in cache.layers:
+                layer.fill_random(n_kv, like)
+            t0 = time.monotonic()
+            logits = self.model(input_ids=torch.tensor([[5]], device=self.device), cache=cache, use_cache=True,
+                                position_ids=torch.tensor([[n_kv]], device=self.device)).logits
+            int(torch.argmax(logits[0, -1]))
+            out.append(time.monotonic() - t0)
+        return out
+
+    def profile_key(self) -> Dict[str, str]:
+        import transformers
+
+        return {"model": str(self.model_name), "dtype": str(self.model.dtype).replace("torch.", ""),
+                "device": str(self.device), "threads": str(torch.get_num_threads()),
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "press": self.press.name, "preallocate": str(self.preallocate)}
