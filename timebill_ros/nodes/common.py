@@ -123,9 +123,9 @@ class PromptTokenizer:
 
 
 # --- estimator / length-predictor glue ------------------------------------------------------
-# Coefficients fitted to SmolLM2-135M, fp32, 2 threads on the project's 2-core CPU (notes):
-# used only until `timebill calibrate` has written a profile for this setup.
-FALLBACK_TIME_MODEL = dict(a=6.2e-7, b=6.5e-4, c=0.42, p=1.0e-5, q=0.065)
+# Coefficients fitted to SmolLM2-135M, fp32, 1 thread, on the project's 2-core CPU while it was
+# busy (load ~7): pessimistic on purpose, used only until `timebill calibrate` writes a profile.
+FALLBACK_TIME_MODEL = dict(a=4.9e-7, b=2.7e-3, c=0.08, p=1.15e-5, q=0.10)
 
 
 def load_time_model(cfg: TimeBillConfig, log: Callable[[str], None] = print, running_key=None):

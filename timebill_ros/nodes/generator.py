@@ -124,6 +124,14 @@ class GeneratorNode(Node):
         try:
             ids = [int(t) for t in req.input_ids]
             max_new = int(req.max_new_tokens) or cfg.max_new_tokens
+            # --- infeasible at any α (queued too long, or prefill alone outlasts the budget)? Then
+            # do not spend a prefill that cannot finish in time: end now, before the deadline.
+            left = deadline_s - ros_now_s(self)
+            predicted_prefill = self.time_model.prefill_s(len(ids))
+            if left <= 0 or predicted_prefill > left:
+                return self._finish_infeasible(goal_handle, result, rel, (
+                    f"not started: predicted prefill {predicted_prefill:.2f} s > {max(left, 0):.2f} s left before "
+                    f"the deadline; no eviction ratio can help"))
             # --- prefill (the predictor works in parallel) ---
             send_feedback(F.STAGE_PREFILL)
             result.prefill_start_s = rel()
@@ -190,6 +198,13 @@ class GeneratorNode(Node):
         else:
             result.status = R.STATUS_KILLED
             result.reason = f"killed at the deadline after {out.tokens_generated} tokens (overrun policy kill){why}"
+        goal_handle.succeed()
+        return result
+
+    def _finish_infeasible(self, goal_handle, result, rel, reason: str) -> Generate.Result:
+        """Nothing can be produced in time, whatever the overrun policy: KILLED, with why."""
+        result.status, result.reason, result.alpha = R.STATUS_KILLED, reason, self.cfg.alpha_max
+        result.finished_at_s = result.total_s = rel()
         goal_handle.succeed()
         return result
 
