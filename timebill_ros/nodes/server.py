@@ -213,7 +213,10 @@ class TimeBillServer(LifecycleNode):
         if not generator.server_is_ready() and not generator.wait_for_server(timeout_sec=self.cfg.peer_timeout_s):
             return self._abort(goal_handle, result, rel, f"generator unavailable for {self.cfg.peer_timeout_s:g} s")
 
+        heard = [time.monotonic()]  # last sign of life from the generator for this goal
+
         def relay(feedback_msg) -> None:
+            heard[0] = time.monotonic()
             goal_handle.publish_feedback(copy_fields(feedback_msg.feedback, TimedInference.Feedback()))
 
         # Hand the request to predictor and generator at the same moment: the estimate is
@@ -236,6 +239,12 @@ class TimeBillServer(LifecycleNode):
                 stop_sent_at = time.monotonic()
             if stop_sent_at is not None and ctx.abort_reason and time.monotonic() - stop_sent_at > ABORT_GRACE_S:
                 break  # the generator did not confirm in time; abort anyway
+            silent = time.monotonic() - heard[0]
+            if ros_now_s(self) > deadline + self.cfg.peer_timeout_s and silent > self.cfg.peer_timeout_s:
+                # a killed (-9) generator can look "ready" until DDS's lease expires: the deadline bounds it
+                inner.cancel_goal_async()
+                return self._abort(goal_handle, result, rel, f"lost the generator: nothing from it for {silent:.1f} s "
+                                   f"and the deadline passed {self.cfg.peer_timeout_s:g} s ago")
             if generator.server_is_ready():
                 lost_since = None
             elif lost_since is None:
