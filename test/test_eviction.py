@@ -86,24 +86,21 @@ def test_keep_count_is_rounded_and_at_least_one(length, alpha, expected):
 PASSKEY = "68142"
 
 
-def _passkey_prompt(tok, target_tokens=1000):
-    filler = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-              "There and back again. ")
-    needle = f"The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. "
-    reps = max(1, target_tokens // len(tok(filler)["input_ids"]))
-    before = filler * (reps // 2)
-    after = filler * (reps - reps // 2)
-    return ("There is a pass key hidden in the following text. Find it and memorise it.\n\n"
-            + before + needle + after + "\n\nWhat is the pass key? The pass key is")
+def passkey_prompt(passkey=PASSKEY, reps=40, where=0.5):
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    before = int(reps * where)
+    return ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+            "I will quiz you about the important information there.\n\n" + filler * before
+            + f"The pass key is {passkey}. Remember it. " + filler * (reps - before) + "\n\nWhat is the pass key?")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("press", ["snapkv"])
-def test_passkey_survives_half_eviction(smollm2, press):
+def test_passkey_survives_half_eviction(smollm2):
+    """SmolLM2 reads digits one token each. kvpress's average pooling (kernel 5) drops middle
+    digits at α = 0.5 on this model; max pooling over 7 keys keeps the whole span."""
     model, tok = smollm2
-    engine = Engine(model, tok, press=press)
-    prompt = _passkey_prompt(tok)
-    ids = engine.encode(prompt)
+    engine = Engine(model, tok, press="snapkv", window_size=64, kernel_size=7, pooling="max")
+    ids = engine.encode(passkey_prompt())
     assert 900 <= len(ids) <= 1200
     out = engine.generate(GenerationRequest(input_ids=ids, max_new_tokens=16, alpha=0.5))
     assert out.kv_after == round(0.5 * len(ids))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,6 +40,7 @@ class TimeBillConfig:
     press: str = "snapkv"
     window_size: int = 64
     kernel_size: int = 5
+    pooling: str = "avg"  # snapkv vote pooling: avg (kvpress) or max (keeps whole spans)
     n_sink: int = 4  # streaming_llm attention sinks
     # --- time estimator / solver ------------------------------------------
     pessimism_k: float = 5.0
@@ -64,6 +65,8 @@ class TimeBillConfig:
     def validate(self) -> "TimeBillConfig":
         if self.overrun_policy not in OVERRUN_POLICIES:
             raise ValueError(f"overrun_policy must be one of {OVERRUN_POLICIES}, got {self.overrun_policy!r}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
         if not 0.0 <= self.alpha_max < 1.0:
             raise ValueError(f"alpha_max must be in [0, 1), got {self.alpha_max}")
         if self.pessimism_k < 1.0:

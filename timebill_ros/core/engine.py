@@ -106,13 +106,12 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, press: str | Press = "snapkv", window_size: int = 64,
-                 kernel_size: int = 5, n_sink: int = 4, chat_template: bool = True, preallocate: bool = True,
-                 model_name: str = ""):
+    def __init__(self, model, tokenizer=None, press: str | Press = "snapkv", chat_template: bool = True,
+                 preallocate: bool = True, model_name: str = "", **press_options):
+        """``press_options`` (window_size, kernel_size, pooling, n_sink) go to the press that declares them."""
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.press = press if isinstance(press, Press) else get_press(
-            press, window_size=window_size, kernel_size=kernel_size, n_sink=n_sink)
+        self.press = press if isinstance(press, Press) else get_press(press, **press_options)
         self.chat_template = chat_template
         self.preallocate = preallocate
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
@@ -133,8 +132,9 @@ class Engine:
         from .model import load_model
 
         model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, threads=cfg.threads)
-        return cls(model, tok, press=cfg.press, window_size=cfg.window_size, kernel_size=cfg.kernel_size,
-                   n_sink=cfg.n_sink, chat_template=cfg.chat_template, model_name=cfg.model)
+        return cls(model, tok, press=cfg.press, chat_template=cfg.chat_template, model_name=cfg.model,
+                   window_size=cfg.window_size, kernel_size=cfg.kernel_size, pooling=cfg.pooling,
+                   n_sink=cfg.n_sink)
 
     # ------------------------------------------------------------------ input
     def encode(self, prompt: str, system_prompt: Optional[str] = None) -> List[int]:
