@@ -53,3 +53,11 @@ bench: setup
 
 clean:
 	rm -rf build install log .pytest_cache
+
+.PHONY: eval eval-quick
+# Offline benchmark (issue 6): budget x policy sweep on this machine -> results/eval*/report.md, JSON, PNGs.
+eval: venv model
+	nice -n 10 $(VENV)/bin/timebill eval --out results/eval
+
+eval-quick: venv model
+	nice -n 10 $(VENV)/bin/timebill eval --quick --out results/eval-quick

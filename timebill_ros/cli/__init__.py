@@ -15,6 +15,9 @@ COMMANDS = {
     "bringup": ("timebill_ros.cli.bringup", "start the TimeBill ROS nodes and drive the server to active"),
     "ask": ("timebill_ros.cli.ask", "send one time-budgeted goal to the running nodes and stream the answer"),
     "calibrate": ("timebill_ros.cli.calibrate", "profile prefill/decode timings and fit the execution-time estimator"),
+    "replay": ("timebill_ros.cli.replay", "replay the requests in a bag against a server (or --offline) and report"),
+    "eval": ("timebill_ros.cli.evaluate", "budget x policy benchmark: completion rate and score per budget (--quick)"),
+    "make-tasks": ("timebill_ros.cli.make_tasks", "write the long-context benchmark tasks as a request bag"),
 }
 
 

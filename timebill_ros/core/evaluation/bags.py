@@ -38,8 +38,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 PKG = "timebill_ros"
 ACTION = "TimedInference"
-DEFAULT_ACTION_NAME = "/timebill/infer"
-DEFAULT_ESTIMATE_TOPIC = "/timebill/estimate"
+DEFAULT_ACTION_NAME = "/timed_inference"  # the server's action (nodes/common.py ACTION_TIMED_INFERENCE)
+DEFAULT_ESTIMATE_TOPIC = "/timebill/estimates"
 TASK_TOPIC = "/timebill/tasks"  # std_msgs/String JSON: the task's references and metric
 
 # action_msgs/GoalStatus values a GetResult response carries

@@ -1,0 +1,242 @@
+"""``timebill replay BAG``: send every recorded request again, as a planner would, and report.
+
+Reads goals from a bag written by the server's recorder, by ``timebill make-tasks`` or by
+``ros2 bag record`` (action recording, or the ``timebill/requests`` topic) — types are taken
+from the bag. Online (default) the goals go to a running server through ``TimeBillClient``;
+``--offline`` runs the core engine in this process, no ROS needed.
+
+Pacing: ``--pace fast`` sends the next request when the previous one ended; ``--pace recorded``
+releases each at its recorded time offset divided by ``--speed``. A request's deadline runs
+from its release, so time spent queued behind a slow one counts against it, as it would on a
+robot. Requests that carry benchmark metadata (``make-tasks`` bags) are scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bag", help="bag directory or .mcap file")
+    p.add_argument("--offline", action="store_true", help="run the core engine here instead of a ROS server")
+    p.add_argument("--pace", choices=("fast", "recorded"), default="fast",
+                   help="fast: back to back (default); recorded: at the recorded offsets / --speed")
+    p.add_argument("--speed", type=float, default=1.0, help="time scale for --pace recorded (2 = twice as fast)")
+    p.add_argument("--policy", default="timebill",
+                   help="offline only: timebill | timebill:k=3 | vanilla | alpha=0.5 | truncate (default timebill)")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every recorded budget")
+    p.add_argument("--budget", type=float, help="use this budget (s) for requests recorded without one")
+    p.add_argument("--limit", type=int, help="replay only the first N requests")
+    p.add_argument("--out", default="results/replay", help="report directory (default results/replay)")
+    p.add_argument("--timeout", type=float, default=60.0, help="online: seconds past the budget to wait for a result")
+    p.add_argument("--config", help="ROS 2 params YAML (offline engine, profile, predictor)")
+    for name in ("model", "dtype", "device"):
+        p.add_argument(f"--{name}", help=f"offline: override the config's {name}")
+    p.add_argument("--threads", type=int, help="offline: override the config's torch threads")
+
+
+# ---------------------------------------------------------------------------------- pacing
+def release_times(requests, pace: str, speed: float) -> List[Optional[float]]:
+    """Seconds after the start at which each request is released (None: when the previous ends)."""
+    if pace == "fast" or not requests:
+        return [None] * len(requests)
+    if speed <= 0:
+        raise ValueError(f"--speed must be > 0, got {speed}")
+    t0 = requests[0].stamp_ns
+    return [(r.stamp_ns - t0) / 1e9 / speed for r in requests]
+
+
+def _wait_until(t: float) -> None:
+    while True:
+        left = t - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+
+
+# --------------------------------------------------------------------------------- offline
+class OfflineServer:
+    """The engine plus the chosen policy: what the ROS server does, in one process."""
+
+    def __init__(self, cfg, policy_text: str, log: Callable[[str], None]):
+        from timebill_ros.core import calibration as cal
+        from timebill_ros.core.engine import Engine
+        from timebill_ros.core.evaluation.policies import parse_policy
+        from timebill_ros.core.length_predictor import load_length_predictor
+
+        self.cfg, self.policy = cfg, parse_policy(policy_text)
+        self.engine = Engine.from_config(cfg)
+        self.model = self.predictor = None
+        if self.policy.budget_dependent:
+            self.model = cal.load_profile_for(self.engine.profile_key(), cfg.profile_path or None).model
+            self.predictor = load_length_predictor(cfg, logger=log)
+
+    def serve(self, req, release: float) -> Dict:
+        """One request released at ``release`` (monotonic): a result dict shaped like TimedInference.Result."""
+        from timebill_ros.core.budget import AlphaChooser
+        from timebill_ros.core.engine import GenerationRequest
+        from timebill_ros.core.errors import DeadlinePassedError
+
+        cfg, pol = self.cfg, self.policy
+        max_new = req.max_new_tokens or cfg.max_new_tokens
+        overrun = "truncate" if pol.kind == "truncate" else (req.overrun_policy or cfg.overrun_policy)
+        deadline = release + req.budget_s if req.budget_s is not None else None
+        chooser = None
+        n_hat = None
+        if pol.budget_dependent and deadline is not None:
+            p = self.predictor.predict(req.prompt)
+            n_hat = min(int(p.n_hat), max_new)
+            chooser = AlphaChooser(model=self.model, deadline=deadline, n_hat=n_hat, k=pol.k, n_max=cfg.n_max,
+                                   alpha_max=pol.alpha_max, max_new_tokens=max_new,
+                                   max_context=self.engine.max_context)
+        greq = GenerationRequest(prompt=req.prompt, system_prompt=req.system_prompt or None, max_new_tokens=max_new,
+                                 deadline=deadline, alpha=None if chooser else pol.alpha, overrun=overrun)
+        try:
+            out = self.engine.generate(greq, choose_alpha=chooser)
+        except DeadlinePassedError as exc:
+            return {"status": "rejected", "reason": str(exc), "completed": False, "deadline_met": False,
+                    "finished_at": time.monotonic()}
+        if out.completed:
+            status = "succeeded" if out.deadline_met or deadline is None else "deadline_missed"
+        elif out.stop_reason == "deadline":
+            status = "truncated" if overrun == "truncate" else "killed"
+        else:
+            status = out.stop_reason
+        return {"status": status, "reason": chooser.verdict.reason if chooser and chooser.verdict else "",
+                "text": out.text, "completed": out.completed,
+                "deadline_met": out.deadline_met or (out.completed and deadline is None), "alpha": out.alpha,
+                "predicted_length": n_hat or 0, "prompt_tokens": out.kv_before, "tokens_generated":
+                    out.tokens_generated, "kv_before": out.kv_before, "kv_after": out.kv_after,
+                "prefill_s": out.prefill_s, "decode_s": out.decode_s, "total_s": out.finished_at - release,
+                "finished_at": out.finished_at}
+
+
+# ---------------------------------------------------------------------------------- online
+class OnlineServer:
+    """A running TimeBill server, through the planner-facing client."""
+
+    def __init__(self, timeout_s: float, log: Callable[[str], None]):
+        from timebill_ros.client import TimeBillClient
+
+        self.client = TimeBillClient(node_name="timebill_replay")
+        self.timeout_s = timeout_s
+        if not self.client.wait_until_ready(timeout_s=30.0):
+            self.client.close()
+            raise SystemExit("no TimeBill server answered within 30 s (start it with `timebill bringup`)")
+
+    def serve(self, req, release: float) -> Dict:
+        budget = req.budget_s
+        if budget is not None:
+            budget = max(release + budget - time.monotonic(), 1e-3)  # the release-to-now wait is spent budget
+        out = self.client.ask(req.prompt, budget, system_prompt=req.system_prompt, max_new_tokens=req.max_new_tokens,
+                              overrun_policy=req.overrun_policy,
+                              timeout_s=(budget or 0.0) + self.timeout_s)
+        d = {f: getattr(out, f) for f in ("text", "completed", "deadline_met", "alpha", "predicted_length",
+                                          "prompt_tokens", "tokens_generated", "kv_before", "kv_after",
+                                          "prefill_s", "decode_s", "reason")}
+        d.update(status=out.status_name, total_s=time.monotonic() - release, finished_at=time.monotonic(),
+                 goal_id=out.goal_id)
+        return d
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# ---------------------------------------------------------------------------------- report
+def _score(req, text: str) -> Optional[float]:
+    from timebill_ros.core.evaluation.scoring import score
+
+    if not req.task or "metric" not in req.task:
+        return None
+    return score(req.task["metric"], text or "", req.task.get("references") or [""])
+
+
+def summarize(rows: List[Dict]) -> Dict:
+    n = len(rows)
+    late = sorted(r["late_s"] for r in rows if r["late_s"] > 0)
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    statuses: Dict[str, int] = {}
+    for r in rows:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    return {"requests": n, "completion_rate": sum(bool(r["deadline_met"]) for r in rows) / n if n else math.nan,
+            "avg_score": sum(scored) / len(scored) if scored else None, "scored": len(scored), "statuses": statuses,
+            "late_count": len(late), "late_s_median": late[len(late) // 2] if late else 0.0,
+            "late_s_max": late[-1] if late else 0.0}
+
+
+def markdown(report: Dict) -> str:
+    s = report["summary"]
+    lines = [f"# Replay of `{report['bag']}`", "",
+             f"- mode: {report['mode']}, policy: {report['policy']}, pace: {report['pace']}"
+             f"{' ×' + str(report['speed']) if report['pace'] == 'recorded' else ''}",
+             f"- {s['requests']} requests; completion rate {100 * s['completion_rate']:.0f}% "
+             f"(finished by the deadline)" + (f"; average score {s['avg_score']:.3f} over {s['scored']}"
+                                               if s["avg_score"] is not None else ""),
+             f"- statuses: {', '.join(f'{k} {v}' for k, v in sorted(s['statuses'].items()))}",
+             f"- late: {s['late_count']} (median {s['late_s_median']:.2f} s, max {s['late_s_max']:.2f} s past the "
+             "deadline)", "",
+             "| request | budget (s) | status | α | tokens | total (s) | late (s) | score |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["requests"]:
+        lines.append(f"| {r['task_id'] or r['request_id'][:12]} | {r['budget_s'] if r['budget_s'] is not None else '–'} "
+                     f"| {r['status']} | {r.get('alpha', 0):.2f} | {r.get('tokens_generated', 0)} | "
+                     f"{r.get('total_s', 0):.2f} | {r['late_s']:.2f} | "
+                     f"{'–' if r['score'] is None else format(r['score'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    from timebill_ros.core.evaluation.bags import read_requests
+
+    from .evaluate import load_config
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    requests = read_requests(args.bag)
+    if args.limit:
+        requests = requests[: args.limit]
+    if not requests:
+        print(f"no requests found in {args.bag}", file=sys.stderr)
+        return 2
+    for r in requests:
+        if r.budget_s is None and args.budget is not None:
+            r.budget_s = args.budget
+        if r.budget_s is not None:
+            r.budget_s *= args.budget_scale
+    log(f"[replay] {len(requests)} requests from {args.bag} ({requests[0].source})")
+    server = OfflineServer(load_config(args), args.policy, log) if args.offline else OnlineServer(args.timeout, log)
+    releases = release_times(requests, args.pace, args.speed)
+    rows = []
+    t0 = time.monotonic()
+    try:
+        for req, rel in zip(requests, releases):
+            release = time.monotonic() if rel is None else t0 + rel
+            _wait_until(release)
+            res = server.serve(req, release)
+            late = 0.0
+            if req.budget_s is not None and res["status"] not in ("rejected",):
+                late = max(res["finished_at"] - (release + req.budget_s), 0.0)
+            row = {"request_id": req.request_id, "task_id": (req.task or {}).get("id"), "budget_s": req.budget_s,
+                   **{k: v for k, v in res.items() if k != "finished_at"}, "late_s": late,
+                   "score": _score(req, res.get("text", "")) if res["status"] not in ("killed", "rejected") else (
+                       0.0 if req.task else None)}
+            rows.append(row)
+            log(f"[replay] {len(rows)}/{len(requests)} {row['task_id'] or req.request_id[:12]}: {row['status']}, "
+                f"α={row.get('alpha', 0):.2f}, {row.get('total_s', 0):.2f}s of {req.budget_s}s")
+    finally:
+        close = getattr(server, "close", None)
+        if close:
+            close()
+    report = {"bag": str(args.bag), "mode": "offline" if args.offline else "online",
+              "policy": args.policy if args.offline else "server's", "pace": args.pace, "speed": args.speed,
+              "summary": summarize(rows), "requests": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "replay.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "replay.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0

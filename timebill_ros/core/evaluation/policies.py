@@ -1,0 +1,190 @@
+"""Eviction policies and overrun strategies compared by the benchmark (the paper's Fig. 7).
+
+Policies choose the KV eviction ratio α for one request:
+- ``vanilla``      α = 0, killed at the deadline;
+- ``alpha=<a>``    a fixed α (the paper's fixed-ratio baselines);
+- ``truncate``     α = 0, stopped at the deadline and the partial text kept (``generate(max_time=…)``);
+- ``timebill``     α from the solver: smallest α whose WCET (k·N̂ tokens) fits the budget.
+
+Overrun strategies decide what a late job does to a sequence of jobs released every T seconds
+(each job's deadline is the next release, as in periodic real-time tasks):
+- ``kill``       the late job is stopped at its deadline: no answer (score 0); the next job starts on time.
+- ``skip_next``  the late job runs to the end and delivers its answer late (scored, but not
+                 counted as completed); every job released while it runs is skipped (score 0).
+A job is *completed* when it finished (EOS or max_new_tokens) by its deadline, under both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+OVERRUNS = ("kill", "skip_next")
+FIXED_ALPHAS = (0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    kind: str  # fixed | truncate | timebill
+    alpha: float = 0.0  # fixed and truncate
+    k: float = 5.0  # timebill
+    alpha_max: float = 0.95  # timebill
+
+    @property
+    def budget_dependent(self) -> bool:
+        """Only TimeBill's α depends on the budget; the others run once per prompt."""
+        return self.kind == "timebill"
+
+    @property
+    def overruns(self) -> tuple:
+        """Truncation never overruns (it stops at the deadline), so it has no overrun strategy."""
+        return ("truncate",) if self.kind == "truncate" else OVERRUNS
+
+    def label(self, overrun: str = "") -> str:
+        return self.name if not overrun or overrun == "truncate" else f"{self.name}/{overrun}"
+
+
+def vanilla() -> Policy:
+    return Policy("vanilla", "fixed", 0.0)
+
+
+def fixed(alpha: float) -> Policy:
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    return vanilla() if alpha == 0 else Policy(f"alpha={alpha:g}", "fixed", float(alpha))
+
+
+def truncate() -> Policy:
+    return Policy("truncate", "truncate", 0.0)
+
+
+def timebill(k: float = 5.0, alpha_max: float = 0.95) -> Policy:
+    if k < 1:
+        raise ValueError(f"pessimism k must be >= 1, got {k}")
+    name = "timebill" if (k, alpha_max) == (5.0, 0.95) else f"timebill(k={k:g})"
+    return Policy(name, "timebill", 0.0, float(k), float(alpha_max))
+
+
+def standard_policies(k: float = 5.0, alpha_max: float = 0.95, alphas: Sequence[float] = FIXED_ALPHAS) -> List[Policy]:
+    """The issue's line-up: vanilla, fixed α ∈ {0.25, 0.5, 0.75, 0.95}, truncate, TimeBill."""
+    return [vanilla(), *(fixed(a) for a in alphas), truncate(), timebill(k, alpha_max)]
+
+
+def parse_policy(text: str) -> Policy:
+    """``vanilla`` | ``truncate`` | ``timebill`` | ``timebill:k=3`` | ``alpha=0.5`` | ``0.5``."""
+    t = text.strip().lower()
+    if t in ("vanilla", "none"):
+        return vanilla()
+    if t == "truncate":
+        return truncate()
+    if t.startswith("timebill"):
+        k = 5.0
+        if ":" in t:
+            key, _, val = t.split(":", 1)[1].partition("=")
+            if key.strip() != "k":
+                raise ValueError(f"unknown timebill option {key!r}; use timebill:k=<number>")
+            k = float(val)
+        return timebill(k)
+    return fixed(float(t.split("=", 1)[1] if t.startswith("alpha") else t))
+
+
+# ------------------------------------------------------------------------------ job sequences
+@dataclass
+class Job:
+    """One request's run under one policy, measured once to the end (seconds from its release)."""
+
+    task_id: str
+    finish_s: float  # when its last token was ready (prefill + eviction + decode)
+    completed: bool  # stopped at EOS or max_new_tokens (not cut short)
+    score: float  # score of the full answer
+    first_token_s: float = 0.0
+    token_times_s: List[float] = field(default_factory=list)
+    partial_score: Optional[Callable[[float], float]] = None  # score of the text ready by t (truncate)
+
+
+@dataclass
+class JobOutcome:
+    task_id: str
+    release_s: float
+    status: str  # completed | killed | late | skipped | truncated | empty
+    completed: bool  # finished by its deadline
+    score: float
+    finish_s: float = math.nan  # relative to release; NaN if never started
+    late_s: float = 0.0  # how far past the deadline it ran / would have run
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+
+
+def run_kill(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
+    """Every job starts at its release; a late one is stopped at its deadline and scores 0."""
+    out = []
+    for i, j in enumerate(jobs):
+        on_time = j.completed and j.finish_s <= budget_s
+        out.append(JobOutcome(j.task_id, i * budget_s, "completed" if on_time else "killed", on_time,
+                              j.score if on_time else 0.0, j.finish_s if on_time else budget_s,
+                              0.0 if on_time else j.finish_s - budget_s))
+    return out
+
+
+def run_skip_next(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
+    """A late job runs on and is scored; jobs released before it ends are skipped (score 0)."""
+    out: List[JobOutcome] = []
+    busy_until = 0.0
+    for i, j in enumerate(jobs):
+        release = i * budget_s
+        if release < busy_until - 1e-12:
+            out.append(JobOutcome(j.task_id, release, "skipped", False, 0.0))
+            continue
+        on_time = j.completed and j.finish_s <= budget_s
+        busy_until = release + j.finish_s
+        out.append(JobOutcome(j.task_id, release, "completed" if on_time else "late", on_time, j.score,
+                              j.finish_s, max(j.finish_s - budget_s, 0.0)))
+    return out
+
+
+def run_truncate(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
+    """Decoding stops at the deadline and whatever text is ready is the answer."""
+    out = []
+    for i, j in enumerate(jobs):
+        if j.completed and j.finish_s <= budget_s:
+            out.append(JobOutcome(j.task_id, i * budget_s, "completed", True, j.score, j.finish_s))
+            continue
+        ready = [t for t in j.token_times_s if t <= budget_s]
+        if not ready:  # prefill alone ran past the deadline: nothing to show
+            out.append(JobOutcome(j.task_id, i * budget_s, "empty", False, 0.0, budget_s, j.finish_s - budget_s))
+            continue
+        score = j.partial_score(budget_s) if j.partial_score else 0.0
+        out.append(JobOutcome(j.task_id, i * budget_s, "truncated", False, score, ready[-1],
+                              j.finish_s - budget_s))
+    return out
+
+
+RUNNERS = {"kill": run_kill, "skip_next": run_skip_next, "truncate": run_truncate}
+
+
+def simulate(jobs: Sequence[Job], budget_s: float, overrun: str) -> List[JobOutcome]:
+    try:
+        return RUNNERS[overrun](jobs, budget_s)
+    except KeyError:
+        raise ValueError(f"unknown overrun strategy {overrun!r}; use one of {sorted(RUNNERS)}") from None
+
+
+def summarize(outcomes: Sequence[JobOutcome]) -> dict:
+    """Completion rate and average score (the paper's two axes), plus how late the late ones were."""
+    n = len(outcomes)
+    late = sorted(o.late_s for o in outcomes if o.late_s > 0)
+    counts = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    return {
+        "jobs": n,
+        "completion_rate": sum(o.completed for o in outcomes) / n if n else math.nan,
+        "avg_score": sum(o.score for o in outcomes) / n if n else math.nan,
+        "statuses": counts,
+        "late_count": len(late),
+        "late_s_median": late[len(late) // 2] if late else 0.0,
+        "late_s_max": late[-1] if late else 0.0,
+    }
