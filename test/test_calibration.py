@@ -162,9 +162,9 @@ def test_cli_quick_smollm2(tmp_path, monkeypatch):
     prof_path = tmp_path / "profile.json"
     args = parser.parse_args(["--quick", "--no-progress", "--out", str(tmp_path / "out"), "--profile", str(prof_path)])
     assert cli.run(args) == 0
+    cfg = cli.load_config(args).replace(profile_path=str(prof_path))  # the packaged config, as the CLI read it
     outs = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert outs == [f"smollm2-135m-instruct-float32-cpu-t2-quick.{e}" for e in ("json", "md", "png")]
-    cfg = TimeBillConfig(profile_path=str(prof_path))
+    assert outs == [f"smollm2-135m-instruct-float32-cpu-t{cfg.threads}-quick.{e}" for e in ("json", "md", "png")]
     assert cal.load_time_model(cfg) == cal.load_profile(prof_path).model  # key_from_config found it valid
     with pytest.raises(ProfileMismatchError, match="threads"):
-        cal.load_time_model(cfg.replace(threads=1))
+        cal.load_time_model(cfg.replace(threads=cfg.threads + 1))

@@ -58,7 +58,7 @@ def test_model_dict_roundtrip():
     assert ExecutionTimeModel.from_dict(m.to_dict()) == m
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(a=st.floats(1e-9, 1e-6), b=st.floats(1e-5, 1e-2), c=st.floats(1e-3, 0.5), relative=st.booleans())
 def test_prefill_fit_exact_data_recovers_coefficients(a, b, c, relative):
     n = np.array([32, 64, 128, 256, 512, 1024, 2048, 4096], dtype=float)
@@ -66,7 +66,7 @@ def test_prefill_fit_exact_data_recovers_coefficients(a, b, c, relative):
     assert (fa, fb, fc) == (pytest.approx(a, rel=1e-5), pytest.approx(b, rel=1e-5), pytest.approx(c, rel=1e-5))
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(p=st.floats(1e-8, 1e-4), q=st.floats(1e-3, 0.5))
 def test_decode_fit_exact_data_recovers_coefficients(p, q):
     n = np.array([64, 512, 1024, 2048, 4096, 8192], dtype=float)

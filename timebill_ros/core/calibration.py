@@ -158,20 +158,22 @@ def calibrate(engine, prefill_grid: Sequence[int] = PREFILL_GRID, decode_grid: S
     rng = random.Random(seed)
     rounds = min(3, decode_repeats)  # a decode call refills a whole cache: few calls, several steps each
     per_round = [decode_repeats // rounds + (r < decode_repeats % rounds) for r in range(rounds)]
-    total = (warmup + repeats) * (len(pg) + len(ph)) + rounds * (len(dg) + len(dh))
+    total = warmup + repeats * (len(pg) + len(ph)) + rounds * (len(dg) + len(dh))
     bar = tqdm(total=total, desc="calibrate", unit="run", disable=not progress, file=sys.stderr)
     t_start = time.monotonic()
     load_start = _load1()
 
     pre: Dict[int, List[float]] = {n: [] for n in pg + ph}
     order = list(pre)
-    for r in range(warmup + repeats):
+    if warmup:  # first calls pay for lazy init and page faults; later shapes need no warm-up of their own
+        bar.set_postfix_str("warm-up")
+        engine.time_prefill(pg[len(pg) // 2], warmup)
+        bar.update(warmup)
+    for _ in range(repeats):
         rng.shuffle(order)
         for n in order:
             bar.set_postfix_str(f"prefill N={n}")
-            t = engine.time_prefill(n, 1)
-            if r >= warmup:
-                pre[n].extend(t)
+            pre[n].extend(engine.time_prefill(n, 1))
             bar.update()
     dec: Dict[int, List[float]] = {n: [] for n in dg + dh}
     order = list(dec)
