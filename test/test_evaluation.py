@@ -282,3 +282,28 @@ def test_make_tasks_then_replay_scores_the_answers(cli_config, tmp_path):
 
     for r, req in zip(rep["requests"], reqs):  # the score is the task's metric on the served text
         assert r["score"] == score(req.task["metric"], r["text"], req.task["references"])
+
+
+def test_replay_online_against_the_running_server(ready_server, ros_domain_id, tmp_path):
+    """`timebill replay BAG` from a separate process, as a planner: every goal answered and reported."""
+    import os
+    import subprocess
+    import sys
+
+    from timebill_ros.core.evaluation.bags import write_request_bag
+
+    write_request_bag(tmp_path / "bag", [
+        {"prompt": "Name one colour.", "time_budget": 90.0, "max_new_tokens": 8},
+        {"prompt": "Say hello to the operator.", "time_budget": 90.0, "max_new_tokens": 8,
+         "task": {"id": "hello", "references": ["hello"], "metric": "contains"}}], period_s=0.2)
+    env = dict(os.environ, ROS_DOMAIN_ID=str(ros_domain_id))
+    code = "import sys; from timebill_ros.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-P", "-c", code, "replay", str(tmp_path / "bag"), "--pace", "recorded",
+                           "--out", str(tmp_path / "rep")], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads((tmp_path / "rep" / "replay.json").read_text())
+    assert rep["mode"] == "online" and len(rep["requests"]) == 2
+    for r in rep["requests"]:
+        assert r["status"] == "succeeded" and r["deadline_met"] and 0 < r["tokens_generated"] <= 8
+        assert r["goal_id"] and r["budget_s"] == 90.0
+    assert rep["requests"][0]["score"] is None and rep["requests"][1]["score"] in (0.0, 1.0)

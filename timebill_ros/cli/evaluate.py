@@ -67,7 +67,7 @@ def load_config(args):
     return cfg.replace(**changes) if changes else cfg
 
 
-def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print):
+def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool = False):
     """(time model, description): the cached profile for this setup, else a short calibration."""
     from timebill_ros.core import calibration as cal
 
@@ -79,13 +79,18 @@ def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print):
     except FileNotFoundError:
         pass
     top = min(int(engine.max_context) - 2, max(lengths) + 256)
-    pre = sorted({n for n in (128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8000) if n < top} | {top})
-    pre_held = sorted({n for n in (384, 768, 1792, 3584, 5120, 7168) if n < top} - set(pre))
-    dec = sorted({n for n in (128, 512, 1024, 2048, 4096, 6144, 8000) if n < top} | {top})
-    dec_held = sorted({n for n in (256, 1536, 3072, 5120, 7000) if n < top} - set(dec))
+    if quick:  # about half a minute on an idle 2-core machine
+        pre, pre_held, dec, dec_held, repeats = (256, 512, 1024, 1536), (768,), (256, 1024), (1536,), 1
+    else:
+        pre, pre_held = (128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6144), (384, 768, 1792, 3584, 5120, 7168)
+        dec, dec_held, repeats = (128, 512, 1024, 2048, 4096, 6144), (256, 1536, 3072, 5120, 7000), 2
+    pre = sorted({n for n in pre if n < top} | {top})
+    pre_held = sorted({n for n in pre_held if n < top} - set(pre))
+    dec = sorted({n for n in dec if n < top} | {top})
+    dec_held = sorted({n for n in dec_held if n < top} - set(dec))
     log(f"[eval] no timing profile for this setup: calibrating prompt lengths {pre} (held out {pre_held})")
     prof = cal.calibrate(engine, prefill_grid=pre, prefill_held_out=pre_held, decode_grid=dec,
-                         decode_held_out=dec_held, repeats=2, decode_repeats=3, progress=False)
+                         decode_held_out=dec_held, repeats=repeats, decode_repeats=3, progress=False)
     path = cal.save_profile(prof, out_dir / "profile.json")
     held = ", ".join(f"{k} {v:.1f}%" for k, v in prof.mape.items())
     return prof.model, (f"none cached for this setup; calibrated for this run in {prof.duration_s:.0f} s, "
@@ -136,7 +141,7 @@ def run(args) -> int:
             t.max_new_tokens = min(t.max_new_tokens, cap)
     log(f"[eval] {len(tasks)} tasks, prompts of {min(t.n_tokens for t in tasks)}–{max(t.n_tokens for t in tasks)} tokens")
 
-    time_model, profile_desc = ensure_profile(engine, cfg, [t.n_tokens for t in tasks], out_dir, log)
+    time_model, profile_desc = ensure_profile(engine, cfg, [t.n_tokens for t in tasks], out_dir, log, args.quick)
     predictor = load_length_predictor(cfg, logger=log)
     pred_desc = (f"trained ({predictor.meta.backbone}, {predictor.meta.head} head)" if getattr(predictor, "meta", None)
                  else f"none: N̂ = max_new_tokens fallback ({getattr(predictor, 'reason', '')})")

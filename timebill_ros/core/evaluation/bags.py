@@ -3,8 +3,7 @@
 ``rosbag2_py`` is not installable here, so bags are written with the pure-Python ``rosbags``
 library; its bags are byte-compatible with ``ros2 bag``. Choices that matter:
 
-- **Types come from our own interface files.** ``msg/*.msg``, ``srv/*.srv`` and
-  ``action/*.action`` are parsed and registered the way rosidl names them: an action's parts
+- **Types come from our own interface files.** ``msg/*.msg`` and ``action/*.action`` are parsed and registered the way rosidl names them: an action's parts
   become ``timebill_ros/action/TimedInference_Goal`` (``_Result``, ``_Feedback``) and its
   internal services ``_SendGoal_Request/_Response/_Event`` and ``_GetResult_*``.
 - **Goals and results are recorded as ros2 records actions** (action introspection, Jazzy+):
@@ -89,17 +88,15 @@ def _split(text: str, parts: int, what: str) -> List[str]:
 
 
 def interface_definitions(root: Optional[Path] = None) -> Dict[str, str]:
-    """msg text per ROS 2 type name, for every message, service and action part of the package."""
+    """msg text per ROS 2 type name, for every message and action part of the package.
+
+    (Services are left out: rosbags names types only under ``msg/`` and ``action/``, and only
+    topics are recorded.)
+    """
     root = Path(root) if root else interface_root()
     msgs = {p.stem: p.read_text() for p in sorted((root / "msg").glob("*.msg"))}
     local = list(msgs)
     defs = {f"{PKG}/msg/{name}": _qualify(text, local) for name, text in msgs.items()}
-    for p in sorted((root / "srv").glob("*.srv")) if (root / "srv").is_dir() else []:
-        req, resp = _split(p.read_text(), 2, str(p))
-        base = f"{PKG}/srv/{p.stem}"
-        defs[f"{base}_Request"], defs[f"{base}_Response"] = _qualify(req, local), _qualify(resp, local)
-        defs[f"{base}_Event"] = (f"service_msgs/ServiceEventInfo info\n{base}_Request[<=1] request\n"
-                                 f"{base}_Response[<=1] response\n")
     for p in sorted((root / "action").glob("*.action")):
         goal, result, feedback = _split(p.read_text(), 3, str(p))
         a = f"{PKG}/action/{p.stem}"
@@ -161,12 +158,27 @@ def message_definition(store, msgtype: str) -> str:
     return "".join(parts)
 
 
+# rosidl hashes a .msg ``char`` as uint8; rosbags hashes it as char, so its ServiceEventInfo (char[16]
+# client_gid) gets a type hash that differs from ROS's. Spelled as uint8 it matches the ROS install.
+_SERVICE_EVENT_INFO = """uint8 REQUEST_SENT=0
+uint8 REQUEST_RECEIVED=1
+uint8 RESPONSE_SENT=2
+uint8 RESPONSE_RECEIVED=3
+uint8 event_type
+builtin_interfaces/Time stamp
+uint8[16] client_gid
+int64 sequence_number
+"""
+
+
 def typestore(root: Optional[Path] = None):
-    """A ROS 2 Kilted typestore with the package's interfaces registered."""
+    """A ROS 2 Kilted typestore with the package's interfaces registered (type hashes as ROS computes them)."""
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
-    store = get_typestore(Stores.ROS2_KILTED)
-    types: Dict[str, Any] = {}
+    base = get_typestore(Stores.ROS2_KILTED)
+    store = get_typestore(Stores.EMPTY)
+    types: Dict[str, Any] = {k: v for k, v in base.fielddefs.items() if k != "service_msgs/msg/ServiceEventInfo"}
+    types.update(get_types_from_msg(_SERVICE_EVENT_INFO, "service_msgs/msg/ServiceEventInfo"))
     for name, text in interface_definitions(root).items():
         types.update(get_types_from_msg(text, name))
     store.register(types)
@@ -553,7 +565,7 @@ def open_bag(path: str | os.PathLike):
     A bag without footer or metadata (writer killed) is read through a repaired temporary copy,
     so a bag still being recorded is never modified.
     """
-    from rosbags.highlevel import AnyReader
+    from rosbags.highlevel import AnyReader, AnyReaderError
 
     path = Path(path)
     if not path.exists():
@@ -563,8 +575,21 @@ def open_bag(path: str | os.PathLike):
                                          (path.is_dir() and not (path / "metadata.yaml").exists()))
     if not needs_repair:
         target = path if (path.is_file() or (path / "metadata.yaml").exists()) else mcap
-        with AnyReader([target]) as reader:
+        try:
+            reader = AnyReader([target])
+            reader.open()
+        except AnyReaderError as exc:
+            # ros2 stores rosidl's type hash, which counts a .msg `char` as uint8; rosbags recomputes it
+            # from the stored text as char and refuses (e.g. service_msgs/ServiceEventInfo in action
+            # recordings). The MCAP file itself carries no hashes: read it directly.
+            if "hash mismatch" not in str(exc) or mcap is None or target == mcap:
+                raise
+            reader = AnyReader([mcap])
+            reader.open()
+        try:
             yield reader
+        finally:
+            reader.close()
         return
     with tempfile.TemporaryDirectory(prefix="timebill-bag-") as tmp:
         fixed = Path(tmp) / mcap.name
