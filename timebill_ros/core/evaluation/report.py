@@ -116,6 +116,10 @@ def markdown(results: dict) -> str:
                 a = rs["kill"]["alphas"]
                 lines.append(f"| {k:g} | {sum(a) / len(a):.2f} | " + " | ".join(
                     f"{_pct(rs[o]['completion_rate'])} / {_num(rs[o]['avg_score'])}" for o in ("kill", "skip_next")) + " |")
+            if len({tuple(rs["kill"]["alphas"]) for rs in by_k.values()}) == 1:
+                lines += ["", "α did not change with k here: the pessimistic length min(k·N̂, max_new_tokens) was "
+                          "already max_new_tokens at the smallest k (N̂ close to, or equal to, the cap — as with "
+                          "the N_max fallback), so every k planned for the same worst case."]
             lines.append("")
     est = results.get("estimator")
     if est:
