@@ -66,7 +66,9 @@ def timebill_nodes(ros_domain_id, ros_client, tmp_path_factory):
     from timebill_ros.bringup import Bringup
 
     logs = tmp_path_factory.mktemp("ros_logs")
-    bringup = Bringup(domain_id=ros_domain_id, log_dir=logs)
+    # one torch thread: on the shared 2-core CI machine two OpenMP threads were up to 25x slower per
+    # token whenever another process ran, which would make outcomes depend on the neighbours
+    bringup = Bringup(overrides={"threads": 1}, domain_id=ros_domain_id, log_dir=logs)
     try:
         bringup.up(ros_client, timeout_s=240.0)
     except BaseException:

@@ -69,13 +69,15 @@ def run(args) -> int:
     # Python's KeyboardInterrupt, not rclpy's handler: Ctrl-C must reach the finally below.
     rclpy.init(context=context, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)
     client = TimeBillClient("timebill_demo", context=context)
-    runner = Bringup(args.params, domain_id=domain, log_dir=log_dir)
+    overrides = {"threads": args.threads} if args.threads is not None else {}
+    runner = Bringup(args.params, overrides, domain_id=domain, log_dir=log_dir)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     rows = []
     try:
         t0 = time.monotonic()
         print(f"[demo] starting timebill_generator, timebill_predictor, timebill_server "
-              f"(ROS_DOMAIN_ID={domain}, logs in {log_dir}) ...", flush=True)
+              f"(ROS_DOMAIN_ID={domain}, {runner.params.name}{' + threads:=%d' % args.threads if overrides else ''}, "
+              f"logs in {log_dir}) ...", flush=True)
         runner.up(client, timeout_s=300.0)
         print(f"[demo] up in {time.monotonic() - t0:.1f} s; timebill_server is {client.get_state()}", flush=True)
         goals = plan_goals(client)[: args.goals]
@@ -129,7 +131,11 @@ def main(argv=None) -> int:
     p.add_argument("--domain-id", type=int)
     p.add_argument("--log-dir")
     p.add_argument("--goals", type=int, default=5, help="send only the first N goals (of 5)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the nodes (default 1: on a shared 2-core CPU, two OpenMP threads "
+                        "were up to 25x slower per token whenever another process ran; -1 = the config's)")
     args = p.parse_args(argv)
+    args.threads = None if args.threads is not None and args.threads < 0 else args.threads
     if os.environ.get("_TIMEBILL_REEXEC") != "1":
         reexec_env_for_demo()
     return run(args)

@@ -123,8 +123,8 @@ class PromptTokenizer:
 
 
 # --- estimator / length-predictor glue ------------------------------------------------------
-# Coefficients fitted to SmolLM2-135M, fp32, 1 thread, on the project's 2-core CPU while it was
-# busy (load ~7): pessimistic on purpose, used only until `timebill calibrate` writes a profile.
+# Coefficients fitted to SmolLM2-135M, fp32, on the project's 2-core CPU while it was busy (load ~7,
+# 1 thread): pessimistic on purpose; used only until `timebill calibrate` writes a profile.
 FALLBACK_TIME_MODEL = dict(a=4.9e-7, b=2.7e-3, c=0.08, p=1.15e-5, q=0.10)
 
 

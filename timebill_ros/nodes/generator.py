@@ -93,6 +93,9 @@ class GeneratorNode(Node):
     def execute(self, goal_handle) -> Generate.Result:
         rid = uuid_hex(goal_handle.goal_id)
         job = self._jobs.setdefault(rid, _Job())
+        if goal_handle.is_cancel_requested:  # canceled before this thread registered the job
+            job.tokens_at_cancel = 0
+            job.cancel.set()
         try:
             return self._run(goal_handle, goal_handle.request.request, job)
         except Exception as exc:  # noqa: BLE001 - the server gets a reason, the node stays up
