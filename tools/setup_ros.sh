@@ -17,9 +17,12 @@ ROS_WHEELS=(ros-kilted-rclpy ros-kilted-rmw-fastrtps-cpp ros-kilted-std-msgs
   ros-kilted-diagnostic-msgs ros-kilted-lifecycle-msgs ros-kilted-action-msgs
   ros-kilted-builtin-interfaces catkin-pkg colcon-common-extensions)
 
+# one `pip show` for all of them: it prints a "Name:" line for each installed one
+installed=$($PY -m pip --disable-pip-version-check show "${ROS_WHEELS[@]}" 2>/dev/null \
+  | sed -n 's/^Name: //p' | tr 'A-Z_' 'a-z-')
 missing=()
 for w in "${ROS_WHEELS[@]}"; do
-  $PY -m pip --disable-pip-version-check show -q "$w" >/dev/null 2>&1 || missing+=("$w")
+  grep -qx "$w" <<<"$installed" || missing+=("$w")
 done
 if ((${#missing[@]})); then
   echo "[setup_ros] installing ${missing[*]}"
