@@ -66,10 +66,40 @@ def ensure_default_model(log=print) -> Path:
     return convert_gguf(_smollm2_gguf(), default_model_dir(), log=log)
 
 
+TINY_MODEL = "tiny"  # alias: a random 2-layer Llama with the default model's tokenizer (tests, soak runs)
+
+
+def ensure_tiny_model(log=print) -> Path:
+    """Create once (in the cache) a random tiny Llama that shares SmolLM2's tokenizer and chat
+    template, so the whole ROS stack runs with ``model: tiny`` in milliseconds per token."""
+    out = cache_dir() / "models" / "tiny-random-smollm2"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(ensure_default_model(log=log)))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                      pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    LlamaForCausalLM(cfg).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.replace(out)
+    except OSError:  # another process won the race
+        pass
+    return out
+
+
 def resolve_model_path(spec: str) -> Tuple[str, dict]:
     """Map a config ``model`` string to (``from_pretrained`` target, extra kwargs)."""
     if spec in ("", DEFAULT_MODEL):
         return str(ensure_default_model()), {}
+    if spec == TINY_MODEL:
+        return str(ensure_tiny_model()), {}
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
