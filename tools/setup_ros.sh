@@ -19,7 +19,7 @@ ROS_WHEELS=(ros-kilted-rclpy ros-kilted-rmw-fastrtps-cpp ros-kilted-std-msgs
 
 # one `pip show` for all of them: it prints a "Name:" line for each installed one
 installed=$($PY -m pip --disable-pip-version-check show "${ROS_WHEELS[@]}" 2>/dev/null \
-  | sed -n 's/^Name: //p' | tr 'A-Z_' 'a-z-')
+  | sed -n 's/^Name: //p' | tr 'A-Z_' 'a-z-' || true)  # pip show exits 1 when any is missing
 missing=()
 for w in "${ROS_WHEELS[@]}"; do
   grep -qx "$w" <<<"$installed" || missing+=("$w")
