@@ -98,3 +98,68 @@ def ready_server(timebill_nodes, ros_client):
     dead = {n: c for n, c in timebill_nodes.alive().items() if c is not None}
     assert not dead, f"node(s) died: {dead}"
     return ros_client
+
+
+# ---- a second bringup with the tiny random model (issue 7: load, faults, hostile goals) ----
+def make_client(domain_id: int, name: str):
+    """A TimeBillClient on its own rclpy context in ``domain_id`` (close with close_client)."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.signals import SignalHandlerOptions
+
+    from timebill_ros.client import TimeBillClient
+
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+    return TimeBillClient(name, context=context)
+
+
+def close_client(client) -> None:
+    import rclpy
+
+    context = client.context
+    client.close()
+    rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture(scope="session")
+def tiny_domain_id(ros_domain_id):
+    return ros_domain_id + 100  # 101..200: never the shared bringup's domain
+
+
+@pytest.fixture(scope="session")
+def tiny_client(tiny_domain_id):
+    client = make_client(tiny_domain_id, "timebill_tiny_test_client")
+    yield client
+    close_client(client)
+
+
+@pytest.fixture(scope="session")
+def tiny_nodes(tiny_domain_id, tiny_client, tmp_path_factory):
+    """The three nodes with ``model: tiny`` (random 2-layer Llama, SmolLM2 tokenizer): the whole
+    ROS path at milliseconds per token. The timing model stays the pessimistic SmolLM2 fallback."""
+    from timebill_ros.bringup import Bringup
+    from timebill_ros.core.model import ensure_tiny_model
+
+    ensure_tiny_model()
+    logs = tmp_path_factory.mktemp("ros_tiny_logs")
+    bringup = Bringup(overrides={"threads": 1, "model": "tiny"}, domain_id=tiny_domain_id, log_dir=logs)
+    try:
+        bringup.up(tiny_client, timeout_s=240.0)
+    except BaseException:
+        bringup.stop()
+        raise
+    yield bringup
+    codes = bringup.stop()
+    assert all(code == 0 for code in codes.values()), f"unclean node exits {codes}; logs in {logs}"
+
+
+@pytest.fixture
+def tiny_server(tiny_nodes, tiny_client):
+    """The tiny bringup with every node running and the server active (fault tests restart nodes)."""
+    tiny_nodes.start()  # restarts any node a previous test killed
+    assert tiny_client.wait_for_generator(120.0), tiny_nodes.log_tail("timebill_generator")
+    assert tiny_client.wait_for_estimator(120.0), tiny_nodes.log_tail("timebill_predictor")
+    if tiny_client.get_state(timeout_s=5.0) != "active":
+        assert tiny_client.startup(timeout_s=30.0), tiny_nodes.log_tail("timebill_server")
+    return tiny_client

@@ -21,7 +21,7 @@ GOOD = "Say hello."
     (dict(budget_s=math.nan), ["nan"]),
     (dict(budget_s=math.inf), ["infinite"]),
     (dict(budget_s=None, deadline_in_s=-3.0), ["deadline", "past"]),
-    (dict(overrun_policy="skip-next"), ["overrun policy", "skip-next", "kill"]),
+    (dict(overrun_policy="bogus"), ["overrun policy", "bogus", "kill"]),
     (dict(prompt="robot " * 9000), ["tokens", "context", "8192"]),
 ], ids=["empty", "blank", "zero", "negative", "duration-max", "nan", "inf", "past-deadline", "policy",
         "over-context"])

@@ -30,7 +30,7 @@ from rclpy.node import Node
 from unique_identifier_msgs.msg import UUID
 
 from timebill_ros.action import Generate, TimedInference
-from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_TIMED_INFERENCE, SERVICE_ESTIMATE_BUDGET,
+from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, ACTION_TIMED_INFERENCE, SERVICE_ESTIMATE_BUDGET,
                                        s_to_duration, s_to_time)
 from timebill_ros.srv import EstimateBudget
 
@@ -128,7 +128,7 @@ class TimeBillClient(Node):
         self.server = server
         self._executor = SingleThreadedExecutor(context=self.context)
         self._executor.add_node(self)
-        self._action = ActionClient(self, TimedInference, ACTION_TIMED_INFERENCE)
+        self._action = ActionClient(self, TimedInference, ACTION_TIMED_INFERENCE, **ACTION_QOS)
         self._generate = ActionClient(self, Generate, ACTION_GENERATE)  # readiness checks only
         self._estimate = self.create_client(EstimateBudget, SERVICE_ESTIMATE_BUDGET)
         self._lifecycle: dict = {}

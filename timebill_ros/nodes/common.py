@@ -30,6 +30,13 @@ SERVICE_ESTIMATE_BUDGET = "timebill/estimate_budget"  # planner-facing, on timeb
 CHANNEL_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
+# Action goal/result/cancel services: ROS's default keeps only the last 10 requests, so a burst
+# of more than 10 goals (several planners at once) silently loses the rest. Keep MAX_PENDING+.
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=256, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+ACTION_QOS = dict(goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
+                  cancel_service_qos_profile=SERVICE_QOS)
+
 N_THREADS = 8  # executor threads: a blocking execute callback must never starve the others
 
 

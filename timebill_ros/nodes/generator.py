@@ -4,7 +4,10 @@ It serves the internal ``timebill/generate`` action for the server. Prefill star
 a goal arrives; meanwhile the predictor's ``Estimate`` for the same request id arrives on
 ``timebill/estimates``. After prefill the node waits at most ``estimate_slack_s`` for it, and
 without one plans with N̂ = N_max (the conservative fallback), so a dead or slow predictor
-costs eviction, never a deadline. One model, one goal at a time: later goals wait (QUEUED).
+costs eviction, never a deadline. One model, one goal at a time: later goals wait (QUEUED) in an
+earliest-deadline-first queue (``core.scheduler.EdfQueue``); queued time counts against each
+goal's budget. Overrun policy ``skip-next``: a late goal runs on to its end, and the goals that
+waited meanwhile are skipped (REJECTED, with the reason).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from rclpy.node import Node
 from timebill_ros.action import Generate
 from timebill_ros.core.budget import solve_alpha_after_prefill
 from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.scheduler import EXECUTOR_THREADS, EdfQueue
 from timebill_ros.msg import Estimate
-from timebill_ros.nodes.common import (ACTION_GENERATE, CHANNEL_QOS, TOPIC_ESTIMATES, declare_config,
+from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, CHANNEL_QOS, TOPIC_ESTIMATES, declare_config,
                                        effective_n_max, load_time_model, read_config, ros_now_s, run_node,
                                        s_to_duration, safe_reason, time_to_s, to_monotonic, uuid_hex)
 
@@ -50,7 +54,7 @@ class GeneratorNode(Node):
         self.engine = Engine.from_config(self.cfg)
         self.time_model, source = load_time_model(self.cfg, log=self.get_logger().warning,
                                                   running_key=self.engine.profile_key())
-        self._model_lock = threading.Lock()
+        self.queue = EdfQueue()
         self._estimates: "OrderedDict[str, Tuple[Estimate, float]]" = OrderedDict()
         self._estimates_cv = threading.Condition()
         self._jobs: dict[str, _Job] = {}
@@ -59,7 +63,7 @@ class GeneratorNode(Node):
                                                      callback_group=group)
         self.action_server = ActionServer(self, Generate, ACTION_GENERATE, execute_callback=self.execute,
                                           goal_callback=self.on_goal, cancel_callback=self.on_cancel,
-                                          callback_group=group)
+                                          callback_group=group, **ACTION_QOS)
         self.get_logger().info(f"ready: model {self.cfg.model}, press {self.cfg.press}, timing model from {source}")
 
     # ----------------------------------------------------------------- callbacks
@@ -119,11 +123,17 @@ class GeneratorNode(Node):
             feedback.time_remaining = s_to_duration(max(deadline_s - ros_now_s(self), 0.0))
             goal_handle.publish_feedback(feedback)
 
-        if not self._model_lock.acquire(blocking=False):
-            send_feedback(F.STAGE_QUEUED)
-            while not self._model_lock.acquire(timeout=0.05):
-                if job.cancel.is_set():
-                    return self._finish_canceled(goal_handle, result, rel, "canceled while queued")
+        send_feedback(F.STAGE_QUEUED)
+        if not self.queue.acquire(req.request_id, to_monotonic(deadline_s, self), job.cancel.is_set):
+            skipped = self.queue.skipped(req.request_id)
+            if skipped:
+                result.status, result.reason = R.STATUS_REJECTED, skipped
+                result.finished_at_s = result.total_s = rel()
+                goal_handle.succeed()
+                return result
+            return self._finish_canceled(goal_handle, result, rel, "canceled while queued")
+        overran = False
+        policy = req.overrun_policy or cfg.overrun_policy
         try:
             ids = [int(t) for t in req.input_ids]
             max_new = int(req.max_new_tokens) or cfg.max_new_tokens
@@ -173,11 +183,17 @@ class GeneratorNode(Node):
                 feedback.partial_text = text
                 send_feedback(F.STAGE_DECODING)
 
+            skip_next = policy == "skip-next"  # runs on past the deadline; the queue skips the waiting goals
             out = engine.decode(state, GenerationRequest(
-                input_ids=ids, max_new_tokens=max_new, deadline=to_monotonic(deadline_s, self),
-                overrun=req.overrun_policy or cfg.overrun_policy, on_token=on_token, cancel=job.cancel))
+                input_ids=ids, max_new_tokens=max_new, deadline=None if skip_next else to_monotonic(deadline_s, self),
+                overrun="truncate" if skip_next else policy, on_token=on_token, cancel=job.cancel))
+            if skip_next and out.completed:
+                out.deadline_met = ros_now_s(self) <= deadline_s
+                overran = not out.deadline_met
         finally:
-            self._model_lock.release()
+            self.queue.release(req.request_id, overran=overran,
+                               reason=f"skipped: goal {req.request_id[:8]} overran its deadline "
+                                      f"(overrun policy skip-next) while this goal waited")
         result.finished_at_s = rel()
         result.text, result.completed, result.deadline_met = out.text, out.completed, out.deadline_met
         result.tokens_generated, result.kv_before, result.kv_after = out.tokens_generated, out.kv_before, out.kv_after
@@ -230,7 +246,7 @@ def main(args=None) -> int:
         print(f"[timebill_generator] cannot start: {safe_reason(exc)}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    return run_node(node)
+    return run_node(node, num_threads=EXECUTOR_THREADS)  # queued goals each wait in a thread
 
 
 if __name__ == "__main__":

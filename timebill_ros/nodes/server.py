@@ -8,6 +8,11 @@ ROS 2 goal response carries no reason), then is handed to the predictor (``timeb
 topic) and the generator (internal ``timebill/generate`` action) at the same moment. The
 server relays feedback, returns the result, forwards cancels, and aborts a goal whose
 generator has gone away for ``peer_timeout_s``.
+
+Admission control (``core.scheduler.admission``): a valid goal that cannot finish even at α_max,
+given the goals queued ahead of it under EDF, is rejected at once with the numbers. The server
+publishes ``diagnostic_msgs/DiagnosticArray`` on ``/diagnostics`` once a second: deadline-miss
+rate, estimator and length-predictor errors, queue length, model state.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 
 from timebill_ros.action import Generate, TimedInference
 from timebill_ros.core.config import OVERRUN_POLICIES
+from timebill_ros.core.scheduler import EXECUTOR_THREADS, MAX_PENDING, Pending, admission
 from timebill_ros.msg import Request
-from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_TIMED_INFERENCE, CHANNEL_QOS, TOPIC_REQUESTS,
-                                       PromptTokenizer, copy_fields, declare_config, duration_to_s, read_config,
+from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, ACTION_TIMED_INFERENCE, CHANNEL_QOS, TOPIC_REQUESTS,
+                                       PromptTokenizer, copy_fields, declare_config, duration_to_s, load_time_model,
+                                       read_config,
                                        ros_now_s, run_node, s_to_time, safe_reason, time_to_s, uuid_hex)
 
 R = TimedInference.Result
@@ -42,6 +49,9 @@ class _Goal:
     accepted_s: float  # ROS time of acceptance
     abort_reason: Optional[str] = None
     done: threading.Event = None  # type: ignore[assignment]
+    deadline: Optional[float] = None  # set once validated (admission control reads it)
+    n_prompt: int = 0
+    started: bool = False  # the generator reported prefill or decoding
 
     def __post_init__(self):
         self.done = threading.Event()
@@ -61,33 +71,44 @@ class TimeBillServer(LifecycleNode):
         self.cfg = None
         self.tokenizer = None
         self._action_server = self._generator = self._requests = None
+        self.time_model = None
+        self.stats = ServedStats()
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(1.0, self.publish_diagnostics)
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             self.cfg = read_config(self)
             self.tokenizer = PromptTokenizer(self.cfg)
+            self.time_model, _ = load_time_model(self.cfg, log=self.get_logger().warning)
         except Exception as exc:  # noqa: BLE001 - a failed configure must say why
             self.get_logger().error(f"configure failed: {safe_reason(exc)}")
             self.cfg = self.tokenizer = None
+            self.stats.model_state = f"configure failed: {safe_reason(exc)}"
             return TransitionCallbackReturn.FAILURE
         group = ReentrantCallbackGroup()
         self._requests = self.create_publisher(Request, TOPIC_REQUESTS, CHANNEL_QOS)
-        self._generator = ActionClient(self, Generate, ACTION_GENERATE, callback_group=group)
+        self._generator = ActionClient(self, Generate, ACTION_GENERATE, callback_group=group, **ACTION_QOS)
         self._action_server = ActionServer(
             self, TimedInference, ACTION_TIMED_INFERENCE, execute_callback=self.execute,
             goal_callback=self.on_goal, handle_accepted_callback=self.on_accepted, cancel_callback=self.on_cancel,
-            callback_group=group)
+            callback_group=group, **ACTION_QOS)
+        self.stats.model_state = "configured"
         self.get_logger().info(f"configured: model {self.cfg.model}, context {self.tokenizer.max_context} tokens")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active = True
+        self.stats.model_state = "active"
         self.get_logger().info("active: accepting goals")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active = False
+        self.stats.model_state = "inactive"
         self._abort_all("the server was deactivated while the goal was running")
         self.get_logger().info("inactive: rejecting goals")
         return super().on_deactivate(state)
@@ -114,6 +135,7 @@ class TimeBillServer(LifecycleNode):
             self.destroy_publisher(self._requests)
             self._requests = None
         self.cfg = self.tokenizer = None
+        self.stats.model_state = "unconfigured"
 
     def _abort_all(self, reason: str, wait_s: Optional[float] = None) -> None:
         """Ask every running goal to abort with ``reason``; wait until each has ended."""
@@ -184,7 +206,9 @@ class TimeBillServer(LifecycleNode):
         with self._goals_lock:
             ctx = self._goals.get(rid) or _Goal(rid, ros_now_s(self))
         try:
-            return self._execute(goal_handle, ctx)
+            result = self._execute(goal_handle, ctx)
+            self.stats.record(result, self.time_model)
+            return result
         except Exception as exc:  # noqa: BLE001 - one goal's failure must not take the server down
             self.get_logger().error(f"goal {rid[:8]} failed: {safe_reason(exc)}")
             goal_handle.abort()
@@ -205,6 +229,24 @@ class TimeBillServer(LifecycleNode):
             goal_handle.abort()
             return result
         result.prompt_tokens = len(ids)
+        with self._goals_lock:
+            held = len(self._goals)
+        if held > MAX_PENDING:
+            result.status, result.total_s = R.STATUS_REJECTED, rel()
+            result.reason = f"queue full: {held - 1} goals are already queued or running (limit {MAX_PENDING}); retry later"
+            goal_handle.abort()
+            return result
+        with self._goals_lock:
+            ctx.deadline, ctx.n_prompt = deadline, len(ids)
+            pending = [Pending(g.request_id, g.deadline, g.n_prompt, g.started) for g in self._goals.values()
+                       if g is not ctx and g.deadline is not None]
+        verdict = admission(self.time_model, ros_now_s(self), deadline, len(ids), pending, self.cfg.alpha_max)
+        if not verdict.admit:
+            self.get_logger().warning(f"goal {ctx.request_id[:8]} rejected by admission control: {verdict.reason}")
+            result.status, result.reason, result.total_s = R.STATUS_REJECTED, verdict.reason, rel()
+            result.alpha = self.cfg.alpha_max
+            goal_handle.abort()
+            return result
         goal = goal_handle.request
         request = Request(request_id=ctx.request_id, accepted_at=s_to_time(ctx.accepted_s),
                           deadline=s_to_time(deadline), prompt=goal.prompt, system_prompt=goal.system_prompt,
@@ -214,9 +256,13 @@ class TimeBillServer(LifecycleNode):
             return self._abort(goal_handle, result, rel, f"generator unavailable for {self.cfg.peer_timeout_s:g} s")
 
         heard = [time.monotonic()]  # last sign of life from the generator for this goal
+        stage = [TimedInference.Feedback.STAGE_QUEUED]  # last stage the generator reported
 
         def relay(feedback_msg) -> None:
             heard[0] = time.monotonic()
+            stage[0] = feedback_msg.feedback.stage
+            if feedback_msg.feedback.stage != TimedInference.Feedback.STAGE_QUEUED:
+                ctx.started = True
             goal_handle.publish_feedback(copy_fields(feedback_msg.feedback, TimedInference.Feedback()))
 
         # Hand the request to predictor and generator at the same moment: the estimate is
@@ -245,6 +291,11 @@ class TimeBillServer(LifecycleNode):
                 inner.cancel_goal_async()
                 return self._abort(goal_handle, result, rel, f"lost the generator: nothing from it for {silent:.1f} s "
                                    f"and the deadline passed {self.cfg.peer_timeout_s:g} s ago")
+            if stage[0] == TimedInference.Feedback.STAGE_DECODING and silent > self.cfg.peer_timeout_s:
+                # decoding sends feedback every token: this long a silence means the generator died
+                inner.cancel_goal_async()
+                return self._abort(goal_handle, result, rel, f"lost the generator: no token for {silent:.1f} s "
+                                   f"while decoding (process gone?)")
             if generator.server_is_ready():
                 lost_since = None
             elif lost_since is None:
@@ -274,6 +325,19 @@ class TimeBillServer(LifecycleNode):
         goal_handle.abort()
         return result
 
+    def publish_diagnostics(self) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        with self._goals_lock:
+            goals = list(self._goals.values())
+        queued = sum(1 for g in goals if not g.started)
+        generator_ok = self._generator is not None and self._generator.server_is_ready()
+        msg = DiagnosticArray()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.status = self.stats.to_status(queued=queued, running=len(goals) - queued, generator_ok=generator_ok,
+                                          active=self._active)
+        self._diag_pub.publish(msg)
+
     @staticmethod
     def _wait(future, timeout_s: float):
         end = time.monotonic() + timeout_s
@@ -284,10 +348,84 @@ class TimeBillServer(LifecycleNode):
         return future.result()
 
 
+class ServedStats:
+    """Running figures over served goals, for ``/diagnostics`` (last ``WINDOW`` goals for errors)."""
+
+    WINDOW = 200
+
+    def __init__(self):
+        from collections import Counter, deque
+
+        self.lock = threading.Lock()
+        self.counts = Counter()
+        self.prefill_ape = deque(maxlen=self.WINDOW)
+        self.decode_ape = deque(maxlen=self.WINDOW)
+        self.length_err = deque(maxlen=self.WINDOW)  # |N̂ - tokens| over completed answers with an estimate
+        self.model_state = "unconfigured"
+
+    def record(self, result, time_model) -> None:
+        from timebill_ros.core.time_estimator import served_errors
+
+        status = STATUS_NAMES.get(result.status, str(result.status))
+        with self.lock:
+            self.counts[status] += 1
+            if result.status in (R.STATUS_REJECTED, R.STATUS_CANCELED, R.STATUS_ABORTED):
+                return
+            self.counts["planned"] += 1  # goals the server planned a deadline for and ran
+            if not result.deadline_met:
+                self.counts["missed"] += 1
+            if time_model is not None and result.prefill_s > 0 and result.tokens_generated > 0 and result.decode_s > 0:
+                n = int(result.tokens_generated)
+                mean = result.decode_s / n
+                e = served_errors(time_model, int(result.prompt_tokens), int(result.kv_after), result.prefill_s,
+                                  [mean] * n)
+                self.prefill_ape.append(e["prefill_ape"])
+                self.decode_ape.append(e["decode_ape"])
+            if result.completed and not result.estimate_fallback and result.predicted_length > 0:
+                self.length_err.append(abs(int(result.predicted_length) - int(result.tokens_generated)))
+
+    def to_status(self, queued: int, running: int, generator_ok: bool, active: bool):
+        from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+        def mean(xs):
+            return f"{sum(xs) / len(xs):.2f}" if xs else "n/a"
+
+        with self.lock:
+            planned, missed = self.counts["planned"], self.counts["missed"]
+            rate = missed / planned if planned else 0.0
+            kv = lambda k, v: KeyValue(key=k, value=str(v))  # noqa: E731
+            deadline = DiagnosticStatus(name="timebill_server: deadlines", hardware_id="timebill")
+            deadline.level = DiagnosticStatus.OK if rate <= 0.05 else DiagnosticStatus.WARN
+            deadline.message = f"deadline-miss rate {rate:.1%} over {planned} planned goals"
+            deadline.values = [kv("deadline_miss_rate", f"{rate:.4f}"), kv("planned_goals", planned),
+                               kv("missed_goals", missed)] + [kv(f"goals_{k}", v) for k, v in sorted(self.counts.items())
+                                                              if k not in ("planned", "missed")]
+            est = DiagnosticStatus(name="timebill_server: estimators", hardware_id="timebill", level=DiagnosticStatus.OK)
+            est.message = f"prefill APE {mean(self.prefill_ape)} %, decode APE {mean(self.decode_ape)} %"
+            est.values = [kv("prefill_ape_pct_mean", mean(self.prefill_ape)),
+                          kv("decode_ape_pct_mean", mean(self.decode_ape)), kv("estimator_samples", len(self.decode_ape)),
+                          kv("length_abs_err_tokens_mean", mean(self.length_err)),
+                          kv("length_samples", len(self.length_err))]
+            queue = DiagnosticStatus(name="timebill_server: queue", hardware_id="timebill", level=DiagnosticStatus.OK)
+            queue.message = f"{queued} queued, {running} running"
+            queue.values = [kv("queue_length", queued), kv("running", running)]
+            model = DiagnosticStatus(name="timebill_server: model", hardware_id="timebill")
+            ok = active and generator_ok
+            model.level = DiagnosticStatus.OK if ok else (DiagnosticStatus.ERROR if active else DiagnosticStatus.WARN)
+            model.message = f"server {self.model_state}; generator {'reachable' if generator_ok else 'unreachable'}"
+            model.values = [kv("server_state", self.model_state), kv("generator_reachable", generator_ok)]
+            return [deadline, est, queue, model]
+
+
+STATUS_NAMES = {R.STATUS_SUCCEEDED: "succeeded", R.STATUS_TRUNCATED: "truncated", R.STATUS_KILLED: "killed",
+                R.STATUS_DEADLINE_MISSED: "deadline_missed", R.STATUS_CANCELED: "canceled",
+                R.STATUS_ABORTED: "aborted", R.STATUS_REJECTED: "rejected"}
+
+
 def main(args=None) -> int:
     rclpy.init(args=args)
     node = TimeBillServer()
-    return run_node(node)
+    return run_node(node, num_threads=EXECUTOR_THREADS)  # one thread per held goal (see MAX_PENDING)
 
 
 if __name__ == "__main__":
