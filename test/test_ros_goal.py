@@ -70,11 +70,12 @@ def test_timebill_ask_cli_from_a_separate_process(ready_server, ros_domain_id):
     assert "[decoding]" in proc.stdout  # feedback was streamed
 
 
-def test_infeasible_budget_ends_killed_before_its_deadline_without_prefill(ready_server):
+def test_infeasible_budget_is_rejected_at_once_without_prefill(ready_server):
     long_prompt = "The robot logged an obstacle near the loading dock. " * 600  # ~6k tokens
     out = ready_server.ask(long_prompt + "Summarise.", budget_s=3.0, max_new_tokens=16)
-    assert out.status_name == "killed", out.reason
-    assert "no eviction ratio can help" in out.reason
+    # admission control (issue 7): refused at acceptance, with the numbers the planner needs
+    assert out.status_name == "rejected", out.reason
+    assert "cannot finish even at α_max" in out.reason and "prefill of 6" in out.reason
     assert not out.deadline_met and not out.completed and out.tokens_generated == 0 and out.text == ""
     assert out.timeline["prefill_end"] == 0.0  # the hopeless prefill was never started
     assert out.total_s < out.budget_s  # ended at once instead of overrunning

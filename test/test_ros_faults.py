@@ -1,0 +1,120 @@
+"""Faults (issue 7) against real node processes with the tiny model: /diagnostics read from this
+process, predictor SIGKILL (N_max fallback, then estimates resume after a restart), generator
+SIGKILL mid-decode (goal aborted with a reason, server stays active), wrong model path."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import close_client, make_client
+from test_ros_lifecycle import _wait_decoding
+
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
+
+def _diagnostics(client, want, timeout_s=20.0):
+    """The first DiagnosticArray on /diagnostics for which ``want(statuses by name)`` holds."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    seen = []
+    sub = client.create_subscription(DiagnosticArray, "/diagnostics", seen.append, 10)
+    try:
+        end = client.now_s() + timeout_s
+        while client.now_s() < end:
+            client._executor.spin_once(timeout_sec=0.1)
+            for msg in seen:
+                by_name = {s.name: {kv.key: kv.value for kv in s.values} | {"_message": s.message, "_level": s.level}
+                           for s in msg.status}
+                if want(by_name):
+                    return by_name
+            seen.clear()
+        return None
+    finally:
+        client.destroy_subscription(sub)
+
+
+def _restart(nodes, name, ready_text, timeout_s=120.0):
+    """Start ``name`` again and wait for its log to say it is ready: after a SIGKILL, DDS still
+    lists the dead process's endpoints for a while, so "the service is there" proves nothing."""
+    import time
+
+    before = nodes.log_tail(name, 10**7).count(ready_text)
+    nodes.start([name])
+    end = time.monotonic() + timeout_s
+    while nodes.log_tail(name, 10**7).count(ready_text) <= before:
+        assert time.monotonic() < end and nodes.alive()[name] is None, nodes.log_tail(name)
+        time.sleep(0.2)
+    time.sleep(1.0)  # discovery between the new process and the others (usually 0.1 s)
+
+
+def test_diagnostics_report_misses_estimator_errors_queue_and_model_state(tiny_server):
+    out = tiny_server.ask("Name a color.", 30.0, max_new_tokens=6)
+    assert out.status_name == "succeeded", out.reason
+    diag = _diagnostics(tiny_server, lambda d: int(d.get("timebill_server: deadlines", {}).get("planned_goals", 0)) > 0)
+    assert diag is not None, "no /diagnostics from timebill_server"
+    dl = diag["timebill_server: deadlines"]
+    assert 0.0 <= float(dl["deadline_miss_rate"]) <= 1.0 and "deadline-miss rate" in dl["_message"]
+    est = diag["timebill_server: estimators"]
+    assert float(est["prefill_ape_pct_mean"]) >= 0 and float(est["decode_ape_pct_mean"]) >= 0
+    assert int(est["estimator_samples"]) > 0 and "length_samples" in est
+    assert diag["timebill_server: queue"]["queue_length"].isdigit()
+    model = diag["timebill_server: model"]
+    assert model["server_state"] == "active" and model["generator_reachable"] == "True"
+
+
+def test_predictor_sigkill_falls_back_to_n_max_then_estimates_resume(tiny_server, tiny_nodes):
+    os.kill(tiny_nodes.procs["timebill_predictor"].pid, signal.SIGKILL)
+    tiny_nodes.procs["timebill_predictor"].wait(10)
+    out = tiny_server.ask("Name one planet.", 30.0, max_new_tokens=12)
+    assert out.status_name == "succeeded" and out.deadline_met, out.reason
+    assert out.estimate_fallback and out.predicted_length == 12  # N̂ = N_max, capped by max_new_tokens
+    _restart(tiny_nodes, "timebill_predictor", "ready: length predictor")
+    for _ in range(60):  # the new process needs a moment to match the server's topics
+        out = tiny_server.ask("Name one planet.", 30.0, max_new_tokens=12)
+        assert out.status_name == "succeeded", out.reason
+        if not out.estimate_fallback:
+            break
+    assert not out.estimate_fallback and out.timeline["estimate_received"] >= 0
+
+
+def test_generator_sigkill_aborts_running_goal_with_reason_and_server_stays_up(tiny_server, tiny_nodes):
+    client = tiny_server
+    assert client.send_goal("Tell me a long story.", 120.0, max_new_tokens=1900) is None
+    assert _wait_decoding(client, min_tokens=5) is not None
+    os.kill(tiny_nodes.procs["timebill_generator"].pid, signal.SIGKILL)
+    out = client.get_result(timeout_s=60.0)
+    assert out.status_name == "aborted" and "lost the generator" in out.reason, out.reason
+    assert out.total_s < out.budget_s  # noticed long before the deadline (feedback stopped)
+    assert tiny_nodes.alive()["timebill_server"] is None and client.get_state() == "active"
+    refused = client.ask("Name a color.", 8.0, max_new_tokens=4, timeout_s=60.0)  # no generator: a reason
+    assert refused.status_name in ("aborted", "killed") and refused.reason, refused
+    _restart(tiny_nodes, "timebill_generator", "ready: model")
+    out = client.ask("Name a color.", 30.0, max_new_tokens=4)
+    assert out.status_name == "succeeded", out.reason
+
+
+def test_wrong_model_path_fails_configure_and_generator_start_readably(tiny_domain_id, tmp_path):
+    from timebill_ros.bringup import NODES, Bringup
+
+    domain = 201 + tiny_domain_id % 31  # its own domain: a second timebill_server must not meet the others
+    bad = {"model": "/no/such/model"}
+    specs = {s.name: s for s in NODES}
+    client = make_client(domain, "timebill_bad_model_client")
+    server = Bringup(overrides=bad, nodes=[specs["timebill_server"]], domain_id=domain, log_dir=tmp_path / "s")
+    try:
+        server.start()
+        assert client.wait_for_lifecycle(timeout_s=60.0)
+        assert not client.change_state("configure")
+        assert client.get_state() == "unconfigured"
+        assert "configure failed: model path does not exist: /no/such/model" in server.log_tail("timebill_server")
+        gen = Bringup(overrides=bad, nodes=[specs["timebill_generator"]], domain_id=domain, log_dir=tmp_path / "g")
+        with pytest.raises(RuntimeError, match="exited with code 1") as err:
+            gen.up(client, timeout_s=120.0)
+        gen.stop()
+        assert "cannot start: model path does not exist: /no/such/model" in str(err.value)
+    finally:
+        assert server.stop()["timebill_server"] == 0
+        close_client(client)
