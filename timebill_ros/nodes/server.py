@@ -21,6 +21,7 @@ import math
 import sys
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +40,8 @@ from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, ACTION_TIMED
                                        ros_now_s, run_node, s_to_time, safe_reason, time_to_s, uuid_hex)
 
 R = TimedInference.Result
+MAX_BUDGET_S = 86400.0  # a budget or deadline further away than a day is a mistake, not a real-time goal
+MAX_CHARS_PER_TOKEN = 16  # prompts longer than this many characters per context token are refused untokenized
 INT32_MAX = 2**31 - 1
 ABORT_GRACE_S = 2.0  # after a cancel/abort, how long to wait for the generator's partial result
 
@@ -169,8 +172,17 @@ class TimeBillServer(LifecycleNode):
     def validate(self, goal: TimedInference.Goal, accepted_s: float) -> tuple[float, list, str, int]:
         """(absolute deadline, token ids, overrun policy, max_new_tokens) or raise InvalidGoal."""
         cfg = self.cfg
+        if len(goal.prompt) + len(goal.system_prompt) > MAX_CHARS_PER_TOKEN * self.tokenizer.max_context:
+            raise InvalidGoal(f"prompt is {len(goal.prompt) + len(goal.system_prompt)} characters: far beyond the "
+                              f"model's context of {self.tokenizer.max_context} tokens")
         if not goal.prompt.strip():
             raise InvalidGoal("prompt is empty: nothing to answer")
+        if not any(ch.isprintable() and not ch.isspace() for ch in goal.prompt):
+            raise InvalidGoal("prompt is empty: it has no visible characters (only control/format characters)")
+        for field_name, text in (("prompt", goal.prompt), ("system_prompt", goal.system_prompt)):
+            bad = next((ch for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None)
+            if bad is not None:
+                raise InvalidGoal(f"{field_name} contains the control character U+{ord(bad):04X}: refusing it")
         b = goal.time_budget
         if b.nanosec >= 1_000_000_000:
             raise InvalidGoal(f"time_budget is malformed: nanosec {b.nanosec} >= 1e9")
@@ -179,6 +191,10 @@ class TimeBillServer(LifecycleNode):
         budget = duration_to_s(b)
         if budget < 0:
             raise InvalidGoal(f"time_budget must be positive, got {budget:g} s")
+        if budget > MAX_BUDGET_S:
+            raise InvalidGoal(f"time_budget {budget:g} s is longer than {MAX_BUDGET_S:g} s: not a real-time budget")
+        if goal.deadline.nanosec >= 1_000_000_000:
+            raise InvalidGoal(f"deadline is malformed: nanosec {goal.deadline.nanosec} >= 1e9")
         has_deadline = goal.deadline.sec != 0 or goal.deadline.nanosec != 0
         if budget == 0 and not has_deadline:
             raise InvalidGoal("no time budget: set time_budget > 0 s or an absolute deadline")
@@ -187,11 +203,17 @@ class TimeBillServer(LifecycleNode):
             absolute = time_to_s(goal.deadline)
             if absolute <= accepted_s:
                 raise InvalidGoal(f"deadline is in the past ({accepted_s - absolute:.3f} s before acceptance)")
+            if absolute - accepted_s > MAX_BUDGET_S and budget == 0:
+                raise InvalidGoal(f"deadline is {absolute - accepted_s:.0f} s away, more than {MAX_BUDGET_S:g} s: "
+                                  f"not a real-time deadline")
             deadline = min(deadline, absolute)
         overrun = goal.overrun_policy or cfg.overrun_policy
         if overrun not in OVERRUN_POLICIES:
             raise InvalidGoal(f"unknown overrun policy {goal.overrun_policy!r}; use one of {', '.join(OVERRUN_POLICIES)}")
         max_new = int(goal.max_new_tokens) or cfg.max_new_tokens
+        if max_new > self.tokenizer.max_context:
+            raise InvalidGoal(f"max_new_tokens {max_new} exceeds the model's context of {self.tokenizer.max_context} "
+                              f"tokens")
         try:
             ids = self.tokenizer.encode(goal.prompt, goal.system_prompt)
         except Exception as exc:  # noqa: BLE001
