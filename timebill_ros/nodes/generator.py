@@ -26,6 +26,7 @@ from rclpy.node import Node
 from timebill_ros.action import Generate
 from timebill_ros.core.budget import solve_alpha_after_prefill
 from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.online_estimator import OnlineTimeModel
 from timebill_ros.core.scheduler import EXECUTOR_THREADS, EdfQueue
 from timebill_ros.msg import Estimate
 from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, CHANNEL_QOS, TOPIC_ESTIMATES, declare_config,
@@ -55,6 +56,14 @@ class GeneratorNode(Node):
         self.time_model, source = load_time_model(self.cfg, log=self.get_logger().warning,
                                                   running_key=self.engine.profile_key())
         self.queue = EdfQueue()
+        # online recalibration: the fitted model rescaled from served requests (forgetting 0.95)
+        self.online = OnlineTimeModel(self.time_model)
+        self._drift: list = []
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_status = None  # the last online-estimator status, republished once a second
+        self.create_timer(1.0, self._publish_diagnostics)
         self._estimates: "OrderedDict[str, Tuple[Estimate, float]]" = OrderedDict()
         self._estimates_cv = threading.Condition()
         self._jobs: dict[str, _Job] = {}
@@ -140,7 +149,8 @@ class GeneratorNode(Node):
             # --- infeasible at any α (queued too long, or prefill alone outlasts the budget)? Then
             # do not spend a prefill that cannot finish in time: end now, before the deadline.
             left = deadline_s - ros_now_s(self)
-            predicted_prefill = self.time_model.prefill_s(len(ids))
+            time_model = self.online.model()
+            predicted_prefill = time_model.prefill_s(len(ids))
             if left <= 0 or predicted_prefill > left:
                 return self._finish_infeasible(goal_handle, result, rel, (
                     f"not started: predicted prefill {predicted_prefill:.2f} s > {max(left, 0):.2f} s left before "
@@ -166,7 +176,7 @@ class GeneratorNode(Node):
                 n_hat, result.estimate_fallback = n_cap, True
             # --- α: the least eviction whose WCET fits what is left of the budget ---
             verdict = solve_alpha_after_prefill(
-                self.time_model, budget_s=deadline_s - accepted_s, elapsed_s=max(rel(), 0.0), n_prompt=len(ids),
+                time_model, budget_s=deadline_s - accepted_s, elapsed_s=max(rel(), 0.0), n_prompt=len(ids),
                 n_hat=n_hat, prefill_s=state.prefill_s, k=cfg.pessimism_k, n_max=n_cap, alpha_max=cfg.alpha_max)
             alpha = verdict.alpha
             if alpha > 0:
@@ -195,6 +205,7 @@ class GeneratorNode(Node):
                                reason=f"skipped: goal {req.request_id[:8]} overran its deadline "
                                       f"(overrun policy skip-next) while this goal waited")
         result.finished_at_s = rel()
+        self._recalibrate(len(ids), state.prefill_s, out.kv_after, out.decode_step_s)
         result.text, result.completed, result.deadline_met = out.text, out.completed, out.deadline_met
         result.tokens_generated, result.kv_before, result.kv_after = out.tokens_generated, out.kv_before, out.kv_after
         result.decode_s = out.decode_s
@@ -219,6 +230,33 @@ class GeneratorNode(Node):
             result.reason = f"killed at the deadline after {out.tokens_generated} tokens (overrun policy kill){why}"
         goal_handle.succeed()
         return result
+
+    def _recalibrate(self, n_prompt: int, prefill_s: float, kv_after: int, step_s) -> None:
+        """Feed one served request to the online estimator; warn when it leaves the fit's band."""
+        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+        self.online.observe_prefill(n_prompt, prefill_s)
+        self.online.observe_decode(kv_after, list(step_s))
+        drift = self.online.drift()
+        if [d.split(":")[0] for d in drift] != [d.split(":")[0] for d in self._drift]:
+            for d in drift:
+                self.get_logger().warning(d)
+        self._drift = drift
+        st = DiagnosticStatus(name="timebill_generator: online estimator", hardware_id="timebill",
+                              level=DiagnosticStatus.WARN if drift else DiagnosticStatus.OK,
+                              message="; ".join(drift) or "measured times inside the fitted model's band")
+        st.values = [KeyValue(key=k, value=f"{v:.4g}" if isinstance(v, float) else str(v))
+                     for k, v in self.online.summary().items()]
+        self._diag_status = st
+        self._publish_diagnostics()
+
+    def _publish_diagnostics(self) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        if self._diag_status is not None:
+            msg = DiagnosticArray(status=[self._diag_status])
+            msg.header.stamp = self.get_clock().now().to_msg()
+            self._diag_pub.publish(msg)
 
     def _finish_infeasible(self, goal_handle, result, rel, reason: str) -> Generate.Result:
         """Nothing can be produced in time, whatever the overrun policy: KILLED, with why."""

@@ -1,0 +1,104 @@
+"""Online recalibration of the execution-time model from served requests (ROS-free).
+
+Machines heat up, share their cores and slow down; the offline fit (``timebill calibrate``)
+does not see it. ``OnlineTimeModel`` keeps the fitted model's *shape* (prefill quadratic in
+N, decode step linear in the KV length) and learns two scale factors, one for prefill and one
+for decode, by recursive least squares with a forgetting factor λ on y = s·x, where x is the
+fitted model's prediction and y the measured time of a served request. With λ < 1 old
+requests fade (effective memory 1/(1-λ) requests), so the model follows a slowdown and
+recovers when it ends. A scalar per stage keeps the update well-conditioned whatever prompt
+lengths are served (a full refit from same-length prompts would extrapolate wildly).
+
+Drift check: the fitted model has a residual band (relative, ±``band``); when the median
+measured/predicted ratio of the last ``window`` requests leaves it, ``drift()`` says so with the
+numbers (the node logs a warning and reports it on /diagnostics).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, List, Optional, Sequence
+
+from .time_estimator import ExecutionTimeModel
+
+
+@dataclass
+class ScalarRls:
+    """RLS for y = s·x with forgetting factor ``lam``; ``s`` starts at 1 (the fitted model)."""
+
+    lam: float = 0.95
+    s: float = 1.0
+    p: float = 10.0  # covariance of s (large: trust the data quickly)
+    n: int = 0
+    lo: float = 0.1
+    hi: float = 50.0
+
+    def update(self, x: float, y: float) -> float:
+        if not (x > 0 and y > 0):
+            return self.s
+        k = self.p * x / (self.lam + x * self.p * x)
+        self.s = min(max(self.s + k * (y - x * self.s), self.lo), self.hi)
+        self.p = min((self.p - k * x * self.p) / self.lam, 1e6)  # bounded: no wind-up between requests
+        self.n += 1
+        return self.s
+
+
+class OnlineTimeModel:
+    def __init__(self, base: ExecutionTimeModel, forgetting: float = 0.95, band: float = 0.3, window: int = 10,
+                 min_samples: int = 3):
+        if not 0.0 < forgetting <= 1.0:
+            raise ValueError(f"forgetting factor must be in (0, 1], got {forgetting}")
+        self.base = base
+        self.prefill = ScalarRls(lam=forgetting)
+        self.decode = ScalarRls(lam=forgetting)
+        self.band = band
+        self.min_samples = min_samples
+        self._ratios: dict[str, Deque[float]] = {"prefill": deque(maxlen=window), "decode": deque(maxlen=window)}
+
+    # ----------------------------------------------------------------- updates
+    def observe_prefill(self, n_prompt: int, seconds: float) -> None:
+        x = self.base.prefill_s(n_prompt)
+        if x > 0 and seconds > 0:
+            self._ratios["prefill"].append(seconds / x)
+            self.prefill.update(x, seconds)
+
+    def observe_decode(self, kv_first: int, step_s: Sequence[float]) -> None:
+        """One served decode: step j read ``kv_first + j`` cached entries."""
+        if not step_s:
+            return
+        x = sum(self.base.decode_step_s(kv_first + j) for j in range(len(step_s)))
+        y = float(sum(step_s))
+        if x > 0 and y > 0:
+            self._ratios["decode"].append(y / x)
+            self.decode.update(x, y)
+
+    # ------------------------------------------------------------------ output
+    def model(self) -> ExecutionTimeModel:
+        """The fitted model rescaled by what served requests measured (the fit itself until
+        ``min_samples`` requests per stage have been seen)."""
+        sp = self.prefill.s if self.prefill.n >= self.min_samples else 1.0
+        sd = self.decode.s if self.decode.n >= self.min_samples else 1.0
+        b = self.base
+        return ExecutionTimeModel(a=b.a * sp, b=b.b * sp, c=b.c * sp, p=b.p * sd, q=b.q * sd)
+
+    def drift(self) -> List[str]:
+        """Warnings for stages whose recent measured/predicted ratio left the band (empty: none)."""
+        out = []
+        lo, hi = 1.0 / (1.0 + self.band), 1.0 + self.band
+        for stage, ratios in self._ratios.items():
+            if len(ratios) < self.min_samples:
+                continue
+            med = statistics.median(ratios)
+            if not lo <= med <= hi:
+                out.append(f"{stage} drift: measured times are {med:.2f}x the fitted model over the last "
+                           f"{len(ratios)} requests (band {lo:.2f}-{hi:.2f}x); online scale now "
+                           f"{(self.prefill if stage == 'prefill' else self.decode).s:.2f}x")
+        return out
+
+    def summary(self) -> dict:
+        med = lambda r: statistics.median(r) if r else float("nan")  # noqa: E731
+        return {"prefill_scale": self.prefill.s, "decode_scale": self.decode.s, "prefill_samples": self.prefill.n,
+                "decode_samples": self.decode.n, "prefill_ratio_median": med(self._ratios["prefill"]),
+                "decode_ratio_median": med(self._ratios["decode"])}
