@@ -54,7 +54,7 @@ def test_admission_rejects_hopeless_goal_with_numbers_and_estimate_service_agree
         if i == 2:  # A runs, B1 and B2 (long prompts, earlier deadlines) are queued
             for _ in range(30):
                 plan = tiny_server.estimate_budget(LONG, 12.0)
-                if plan is not None and plan.queued_ahead >= 2:
+                if plan is not None and plan.queued_ahead >= 3:  # A running, B1 and B2 queued
                     break
             plans.append(plan)
 

@@ -73,7 +73,7 @@ def mixed_goals(n: int, seed: int = 0, budgets: Sequence[float] = (0.05, 2.0, 8.
 
 
 def fire(node, goals: Sequence[GoalSpec], timeout_s: float = 120.0, executor=None,
-         after_send=None) -> List[GoalRecord]:
+         after_send=None, settle_s: float = 1.5) -> List[GoalRecord]:
     """Send every goal at once, wait (up to ``timeout_s`` after the last deadline) for all results."""
     if executor is None:
         executor = node._executor  # TimeBillClient's own SingleThreadedExecutor
@@ -82,7 +82,13 @@ def fire(node, goals: Sequence[GoalSpec], timeout_s: float = 120.0, executor=Non
         if not action.wait_for_server(timeout_sec=30.0):
             raise RuntimeError("no timed_inference action server")
         now = lambda: node.get_clock().now().nanoseconds * 1e-9  # noqa: E731
-        records, sends, results, cancels = [], {}, {}, []
+        # wait_for_server means *we* see the server; the server may not see our response readers
+        # yet, and Fast DDS then drops the goal response ("failed to send response (timeout)"), so a
+        # brand-new client gives discovery a moment before a burst
+        settle = now() + settle_s
+        while now() < settle:
+            executor.spin_once(timeout_sec=0.05)
+        records, sends, results, cancels, stamps = [], {}, {}, [], {}
         for i, g in enumerate(goals):
             goal = TimedInference.Goal(prompt=g.prompt, max_new_tokens=g.max_new_tokens, overrun_policy=g.overrun_policy)
             goal.time_budget = s_to_duration(g.budget_s)
@@ -111,10 +117,12 @@ def fire(node, goals: Sequence[GoalSpec], timeout_s: float = 120.0, executor=Non
                         pending.discard(i)
                         continue
                     results[i] = handle.get_result_async()
+                    # stamp the arrival in the executor's own order (two results can land in one poll)
+                    results[i].add_done_callback(lambda _f, i=i: stamps.setdefault(i, now()))
                 if i in results and results[i].done():
                     res = results[i].result().result
                     r = records[i]
-                    r.received_s, r.status, r.reason = t, STATUS.get(res.status, str(res.status)), res.reason
+                    r.received_s, r.status, r.reason = stamps.get(i, t), STATUS.get(res.status, str(res.status)), res.reason
                     r.deadline_met, r.tokens, r.server_total_s = bool(res.deadline_met), int(res.tokens_generated), res.total_s
                     pending.discard(i)
         return records
