@@ -72,6 +72,7 @@ def main(argv=None) -> int:
             records += recs
             sent += n
             wave_no += 1
+            rss.setdefault("trajectory", []).append({"goals": sent, **{n: rss_kib(pid) for n, pid in pids.items()}})
             if sent >= args.warmup and "baseline" not in rss:
                 rss["baseline"] = {name: rss_kib(pid) for name, pid in pids.items()}
             print(f"[reliability] {sent}/{args.goals} goals, {time.monotonic() - t0:.0f} s", flush=True)

@@ -34,8 +34,9 @@ def test_edf_serves_earliest_deadline_first_and_queued_time_counts(tiny_server):
     from timebill_ros.loadgen import GoalSpec, fire
 
     # A holds the model; then B (far deadline) and C (near deadline) queue: C must run first.
-    recs = _by_index(fire(tiny_server, [GoalSpec("Tell me a story.", 60.0, 900), GoalSpec("Name a color.", 50.0, 4),
-                                        GoalSpec("Name a fruit.", 20.0, 4)], after_send=_first_holds_model(tiny_server)))
+    # B and C decode 200 tokens each, so their order shows in when their results arrive
+    recs = _by_index(fire(tiny_server, [GoalSpec("Tell me a story.", 60.0, 900), GoalSpec("Name a color.", 50.0, 200),
+                                        GoalSpec("Name a fruit.", 20.0, 200)], after_send=_first_holds_model(tiny_server)))
     assert all(r.status == "succeeded" for r in recs.values()), [(r.status, r.reason) for r in recs.values()]
     assert recs[2].received_s < recs[1].received_s  # EDF, not arrival order
     # B waited behind A and C: its end-to-end time (counted from acceptance) includes the queue
