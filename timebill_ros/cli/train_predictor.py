@@ -1,0 +1,80 @@
+"""``timebill train-predictor``: train the response length predictor from the committed label file.
+
+``--if-missing`` makes it a cheap no-op when a checkpoint exists (``make demo`` calls it that way).
+Checkpoints go to ``<cache>/predictor/<backbone>`` (ignored by git), or ``--out``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+COARSE = {"proxy5": 5, "s3-10": 10}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="", help="ROS-style params YAML (default: built-in defaults)")
+    p.add_argument("--labels", default="", help="label JSONL (default: the committed SmolLM2 file)")
+    p.add_argument("--backbone", default=None, help="minilm (default) or a causal LM spec for load_model")
+    p.add_argument("--mode", choices=("frozen", "finetune"), default="frozen",
+                   help="frozen backbone + trained head, or fine-tune the backbone too")
+    p.add_argument("--head", choices=("buckets", "regression", *COARSE), default="buckets")
+    p.add_argument("--epochs", type=int, default=None, help="default: 300 (frozen, early stop) / 3 (finetune)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="", help="checkpoint directory (default: config's predictor checkpoint)")
+    p.add_argument("--if-missing", action="store_true", help="do nothing if the checkpoint already exists")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def coarse_meta(meta, head: str, records) -> None:
+    """Coarse baselines: equal-width classes over the observed label range [0, max length]."""
+    from timebill_ros.core.length_predictor import equal_width_edges
+
+    meta.head = "edges"
+    meta.edges = equal_width_edges(COARSE[head], max(int(r["length"]) for r in records))
+    meta.edge_values = list(meta.edges)
+
+
+def run(args) -> int:
+    from timebill_ros.core.config import TimeBillConfig
+    from timebill_ros.core.length_data import DEFAULT_LABEL_FILE, load_labels, read_meta
+    from timebill_ros.core.length_predictor import PredictorMeta, checkpoint_dir, train_predictor
+
+    cfg = TimeBillConfig.from_yaml(args.config) if args.config else TimeBillConfig()
+    if args.backbone:
+        cfg = cfg.replace(predictor_backbone=args.backbone)
+    out = Path(args.out) if args.out else checkpoint_dir(cfg)
+    if args.if_missing and (out / "meta.json").is_file():
+        print(f"length predictor already trained: {out}")
+        return 0
+    labels = Path(args.labels) if args.labels else DEFAULT_LABEL_FILE
+    records = load_labels(labels)
+    if not records:
+        print(f"no labels in {labels}; run `timebill dataset` first", file=sys.stderr)
+        return 2
+    meta = PredictorMeta(backbone=cfg.predictor_backbone, bucket_size=cfg.bucket_size, num_buckets=cfg.num_buckets,
+                         max_prompt_tokens=cfg.predictor_max_prompt_tokens, label_file=str(labels),
+                         label_cap=int(read_meta(labels).get("max_new_tokens", 0)))
+    if args.head in COARSE:
+        coarse_meta(meta, args.head, records)
+    else:
+        meta.head = args.head
+    t0 = time.perf_counter()
+    pred, info = train_predictor(records, meta, mode=args.mode, epochs=args.epochs, threads=args.threads,
+                                 seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+    info["label_meta"] = read_meta(labels)
+    info["wall_s"] = round(time.perf_counter() - t0, 1)
+    pred.meta.trained = info
+    pred.save(out)
+    print(f"trained {meta.head} predictor ({args.mode}, {cfg.predictor_backbone}) in {info['wall_s']}s "
+          f"-> {out}; val MAE {info['val_mae']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="timebill train-predictor")
+    add_arguments(ap)
+    sys.exit(run(ap.parse_args()))
