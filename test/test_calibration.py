@@ -52,6 +52,16 @@ def test_fit_recovers_known_coefficients_from_noisy_samples():
     assert cal.fit_profile(KEY, pre, dec, statistic="median").mape["prefill"] > prof.mape["prefill"]
 
 
+def test_decode_slopes_show_curvature():
+    pre, dec = synthetic((0.0, 0.0))
+    lo, hi, mid = cal.decode_slopes(cal.fit_profile(KEY, pre, dec))
+    assert lo == pytest.approx(TRUE.p, rel=1e-6) and hi == pytest.approx(TRUE.p, rel=1e-6)
+    bent = [cal.Measurement(m.n, [TRUE.q + TRUE.p * min(m.n, 4096) + 0.3 * TRUE.p * max(m.n - 4096, 0)], m.held_out)
+            for m in dec]
+    lo, hi, mid = cal.decode_slopes(cal.fit_profile(KEY, pre, bent))
+    assert mid == 2048 and hi / lo < 0.6
+
+
 def test_summarize():
     assert cal.summarize([3.0, 1.0, 2.0, 10.0], "min") == 1.0
     assert cal.summarize([3.0, 1.0, 2.0, 10.0], "median") == 2.5
@@ -123,7 +133,7 @@ def test_tiny_real_calibration_and_report(tiny, tmp_path):
     paths = cal.write_report(prof, tmp_path, stem="tiny")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths["md"].read_text()
-    assert "held-out" in md and "tiny-llama" in md and "prefill_a_over_b" in md
+    assert "held-out" in md and "tiny-llama" in md and "prefill_a_over_b" in md and "Decode linearity" in md
     assert cal.load_profile(paths["json"], engine.profile_key()).model == prof.model
     other = Engine(tiny, None, press="none", model_name="tiny-llama")  # another press: other timings
     with pytest.raises(ProfileMismatchError, match="press"):
@@ -168,3 +178,14 @@ def test_cli_quick_smollm2(tmp_path, monkeypatch):
     assert cal.load_time_model(cfg) == cal.load_profile(prof_path).model  # key_from_config found it valid
     with pytest.raises(ProfileMismatchError, match="threads"):
         cal.load_time_model(cfg.replace(threads=cfg.threads + 1))
+
+
+def test_a_bad_fit_is_named():
+    assert cal.profile_problems(cal.fit_profile(KEY, *synthetic((0.0, 0.0)))) == []
+    probs = cal.profile_problems(cal.fit_profile(KEY, *synthetic((0.10, 0.0))), max_mape=5.0)
+    assert len(probs) == 1 and "prefill held-out MAPE 9.09% exceeds 5.0%" in probs[0]
+    # a busy machine slows the short prompts most: a concave curve, a < 0
+    pre = [cal.Measurement(n, [1e-3 * n + 0.3 + 2e-4 * n ** 1.5 * (n < 1000)]) for n in (64, 256, 512, 1024, 2048)]
+    pre += [cal.Measurement(n, [1e-3 * n + 0.3], True) for n in (128, 1536)]
+    probs = cal.profile_problems(cal.fit_profile(KEY, pre, synthetic()[1]), max_mape=1e9)
+    assert any(p.startswith("coefficient a =") for p in probs)

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/calibration", help="report directory (default results/calibration/)")
     p.add_argument("--profile", help="where to write the profile (default: config profile_path, else the keyed "
                                      "cache path; --quick writes none unless given)")
+    p.add_argument("--max-mape", type=float, default=10.0,
+                   help="held-out MAPE (%%) above which the profile is not saved (default 10)")
+    p.add_argument("--force", action="store_true", help="save the profile even if the fit looks bad")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -76,7 +79,8 @@ def run(args) -> int:
     stem = f"{Path(k['model']).name}-{k['dtype']}-{k['device']}-t{k['threads']}" + ("-quick" if q else "")
     paths = cal.write_report(profile, args.out, stem=stem)
     target = args.profile or (None if q else (cfg.profile_path or cal.default_profile_path(k)))
-    if target:
+    problems = [] if q else cal.profile_problems(profile, args.max_mape)
+    if target and (not problems or args.force):
         paths["profile"] = cal.save_profile(profile, Path(target))
 
     m = profile.model
@@ -93,8 +97,18 @@ def run(args) -> int:
         busy = max(profile.load_avg) > (os.cpu_count() or 1)
         print(f"1-min load average {' -> '.join(f'{x:.2f}' for x in profile.load_avg)} on {os.cpu_count()} CPUs"
               + (": the machine was busy, timings include interference" if busy else ""))
+    slopes = cal.decode_slopes(profile)
+    if slopes:
+        print(f"decode slope below/above N_kv={slopes[2]}: {slopes[0]:.3e} / {slopes[1]:.3e} s "
+              f"(ratio {slopes[1] / slopes[0]:.2f}; 1 if linear)")
     for name, path in paths.items():
         print(f"{name}: {path}")
     if q:
         print("(--quick: smoke run; no profile written to the cache)", file=sys.stderr)
+    if problems:
+        print("bad fit: " + "; ".join(problems) + (
+            " (saved anyway: --force)" if args.force else
+            f"\nprofile NOT saved to {target}: re-run on a quiet machine, or pass --force to keep it"),
+            file=sys.stderr)
+        return 0 if args.force else 1
     return 0

@@ -201,6 +201,22 @@ def _load1() -> float:
         return math.nan
 
 
+def profile_problems(profile: Profile, max_mape: float = 10.0) -> List[str]:
+    """Why this fit should not drive deadlines (empty: none found).
+
+    A calibration run on a busy machine produces a wrong-shaped curve; the engine would then
+    plan with it for every request, so such a profile is held back instead of saved.
+    """
+    m, out = profile.model, []
+    for name, value, ok in (("a", m.a, m.a >= 0), ("b", m.b, m.b > 0), ("p", m.p, m.p >= 0), ("q", m.q, m.q > 0)):
+        if not ok:
+            out.append(f"coefficient {name} = {value:.3e} has the wrong sign (timings cannot shrink with length)")
+    for part in ("prefill", "decode"):
+        if not profile.mape[part] <= max_mape:  # NaN too: no held-out points, no evidence
+            out.append(f"{part} held-out MAPE {profile.mape[part]:.2f}% exceeds {max_mape}%")
+    return out
+
+
 # ------------------------------------------------------------------------------ keyed storage
 def default_profile_path(key: Mapping[str, str]) -> Path:
     """``<cache>/profiles/<model>-<dtype>-<device>-t<threads>-<hash of the whole key>.json``."""
@@ -284,6 +300,19 @@ def _errors(ms: Sequence[Measurement], predict, statistic: str):
     return [(m.n, m.value(statistic), predict(m.n), m.held_out) for m in ms]
 
 
+def decode_slopes(profile: Profile) -> Optional[tuple]:
+    """Slope p on the lower and the upper half of the decode grid: equal if the step is linear.
+
+    The ETE assumes linearity; a ratio far from 1 says where the linear fit will err.
+    """
+    pts = sorted((m.n, m.value(profile.statistic)) for m in profile.decode if not m.held_out)
+    if len(pts) < 4:
+        return None
+    half = len(pts) // 2
+    lo, hi = pts[:half + 1], pts[half:]
+    return fit_decode(*zip(*lo))[0], fit_decode(*zip(*hi))[0], pts[half][0]
+
+
 def write_plot(profile: Profile, path: Path) -> Path:
     import matplotlib
 
@@ -315,7 +344,7 @@ def write_plot(profile: Profile, path: Path) -> Path:
         bot.set_xlabel(xlabel)
         bot.grid(alpha=0.3)
     k = profile.key
-    fig.suptitle(f"ETE calibration: {k.get('model')} {k.get('dtype')} {k.get('device')} {k.get('threads')} threads")
+    fig.suptitle(f"ETE calibration: {k.get('model')} {k.get('dtype')} {k.get('device')} threads={k.get('threads')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -345,6 +374,10 @@ def report_markdown(profile: Profile) -> str:
         lines += ["", "FLOPs ratios assume every FLOP costs the same; on CPU attention and small GEMMs run "
                       "less efficiently than the big projections, so a factor of a few is normal, a sign flip "
                       "or orders of magnitude is a bad fit.", ""]
+    slopes = decode_slopes(profile)
+    if slopes:
+        lines += [f"Decode linearity: p = {slopes[0]:.3e} s below N_kv = {slopes[2]}, {slopes[1]:.3e} s above "
+                  f"(ratio {slopes[1] / slopes[0]:.2f}; 1 for a linear step).", ""]
     for name, ms, predict in (("prefill", profile.prefill, m.prefill_s), ("decode step", profile.decode,
                                                                           m.decode_step_s)):
         lines += [f"## {name}", "", "| N | measured (ms) | fitted (ms) | error (%) | held out |", "|---|---|---|---|---|"]
