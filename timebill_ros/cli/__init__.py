@@ -18,6 +18,9 @@ COMMANDS = {
     "replay": ("timebill_ros.cli.replay", "replay the requests in a bag against a server (or --offline) and report"),
     "eval": ("timebill_ros.cli.evaluate", "budget x policy benchmark: completion rate and score per budget (--quick)"),
     "make-tasks": ("timebill_ros.cli.make_tasks", "write the long-context benchmark tasks as a request bag"),
+    "dataset": ("timebill_ros.cli.dataset", "build response-length prompts and label them with the target model"),
+    "train-predictor": ("timebill_ros.cli.train_predictor", "train the response length predictor (--if-missing)"),
+    "eval-predictor": ("timebill_ros.cli.eval_predictor", "MAE/RMSE/R2 of length predictors vs baselines, latency, plot"),
 }
 
 
