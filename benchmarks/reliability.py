@@ -28,6 +28,14 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--goals", type=int, default=500)
@@ -72,7 +80,8 @@ def main(argv=None) -> int:
             records += recs
             sent += n
             wave_no += 1
-            rss.setdefault("trajectory", []).append({"goals": sent, **{n: rss_kib(pid) for n, pid in pids.items()}})
+            rss.setdefault("trajectory", []).append({"goals": sent, **{n: rss_kib(pid) for n, pid in pids.items()},
+                                                      "generator_threads": threads(pids["timebill_generator"])})
             if sent >= args.warmup and "baseline" not in rss:
                 rss["baseline"] = {name: rss_kib(pid) for name, pid in pids.items()}
             print(f"[reliability] {sent}/{args.goals} goals, {time.monotonic() - t0:.0f} s", flush=True)
