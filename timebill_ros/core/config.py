@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-OVERRUN_POLICIES = ("kill", "truncate", "skip-next")  # skip-next: a late job runs on; jobs waiting meanwhile are skipped
+OVERRUN_POLICIES = ("kill", "truncate")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 

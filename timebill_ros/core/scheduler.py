@@ -26,6 +26,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from .time_estimator import ExecutionTimeModel
 
+# Overrun policies a goal may ask for: the engine's two, plus the paper's Skip-Next, which is a
+# queue policy (the late job runs on without a deadline; the jobs that waited meanwhile are skipped).
+GOAL_OVERRUN_POLICIES = ("kill", "truncate", "skip-next")
+
 # Goals the server holds at once (queued + running); more are rejected ("queue full"). Each held
 # goal keeps one executor thread busy in the server and the generator, so this also sizes them.
 MAX_PENDING = 128

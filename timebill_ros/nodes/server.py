@@ -31,8 +31,7 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from timebill_ros.action import Generate, TimedInference
-from timebill_ros.core.config import OVERRUN_POLICIES
-from timebill_ros.core.scheduler import EXECUTOR_THREADS, MAX_PENDING, Pending, admission
+from timebill_ros.core.scheduler import EXECUTOR_THREADS, GOAL_OVERRUN_POLICIES, MAX_PENDING, Pending, admission
 from timebill_ros.msg import Request
 from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, ACTION_TIMED_INFERENCE, CHANNEL_QOS, TOPIC_REQUESTS,
                                        PromptTokenizer, copy_fields, declare_config, duration_to_s, load_time_model,
@@ -208,8 +207,8 @@ class TimeBillServer(LifecycleNode):
                                   f"not a real-time deadline")
             deadline = min(deadline, absolute)
         overrun = goal.overrun_policy or cfg.overrun_policy
-        if overrun not in OVERRUN_POLICIES:
-            raise InvalidGoal(f"unknown overrun policy {goal.overrun_policy!r}; use one of {', '.join(OVERRUN_POLICIES)}")
+        if overrun not in GOAL_OVERRUN_POLICIES:
+            raise InvalidGoal(f"unknown overrun policy {goal.overrun_policy!r}; use one of {', '.join(GOAL_OVERRUN_POLICIES)}")
         max_new = int(goal.max_new_tokens) or cfg.max_new_tokens
         if max_new > self.tokenizer.max_context:
             raise InvalidGoal(f"max_new_tokens {max_new} exceeds the model's context of {self.tokenizer.max_context} "
