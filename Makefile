@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 STAMP := $(VENV)/.stamp-$(shell cat requirements.txt setup.py | md5sum | cut -c1-8)
 MODEL_STAMP := $(TIMEBILL_CACHE)/models/SmolLM2-135M-Instruct/config.json
 
-.PHONY: setup venv model ros demo test test-core bench clean
+.PHONY: setup venv model ros demo test test-core bench reliability clean
 
 setup: venv model ros
 
@@ -50,6 +50,9 @@ test-core: venv model
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py
+
+reliability: setup
+	$(ROS_ENV) && $(PY) -P benchmarks/reliability.py --goals 500 --out results/reliability
 
 clean:
 	rm -rf build install log .pytest_cache
