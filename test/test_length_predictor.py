@@ -254,3 +254,50 @@ def test_causal_lm_backbone_by_configuration(smollm2):
     assert regression_metrics(y, pred.predict_many([r["prompt"] for r in test]))["r2"] > 0.8
     ids = bb.tokenize("Write a long story about a harbour.")
     assert pred.predict(ids).n_hat == pred.predict("Write a long story about a harbour.").n_hat
+
+
+def _write_labels(path, recs, cap=400):
+    import json
+
+    with open(path, "w") as fh:
+        fh.write(json.dumps({"_meta": {"model": "synthetic", "max_new_tokens": cap}}) + "\n")
+        for i, r in enumerate(recs):
+            fh.write(json.dumps({"id": str(i), "prompt": r["prompt"], "length": r["length"], "capped": False,
+                                 "group": r["prompt"].split(" about ")[-1]}) + "\n")
+
+
+def test_train_predictor_cli_if_missing(tmp_path, monkeypatch, capsys):
+    from timebill_ros.cli import main
+
+    monkeypatch.setenv("TIMEBILL_CACHE", str(tmp_path / "cache"))
+    labels = tmp_path / "labels.jsonl"
+    _write_labels(labels, synthetic_records())
+    out = tmp_path / "ckpt"
+    assert main(["train-predictor", "--labels", str(labels), "--out", str(out), "--mode", "frozen"]) == 0
+    meta = (out / "meta.json").read_text()
+    assert '"label_cap": 400' in meta and '"finetuned": false' in meta
+    mtime = (out / "head.pt").stat().st_mtime_ns
+    assert main(["train-predictor", "--labels", str(labels), "--out", str(out), "--if-missing"]) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert (out / "head.pt").stat().st_mtime_ns == mtime
+    p = LengthPredictor.load(out, threads=1).predict("Write a long story about a harbour.")
+    assert p.n_hat >= 200 and p.source == "model"
+
+
+@pytest.mark.slow
+def test_eval_predictor_cli_writes_report(tmp_path, monkeypatch):
+    from timebill_ros.cli import main
+
+    monkeypatch.setenv("TIMEBILL_CACHE", str(tmp_path / "cache"))
+    labels = tmp_path / "labels.jsonl"
+    _write_labels(labels, synthetic_records())
+    out = tmp_path / "report"
+    assert main(["eval-predictor", "--labels", str(labels), "--finetune-epochs", "0", "--latency-lengths", "16",
+                 "--latency-repeats", "1", "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    assert "RLP-512 classifier, frozen MiniLM" in table and "S3-style 10 classes" in table
+    assert (out / "pred_vs_actual.png").stat().st_size > 10_000
+    import json
+
+    rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())["rows"]}
+    assert rows["RLP-512 classifier, frozen MiniLM"]["r2"] > rows["constant (train mean)"]["r2"] + 0.5

@@ -64,7 +64,7 @@ def run(args) -> int:
     _log(f"[eval] {labels}: train {len(y['train'])}, val {len(y['val'])}, test {len(y['test'])}; "
          f"cap {lmeta.get('max_new_tokens')}, capped {sum(r['capped'] for r in recs)}")
     base = dict(bucket_size=args.bucket_size, num_buckets=args.num_buckets, max_prompt_tokens=args.max_prompt_tokens,
-                label_file=str(labels))
+                label_file=str(labels), label_cap=int(lmeta.get("max_new_tokens") or 0))
     rows, preds_for_plot = [], {}
 
     def add(name, key, n_hat, extra=None):

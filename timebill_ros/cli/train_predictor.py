@@ -14,13 +14,14 @@ COARSE = {"proxy5": 5, "s3-10": 10}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", default="", help="ROS-style params YAML (default: built-in defaults)")
+    p.add_argument("--config", default="", help="ROS-style params YAML (default: the packaged config/timebill.yaml)")
     p.add_argument("--labels", default="", help="label JSONL (default: the committed SmolLM2 file)")
     p.add_argument("--backbone", default=None, help="minilm (default) or a causal LM spec for load_model")
-    p.add_argument("--mode", choices=("frozen", "finetune"), default="frozen",
-                   help="frozen backbone + trained head, or fine-tune the backbone too")
+    p.add_argument("--mode", choices=("frozen", "finetune"), default=None,
+                   help="fine-tune the backbone too, or train a head on a frozen backbone (default: finetune for "
+                        "MiniLM, which measured better; frozen for causal LMs, too slow to fine-tune on CPU)")
     p.add_argument("--head", choices=("buckets", "regression", *COARSE), default="buckets")
-    p.add_argument("--epochs", type=int, default=None, help="default: 300 (frozen, early stop) / 3 (finetune)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 300 (frozen, early stop) / 4 (finetune)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="", help="checkpoint directory (default: config's predictor checkpoint)")
     p.add_argument("--if-missing", action="store_true", help="do nothing if the checkpoint already exists")
@@ -37,11 +38,12 @@ def coarse_meta(meta, head: str, records) -> None:
 
 
 def run(args) -> int:
-    from timebill_ros.core.config import TimeBillConfig
+    from timebill_ros.core.config import TimeBillConfig, default_config_path
     from timebill_ros.core.length_data import DEFAULT_LABEL_FILE, load_labels, read_meta
     from timebill_ros.core.length_predictor import PredictorMeta, checkpoint_dir, train_predictor
 
-    cfg = TimeBillConfig.from_yaml(args.config) if args.config else TimeBillConfig()
+    path = args.config or (default_config_path() if default_config_path().is_file() else None)
+    cfg = TimeBillConfig.from_yaml(path) if path else TimeBillConfig()  # the nodes read the same file
     if args.backbone:
         cfg = cfg.replace(predictor_backbone=args.backbone)
     out = Path(args.out) if args.out else checkpoint_dir(cfg)
@@ -60,14 +62,16 @@ def run(args) -> int:
         coarse_meta(meta, args.head, records)
     else:
         meta.head = args.head
+    mode = args.mode or ("finetune" if cfg.predictor_backbone == "minilm" else "frozen")
+    epochs = args.epochs or (4 if mode == "finetune" else None)
     t0 = time.perf_counter()
-    pred, info = train_predictor(records, meta, mode=args.mode, epochs=args.epochs, threads=args.threads,
-                                 seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+    pred, info = train_predictor(records, meta, mode=mode, epochs=epochs, threads=args.threads, seed=args.seed,
+                                 select=True, log=lambda m: print(m, file=sys.stderr, flush=True))
     info["label_meta"] = read_meta(labels)
     info["wall_s"] = round(time.perf_counter() - t0, 1)
     pred.meta.trained = info
     pred.save(out)
-    print(f"trained {meta.head} predictor ({args.mode}, {cfg.predictor_backbone}) in {info['wall_s']}s "
+    print(f"trained {meta.head} predictor ({mode}, {cfg.predictor_backbone}) in {info['wall_s']}s "
           f"-> {out}; val MAE {info['val_mae']:.1f}")
     return 0
 

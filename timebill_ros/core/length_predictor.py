@@ -558,7 +558,9 @@ def train_predictor(records: Sequence[dict], meta: PredictorMeta, mode: str = "f
     va = [r for r in records if r["split"] == "val"] or tr
     if not tr:
         raise ValueError("no training records")
-    pred = LengthPredictor(meta, backbone=backbone or make_backbone(meta.backbone, threads=threads))
+    bb = backbone or make_backbone(meta.backbone, threads=threads)
+    torch.manual_seed(seed)  # the head's initialisation must not depend on what ran before
+    pred = LengthPredictor(meta, backbone=bb)
     ids_tr = [pred.prepare(r["prompt"])[0] or [0] for r in tr]
     ids_va = [pred.prepare(r["prompt"])[0] or [0] for r in va]
     y_tr, y_va = [int(r["length"]) for r in tr], [int(r["length"]) for r in va]
