@@ -143,7 +143,10 @@ def tiny_nodes(tiny_domain_id, tiny_client, tmp_path_factory):
 
     ensure_tiny_model()
     logs = tmp_path_factory.mktemp("ros_tiny_logs")
-    bringup = Bringup(overrides={"threads": 1, "model": "tiny"}, domain_id=tiny_domain_id, log_dir=logs)
+    bags = tmp_path_factory.mktemp("ros_tiny_bags")  # the server records every goal here (issue 6)
+    bringup = Bringup(overrides={"threads": 1, "model": "tiny", "record_bag": str(bags)}, domain_id=tiny_domain_id,
+                      log_dir=logs)
+    bringup.bag_dir = bags
     try:
         bringup.up(tiny_client, timeout_s=240.0)
     except BaseException:

@@ -33,7 +33,8 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from timebill_ros.action import Generate, TimedInference
 from timebill_ros.core.scheduler import EXECUTOR_THREADS, GOAL_OVERRUN_POLICIES, MAX_PENDING, Pending, admission
 from timebill_ros.msg import Request
-from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, ACTION_TIMED_INFERENCE, CHANNEL_QOS, TOPIC_REQUESTS,
+from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, ACTION_TIMED_INFERENCE, CHANNEL_QOS, TOPIC_ESTIMATES,
+                                       TOPIC_REQUESTS,
                                        PromptTokenizer, copy_fields, declare_config, duration_to_s, load_time_model,
                                        read_config,
                                        ros_now_s, run_node, s_to_time, safe_reason, time_to_s, uuid_hex)
@@ -73,6 +74,7 @@ class TimeBillServer(LifecycleNode):
         self.cfg = None
         self.tokenizer = None
         self._action_server = self._generator = self._requests = None
+        self._recorder = self._estimates_sub = None
         self.time_model = None
         self.stats = ServedStats()
         from diagnostic_msgs.msg import DiagnosticArray
@@ -98,6 +100,8 @@ class TimeBillServer(LifecycleNode):
             self, TimedInference, ACTION_TIMED_INFERENCE, execute_callback=self.execute,
             goal_callback=self.on_goal, handle_accepted_callback=self.on_accepted, cancel_callback=self.on_cancel,
             callback_group=group, **ACTION_QOS)
+        if self.cfg.record_bag:
+            self._start_recording(self.cfg.record_bag)
         self.stats.model_state = "configured"
         self.get_logger().info(f"configured: model {self.cfg.model}, context {self.tokenizer.max_context} tokens")
         return TransitionCallbackReturn.SUCCESS
@@ -136,8 +140,36 @@ class TimeBillServer(LifecycleNode):
         if self._requests is not None:
             self.destroy_publisher(self._requests)
             self._requests = None
+        if self._estimates_sub is not None:
+            self.destroy_subscription(self._estimates_sub)
+            self._estimates_sub = None
+        if self._recorder is not None:
+            recorder, self._recorder = self._recorder, None
+            recorder.close()
         self.cfg = self.tokenizer = None
         self.stats.model_state = "unconfigured"
+
+    def _start_recording(self, folder: str) -> None:
+        """Record every goal, estimate and result to a rosbag2 MCAP bag (readable after a crash)."""
+        from pathlib import Path
+
+        from timebill_ros.core.evaluation.bags import BagRecorder
+        from timebill_ros.msg import Estimate
+
+        path = Path(folder).expanduser() / time.strftime("timebill_%Y%m%d_%H%M%S")
+        self._recorder = BagRecorder(path, action_name="/" + ACTION_TIMED_INFERENCE)
+        self._estimates_sub = self.create_subscription(
+            Estimate, TOPIC_ESTIMATES, lambda msg: self._record("record_estimate", msg), CHANNEL_QOS)
+        self.get_logger().info(f"recording goals, estimates and results to {self._recorder.path}")
+
+    def _record(self, what: str, *args, **kw) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            return
+        try:
+            getattr(recorder, what)(*args, **kw)
+        except Exception as exc:  # noqa: BLE001 - losing the recording must not lose the goal
+            self.get_logger().error(f"bag recording failed ({what}): {safe_reason(exc)}")
 
     def _abort_all(self, reason: str, wait_s: Optional[float] = None) -> None:
         """Ask every running goal to abort with ``reason``; wait until each has ended."""
@@ -163,6 +195,7 @@ class TimeBillServer(LifecycleNode):
         rid = uuid_hex(goal_handle.goal_id)
         with self._goals_lock:
             self._goals[rid] = _Goal(rid, ros_now_s(self))
+        self._record("record_goal", goal_handle.goal_id, goal_handle.request)
         goal_handle.execute()
 
     def on_cancel(self, goal_handle) -> CancelResponse:
@@ -229,6 +262,7 @@ class TimeBillServer(LifecycleNode):
         try:
             result = self._execute(goal_handle, ctx)
             self.stats.record(result, self.time_model)
+            self._record("record_result", goal_handle.goal_id, result, status=int(goal_handle.status))
             return result
         except Exception as exc:  # noqa: BLE001 - one goal's failure must not take the server down
             self.get_logger().error(f"goal {rid[:8]} failed: {safe_reason(exc)}")
