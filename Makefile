@@ -41,6 +41,7 @@ $(ROS_STAMP): $(ROS_INPUTS) | $(STAMP)
 	@touch $@
 
 demo: setup
+	$(VENV)/bin/timebill train-predictor --if-missing  # first run: ~5 min on 2 cores, then cached
 	$(ROS_ENV) && $(PY) -P -m timebill_ros.demo
 
 test: setup
