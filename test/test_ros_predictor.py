@@ -63,7 +63,7 @@ def test_predictor_node_publishes_the_trained_estimate(small_checkpoint, tiny_do
         req.deadline = (now + rclpy.duration.Duration(seconds=600)).to_msg()
         end = time.monotonic() + 30
         while not any(e.request_id == rid for e in got) and time.monotonic() < end:
-            pub.publish(req)  # again each second until discovery has matched us (the id dedupes)
+            pub.publish(req)  # again each second until discovery has matched us; the first estimate counts
             client._wait(lambda: any(e.request_id == rid for e in got), 1.0)
     finally:
         close_client(client)
