@@ -24,6 +24,18 @@ COMMANDS = {
 }
 
 
+def load_config(args):
+    """The config a subcommand runs with: ``--config`` (else the packaged YAML), then the
+    ``--model/--dtype/--device/--threads`` flags the subcommand declares."""
+    from timebill_ros.core.config import TimeBillConfig, default_config_path
+
+    path = getattr(args, "config", None) or (default_config_path() if default_config_path().is_file() else None)
+    cfg = TimeBillConfig.from_yaml(path) if path else TimeBillConfig()
+    changes = {k: getattr(args, k) for k in ("model", "dtype", "device", "threads")
+               if getattr(args, k, None) is not None}
+    return cfg.replace(**changes) if changes else cfg
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="timebill", description="Time-budgeted LLM inference (TimeBill).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

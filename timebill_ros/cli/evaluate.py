@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from timebill_ros.cli import load_config  # noqa: F401 - make_tasks/replay import it from here
+
 QUICK = dict(lengths=(1024, 2048), per_kind=1, budgets=5, max_new_tokens=48)
 FULL = dict(lengths=(1024, 2048, 4096, 7680), per_kind=2, budgets=8, max_new_tokens=0)
 BUDGET_RULE = ("per length group, evenly spaced from 0.9 × the shortest predicted prefill to 1.5 × the slowest "
@@ -58,13 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
 
 
-def load_config(args):
-    from timebill_ros.core.config import TimeBillConfig, default_config_path
-
-    path = args.config or (default_config_path() if default_config_path().is_file() else None)
-    cfg = TimeBillConfig.from_yaml(path) if path else TimeBillConfig()
-    changes = {k: getattr(args, k) for k in ("model", "dtype", "device", "threads") if getattr(args, k) is not None}
-    return cfg.replace(**changes) if changes else cfg
 
 
 def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool = False):

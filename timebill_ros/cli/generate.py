@@ -26,16 +26,13 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from timebill_ros.core.config import TimeBillConfig, default_config_path
+    from timebill_ros.cli import load_config
     from timebill_ros.core.engine import Engine, GenerationRequest
     from timebill_ros.core.errors import TimeBillError
 
-    path = args.config or default_config_path()
-    cfg = TimeBillConfig.from_yaml(path) if path and str(path) and __import__("os").path.isfile(path) \
-        else TimeBillConfig()
-    overrides = {k: v for k, v in (("model", args.model), ("press", args.press),
-                                   ("max_new_tokens", args.max_new_tokens), ("overrun_policy", args.overrun))
-                 if v is not None}
+    cfg = load_config(args)  # --config, --model
+    overrides = {k: v for k, v in (("press", args.press), ("max_new_tokens", args.max_new_tokens),
+                                   ("overrun_policy", args.overrun)) if v is not None}
     cfg = cfg.replace(**overrides)
     engine = Engine.from_config(cfg)
     start = time.monotonic()
