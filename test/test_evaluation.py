@@ -59,7 +59,9 @@ def test_a_job_stopped_early_never_counts_as_completed():
 
 def test_policies():
     names = [p.name for p in P.standard_policies()]
-    assert names == ["vanilla", "alpha=0.25", "alpha=0.5", "alpha=0.75", "alpha=0.95", "truncate", "timebill"]
+    assert names == ["vanilla", "alpha=0.25", "alpha=0.5", "alpha=0.75", "alpha=0.95", "truncate", "timebill",
+                     "timebill+replan"]
+    assert P.parse_policy("timebill+replan").replan and not P.parse_policy("timebill").replan
     assert P.parse_policy("alpha=0.5") == P.fixed(0.5) and P.parse_policy("0") == P.vanilla()
     assert P.parse_policy("timebill:k=3").k == 3.0 and P.parse_policy("timebill").budget_dependent
     assert P.truncate().overruns == ("truncate",) and P.vanilla().overruns == ("kill", "skip_next")
@@ -148,6 +150,10 @@ def test_sweep_covers_every_policy_overrun_and_budget(sweep_run):
         alphas = [r["alphas"][i] for r in tb]
         assert alphas == sorted(alphas, reverse=True) and all(0 <= a <= 0.95 for a in alphas)
     assert tb[0]["alphas"] == [0.95, 0.95]  # the lowest budget is below the prefill: α_max, and still late
+    for r in results:  # re-planning runs once per budget, each steered to its own deadline
+        assert sorted(r.replan_runs) == sorted(f"5|{b:.6f}" for b in budgets[g])
+        for run in r.replan_runs.values():
+            assert run.token_ids and run.kv_after <= r.n_prompt
 
 
 def test_sweep_shares_prefill_and_runs(sweep_run):

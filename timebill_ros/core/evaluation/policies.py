@@ -16,6 +16,8 @@ A job is *completed* when it finished (EOS or max_new_tokens) by its deadline, u
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
@@ -31,6 +33,7 @@ class Policy:
     alpha: float = 0.0  # fixed and truncate
     k: float = 5.0  # timebill
     alpha_max: float = 0.95  # timebill
+    replan: bool = False  # timebill: re-solve during decode and evict more when behind (issue 7)
 
     @property
     def budget_dependent(self) -> bool:
@@ -67,9 +70,17 @@ def timebill(k: float = 5.0, alpha_max: float = 0.95) -> Policy:
     return Policy(name, "timebill", 0.0, float(k), float(alpha_max))
 
 
+def timebill_replan(k: float = 5.0, alpha_max: float = 0.95) -> Policy:
+    """TimeBill plus re-planning during decode: evict more when steps run slow or the answer
+    outgrows N̂ (``core/replan.py``), against the paper's one-shot eviction."""
+    return dataclasses.replace(timebill(k, alpha_max), name=timebill(k, alpha_max).name + "+replan", replan=True)
+
+
 def standard_policies(k: float = 5.0, alpha_max: float = 0.95, alphas: Sequence[float] = FIXED_ALPHAS) -> List[Policy]:
-    """The issue's line-up: vanilla, fixed α ∈ {0.25, 0.5, 0.75, 0.95}, truncate, TimeBill."""
-    return [vanilla(), *(fixed(a) for a in alphas), truncate(), timebill(k, alpha_max)]
+    """The issue's line-up: vanilla, fixed α ∈ {0.25, 0.5, 0.75, 0.95}, truncate, TimeBill, and
+    TimeBill with re-planning during decode."""
+    return [vanilla(), *(fixed(a) for a in alphas), truncate(), timebill(k, alpha_max),
+            timebill_replan(k, alpha_max)]
 
 
 def parse_policy(text: str) -> Policy:
@@ -79,6 +90,8 @@ def parse_policy(text: str) -> Policy:
         return vanilla()
     if t == "truncate":
         return truncate()
+    if t == "timebill+replan":
+        return timebill_replan()
     if t.startswith("timebill"):
         k = 5.0
         if ":" in t:

@@ -66,6 +66,7 @@ class PromptResult:
     predictor_source: str
     runs: Dict[int, Run] = field(default_factory=dict)  # kept-KV length -> run
     timebill_alpha: Dict[str, float] = field(default_factory=dict)  # "k|budget" -> alpha
+    replan_runs: Dict[str, Run] = field(default_factory=dict)  # "k|budget" -> run that re-planned to that deadline
     verdicts: Dict[str, dict] = field(default_factory=dict)
 
 
@@ -120,7 +121,11 @@ class Sweeper:
         for pol in self.cfg.policies:
             if pol.budget_dependent:
                 for b in self.cfg.budgets[group]:
-                    run(self.timebill_alpha(res, b, pol.k, pol.alpha_max))
+                    if pol.replan:  # its run depends on the deadline itself: one real run per budget
+                        res.replan_runs[_key(pol, b)] = self._decode(base, task, self.timebill_alpha(
+                            res, b, pol.k, pol.alpha_max), replan=(res, b, pol))
+                    else:
+                        run(self.timebill_alpha(res, b, pol.k, pol.alpha_max))
         kb = self.k_budget(group)
         for k in self.cfg.ks:
             run(self.timebill_alpha(res, kb, float(k), self.cfg.alpha_max))
@@ -133,15 +138,24 @@ class Sweeper:
         b = self.cfg.budgets[group]
         return b[len(b) // 2]
 
-    def _decode(self, base, task: Task, alpha: float) -> Run:
+    def _decode(self, base, task: Task, alpha: float, replan=None) -> Run:
+        """Decode to the end; with ``replan=(res, budget, policy)`` the Replanner steers the run to
+        that budget's deadline (on the same clock the jobs are judged on)."""
         from ..engine import GenerationRequest
+        from ..replan import Replanner
 
         eng = self.engine
         state = eng.clone_state(base)
         if alpha > 0:
             eng.evict(state, alpha)
         t0 = time.monotonic()
-        out = eng.decode(state, GenerationRequest(max_new_tokens=task.max_new_tokens))
+        on_token = None
+        if replan is not None:
+            res, budget, pol = replan
+            deadline = t0 + budget - (self.wait_s(res) + state.evict_s)
+            on_token = Replanner(state.cache, self.model, deadline, n_hat=max(int(res.n_hat), 1),
+                                 n_cap=task.max_new_tokens, n_prompt=res.n_prompt, alpha_max=pol.alpha_max)
+        out = eng.decode(state, GenerationRequest(max_new_tokens=task.max_new_tokens, on_token=on_token))
         offsets = [t - t0 for t in out.token_times]
         text = out.text
         return Run(alpha=out.alpha, kv_after=out.kv_after, evict_s=out.evict_s, decode_step_s=list(out.decode_step_s),
@@ -175,10 +189,10 @@ class Sweeper:
         return alpha
 
     # -- jobs -------------------------------------------------------------------------
-    def job(self, res: PromptResult, alpha: float, timebill_policy: bool) -> Job:
+    def job(self, res: PromptResult, alpha: float, timebill_policy: bool, run: Optional[Run] = None) -> Job:
         from ..eviction import n_keep
 
-        r = res.runs[n_keep(res.n_prompt, alpha)]
+        r = run if run is not None else res.runs[n_keep(res.n_prompt, alpha)]
         start = (self.wait_s(res) if timebill_policy else res.prefill_s) + r.evict_s
         times = [start + t for t in r.token_offsets_s]
         task, eng = res.task, self.engine
@@ -193,11 +207,16 @@ class Sweeper:
 
 
 # ------------------------------------------------------------------------------ evaluating
+def _key(pol: Policy, budget_s: float) -> str:
+    return f"{pol.k:g}|{budget_s:.6f}"
+
+
 def policy_jobs(sweeper: Sweeper, results: Sequence[PromptResult], pol: Policy, budget_s: float) -> List[Job]:
     jobs = []
     for res in results:
         alpha = sweeper.timebill_alpha(res, budget_s, pol.k, pol.alpha_max) if pol.budget_dependent else pol.alpha
-        jobs.append(sweeper.job(res, alpha, pol.budget_dependent))
+        run = res.replan_runs[_key(pol, budget_s)] if pol.replan else None
+        jobs.append(sweeper.job(res, alpha, pol.budget_dependent, run))
     return jobs
 
 
