@@ -24,6 +24,15 @@ COMMANDS = {
 }
 
 
+def add_config_arguments(p, config_help: str = "ROS 2 params YAML (default: the packaged config/timebill.yaml)"):
+    """The flags ``load_config`` reads: one params file, then per-run overrides."""
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--model", help="override the config's model (alias, HF directory, .gguf file or hub id)")
+    p.add_argument("--dtype", help="override the config's dtype")
+    p.add_argument("--device", help="override the config's device")
+    p.add_argument("--threads", type=int, help="override the config's torch threads")
+
+
 def load_config(args):
     """The config a subcommand runs with: ``--config`` (else the packaged YAML), then the
     ``--model/--dtype/--device/--threads`` flags the subcommand declares."""

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from timebill_ros.cli import load_config
+from timebill_ros.cli import add_config_arguments, load_config
 
 GOALS = {"prefill": 1.0, "decode": 1.5}  # held-out MAPE (%) the issue asks for
 
@@ -28,11 +28,7 @@ def _ints(text: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="ROS 2 params YAML (default: the packaged config/timebill.yaml, if any)")
-    p.add_argument("--model", help="override the config's model")
-    p.add_argument("--dtype", help="override the config's dtype")
-    p.add_argument("--device", help="override the config's device")
-    p.add_argument("--threads", type=int, help="override the config's torch threads")
+    add_config_arguments(p)
     p.add_argument("--prefill-grid", type=_ints, metavar="N,N,...", help="prompt lengths to fit on")
     p.add_argument("--prefill-held-out", type=_ints, metavar="N,N,...", help="prompt lengths to score on (not fitted)")
     p.add_argument("--decode-grid", type=_ints, metavar="N,N,...", help="KV lengths to fit on")

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from timebill_ros.cli import load_config  # noqa: F401 - make_tasks/replay import it from here
+from timebill_ros.cli import add_config_arguments, load_config  # noqa: F401 - make_tasks/replay import it from here
 
 QUICK = dict(lengths=(1024, 2048), per_kind=1, budgets=5, max_new_tokens=48)
 FULL = dict(lengths=(1024, 2048, 4096, 7680), per_kind=2, budgets=8, max_new_tokens=0)
@@ -40,11 +40,7 @@ def _floats(text: str):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="8 short prompts (~1k-2k tokens), 5 budgets: minutes")
     p.add_argument("--out", help="report directory (default results/eval or results/eval-quick)")
-    p.add_argument("--config", help="ROS 2 params YAML (default: the packaged config/timebill.yaml)")
-    p.add_argument("--model", help="override the config's model")
-    p.add_argument("--dtype", help="override the config's dtype")
-    p.add_argument("--device", help="override the config's device")
-    p.add_argument("--threads", type=int, help="override the config's torch threads")
+    add_config_arguments(p)
     p.add_argument("--lengths", type=_ints, metavar="N,N,...", help="prompt length groups (tokens)")
     p.add_argument("--kinds", help="comma-separated task kinds (passkey,needle,qa,multihop)")
     p.add_argument("--per-kind", type=int, help="prompts per kind and length")

@@ -322,7 +322,6 @@ class Engine:
         started = time.monotonic()
         self.check_request(request)
         ids = self._request_ids(request)
-        self.check_length(len(ids))
         cap = min(self.max_context, len(ids) + request.max_new_tokens + 1)
         state = self.prefill(ids, capacity=cap, started_at=started)
         alpha = choose_alpha(state) if choose_alpha is not None else (request.alpha or 0.0)

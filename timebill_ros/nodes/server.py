@@ -73,7 +73,12 @@ class TimeBillServer(LifecycleNode):
         self._goals_lock = threading.Lock()
         self.cfg = None
         self.tokenizer = None
-        self._action_server = self._generator = self._requests = None
+        self._action_server = self._requests = None
+        # Created once, before any executor spins this node: rclpy's ActionClient registers itself
+        # with the node before it has its lock, so creating one in on_configure (while the executor
+        # waits on another thread) intermittently crashed the executor ('no attribute _lock').
+        self._generator = ActionClient(self, Generate, ACTION_GENERATE, callback_group=ReentrantCallbackGroup(),
+                                       **ACTION_QOS)
         self._recorder = self._estimates_sub = None
         self.time_model = None
         self.stats = ServedStats()
@@ -95,7 +100,6 @@ class TimeBillServer(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         group = ReentrantCallbackGroup()
         self._requests = self.create_publisher(Request, TOPIC_REQUESTS, CHANNEL_QOS)
-        self._generator = ActionClient(self, Generate, ACTION_GENERATE, callback_group=group, **ACTION_QOS)
         self._action_server = ActionServer(
             self, TimedInference, ACTION_TIMED_INFERENCE, execute_callback=self.execute,
             goal_callback=self.on_goal, handle_accepted_callback=self.on_accepted, cancel_callback=self.on_cancel,
@@ -132,11 +136,9 @@ class TimeBillServer(LifecycleNode):
         """Free everything configure created (main() calls it on SIGINT with a short wait)."""
         self._active = False
         self._abort_all("the server is shutting down", wait_s)
-        for name in ("_action_server", "_generator"):
-            entity = getattr(self, name)
-            if entity is not None:
-                entity.destroy()
-                setattr(self, name, None)
+        if self._action_server is not None:
+            self._action_server.destroy()
+            self._action_server = None
         if self._requests is not None:
             self.destroy_publisher(self._requests)
             self._requests = None
@@ -386,7 +388,7 @@ class TimeBillServer(LifecycleNode):
         with self._goals_lock:
             goals = list(self._goals.values())
         queued = sum(1 for g in goals if not g.started)
-        generator_ok = self._generator is not None and self._generator.server_is_ready()
+        generator_ok = self.cfg is not None and self._generator.server_is_ready()
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.status = self.stats.to_status(queued=queued, running=len(goals) - queued, generator_ok=generator_ok,
