@@ -80,6 +80,25 @@ def test_label_file_is_resumable(tmp_path, prompts, smollm2):
     assert read_meta(out)["max_new_tokens"] == 6
 
 
+@pytest.mark.slow
+def test_raising_the_cap_relabels_only_the_capped_prompts(tmp_path, prompts, smollm2):
+    """Extending a file from cap 6 to 40 keeps every finished answer as it was and gives the
+    capped ones the lengths a direct labelling at cap 40 gives."""
+    sel = prompts[:6]
+    ext, direct = tmp_path / "ext.jsonl", tmp_path / "direct.jsonl"
+    label_file(ext, "smollm2-135m-instruct", sel, max_new_tokens=6, batch_size=3, log=lambda m: None)
+    before = {r["id"]: r for r in load_labels(ext)}
+    assert any(r["capped"] for r in before.values())
+    label_file(ext, "smollm2-135m-instruct", sel, max_new_tokens=40, batch_size=3, log=lambda m: None)
+    label_file(direct, "smollm2-135m-instruct", sel, max_new_tokens=40, batch_size=3, log=lambda m: None)
+    after = {r["id"]: (r["length"], r["capped"]) for r in load_labels(ext)}
+    assert after == {r["id"]: (r["length"], r["capped"]) for r in load_labels(direct)}
+    assert all(after[k] == (r["length"], False) for k, r in before.items() if not r["capped"])
+    assert all(after[k][0] >= 6 for k, r in before.items() if r["capped"])
+    meta = read_meta(ext)
+    assert meta["max_new_tokens"] == 40 and meta["extended_from"] == 6
+
+
 def test_clamping_lowers_the_cap_losslessly(tmp_path):
     path = tmp_path / "l.jsonl"
     recs = [{"id": "a", "prompt": "p", "length": 50, "capped": False, "group": "g"},
@@ -90,7 +109,7 @@ def test_clamping_lowers_the_cap_losslessly(tmp_path):
     got = {r["id"]: (r["length"], r["capped"]) for r in load_labels(path)}
     assert got == {"a": (50, False), "b": (100, True), "c": (100, True)}
     assert read_meta(path)["max_new_tokens"] == 100
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="extend_cap"):
         clamp_labels(path, 200)
 
 

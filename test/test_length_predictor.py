@@ -301,3 +301,52 @@ def test_eval_predictor_cli_writes_report(tmp_path, monkeypatch):
 
     rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())["rows"]}
     assert rows["RLP-512 classifier, frozen MiniLM"]["r2"] > rows["constant (train mean)"]["r2"] + 0.5
+
+
+def test_feature_layer_view_matches_the_full_model_and_leaves_it_whole():
+    """A middle-layer backbone runs only k layers, gives exactly the full model's state after
+    layer k, and does not cut the shared model (the engine may be using it)."""
+    import torch
+
+    from timebill_ros.core.length_predictor import CausalLMBackbone
+    from timebill_ros.core.model import load_model
+
+    lm, tok = load_model("tiny", threads=1)
+    n = lm.config.num_hidden_layers
+    full = CausalLMBackbone("tiny", loaded=(lm, tok))
+    ids = [full.tokenize("a robot waits at the door"), full.tokenize("stop")]
+    with torch.no_grad():
+        every = full.all_layers(ids)
+        for k in range(1, n):
+            view = full.at_layer(k)
+            assert len(view.model.layers) == k
+            assert torch.allclose(view.forward(ids), every[:, k], atol=1e-6)
+            assert not torch.allclose(every[:, k], every[:, -1], atol=1e-3)
+        assert torch.allclose(full.forward(ids), every[:, -1], atol=1e-6)
+    assert len(lm.model.layers) == n and lm.config.num_hidden_layers == n
+    assert full.at_layer(n).layer == 0  # the last layer is the plain backbone
+    with pytest.raises(ValueError):
+        full.at_layer(n + 1)
+    with pytest.raises(ValueError):
+        make_backbone("minilm", layer=2)
+
+
+def test_feature_layer_is_chosen_on_validation_and_survives_save_load(tmp_path):
+    from timebill_ros.core.length_predictor import CausalLMBackbone, candidate_layers
+    from timebill_ros.core.model import load_model
+
+    lm, tok = load_model("tiny", threads=1)
+    n = lm.config.num_hidden_layers
+    bb = CausalLMBackbone("tiny", loaded=(lm, tok))
+    recs = synthetic_records()
+    pred, info = train_predictor(recs, PredictorMeta(backbone="tiny"), threads=1, backbone=bb, feature_cache=False,
+                                 select_layer=True, log=lambda m: None)
+    k = pred.meta.feature_layer
+    assert info["feature_layer"] == k
+    assert set(info["layer_val_mae"]) == {str(c or n) for c in candidate_layers(n)} and len(info["layer_val_mae"]) >= 2
+    assert info["layer_val_mae"][str(k or n)] == min(info["layer_val_mae"].values())
+    assert len(pred.backbone.model.layers) == (k or n)
+    pred.save(tmp_path / "p")
+    again = LengthPredictor.load(tmp_path / "p", threads=1)
+    prompts = [r["prompt"] for r in recs[:20]]
+    assert again.meta.feature_layer == k and again.predict_many(prompts) == pred.predict_many(prompts)

@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
                    help="fine-tune the backbone too, or train a head on a frozen backbone (default: finetune for "
                         "MiniLM, which measured better; frozen for causal LMs, too slow to fine-tune on CPU)")
     p.add_argument("--head", choices=("buckets", "regression", *COARSE), default="buckets")
+    p.add_argument("--feature-layer", default="auto",
+                   help="causal-LM backbones: decoder layer whose last-token state is the feature (0 = last), or "
+                        "'auto' to choose it on the validation split (frozen mode)")
     p.add_argument("--epochs", type=int, default=None, help="default: 300 (frozen, early stop) / 4 (finetune)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="", help="checkpoint directory (default: config's predictor checkpoint)")
@@ -65,8 +68,13 @@ def run(args) -> int:
     mode = args.mode or ("finetune" if cfg.predictor_backbone == "minilm" else "frozen")
     epochs = args.epochs or (4 if mode == "finetune" else None)
     t0 = time.perf_counter()
+    causal = cfg.predictor_backbone != "minilm"
+    auto_layer = causal and args.feature_layer == "auto" and mode == "frozen"
+    if causal and args.feature_layer != "auto":
+        meta.feature_layer = int(args.feature_layer)
     pred, info = train_predictor(records, meta, mode=mode, epochs=epochs, threads=args.threads, seed=args.seed,
-                                 select=True, log=lambda m: print(m, file=sys.stderr, flush=True))
+                                 select=True, select_layer=auto_layer,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     info["label_meta"] = read_meta(labels)
     info["wall_s"] = round(time.perf_counter() - t0, 1)
     pred.meta.trained = info

