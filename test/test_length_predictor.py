@@ -293,14 +293,21 @@ def test_eval_predictor_cli_writes_report(tmp_path, monkeypatch):
     _write_labels(labels, synthetic_records())
     out = tmp_path / "report"
     assert main(["eval-predictor", "--labels", str(labels), "--finetune-epochs", "0", "--latency-lengths", "16",
-                 "--latency-repeats", "1", "--out", str(out)]) == 0
+                 "--latency-repeats", "1", "--folds", "3", "--lm-backbone", "tiny", "--out", str(out)]) == 0
     table = (out / "table.md").read_text()
     assert "RLP-512 classifier, frozen MiniLM" in table and "S3-style 10 classes" in table
+    assert "3-fold cross-validation" in table
     assert (out / "pred_vs_actual.png").stat().st_size > 10_000
     import json
 
-    rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())["rows"]}
+    report = json.loads((out / "metrics.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
     assert rows["RLP-512 classifier, frozen MiniLM"]["r2"] > rows["constant (train mean)"]["r2"] + 0.5
+    cv = {(r["backbone"], r["method"]): r for r in report["cross_validation"]}
+    assert {b for b, _ in cv} == {"MiniLM"} | {b for b, _ in cv if b.startswith("LM tiny")} and len(cv) == 10
+    rlp = cv[("MiniLM", "RLP-512, argmax upper edge (paper)")]
+    assert rlp["folds"] == 3 and rlp["r2"] > 0.5 and rlp["mae_sd"] >= 0
+    assert any(k.startswith("predict_s[tiny") for k in report["latency"][0])
 
 
 def test_feature_layer_view_matches_the_full_model_and_leaves_it_whole():

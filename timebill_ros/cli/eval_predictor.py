@@ -28,6 +28,10 @@ def add_arguments(p) -> None:
     p.add_argument("--backbone", default="minilm")
     p.add_argument("--lm-backbone", default="", help="also evaluate a frozen causal-LM backbone (e.g. smollm2-135m-instruct)")
     p.add_argument("--finetune-epochs", type=int, default=4, help="0 skips the fine-tuned RLP")
+    p.add_argument("--finetune-baselines", action="store_true",
+                   help="also fine-tune the encoder for ProxyModel-5 and S3-10, as their papers do (BERT/DistilBERT)")
+    p.add_argument("--lm-feature-layer", default="auto", help="causal-LM feature layer (0 = last) or 'auto' (validation)")
+    p.add_argument("--folds", type=int, default=5, help="grouped K-fold cross-validation of the frozen heads (0 = off)")
     p.add_argument("--bucket-size", type=int, default=16)
     p.add_argument("--num-buckets", type=int, default=512)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
@@ -50,8 +54,8 @@ def run(args) -> int:
     from timebill_ros.core.config import cache_dir
     from timebill_ros.core.length_data import DEFAULT_LABEL_FILE, load_labels, read_meta
     from timebill_ros.core.length_predictor import (LengthPredictor, PredictorMeta, _select_bucket_head, frozen_features,
-                                                    make_backbone, make_head, regression_metrics, train_head,
-                                                    train_predictor)
+                                                    make_backbone, make_head, regression_metrics, select_feature_layer,
+                                                    train_head, train_predictor)
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -65,7 +69,7 @@ def run(args) -> int:
          f"cap {lmeta.get('max_new_tokens')}, capped {sum(r['capped'] for r in recs)}")
     base = dict(bucket_size=args.bucket_size, num_buckets=args.num_buckets, max_prompt_tokens=args.max_prompt_tokens,
                 label_file=str(labels), label_cap=int(lmeta.get("max_new_tokens") or 0))
-    rows, preds_for_plot = [], {}
+    rows, preds_for_plot, cv_rows = [], {}, []
 
     def add(name, key, n_hat, extra=None):
         m = regression_metrics(y["test"], n_hat)
@@ -80,10 +84,19 @@ def run(args) -> int:
     cap = int(lmeta.get("max_new_tokens") or max(y["train"]))
     add(f"N_max fallback (label cap {cap})", None, [cap] * len(y["test"]))
 
-    def frozen_suite(backbone_name, tag):
+    def frozen_suite(backbone_name, tag, layer="0"):
         bb = make_backbone(backbone_name, threads=args.threads)
         probe = LengthPredictor(PredictorMeta(backbone=backbone_name, **base), backbone=bb)
         ids = {s: [probe.prepare(r["prompt"])[0] or [0] for r in by[s]] for s in by}
+        if layer == "auto":  # the paper's backbone kind, read where it predicts length best (chosen on val)
+            select_feature_layer(probe, ids["train"], y["train"], ids["val"], y["val"], seed=args.seed, log=_log)
+        elif int(layer):
+            probe = LengthPredictor(PredictorMeta(backbone=backbone_name, feature_layer=int(layer), **base),
+                                    backbone=bb.at_layer(int(layer)))
+        bb, fl = probe.backbone, probe.meta.feature_layer
+        base_l = dict(base, feature_layer=fl)
+        if fl:
+            tag = f"{tag} layer {fl}/{bb.num_layers}"
         feats = {s: frozen_features(probe, ids[s], log=_log) for s in by}
         variants = [("buckets", f"RLP-{args.num_buckets} classifier, frozen {tag}", "rlp"),
                     ("regression", f"regression head, frozen {tag}", "regression"),
@@ -91,7 +104,7 @@ def run(args) -> int:
                     ("s3-10", f"S3-style 10 classes, frozen {tag}", "s3-10")]
         trained = {}
         for head, name, key in variants:
-            meta = PredictorMeta(backbone=backbone_name, **base)
+            meta = PredictorMeta(backbone=backbone_name, **base_l)
             if head in COARSE:
                 coarse_meta(meta, head, by["train"])
             else:
@@ -119,7 +132,7 @@ def run(args) -> int:
                 add(name, key, n_hat, extra)
             trained[head] = pred
         # RLP with a validation-selected label smoothing σ and decoding (argmax or median)
-        meta = PredictorMeta(backbone=backbone_name, **base)
+        meta = PredictorMeta(backbone=backbone_name, **base_l)
         pred = LengthPredictor(meta, backbone=bb, head=make_head(bb.dim, meta.out_dim, meta.hidden))
         info = _select_bucket_head(pred, feats["train"], y["train"], feats["val"], y["val"], 300, args.seed, _log)
         with torch.no_grad():
@@ -127,6 +140,10 @@ def run(args) -> int:
         add(f"RLP-{args.num_buckets} classifier, frozen {tag}, σ={meta.label_sigma:g} {meta.bucket_decode} (val-selected)",
             "rlp", n_hat, {"train_s": info["train_s"]})
         trained["selected"] = pred
+        if args.folds > 1:
+            cv_rows.extend(cross_validate(tag, torch.cat([feats[s] for s in by]), [n for s in by for n in y[s]],
+                                          [r["group"] for s in by for r in by[s]], bb.dim, backbone_name, base_l,
+                                          args.folds, args.seed))
         return trained
 
     trained = frozen_suite(args.backbone, "MiniLM" if args.backbone == "minilm" else args.backbone)
@@ -136,8 +153,7 @@ def run(args) -> int:
     if args.finetune_epochs > 0:
         ft_dir = cache_dir() / "predictor" / "eval" / (f"{args.backbone.replace('/', '--')}-finetune-e{args.finetune_epochs}"
                                                       f"-s{sel.label_sigma:g}-{sel.bucket_decode}")
-        if (ft_dir / "meta.json").is_file() and json.loads((ft_dir / "meta.json").read_text()).get("label_file") == str(labels) \
-                and json.loads((ft_dir / "meta.json").read_text()).get("trained", {}).get("n_train") == len(y["train"]):
+        if _reusable(ft_dir, labels, len(y["train"])):
             ft = LengthPredictor.load(ft_dir, threads=args.threads)
             _log(f"[eval] reusing fine-tuned predictor {ft_dir}")
         else:
@@ -150,9 +166,25 @@ def run(args) -> int:
             f"{sel.bucket_decode})", "rlp", n_hat,
             {"train_s": ft.meta.trained.get("train_s")})
 
+    if args.finetune_baselines and args.finetune_epochs > 0:
+        # the coarse baselines as their papers train them: the whole encoder fine-tuned with the classifier
+        for head, label in (("proxy5", "ProxyModel-style 5 classes"), ("s3-10", "S3-style 10 classes")):
+            d = cache_dir() / "predictor" / "eval" / f"{args.backbone.replace('/', '--')}-finetune-e{args.finetune_epochs}-{head}"
+            meta = PredictorMeta(backbone=args.backbone, **base)
+            coarse_meta(meta, head, by["train"])
+            if _reusable(d, labels, len(y["train"])) and json.loads((d / "meta.json").read_text())["edges"] == meta.edges:
+                ft = LengthPredictor.load(d, threads=args.threads)
+                _log(f"[eval] reusing fine-tuned baseline {d}")
+            else:
+                ft, _ = train_predictor(recs, meta, mode="finetune", epochs=args.finetune_epochs, threads=args.threads,
+                                        seed=args.seed, log=_log)
+                ft.save(d)
+            add(f"{label}, fine-tuned MiniLM ({args.finetune_epochs} ep, N̂ = class upper edge)", head,
+                ft.predict_many([r["prompt"] for r in by["test"]]), {"train_s": ft.meta.trained.get("train_s")})
+
     timed = {args.backbone: default_pred}
     if args.lm_backbone:
-        lm = frozen_suite(args.lm_backbone, f"LM {args.lm_backbone}")
+        lm = frozen_suite(args.lm_backbone, f"LM {args.lm_backbone}", args.lm_feature_layer)
         timed[args.lm_backbone] = lm["selected"]
 
     # --- latency vs prompt length, beside the target's prefill -----------------------------------
@@ -160,13 +192,83 @@ def run(args) -> int:
 
     # --- report ---------------------------------------------------------------------------------
     (out / "metrics.json").write_text(json.dumps({"label_meta": lmeta, "split_sizes": {k: len(v) for k, v in y.items()},
-                                                  "rows": rows, "latency": lat, "paper": PAPER}, indent=1))
-    md = table_markdown(rows, lmeta, {k: len(v) for k, v in y.items()}, lat)
+                                                  "rows": rows, "cross_validation": cv_rows, "latency": lat,
+                                                  "paper": PAPER}, indent=1))
+    md = table_markdown(rows, lmeta, {k: len(v) for k, v in y.items()}, lat, cv_rows, args.folds)
     (out / "table.md").write_text(md)
     plot(preds_for_plot, y["test"], out / "pred_vs_actual.png", cap)
     print(md)
     print(f"wrote {out}/table.md, metrics.json, pred_vs_actual.png")
     return 0
+
+
+def _reusable(d: Path, labels: Path, n_train: int) -> bool:
+    """A cached fine-tuned checkpoint is reused only if it was trained on this very label file."""
+    if not (d / "meta.json").is_file():
+        return False
+    m = json.loads((d / "meta.json").read_text())
+    from timebill_ros.core.length_data import read_meta
+
+    return (m.get("label_file") == str(labels) and m.get("trained", {}).get("n_train") == n_train
+            and m.get("label_cap") == int(read_meta(labels).get("max_new_tokens") or 0))
+
+
+def fold_of(group: str, k: int) -> int:
+    from timebill_ros.core.length_data import stable_hash
+
+    return stable_hash("cv:" + group) % k
+
+
+def cross_validate(tag, feats, y, groups, dim, backbone_name, base, k, seed) -> list[dict]:
+    """Grouped K-fold CV of the heads on frozen features: fold i tests, fold i+1 picks the epoch,
+    the rest trains. One split of ~300 prompts moves MAE by several tokens; K folds give a spread."""
+    import numpy as np
+    import torch
+
+    from timebill_ros.cli.train_predictor import COARSE, coarse_meta
+    from timebill_ros.core.length_predictor import LengthPredictor, PredictorMeta, make_head, regression_metrics, train_head
+
+    fold = np.array([fold_of(g, k) for g in groups])
+    y = np.asarray(y)
+    methods = [("RLP-%d, argmax upper edge (paper)" % base["num_buckets"], dict(head="buckets"), "rlp"),
+               ("RLP-%d, median of the bucket distribution" % base["num_buckets"],
+                dict(head="buckets", bucket_decode="median"), "rlp"),
+               ("regression head", dict(head="regression"), "regression"),
+               ("ProxyModel-style 5 classes (upper edge)", dict(head="proxy5"), "proxy5"),
+               ("S3-style 10 classes (upper edge)", dict(head="s3-10"), "s3-10")]
+    rows = []
+    for name, kw, key in methods:
+        per = []
+        for i in range(k):
+            te, va = fold == i, fold == (i + 1) % k
+            tr = ~(te | va)
+            meta = PredictorMeta(backbone=backbone_name, **{**base, **{a: b for a, b in kw.items() if a != "head"}})
+            if kw["head"] in COARSE:
+                coarse_meta(meta, kw["head"], [{"length": int(n)} for n in y[tr]])
+            else:
+                meta.head = kw["head"]
+            torch.manual_seed(seed)
+            pred = LengthPredictor(meta, backbone=_NoBackbone(dim, meta.feature_layer), head=make_head(dim, meta.out_dim, meta.hidden))
+            ix = lambda m: torch.from_numpy(np.where(m)[0])
+            train_head(pred, feats[ix(tr)], y[tr].tolist(), feats[ix(va)], y[va].tolist(), seed=seed, log=lambda m: None)
+            with torch.no_grad():
+                per.append(regression_metrics(y[te].tolist(), pred.decode(pred.head(feats[ix(te)]))[0]))
+        row = {"backbone": tag, "method": name, "paper_key": key, "folds": k}
+        for m in ("mae", "rmse", "r2"):
+            vals = [p[m] for p in per]
+            row[m], row[m + "_sd"] = float(np.mean(vals)), float(np.std(vals))
+        rows.append(row)
+        _log(f"[cv] {tag}: {name:45s} MAE {row['mae']:6.1f} ± {row['mae_sd']:.1f}  R2 {row['r2']:.3f} ± {row['r2_sd']:.3f}")
+    return rows
+
+
+class _NoBackbone:
+    """Stands in for a backbone when the features are already computed (CV trains heads only)."""
+
+    def __init__(self, dim, layer=0):
+        import torch.nn as nn
+
+        self.dim, self.layer, self.model = dim, layer, nn.Identity()
 
 
 def latency_table(preds: dict, args, log):
@@ -204,7 +306,7 @@ def latency_table(preds: dict, args, log):
     return rows
 
 
-def table_markdown(rows, lmeta, sizes, lat) -> str:
+def table_markdown(rows, lmeta, sizes, lat, cv_rows=(), folds=0) -> str:
     def f(v, nd=2):
         return "–" if v is None else f"{v:.{nd}f}"
 
@@ -219,9 +321,15 @@ def table_markdown(rows, lmeta, sizes, lat) -> str:
     for r in rows:
         p = PAPER.get(r["paper_key"] or "", (None, None, None))
         lines.append(f"| {r['method']} | {f(r['mae'])} | {f(r['rmse'])} | {f(r['r2'], 3)} | {f(p[0])} | {f(p[1])} | {f(p[2], 3)} |")
-    lines += ["", "Paper: Qwen2.5-7B-Instruct target, Qwen2.5-0.5B predictor, 512 buckets of 16 (Table 1).",
-              "", "## Prediction latency vs prompt length (median; CPU, threads as listed)", "",
-              ]
+    lines += ["", "Paper: Qwen2.5-7B-Instruct target, Qwen2.5-0.5B predictor, 512 buckets of 16 (Table 1)."]
+    if cv_rows:
+        lines += ["", f"## Grouped {folds}-fold cross-validation, frozen backbones (mean ± sd over folds)", "",
+                  "Every prompt is tested once; folds by hash of the question/topic. Same features for every head.", "",
+                  "| backbone | method | MAE | RMSE | R² |", "|---|---|---:|---:|---:|"]
+        for r in cv_rows:
+            lines.append(f"| {r['backbone']} | {r['method']} | {r['mae']:.1f} ± {r['mae_sd']:.1f} | "
+                         f"{r['rmse']:.1f} ± {r['rmse_sd']:.1f} | {r['r2']:.3f} ± {r['r2_sd']:.3f} |")
+    lines += ["", "## Prediction latency vs prompt length (median; CPU, threads as listed)", ""]
     names = [k[len("predict_s["):-1] for k in (lat[0] if lat else {}) if k.startswith("predict_s[")]
     lines.append("| prompt tokens (target) | " + " | ".join(f"{n}: tokens after N_p | {n}: predict (s)" for n in names)
                  + " | target prefill (s) | threads |")
