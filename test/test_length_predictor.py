@@ -198,6 +198,15 @@ def test_save_load_roundtrip_and_config_loader(synthetic_predictor, tmp_path, mo
     prompts = [r["prompt"] for r in recs[:20]]
     assert loaded.predict_many(prompts) == pred.predict_many(prompts)
     assert loaded.predict(prompts[0]).source == "model"
+    # the predictor follows the configured device; one that is not there is a logged fallback, not a crash
+    import torch
+
+    if not torch.cuda.is_available():
+        reasons = []
+        p = load_length_predictor(cfg.replace(predictor_device="cuda"), threads=1, logger=reasons.append)
+        assert isinstance(p, NMaxPredictor) and "could not load" in reasons[0]
+        assert isinstance(load_length_predictor(cfg.replace(device="cuda", predictor_device="cpu"), threads=1),
+                          LengthPredictor)
 
 
 def test_fallback_when_no_checkpoint(tmp_path, monkeypatch, caplog):

@@ -53,6 +53,7 @@ class TimeBillConfig:
     predictor_backbone: str = "minilm"
     predictor_checkpoint: str = ""  # empty: <cache>/predictor/<backbone>
     predictor_max_prompt_tokens: int = 256  # prompt compression N_p
+    predictor_device: str = ""  # empty: the target's ``device`` (the paper runs its 0.5B predictor on the GPU)
     # --- ROS plumbing -----------------------------------------------------
     estimate_slack_s: float = 0.05  # generator waits this long past prefill for an estimate
     peer_timeout_s: float = 5.0  # server: generator unreachable this long -> abort the goal with a reason

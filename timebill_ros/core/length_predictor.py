@@ -360,20 +360,20 @@ class LengthPredictor:
         return d
 
     @classmethod
-    def load(cls, directory: Union[str, Path], threads: int = 0) -> "LengthPredictor":
+    def load(cls, directory: Union[str, Path], threads: int = 0, device: str = "cpu") -> "LengthPredictor":
         import torch
 
         d = Path(directory)
         raw = json.loads((d / "meta.json").read_text())
         meta = PredictorMeta(**{k: v for k, v in raw.items() if k in PredictorMeta.__dataclass_fields__})
-        backbone = make_backbone(meta.backbone, threads=threads, layer=meta.feature_layer)
+        backbone = make_backbone(meta.backbone, device=device, threads=threads, layer=meta.feature_layer)
         if meta.finetuned:
             from safetensors.torch import load_file
 
             backbone.model.load_state_dict(load_file(str(d / "backbone.safetensors")))
         head = make_head(backbone.dim, meta.out_dim, meta.hidden)
         head.load_state_dict(torch.load(d / "head.pt", map_location="cpu"))
-        return cls(meta, backbone, head)
+        return cls(meta, backbone, head.to(device))
 
 
 class NMaxPredictor:
@@ -407,7 +407,8 @@ def load_length_predictor(cfg: TimeBillConfig, threads: Optional[int] = None, lo
         say(reason)
         return NMaxPredictor(cfg.n_max, reason)
     try:
-        pred = LengthPredictor.load(d, threads=cfg.threads if threads is None else threads)
+        pred = LengthPredictor.load(d, threads=cfg.threads if threads is None else threads,
+                                    device=cfg.predictor_device or cfg.device)
     except Exception as exc:  # noqa: BLE001 - a broken checkpoint must not take the node down
         reason = f"could not load length predictor from {d}: {type(exc).__name__}: {exc}; using N_max={cfg.n_max}"
         say(reason)
