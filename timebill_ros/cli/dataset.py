@@ -14,7 +14,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="target model whose lengths are learned")
     p.add_argument("--out", default=str(DEFAULT_LABEL_FILE), help="JSONL label file (appended, resumable)")
     p.add_argument("--n-prompts", type=int, default=3300, help="how many prompts to build")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="label cap; longer answers are stored as capped")
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="label cap; longer answers are stored as capped (raising it on an existing file relabels "
+                        "only the capped prompts)")
     p.add_argument("--batch-size", type=int, default=64, help="rows decoded together (continuous batching)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on shared machines)")
     p.add_argument("--limit", type=int, default=3000, help="label only the first N prompts of the shuffled list")

@@ -28,7 +28,7 @@ CAPPED_NOTE = ("capped=true: the target did not stop by the cap (length = cap), 
                "loop that would run to the cap (loop=true). These are real outcomes, kept as the top class; "
                "at inference a prediction in the cap bucket means 'runs to the limit' and yields N_max.")
 REGENERATE_CMD = ("nice -n 15 timebill dataset --model smollm2-135m-instruct --n-prompts 3300 --limit 3000 "
-                  "--max-new-tokens 256 --loop-span 64 --batch-size 64 --threads 1 "
+                  "--max-new-tokens 512 --loop-span 64 --batch-size 64 --threads 1 "
                   "--out timebill_ros/data/lengths_smollm2.jsonl")
 
 
