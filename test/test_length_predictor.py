@@ -366,3 +366,33 @@ def test_feature_layer_is_chosen_on_validation_and_survives_save_load(tmp_path):
     again = LengthPredictor.load(tmp_path / "p", threads=1)
     prompts = [r["prompt"] for r in recs[:20]]
     assert again.meta.feature_layer == k and again.predict_many(prompts) == pred.predict_many(prompts)
+
+
+def test_causal_lm_fine_tunes_only_its_top_layers_and_saves_only_those(tmp_path):
+    """Fine-tuning a causal-LM predictor trains the top layers under the feature and the head;
+    everything below stays the stock model, and the checkpoint holds only what was trained."""
+    import torch
+    from safetensors.torch import load_file
+
+    from timebill_ros.core.length_predictor import CausalLMBackbone
+    from timebill_ros.core.model import load_model
+
+    lm, tok = load_model("tiny", threads=1)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    n = lm.config.num_hidden_layers
+    recs = synthetic_records()
+    pred, info = train_predictor(recs, PredictorMeta(backbone="tiny"), mode="finetune", epochs=2, threads=1,
+                                 backbone=CausalLMBackbone("tiny", loaded=(lm, tok)), finetune_layers=1,
+                                 log=lambda m: None)
+    assert info["finetune_layers"] == 1 and pred.meta.finetuned and pred.meta.finetune_layers == 1
+    after = lm.model.state_dict()
+    top = f"layers.{n - 1}."
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(top) for k in changed)
+    assert not any(p.requires_grad for p in lm.parameters())  # left ready for inference
+    d = pred.save(tmp_path / "ft")
+    saved = load_file(str(d / "backbone.safetensors"))
+    assert saved and all(k.startswith(top) for k in saved)
+    again = LengthPredictor.load(d, threads=1)
+    prompts = [r["prompt"] for r in recs[:20]]
+    assert again.predict_many(prompts) == pred.predict_many(prompts)

@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--finetune-baselines", action="store_true",
                    help="also fine-tune the encoder for ProxyModel-5 and S3-10, as their papers do (BERT/DistilBERT)")
     p.add_argument("--lm-feature-layer", default="auto", help="causal-LM feature layer (0 = last) or 'auto' (validation)")
+    p.add_argument("--lm-finetune-layers", type=int, default=4,
+                   help="also fine-tune the causal LM's top N layers under the feature layer (0 = skip)")
     p.add_argument("--folds", type=int, default=5, help="grouped K-fold cross-validation of the frozen heads (0 = off)")
     p.add_argument("--bucket-size", type=int, default=16)
     p.add_argument("--num-buckets", type=int, default=512)
@@ -185,6 +187,25 @@ def run(args) -> int:
     timed = {args.backbone: default_pred}
     if args.lm_backbone:
         lm = frozen_suite(args.lm_backbone, f"LM {args.lm_backbone}", args.lm_feature_layer)
+        if args.finetune_epochs > 0 and args.lm_finetune_layers > 0:
+            # the paper fine-tunes its small LM; here its top layers under the chosen feature layer
+            d = cache_dir() / "predictor" / "eval" / (f"{args.lm_backbone.replace('/', '--')}-top{args.lm_finetune_layers}"
+                                                      f"-e{args.finetune_epochs}-layer{args.lm_feature_layer}")
+            if _reusable(d, labels, len(y["train"])):
+                ft = LengthPredictor.load(d, threads=args.threads)
+                _log(f"[eval] reusing fine-tuned predictor {d}")
+            else:
+                meta = PredictorMeta(backbone=args.lm_backbone, **base)
+                if args.lm_feature_layer != "auto":
+                    meta.feature_layer = int(args.lm_feature_layer)
+                ft, _ = train_predictor(recs, meta, mode="finetune", epochs=args.finetune_epochs, threads=args.threads,
+                                        seed=args.seed, select=True, select_layer=args.lm_feature_layer == "auto",
+                                        finetune_layers=args.lm_finetune_layers, log=_log)
+                ft.save(d)
+            m = ft.meta
+            add(f"RLP-{args.num_buckets} classifier, LM {args.lm_backbone} layer {m.feature_layer or 'last'}, top "
+                f"{m.finetune_layers} layers fine-tuned ({args.finetune_epochs} ep, σ={m.label_sigma:g} {m.bucket_decode})",
+                "rlp", ft.predict_many([r["prompt"] for r in by["test"]]), {"train_s": m.trained.get("train_s")})
         timed[args.lm_backbone] = lm["selected"]
 
     # --- latency vs prompt length, beside the target's prefill -----------------------------------

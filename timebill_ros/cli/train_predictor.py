@@ -18,12 +18,14 @@ def add_arguments(p) -> None:
     p.add_argument("--labels", default="", help="label JSONL (default: the committed SmolLM2 file)")
     p.add_argument("--backbone", default=None, help="minilm (default) or a causal LM spec for load_model")
     p.add_argument("--mode", choices=("frozen", "finetune"), default=None,
-                   help="fine-tune the backbone too, or train a head on a frozen backbone (default: finetune for "
-                        "MiniLM, which measured better; frozen for causal LMs, too slow to fine-tune on CPU)")
+                   help="fine-tune the backbone too (MiniLM: all of it; a causal LM: its top --finetune-layers "
+                        "under the feature layer), or train a head on a frozen backbone (default: finetune)")
     p.add_argument("--head", choices=("buckets", "regression", *COARSE), default="buckets")
+    p.add_argument("--finetune-layers", type=int, default=4,
+                   help="causal-LM backbones in finetune mode: how many layers under the feature layer train")
     p.add_argument("--feature-layer", default="auto",
                    help="causal-LM backbones: decoder layer whose last-token state is the feature (0 = last), or "
-                        "'auto' to choose it on the validation split (frozen mode)")
+                        "'auto' to choose it on the validation split")
     p.add_argument("--epochs", type=int, default=None, help="default: 300 (frozen, early stop) / 4 (finetune)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="", help="checkpoint directory (default: config's predictor checkpoint)")
@@ -65,15 +67,15 @@ def run(args) -> int:
         coarse_meta(meta, args.head, records)
     else:
         meta.head = args.head
-    mode = args.mode or ("finetune" if cfg.predictor_backbone == "minilm" else "frozen")
+    mode = args.mode or "finetune"
     epochs = args.epochs or (4 if mode == "finetune" else None)
     t0 = time.perf_counter()
     causal = cfg.predictor_backbone != "minilm"
-    auto_layer = causal and args.feature_layer == "auto" and mode == "frozen"
+    auto_layer = causal and args.feature_layer == "auto"
     if causal and args.feature_layer != "auto":
         meta.feature_layer = int(args.feature_layer)
     pred, info = train_predictor(records, meta, mode=mode, epochs=epochs, threads=args.threads, seed=args.seed,
-                                 select=True, select_layer=auto_layer,
+                                 select=True, select_layer=auto_layer, finetune_layers=args.finetune_layers,
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
     info["label_meta"] = read_meta(labels)
     info["wall_s"] = round(time.perf_counter() - t0, 1)

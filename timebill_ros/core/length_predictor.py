@@ -246,6 +246,7 @@ class PredictorMeta:
     bucket_decode: str = "argmax"  # "argmax" (paper) or "median" of the predicted bucket distribution
     label_sigma: float = 0.0  # >0: Gaussian soft targets over neighbouring buckets (ordinal smoothing)
     feature_layer: int = 0  # causal LM: state after this decoder layer (0 = last); chosen on validation
+    finetune_layers: int = 0  # causal LM fine-tuned: only the top n layers under the feature were trained (and saved)
     finetuned: bool = False
     hidden: int = 256
     label_file: str = ""
@@ -349,8 +350,11 @@ class LengthPredictor:
         if self.meta.finetuned:
             from safetensors.torch import save_file
 
-            sd = {k: v.contiguous() for k, v in self.backbone.model.state_dict().items()}
-            save_file(sd, str(tmp / "backbone.safetensors"))
+            sd = self.backbone.model.state_dict()
+            if self.meta.finetune_layers:  # only the trained top layers: the rest is the stock model
+                keep = _top_layer_prefixes(self.backbone, self.meta.finetune_layers)
+                sd = {k: v for k, v in sd.items() if k.startswith(keep)}
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "backbone.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(asdict(self.meta), indent=1))
         if d.exists():
             import shutil
@@ -370,7 +374,14 @@ class LengthPredictor:
         if meta.finetuned:
             from safetensors.torch import load_file
 
-            backbone.model.load_state_dict(load_file(str(d / "backbone.safetensors")))
+            sd = load_file(str(d / "backbone.safetensors"))
+            if meta.finetune_layers:
+                missing, unexpected = backbone.model.load_state_dict(sd, strict=False)
+                keep = _top_layer_prefixes(backbone, meta.finetune_layers)
+                if unexpected or any(k.startswith(keep) for k in missing):
+                    raise ValueError(f"{d}: fine-tuned layers do not fit {meta.backbone} at layer {meta.feature_layer}")
+            else:
+                backbone.model.load_state_dict(sd)
         head = make_head(backbone.dim, meta.out_dim, meta.hidden)
         head.load_state_dict(torch.load(d / "head.pt", map_location="cpu"))
         return cls(meta, backbone, head.to(device))
@@ -543,6 +554,134 @@ def fine_tune(pred: LengthPredictor, ids_tr: Sequence[Sequence[int]], y_tr: Sequ
             "train_s": round(time.perf_counter() - t0, 2)}
 
 
+def _top_layer_prefixes(backbone, n: int) -> tuple:
+    k = len(backbone.model.layers)
+    return tuple(f"layers.{i}." for i in range(k - n, k))
+
+
+def _stack_view(base, start: int, stop: int, norm):
+    """Decoder layers [start, stop) of ``base`` as a model that takes ``inputs_embeds``."""
+    import copy
+
+    import torch.nn as nn
+
+    view = copy.copy(base)
+    view._modules = dict(base._modules)
+    view.layers = nn.ModuleList(list(base.layers)[start:stop])
+    view.norm = norm
+    view.config = copy.copy(base.config)
+    view.config.num_hidden_layers = stop - start
+    if getattr(view.config, "layer_types", None):
+        view.config.layer_types = list(view.config.layer_types)[start:stop]
+    return view
+
+
+def fine_tune_top(pred: LengthPredictor, ids_tr: Sequence[Sequence[int]], y_tr: Sequence[int],
+                  ids_va: Sequence[Sequence[int]], y_va: Sequence[int], n_layers: int = 4, epochs: int = 4,
+                  lr_backbone: float = 3e-5, lr_head: float = 1e-3, batch_size: int = 16, seed: int = 0,
+                  log=print) -> dict:
+    """Fine-tune a causal-LM predictor the affordable way: the layers below the top ``n_layers``
+    stay frozen, so their per-token states are computed once and only the top layers and the
+    head train (on CPU ~2 min an epoch for SmolLM2 instead of a full backward pass)."""
+    import copy
+
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    meta, head, bb = pred.meta, pred.head, pred.backbone
+    stack = bb.model
+    k = len(stack.layers)
+    if not 1 <= n_layers <= k:
+        raise ValueError(f"n_layers must be in [1, {k}], got {n_layers}")
+    lower = _stack_view(stack, 0, k - n_layers, nn.Identity())
+    lower.embed_tokens = stack.embed_tokens
+    upper = _stack_view(stack, k - n_layers, k, stack.norm)
+
+    def pad(seqs):
+        L = max(len(x) for x in seqs)
+        mask = torch.zeros(len(seqs), L, dtype=torch.long)
+        for i, x in enumerate(seqs):
+            mask[i, L - len(x):] = 1
+        return mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+    def lower_states(id_lists):
+        out, order = [None] * len(id_lists), sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
+        with torch.inference_mode():
+            for i in range(0, len(order), 32):
+                b = order[i:i + 32]
+                seqs = [id_lists[j] for j in b]
+                mask, pos = pad(seqs)
+                inp = torch.zeros_like(mask)
+                for r, x in enumerate(seqs):
+                    inp[r, mask.shape[1] - len(x):] = torch.tensor(list(x))
+                h = lower(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+                for r, j in enumerate(b):
+                    out[j] = h[r, h.shape[1] - len(id_lists[j]):].clone()
+        return out
+
+    def top(states):
+        mask, pos = pad(states)
+        x = torch.zeros(len(states), mask.shape[1], states[0].shape[-1])
+        for i, h in enumerate(states):
+            x[i, mask.shape[1] - h.shape[0]:] = h
+        return upper(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state[:, -1]
+
+    def outputs(states):
+        order, res = sorted(range(len(states)), key=lambda i: states[i].shape[0]), [None] * len(states)
+        with torch.no_grad():
+            for i in range(0, len(order), 32):
+                b = order[i:i + 32]
+                o = head(top([states[j] for j in b]).float())
+                for r, j in enumerate(b):
+                    res[j] = o[r]
+        return torch.stack(res)
+
+    t0 = time.perf_counter()
+    s_tr, s_va = lower_states(ids_tr), lower_states(ids_va)
+    log(f"[finetune] states below the top {n_layers} layers for {len(s_tr) + len(s_va)} prompts in "
+        f"{time.perf_counter() - t0:.0f}s")
+    params = [p for layer in upper.layers for p in layer.parameters()]
+    for p in stack.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    tgt = targets_for(meta, y_tr)
+    opt = torch.optim.AdamW([{"params": params, "lr": lr_backbone}, {"params": head.parameters(), "lr": lr_head}],
+                            weight_decay=0.01)
+    steps = epochs * math.ceil(len(tgt) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps))
+    g = torch.Generator().manual_seed(seed)
+    best = (float("inf"), None, -1)
+    for ep in range(epochs):
+        upper.train()
+        head.train()
+        perm = torch.randperm(len(tgt), generator=g).tolist()
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = _loss(meta, head(top([s_tr[j] for j in idx]).float()), tgt[idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params + list(head.parameters()), 1.0)
+            opt.step()
+            sched.step()
+        upper.eval()
+        head.eval()
+        mae = regression_metrics(y_va, pred.decode(outputs(s_va))[0])["mae"]
+        log(f"[finetune] epoch {ep + 1}/{epochs} val MAE {mae:.1f} ({time.perf_counter() - t0:.0f}s)")
+        if mae < best[0]:
+            best = (mae, (copy.deepcopy([p.detach().clone() for p in params]), copy.deepcopy(head.state_dict())), ep)
+    with torch.no_grad():
+        for p, v in zip(params, best[1][0]):
+            p.copy_(v)
+    head.load_state_dict(best[1][1])
+    for p in params:
+        p.requires_grad_(False)
+    meta.finetuned, meta.finetune_layers = True, n_layers
+    return {"mode": "finetune", "finetune_layers": n_layers, "epochs_run": epochs, "best_epoch": best[2] + 1,
+            "val_mae": best[0], "train_s": round(time.perf_counter() - t0, 2)}
+
+
 def _feature_cache_path(backbone: str, max_prompt_tokens: int, ids: Sequence[Sequence[int]]) -> Path:
     import hashlib
 
@@ -653,11 +792,12 @@ def _select_bucket_head(pred, f_tr, y_tr, f_va, y_va, epochs, seed, log) -> dict
 
 def train_predictor(records: Sequence[dict], meta: PredictorMeta, mode: str = "frozen", epochs: Optional[int] = None,
                     threads: int = 1, backbone=None, feature_cache: bool = True, seed: int = 0, select: bool = False,
-                    select_layer: bool = False, log=print):
+                    select_layer: bool = False, finetune_layers: int = 4, log=print):
     """Train a predictor on label records (``prompt``, ``length``, ``split``): fit on ``train``,
     pick the epoch on ``val``. ``mode``: ``frozen`` (head on cached features) or ``finetune``;
     ``select`` also picks label smoothing and decoding of a fine-bucket head on ``val``;
-    ``select_layer`` picks a causal LM's feature layer on ``val`` (frozen mode)."""
+    ``select_layer`` picks a causal LM's feature layer on ``val``; a causal LM fine-tunes only its
+    top ``finetune_layers`` layers under that feature."""
     import torch
 
     if threads:
@@ -673,7 +813,7 @@ def train_predictor(records: Sequence[dict], meta: PredictorMeta, mode: str = "f
     ids_va = [pred.prepare(r["prompt"])[0] or [0] for r in va]
     y_tr, y_va = [int(r["length"]) for r in tr], [int(r["length"]) for r in va]
     layer_info = {}
-    if select_layer and mode == "frozen":
+    if select_layer:
         layer_info = select_feature_layer(pred, ids_tr, y_tr, ids_va, y_va, feature_cache, seed, log)
         torch.manual_seed(seed)
         pred.head = make_head(pred.backbone.dim, meta.out_dim, meta.hidden)
@@ -685,7 +825,27 @@ def train_predictor(records: Sequence[dict], meta: PredictorMeta, mode: str = "f
         else:
             info = train_head(pred, f_tr, y_tr, f_va, y_va, epochs=epochs or 300, seed=seed, log=log)
     elif mode == "finetune":
-        info = fine_tune(pred, ids_tr, y_tr, ids_va, y_va, epochs=epochs or 3, seed=seed, log=log)
+        picked = {}
+        if select and meta.head == "buckets":  # σ and decoding from a cheap frozen probe, then fine-tune with them
+            f_tr = frozen_features(pred, ids_tr, feature_cache, log)
+            f_va = frozen_features(pred, ids_va, feature_cache, log)
+            _select_bucket_head(pred, f_tr, y_tr, f_va, y_va, 300, seed, log)
+            torch.manual_seed(seed)
+            pred.head = make_head(pred.backbone.dim, meta.out_dim, meta.hidden)
+        if hasattr(pred.backbone, "all_layers"):
+            info = fine_tune_top(pred, ids_tr, y_tr, ids_va, y_va, n_layers=finetune_layers, epochs=epochs or 4,
+                                 seed=seed, log=log)
+        else:
+            info = fine_tune(pred, ids_tr, y_tr, ids_va, y_va, epochs=epochs or 3, seed=seed, log=log)
+        if select and meta.head == "buckets":  # the fine-tuned distribution may prefer the other decoding
+            with torch.no_grad():
+                out_va = pred.head(pred.features(ids_va))
+            for decode in ("argmax", "median"):
+                meta.bucket_decode = decode
+                picked[decode] = regression_metrics(y_va, pred.decode(out_va)[0])["mae"]
+            meta.bucket_decode = min(picked, key=picked.get)
+            info.update(val_mae=picked[meta.bucket_decode], label_sigma=meta.label_sigma, bucket_decode=meta.bucket_decode)
+            log(f"[finetune] decoding by validation MAE: {picked} -> {meta.bucket_decode}")
     else:
         raise ValueError(f"mode must be 'frozen' or 'finetune', got {mode!r}")
     info.update(n_train=len(tr), n_val=len(va), **layer_info)
