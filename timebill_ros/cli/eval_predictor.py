@@ -155,14 +155,10 @@ def run(args) -> int:
     if args.finetune_epochs > 0:
         ft_dir = cache_dir() / "predictor" / "eval" / (f"{args.backbone.replace('/', '--')}-finetune-e{args.finetune_epochs}"
                                                       f"-s{sel.label_sigma:g}-{sel.bucket_decode}")
-        if _reusable(ft_dir, labels, len(y["train"])):
-            ft = LengthPredictor.load(ft_dir, threads=args.threads)
-            _log(f"[eval] reusing fine-tuned predictor {ft_dir}")
-        else:
-            ft, _ = train_predictor(recs, PredictorMeta(backbone=args.backbone, label_sigma=sel.label_sigma,
-                                                        bucket_decode=sel.bucket_decode, **base), mode="finetune",
-                                    epochs=args.finetune_epochs, threads=args.threads, seed=args.seed, log=_log)
-            ft.save(ft_dir)
+        ft = _trained_once(ft_dir, labels, len(y["train"]), args.threads, lambda: train_predictor(
+            recs, PredictorMeta(backbone=args.backbone, label_sigma=sel.label_sigma, bucket_decode=sel.bucket_decode,
+                                **base), mode="finetune", epochs=args.finetune_epochs, threads=args.threads,
+            seed=args.seed, log=_log)[0])
         n_hat = ft.predict_many([r["prompt"] for r in by["test"]])
         add(f"RLP-{args.num_buckets} classifier, fine-tuned MiniLM ({args.finetune_epochs} ep, σ={sel.label_sigma:g} "
             f"{sel.bucket_decode})", "rlp", n_hat,
@@ -174,13 +170,9 @@ def run(args) -> int:
             d = cache_dir() / "predictor" / "eval" / f"{args.backbone.replace('/', '--')}-finetune-e{args.finetune_epochs}-{head}"
             meta = PredictorMeta(backbone=args.backbone, **base)
             coarse_meta(meta, head, by["train"])
-            if _reusable(d, labels, len(y["train"])) and json.loads((d / "meta.json").read_text())["edges"] == meta.edges:
-                ft = LengthPredictor.load(d, threads=args.threads)
-                _log(f"[eval] reusing fine-tuned baseline {d}")
-            else:
-                ft, _ = train_predictor(recs, meta, mode="finetune", epochs=args.finetune_epochs, threads=args.threads,
-                                        seed=args.seed, log=_log)
-                ft.save(d)
+            ft = _trained_once(d, labels, len(y["train"]), args.threads, lambda: train_predictor(
+                recs, meta, mode="finetune", epochs=args.finetune_epochs, threads=args.threads, seed=args.seed,
+                log=_log)[0], edges=meta.edges)
             add(f"{label}, fine-tuned MiniLM ({args.finetune_epochs} ep, N̂ = class upper edge)", head,
                 ft.predict_many([r["prompt"] for r in by["test"]]), {"train_s": ft.meta.trained.get("train_s")})
 
@@ -191,17 +183,12 @@ def run(args) -> int:
             # the paper fine-tunes its small LM; here its top layers under the chosen feature layer
             d = cache_dir() / "predictor" / "eval" / (f"{args.lm_backbone.replace('/', '--')}-top{args.lm_finetune_layers}"
                                                       f"-e{args.finetune_epochs}-layer{args.lm_feature_layer}")
-            if _reusable(d, labels, len(y["train"])):
-                ft = LengthPredictor.load(d, threads=args.threads)
-                _log(f"[eval] reusing fine-tuned predictor {d}")
-            else:
-                meta = PredictorMeta(backbone=args.lm_backbone, **base)
-                if args.lm_feature_layer != "auto":
-                    meta.feature_layer = int(args.lm_feature_layer)
-                ft, _ = train_predictor(recs, meta, mode="finetune", epochs=args.finetune_epochs, threads=args.threads,
-                                        seed=args.seed, select=True, select_layer=args.lm_feature_layer == "auto",
-                                        finetune_layers=args.lm_finetune_layers, log=_log)
-                ft.save(d)
+            auto = args.lm_feature_layer == "auto"
+            meta = PredictorMeta(backbone=args.lm_backbone, feature_layer=0 if auto else int(args.lm_feature_layer),
+                                 **base)
+            ft = _trained_once(d, labels, len(y["train"]), args.threads, lambda: train_predictor(
+                recs, meta, mode="finetune", epochs=args.finetune_epochs, threads=args.threads, seed=args.seed,
+                select=True, select_layer=auto, finetune_layers=args.lm_finetune_layers, log=_log)[0])
             m = ft.meta
             add(f"RLP-{args.num_buckets} classifier, LM {args.lm_backbone} layer {m.feature_layer or 'last'}, top "
                 f"{m.finetune_layers} layers fine-tuned ({args.finetune_epochs} ep, σ={m.label_sigma:g} {m.bucket_decode})",
@@ -223,15 +210,22 @@ def run(args) -> int:
     return 0
 
 
-def _reusable(d: Path, labels: Path, n_train: int) -> bool:
-    """A cached fine-tuned checkpoint is reused only if it was trained on this very label file."""
-    if not (d / "meta.json").is_file():
-        return False
-    m = json.loads((d / "meta.json").read_text())
+def _trained_once(d: Path, labels: Path, n_train: int, threads: int, train, **same):
+    """A fine-tuned predictor from its cache directory when it was trained on this very label file
+    (and matches ``same``, e.g. the class edges); else ``train()`` it and cache it there."""
     from timebill_ros.core.length_data import read_meta
+    from timebill_ros.core.length_predictor import LengthPredictor
 
-    return (m.get("label_file") == str(labels) and m.get("trained", {}).get("n_train") == n_train
-            and m.get("label_cap") == int(read_meta(labels).get("max_new_tokens") or 0))
+    if (d / "meta.json").is_file():
+        m = json.loads((d / "meta.json").read_text())
+        if (m.get("label_file") == str(labels) and m.get("trained", {}).get("n_train") == n_train
+                and m.get("label_cap") == int(read_meta(labels).get("max_new_tokens") or 0)
+                and all(m.get(k) == v for k, v in same.items())):
+            _log(f"[eval] reusing fine-tuned predictor {d}")
+            return LengthPredictor.load(d, threads=threads)
+    pred = train()
+    pred.save(d)
+    return pred
 
 
 def fold_of(group: str, k: int) -> int:

@@ -615,13 +615,16 @@ def _update_meta(path: Path, updates: dict) -> None:
     if all(meta.get(k) == v for k, v in updates.items()):
         return
     meta.update(updates)
-    recs = load_labels(path)
+    _rewrite(path, meta, load_labels(path))
+
+
+def _rewrite(path: Path, meta: dict, recs: Sequence[dict]) -> None:
+    """Replace a label file atomically (header line, then records; the split is derived, not stored)."""
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as fh:
         fh.write(json.dumps({"_meta": meta}) + "\n")
         for r in recs:
-            r.pop("split", None)
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            fh.write(json.dumps({k: v for k, v in r.items() if k != "split"}, ensure_ascii=False) + "\n")
     tmp.replace(path)
 
 
@@ -639,13 +642,7 @@ def extend_cap(path: Path, cap: int, log=print) -> int:
     meta["extended_from"] = old
     meta.pop("clamped_from", None)
     meta.pop("loop_check", None)  # it was measured at the old cap
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as fh:
-        fh.write(json.dumps({"_meta": meta}) + "\n")
-        for r in keep:
-            r.pop("split", None)
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    _rewrite(path, meta, keep)
     log(f"[dataset] {path}: cap {old} -> {cap}; {len(recs) - len(keep)} capped prompts will be labelled again")
     return len(recs) - len(keep)
 
@@ -662,15 +659,10 @@ def clamp_labels(path: Path, cap: int, log=print) -> None:
     recs = load_labels(path)
     meta["max_new_tokens"] = cap
     meta["clamped_from"] = old
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as fh:
-        fh.write(json.dumps({"_meta": meta}) + "\n")
-        for r in recs:
-            if r["length"] >= cap:
-                r["length"], r["capped"] = cap, True
-            r.pop("split", None)
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    for r in recs:
+        if r["length"] >= cap:
+            r["length"], r["capped"] = cap, True
+    _rewrite(path, meta, recs)
     log(f"[dataset] clamped {path} from cap {old} to {cap}")
 
 

@@ -163,16 +163,8 @@ class CausalLMBackbone:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _run(self, id_lists, **kw):
-        import torch
-
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        L = max(len(s) for s in id_lists)
-        inp = torch.full((len(id_lists), L), pad, dtype=torch.long)
-        mask = torch.zeros(len(id_lists), L, dtype=torch.long)
-        for i, s in enumerate(id_lists):  # left padding: the last column is every row's last token
-            inp[i, L - len(s):] = torch.tensor(list(s))
-            mask[i, L - len(s):] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        inp, mask, pos = _left_pad(id_lists, pad)
         return self.model(input_ids=inp.to(self.device), attention_mask=mask.to(self.device),
                           position_ids=pos.to(self.device), use_cache=False, **kw)
 
@@ -188,22 +180,25 @@ class CausalLMBackbone:
         return torch.stack([h[:, -1] for h in hs], 1)
 
 
+def _left_pad(id_lists, pad: int = 0):
+    """Left padding, so the last column is every row's last token: ids, mask, positions."""
+    import torch
+
+    L = max(len(s) for s in id_lists)
+    inp = torch.full((len(id_lists), L), pad, dtype=torch.long)
+    mask = torch.zeros(len(id_lists), L, dtype=torch.long)
+    for i, s in enumerate(id_lists):
+        inp[i, L - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, L - len(s):] = 1
+    return inp, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def _truncated(base, k: int):
     """A view of a decoder stack that stops after layer ``k`` and skips the final norm; it shares
     the parameters, so the full model (perhaps the engine's) is left untouched."""
-    import copy
-
     import torch.nn as nn
 
-    view = copy.copy(base)
-    view._modules = dict(base._modules)  # own module table: assigning below must not touch ``base``
-    view.layers = nn.ModuleList(list(base.layers)[:k])
-    view.norm = nn.Identity()
-    view.config = copy.copy(base.config)
-    view.config.num_hidden_layers = k
-    if getattr(view.config, "layer_types", None):
-        view.config.layer_types = list(view.config.layer_types)[:k]
-    return view
+    return _stack_view(base, 0, k, nn.Identity())
 
 
 def minilm_path() -> Path:
@@ -566,7 +561,7 @@ def _stack_view(base, start: int, stop: int, norm):
     import torch.nn as nn
 
     view = copy.copy(base)
-    view._modules = dict(base._modules)
+    view._modules = dict(base._modules)  # own module table: assigning below must not touch ``base``
     view.layers = nn.ModuleList(list(base.layers)[start:stop])
     view.norm = norm
     view.config = copy.copy(base.config)
@@ -595,33 +590,21 @@ def fine_tune_top(pred: LengthPredictor, ids_tr: Sequence[Sequence[int]], y_tr: 
     if not 1 <= n_layers <= k:
         raise ValueError(f"n_layers must be in [1, {k}], got {n_layers}")
     lower = _stack_view(stack, 0, k - n_layers, nn.Identity())
-    lower.embed_tokens = stack.embed_tokens
     upper = _stack_view(stack, k - n_layers, k, stack.norm)
-
-    def pad(seqs):
-        L = max(len(x) for x in seqs)
-        mask = torch.zeros(len(seqs), L, dtype=torch.long)
-        for i, x in enumerate(seqs):
-            mask[i, L - len(x):] = 1
-        return mask, (mask.cumsum(1) - 1).clamp(min=0)
 
     def lower_states(id_lists):
         out, order = [None] * len(id_lists), sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
         with torch.inference_mode():
             for i in range(0, len(order), 32):
                 b = order[i:i + 32]
-                seqs = [id_lists[j] for j in b]
-                mask, pos = pad(seqs)
-                inp = torch.zeros_like(mask)
-                for r, x in enumerate(seqs):
-                    inp[r, mask.shape[1] - len(x):] = torch.tensor(list(x))
+                inp, mask, pos = _left_pad([id_lists[j] for j in b])
                 h = lower(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
                 for r, j in enumerate(b):
                     out[j] = h[r, h.shape[1] - len(id_lists[j]):].clone()
         return out
 
     def top(states):
-        mask, pos = pad(states)
+        _, mask, pos = _left_pad([[0] * h.shape[0] for h in states])
         x = torch.zeros(len(states), mask.shape[1], states[0].shape[-1])
         for i, h in enumerate(states):
             x[i, mask.shape[1] - h.shape[0]:] = h
