@@ -52,7 +52,7 @@ def _log(msg):
 def run(args) -> int:
     import torch
 
-    from timebill_ros.cli.train_predictor import COARSE, coarse_meta
+    from timebill_ros.cli.train_predictor import COARSE, set_head
     from timebill_ros.core.config import cache_dir
     from timebill_ros.core.length_data import DEFAULT_LABEL_FILE, load_labels, read_meta
     from timebill_ros.core.length_predictor import (LengthPredictor, PredictorMeta, _select_bucket_head, frozen_features,
@@ -107,10 +107,7 @@ def run(args) -> int:
         trained = {}
         for head, name, key in variants:
             meta = PredictorMeta(backbone=backbone_name, **base_l)
-            if head in COARSE:
-                coarse_meta(meta, head, by["train"])
-            else:
-                meta.head = head
+            set_head(meta, head, by["train"])
             pred = LengthPredictor(meta, backbone=bb, head=make_head(bb.dim, meta.out_dim, meta.hidden))
             info = train_head(pred, feats["train"], y["train"], feats["val"], y["val"], seed=args.seed, log=_log)
             with torch.no_grad():
@@ -169,7 +166,7 @@ def run(args) -> int:
         for head, label in (("proxy5", "ProxyModel-style 5 classes"), ("s3-10", "S3-style 10 classes")):
             d = cache_dir() / "predictor" / "eval" / f"{args.backbone.replace('/', '--')}-finetune-e{args.finetune_epochs}-{head}"
             meta = PredictorMeta(backbone=args.backbone, **base)
-            coarse_meta(meta, head, by["train"])
+            set_head(meta, head, by["train"])
             ft = _trained_once(d, labels, len(y["train"]), args.threads, lambda: train_predictor(
                 recs, meta, mode="finetune", epochs=args.finetune_epochs, threads=args.threads, seed=args.seed,
                 log=_log)[0], edges=meta.edges)
@@ -240,7 +237,7 @@ def cross_validate(tag, feats, y, groups, dim, backbone_name, base, k, seed) -> 
     import numpy as np
     import torch
 
-    from timebill_ros.cli.train_predictor import COARSE, coarse_meta
+    from timebill_ros.cli.train_predictor import set_head
     from timebill_ros.core.length_predictor import LengthPredictor, PredictorMeta, make_head, regression_metrics, train_head
 
     fold = np.array([fold_of(g, k) for g in groups])
@@ -258,10 +255,7 @@ def cross_validate(tag, feats, y, groups, dim, backbone_name, base, k, seed) -> 
             te, va = fold == i, fold == (i + 1) % k
             tr = ~(te | va)
             meta = PredictorMeta(backbone=backbone_name, **{**base, **{a: b for a, b in kw.items() if a != "head"}})
-            if kw["head"] in COARSE:
-                coarse_meta(meta, kw["head"], [{"length": int(n)} for n in y[tr]])
-            else:
-                meta.head = kw["head"]
+            set_head(meta, kw["head"], [{"length": int(n)} for n in y[tr]])
             torch.manual_seed(seed)
             pred = LengthPredictor(meta, backbone=_NoBackbone(dim, meta.feature_layer), head=make_head(dim, meta.out_dim, meta.hidden))
             ix = lambda m: torch.from_numpy(np.where(m)[0])

@@ -33,10 +33,14 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def coarse_meta(meta, head: str, records) -> None:
-    """Coarse baselines: equal-width classes over the observed label range [0, max length]."""
+def set_head(meta, head: str, records) -> None:
+    """``buckets``/``regression`` as named; a coarse baseline (``proxy5``, ``s3-10``) becomes
+    equal-width classes over the observed label range [0, max length] of ``records``."""
     from timebill_ros.core.length_predictor import equal_width_edges
 
+    if head not in COARSE:
+        meta.head = head
+        return
     meta.head = "edges"
     meta.edges = equal_width_edges(COARSE[head], max(int(r["length"]) for r in records))
     meta.edge_values = list(meta.edges)
@@ -63,10 +67,7 @@ def run(args) -> int:
     meta = PredictorMeta(backbone=cfg.predictor_backbone, bucket_size=cfg.bucket_size, num_buckets=cfg.num_buckets,
                          max_prompt_tokens=cfg.predictor_max_prompt_tokens, label_file=str(labels),
                          label_cap=int(read_meta(labels).get("max_new_tokens", 0)))
-    if args.head in COARSE:
-        coarse_meta(meta, args.head, records)
-    else:
-        meta.head = args.head
+    set_head(meta, args.head, records)
     mode = args.mode or "finetune"
     epochs = args.epochs or (4 if mode == "finetune" else None)
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -653,7 +653,7 @@ def fine_tune_top(pred: LengthPredictor, ids_tr: Sequence[Sequence[int]], y_tr: 
         mae = regression_metrics(y_va, pred.decode(outputs(s_va))[0])["mae"]
         log(f"[finetune] epoch {ep + 1}/{epochs} val MAE {mae:.1f} ({time.perf_counter() - t0:.0f}s)")
         if mae < best[0]:
-            best = (mae, (copy.deepcopy([p.detach().clone() for p in params]), copy.deepcopy(head.state_dict())), ep)
+            best = (mae, ([p.detach().clone() for p in params], copy.deepcopy(head.state_dict())), ep)
     with torch.no_grad():
         for p, v in zip(params, best[1][0]):
             p.copy_(v)
@@ -736,7 +736,7 @@ def select_feature_layer(pred: "LengthPredictor", ids_tr, y_tr, ids_va, y_va, us
     for k in candidate_layers(full.num_layers):
         col = full.num_layers if k == 0 else k
         torch.manual_seed(seed)
-        probe = LengthPredictor(pred.meta.__class__(**{**asdict(pred.meta), "feature_layer": 0}), backbone=full)
+        probe = LengthPredictor(replace(pred.meta, feature_layer=0), backbone=full)
         train_head(probe, H_tr[:, col], y_tr, H_va[:, col], y_va, seed=seed, log=lambda m: None)
         with torch.no_grad():
             scores[k] = regression_metrics(y_va, probe.decode(probe.head(H_va[:, col]))[0])["mae"]
