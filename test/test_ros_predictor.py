@@ -47,11 +47,10 @@ def test_predictor_node_publishes_the_trained_estimate(small_checkpoint, tiny_do
     client = make_client(domain, "timebill_rlp_test_client")
     got = []
     try:
-        node.start()
-        end = time.monotonic() + 120
-        while "ready: length predictor RLP" not in node.log_tail("timebill_predictor"):
-            assert time.monotonic() < end and node.alive()["timebill_predictor"] is None, node.log_tail(spec.name)
-            time.sleep(0.2)
+        node.start()  # a lifecycle node: it loads the predictor when configured (the server does it)
+        assert client.wait_for_lifecycle("timebill_predictor", 120.0), node.log_tail(spec.name)
+        assert client.change_state("configure", "timebill_predictor", 120.0), node.log_tail(spec.name)
+        assert "configured: length predictor RLP" in node.log_tail("timebill_predictor")
         client.create_subscription(Estimate, TOPIC_ESTIMATES, got.append, CHANNEL_QOS)
         pub = client.create_publisher(Request, TOPIC_REQUESTS, CHANNEL_QOS)
         prompt = "Write a long story about a robot that learns to paint."

@@ -196,7 +196,7 @@ class Bringup:
         checks = {
             "timebill_server": lambda t: client.wait_for_lifecycle(SERVER, t),
             "timebill_generator": lambda t: client.wait_for_generator(t),
-            "timebill_predictor": lambda t: client.wait_for_estimator(t),
+            "timebill_predictor": lambda t: client.wait_for_lifecycle("timebill_predictor", t),
         }
         for name in self.procs:
             while True:

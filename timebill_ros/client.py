@@ -22,27 +22,23 @@ from typing import Callable, Optional
 
 import rclpy
 from action_msgs.msg import GoalStatus
-from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.msg import State
 from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from unique_identifier_msgs.msg import UUID
 
-from timebill_ros.action import Generate, TimedInference
-from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, ACTION_TIMED_INFERENCE, SERVICE_ESTIMATE_BUDGET,
+from timebill_ros.action import TimedInference
+from timebill_ros.core.outcome import STATUS_NAMES as OUTCOME_STATUS_NAMES
+from timebill_ros.nodes.common import (TRANSITIONS, ACTION_QOS, ACTION_TIMED_INFERENCE, SERVICE_ESTIMATE_BUDGET,
                                        s_to_duration, s_to_time)
 from timebill_ros.srv import EstimateBudget
 
 R = TimedInference.Result
-STATUS_NAMES = {R.STATUS_SUCCEEDED: "succeeded", R.STATUS_TRUNCATED: "truncated", R.STATUS_KILLED: "killed",
-                R.STATUS_DEADLINE_MISSED: "deadline_missed", R.STATUS_CANCELED: "canceled",
-                R.STATUS_ABORTED: "aborted", R.STATUS_REJECTED: "rejected"}
+STATUS_NAMES = dict(enumerate(OUTCOME_STATUS_NAMES))  # code -> name, as the action numbers them
 STAGE_NAMES = {TimedInference.Feedback.STAGE_QUEUED: "queued", TimedInference.Feedback.STAGE_PREFILL: "prefill",
                TimedInference.Feedback.STAGE_DECODING: "decoding"}
-TRANSITIONS = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
-               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP,
-               "shutdown": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN}
 
 
 @dataclass
@@ -116,6 +112,15 @@ def budget_problem(budget_s: Optional[float]) -> Optional[str]:
     return None
 
 
+def text_problem(prompt: str, system_prompt: str = "") -> Optional[str]:
+    """A ROS string cannot carry a NUL byte: the middleware would cut the prompt there."""
+    for name, text in (("prompt", prompt), ("system_prompt", system_prompt)):
+        if "\x00" in (text or ""):
+            return (f"{name} contains a NUL byte at character {text.index(chr(0))}: a ROS string "
+                    f"would silently end there; remove it")
+    return None
+
+
 class TimeBillClient(Node):
     """Sends TimedInference goals, asks EstimateBudget, and drives the server's lifecycle."""
 
@@ -129,7 +134,6 @@ class TimeBillClient(Node):
         self._executor = SingleThreadedExecutor(context=self.context)
         self._executor.add_node(self)
         self._action = ActionClient(self, TimedInference, ACTION_TIMED_INFERENCE, **ACTION_QOS)
-        self._generate = ActionClient(self, Generate, ACTION_GENERATE)  # readiness checks only
         self._estimate = self.create_client(EstimateBudget, SERVICE_ESTIMATE_BUDGET)
         self._lifecycle: dict = {}
         self._goal_handle = None
@@ -171,9 +175,11 @@ class TimeBillClient(Node):
         return self._lifecycle_client(GetState, node or self.server, "get_state").wait_for_service(timeout_s)
 
     def wait_for_generator(self, timeout_s: float = 10.0) -> bool:
-        return self._wait(self._generate.server_is_ready, timeout_s)
+        """The generator process is up (its lifecycle services answer; the server configures it)."""
+        return self.wait_for_lifecycle("timebill_generator", timeout_s)
 
     def wait_for_estimator(self, timeout_s: float = 10.0) -> bool:
+        """The estimate service answers (served by the configured generator)."""
         return self._estimate.wait_for_service(timeout_sec=timeout_s)
 
     def wait_until_ready(self, timeout_s: float = 60.0) -> bool:
@@ -222,7 +228,7 @@ class TimeBillClient(Node):
     def estimate_budget(self, prompt: str, budget_s: float, system_prompt: str = "", max_new_tokens: int = 0,
                         timeout_s: float = 10.0) -> Optional[EstimateBudget.Response]:
         """What TimeBill would do with this prompt and budget (None if the predictor is down)."""
-        problem = budget_problem(budget_s)
+        problem = budget_problem(budget_s) or text_problem(prompt, system_prompt)
         if problem:
             return EstimateBudget.Response(ok=False, reason=problem)
         if not self._estimate.wait_for_service(timeout_sec=timeout_s):
@@ -241,7 +247,7 @@ class TimeBillClient(Node):
         refusal as an Outcome. ``deadline_s`` is absolute ROS time in seconds."""
         self._goal_handle = self._result_future = self._feedback = None
         self._budget_s = budget_s if budget_s is not None else math.nan
-        problem = budget_problem(budget_s)
+        problem = budget_problem(budget_s) or text_problem(prompt, system_prompt)
         if problem:
             return Outcome.rejected(problem, budget_s=self._budget_s)
         goal = TimedInference.Goal(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens,

@@ -148,7 +148,7 @@ def run(args) -> int:
     k_budget = {g: args.k_budget for g in budgets} if args.k_budget else {}
     scfg = sweep.SweepConfig(budgets=budgets, policies=standard_policies(cfg.pessimism_k, cfg.alpha_max),
                              ks=tuple(args.ks), k_budget=k_budget, alpha_max=cfg.alpha_max, n_max=cfg.n_max)
-    _, _, results = sweep.run_sweep(engine, time_model, predictor, tasks, scfg, log)
+    _, _, results = sweep.run_sweep(engine, time_model, predictor, tasks, scfg, log, config=cfg)
     results["meta"] = {
         "mode": "quick" if args.quick else "full", "wall_s": time.monotonic() - t_start,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at the end",

@@ -3,7 +3,8 @@
 Reads goals from a bag written by the server's recorder, by ``timebill make-tasks`` or by
 ``ros2 bag record`` (action recording, or the ``timebill/requests`` topic) — types are taken
 from the bag. Online (default) the goals go to a running server through ``TimeBillClient``;
-``--offline`` runs the core engine in this process, no ROS needed.
+``--offline`` runs the generator node's request pipeline (``core.pipeline``) in this process,
+no ROS needed: the same admission, queue, α, eviction and statuses as the nodes.
 
 Pacing: ``--pace fast`` sends the next request when the previous one ended; ``--pace recorded``
 releases each at its recorded time offset divided by ``--speed``. A request's deadline runs
@@ -28,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pace", choices=("fast", "recorded"), default="fast",
                    help="fast: back to back (default); recorded: at the recorded offsets / --speed")
     p.add_argument("--speed", type=float, default=1.0, help="time scale for --pace recorded (2 = twice as fast)")
-    p.add_argument("--policy", default="timebill",
-                   help="offline only: timebill | timebill:k=3 | vanilla | alpha=0.5 | truncate (default timebill)")
+    p.add_argument("--policy", default="timebill+replan",
+                   help="offline only: timebill+replan (what the nodes run, default) | timebill | timebill:k=3 | vanilla | alpha=0.5 | truncate")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every recorded budget")
     p.add_argument("--budget", type=float, help="use this budget (s) for requests recorded without one")
     p.add_argument("--limit", type=int, help="replay only the first N requests")
@@ -62,59 +63,45 @@ def _wait_until(t: float) -> None:
 
 # --------------------------------------------------------------------------------- offline
 class OfflineServer:
-    """The engine plus the chosen policy: what the ROS server does, in one process."""
+    """The request pipeline the generator node runs, in this process, under a chosen policy."""
 
     def __init__(self, cfg, policy_text: str, log: Callable[[str], None]):
-        from timebill_ros.core import calibration as cal
+        from timebill_ros.core.calibration import time_model_for
         from timebill_ros.core.engine import Engine
         from timebill_ros.core.evaluation.policies import parse_policy
         from timebill_ros.core.length_predictor import load_length_predictor
+        from timebill_ros.core.pipeline import FixedLength, Pipeline, PredictorLength
 
         self.cfg, self.policy = cfg, parse_policy(policy_text)
         self.engine = Engine.from_config(cfg)
-        self.model = self.predictor = None
-        if self.policy.budget_dependent:
-            self.model = cal.load_profile_for(self.engine.profile_key(), cfg.profile_path or None).model
-            self.predictor = load_length_predictor(cfg, logger=log)
+        model, _ = time_model_for(cfg, self.engine.profile_key(), log=log)
+        lengths = (PredictorLength(load_length_predictor(cfg, logger=log)) if self.policy.budget_dependent
+                   else FixedLength(None))
+        self.pipeline = Pipeline(self.engine, model, cfg, lengths)
 
     def serve(self, req, release: float) -> Dict:
         """One request released at ``release`` (monotonic): a result dict shaped like TimedInference.Result."""
-        from timebill_ros.core.budget import AlphaChooser
-        from timebill_ros.core.engine import GenerationRequest
-        from timebill_ros.core.errors import DeadlinePassedError
+        from timebill_ros.core.errors import TimeBillError
+        from timebill_ros.core.pipeline import Job
 
-        cfg, pol = self.cfg, self.policy
-        max_new = req.max_new_tokens or cfg.max_new_tokens
-        overrun = "truncate" if pol.kind == "truncate" else (req.overrun_policy or cfg.overrun_policy)
-        deadline = release + req.budget_s if req.budget_s is not None else None
-        chooser = None
-        n_hat = None
-        if pol.budget_dependent and deadline is not None:
-            p = self.predictor.predict(req.prompt)
-            n_hat = min(int(p.n_hat), max_new)
-            chooser = AlphaChooser(model=self.model, deadline=deadline, n_hat=n_hat, k=pol.k, n_max=cfg.n_max,
-                                   alpha_max=pol.alpha_max, max_new_tokens=max_new,
-                                   max_context=self.engine.max_context)
-        greq = GenerationRequest(prompt=req.prompt, system_prompt=req.system_prompt or None, max_new_tokens=max_new,
-                                 deadline=deadline, alpha=None if chooser else pol.alpha, overrun=overrun)
+        pol = self.policy
         try:
-            out = self.engine.generate(greq, choose_alpha=chooser)
-        except DeadlinePassedError as exc:
+            ids = self.engine.encode(req.prompt, req.system_prompt or None)
+        except TimeBillError as exc:
             return {"status": "rejected", "reason": str(exc), "completed": False, "deadline_met": False,
                     "finished_at": time.monotonic()}
-        if out.completed:
-            status = "succeeded" if out.deadline_met or deadline is None else "deadline_missed"
-        elif out.stop_reason == "deadline":
-            status = "truncated" if overrun == "truncate" else "killed"
-        else:
-            status = out.stop_reason
-        return {"status": status, "reason": chooser.verdict.reason if chooser and chooser.verdict else "",
-                "text": out.text, "completed": out.completed,
-                "deadline_met": out.deadline_met or (out.completed and deadline is None), "alpha": out.alpha,
-                "predicted_length": n_hat or 0, "prompt_tokens": out.kv_before, "tokens_generated":
-                    out.tokens_generated, "kv_before": out.kv_before, "kv_after": out.kv_after,
-                "prefill_s": out.prefill_s, "decode_s": out.decode_s, "total_s": out.finished_at - release,
-                "finished_at": out.finished_at}
+        job = Job(request_id=req.request_id, input_ids=ids, prompt=req.prompt, system_prompt=req.system_prompt or "",
+                  deadline=release + req.budget_s if req.budget_s is not None else math.inf, accepted_at=release,
+                  max_new_tokens=req.max_new_tokens or self.cfg.max_new_tokens,
+                  overrun="truncate" if pol.kind == "truncate" else (req.overrun_policy or self.cfg.overrun_policy),
+                  alpha=None if pol.budget_dependent else pol.alpha, k=pol.k, replan=pol.replan)
+        out = self.pipeline.run(job)
+        d = out.summary()
+        d["finished_at"] = release + out.finished_at_s
+        return d
+
+    def close(self) -> None:
+        self.pipeline.close()
 
 
 # ---------------------------------------------------------------------------------- online
@@ -218,7 +205,7 @@ def run(args) -> int:
             _wait_until(release)
             res = server.serve(req, release)
             late = 0.0
-            if req.budget_s is not None and res["status"] not in ("rejected",):
+            if req.budget_s is not None:  # a refusal that arrives late is a miss too
                 late = max(res["finished_at"] - (release + req.budget_s), 0.0)
             row = {"request_id": req.request_id, "task_id": (req.task or {}).get("id"), "budget_s": req.budget_s,
                    **{k: v for k, v in res.items() if k != "finished_at"}, "late_s": late,

@@ -295,6 +295,25 @@ def load_time_model(cfg, running_key: Optional[Mapping[str, str]] = None) -> Opt
     return load_profile(path, key).model
 
 
+# Coefficients fitted to SmolLM2-135M, fp32, on the project's 2-core CPU while it was busy (load ~7,
+# 1 thread): pessimistic on purpose; used only until `timebill calibrate` writes a profile.
+FALLBACK_TIME_MODEL = dict(a=4.9e-7, b=2.7e-3, c=0.08, p=1.15e-5, q=0.10)
+
+
+def time_model_for(cfg, running_key: Optional[Mapping[str, str]] = None, log=print):
+    """(model, source) for every user of a time model: the calibrated, key-checked profile
+    ("profile"), else the built-in pessimistic coefficients ("fallback"), saying why."""
+    try:
+        model = load_time_model(cfg, running_key)
+        if model is not None:
+            return model, "profile"
+        log("no timing profile for this setup (run `timebill calibrate`); using built-in SmolLM2/CPU "
+            "coefficients")
+    except Exception as exc:  # noqa: BLE001 - a stale profile must not take a node down
+        log(f"timing profile unusable: {exc}; using built-in SmolLM2/CPU coefficients")
+    return ExecutionTimeModel.from_dict(FALLBACK_TIME_MODEL), "fallback"
+
+
 # ------------------------------------------------------------------------------------- report
 def _errors(ms: Sequence[Measurement], predict, statistic: str):
     return [(m.n, m.value(statistic), predict(m.n), m.held_out) for m in ms]

@@ -13,7 +13,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-OVERRUN_POLICIES = ("kill", "truncate")
+# How a goal that cannot finish by its deadline ends: kill (stopped, no text), truncate (the text
+# so far), skip-next (it runs on; goals that waited meanwhile are skipped). The one spelling.
+OVERRUN_POLICIES = ("kill", "truncate", "skip-next")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -55,8 +57,10 @@ class TimeBillConfig:
     predictor_max_prompt_tokens: int = 256  # prompt compression N_p
     predictor_device: str = ""  # empty: the target's ``device`` (the paper runs its 0.5B predictor on the GPU)
     # --- ROS plumbing -----------------------------------------------------
+    prefill_chunk: int = 256  # prompt tokens per prefill chunk (deadline/cancel checked between); 0 = one pass
     estimate_slack_s: float = 0.05  # generator waits this long past prefill for an estimate
-    peer_timeout_s: float = 5.0  # server: generator unreachable this long -> abort the goal with a reason
+    peer_timeout_s: float = 5.0  # server: no generator heartbeat this long -> abort its goals with a reason
+    heartbeat_s: float = 0.25  # generator heartbeat period (liveness, pid, queue)
     record_bag: str = ""  # empty: do not record
 
     @property
@@ -72,6 +76,8 @@ class TimeBillConfig:
             raise ValueError(f"alpha_max must be in [0, 1), got {self.alpha_max}")
         if self.pessimism_k < 1.0:
             raise ValueError(f"pessimism_k must be >= 1, got {self.pessimism_k}")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
         for name in ("bucket_size", "num_buckets", "window_size", "kernel_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

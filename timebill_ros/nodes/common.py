@@ -14,7 +14,9 @@ from dataclasses import fields
 from types import SimpleNamespace
 from typing import Callable, Optional, Tuple
 
+from rclpy.duration import Duration
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.time import Time
 
 from timebill_ros.core.config import TimeBillConfig
 
@@ -23,21 +25,31 @@ ACTION_TIMED_INFERENCE = "timed_inference"  # planner-facing, on timebill_server
 ACTION_GENERATE = "timebill/generate"  # internal: server -> generator
 TOPIC_REQUESTS = "timebill/requests"  # server -> predictor, published with the generate goal
 TOPIC_ESTIMATES = "timebill/estimates"  # predictor -> generator (and anyone recording)
-SERVICE_ESTIMATE_BUDGET = "timebill/estimate_budget"  # planner-facing, on timebill_predictor
+TOPIC_HEARTBEAT = "timebill/heartbeat"  # generator -> server: alive (pid), lifecycle state, queue
+SERVICE_ESTIMATE_BUDGET = "timebill/estimate_budget"  # planner-facing, on timebill_generator
+SERVICE_PREDICT_LENGTH = "timebill/predict_length"  # generator -> predictor (EstimateBudget)
 
-# Requests and estimates must not be lost (a lost estimate costs a pessimistic N_max plan);
-# transient-local so a late-joining recorder or a restarted generator still sees the last few.
+# Requests and estimates must not be lost (a lost estimate costs a pessimistic N_max plan), but a
+# restarted node must not act on stale ones: reliable, volatile.
 CHANNEL_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+                         durability=DurabilityPolicy.VOLATILE)
+HEARTBEAT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                           durability=DurabilityPolicy.VOLATILE)
 
 # Action goal/result/cancel services: ROS's default keeps only the last 10 requests, so a burst
-# of more than 10 goals (several planners at once) silently loses the rest. Keep MAX_PENDING+.
+# of more than 10 goals (several planners at once) silently loses the rest.
 SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=256, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
 ACTION_QOS = dict(goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
                   cancel_service_qos_profile=SERVICE_QOS)
 
-N_THREADS = 8  # executor threads: a blocking execute callback must never starve the others
+from lifecycle_msgs.msg import Transition  # noqa: E402
+
+TRANSITIONS = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
+               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP,
+               "shutdown": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN}
+
+N_THREADS = 4  # executor threads: callbacks never block for long (execute callbacks are async)
 
 
 # --- parameters ---------------------------------------------------------------------------
@@ -55,29 +67,23 @@ def read_config(node) -> TimeBillConfig:
     return TimeBillConfig.from_mapping(values)
 
 
-# --- time -------------------------------------------------------------------------------
+# --- time (rclpy's Time/Duration; seconds as float at the edges) ---------------------------
 def duration_to_s(d) -> float:
-    return float(d.sec) + float(d.nanosec) * 1e-9
+    return Duration.from_msg(d).nanoseconds * 1e-9
 
 
 def s_to_duration(seconds: float):
-    from builtin_interfaces.msg import Duration
-
     if not math.isfinite(seconds):
         raise ValueError(f"a duration must be finite, got {seconds}")
-    ns = int(round(seconds * 1e9))
-    return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+    return Duration(nanoseconds=int(round(seconds * 1e9))).to_msg()
 
 
 def time_to_s(t) -> float:
-    return float(t.sec) + float(t.nanosec) * 1e-9
+    return Time.from_msg(t).nanoseconds * 1e-9
 
 
 def s_to_time(seconds: float):
-    from builtin_interfaces.msg import Time
-
-    ns = int(round(seconds * 1e9))
-    return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+    return Time(nanoseconds=int(round(seconds * 1e9))).to_msg()
 
 
 def ros_now_s(node) -> float:
@@ -86,7 +92,7 @@ def ros_now_s(node) -> float:
 
 
 def to_monotonic(ros_time_s: float, node) -> float:
-    """Map an absolute ROS time to time.monotonic(), which the engine's deadline uses."""
+    """Map an absolute ROS time to time.monotonic(), the clock the pipeline runs on."""
     return time.monotonic() + (ros_time_s - ros_now_s(node))
 
 
@@ -94,13 +100,23 @@ def uuid_hex(uuid_msg) -> str:
     return bytes(uuid_msg.uuid).hex()
 
 
-def copy_fields(src, dst):
-    """Copy same-named fields (Generate and TimedInference results/feedback share them)."""
-    names = set(dst.get_fields_and_field_types())
-    for name in src.get_fields_and_field_types():
+def copy_fields(src, dst, skip=()):
+    """Copy same-named fields: Generate and TimedInference results share them, and
+    ``core.outcome.Outcome`` uses the same names (its ``status`` is a name: see ``to_result``)."""
+    names = set(dst.get_fields_and_field_types()) - set(skip)
+    src_names = (src.get_fields_and_field_types() if hasattr(src, "get_fields_and_field_types")
+                 else vars(src))
+    for name in src_names:
         if name in names:
-            setattr(dst, name, getattr(src, name))
+            setattr(dst, name, type(getattr(dst, name))(getattr(src, name)))
     return dst
+
+
+def to_result(outcome, result_type):
+    """An action result from a pipeline ``Outcome``."""
+    result = copy_fields(outcome, result_type(), skip=("status",))
+    result.status = status_code(outcome.status, result_type)
+    return result
 
 
 # --- tokenizer without the model (server and predictor) -----------------------------------
@@ -127,51 +143,6 @@ class PromptTokenizer:
         from timebill_ros.core.engine import Engine
 
         return Engine.encode(self._encoder, prompt, system_prompt or None)
-
-
-# --- estimator / length-predictor glue ------------------------------------------------------
-# Coefficients fitted to SmolLM2-135M, fp32, on the project's 2-core CPU while it was busy (load ~7,
-# 1 thread): pessimistic on purpose; used only until `timebill calibrate` writes a profile.
-FALLBACK_TIME_MODEL = dict(a=4.9e-7, b=2.7e-3, c=0.08, p=1.15e-5, q=0.10)
-
-
-def load_time_model(cfg: TimeBillConfig, log: Callable[[str], None] = print, running_key=None):
-    """(ExecutionTimeModel, source): the calibrated, key-checked profile, else the fallback."""
-    from timebill_ros.core.calibration import load_time_model as load_calibrated
-    from timebill_ros.core.time_estimator import ExecutionTimeModel
-
-    try:
-        model = load_calibrated(cfg, running_key)
-        if model is not None:
-            return model, "profile"
-        log("no timing profile for this setup (run `timebill calibrate`); using built-in SmolLM2/CPU coefficients")
-    except Exception as exc:  # noqa: BLE001 - a stale profile must not take the node down
-        log(f"timing profile unusable: {safe_reason(exc)}; using built-in SmolLM2/CPU coefficients")
-    return ExecutionTimeModel.from_dict(FALLBACK_TIME_MODEL), "fallback"
-
-
-def effective_n_max(cfg: TimeBillConfig, max_new_tokens: int, n_prompt: int, max_context: int) -> int:
-    """Longest answer possible: N_max, the request's max_new_tokens and the context all cap it."""
-    return max(1, min(cfg.n_max, int(max_new_tokens), max(max_context - n_prompt, 1)))
-
-
-class LengthPredictor:
-    """N̂ for a prompt: the trained RLP when its checkpoint exists, else the documented fallback
-    N̂ = N_max (capped by the request's max_new_tokens): plan for the longest possible answer."""
-
-    def __init__(self, cfg: TimeBillConfig, log: Callable[[str], None] = print):
-        from timebill_ros.core.length_predictor import load_length_predictor
-
-        self.cfg = cfg
-        self.impl = load_length_predictor(cfg, logger=log)
-        self.is_fallback = getattr(self.impl, "meta", None) is None
-
-    def predict(self, prompt: str, n_cap: int) -> Tuple[int, int, bool]:
-        """(N̂, bucket, fallback) for one prompt; N̂ never exceeds ``n_cap``."""
-        if self.is_fallback:
-            return n_cap, 0, True
-        p = self.impl.predict(prompt)
-        return min(int(p.n_hat), n_cap), int(p.bucket), p.source == "fallback"
 
 
 def run_node(node, num_threads: int = N_THREADS) -> int:
@@ -202,17 +173,43 @@ def run_node(node, num_threads: int = N_THREADS) -> int:
     return 0
 
 
-def wait_future(future, timeout_s: Optional[float], poll_s: float = 0.01,
-                stop: Optional[Callable[[], bool]] = None) -> bool:
-    """Block this (executor) thread until ``future`` is done; other threads keep spinning."""
-    end = None if timeout_s is None else time.monotonic() + timeout_s
-    while not future.done():
-        if stop is not None and stop():
-            return False
-        if end is not None and time.monotonic() >= end:
-            return False
-        time.sleep(poll_s)
-    return True
+def wait_done(future, timeout_s: Optional[float]) -> bool:
+    """Block this thread until an rclpy ``future`` is done (another executor thread completes
+    it): an event, not a polling loop. For lifecycle transitions, which cannot be coroutines."""
+    import threading
+
+    done = threading.Event()
+    future.add_done_callback(lambda _f: done.set())
+    return done.wait(timeout_s) or future.done()
+
+
+def awaitable(concurrent_future, executor):
+    """An rclpy Future that completes with ``concurrent_future`` (set from any thread), so an
+    async execute callback can ``await`` the pipeline without holding an executor thread."""
+    from rclpy.task import Future
+
+    out = Future(executor=executor)
+    wake(out)
+    concurrent_future.add_done_callback(lambda f: out.set_result(f.result()))
+    return out
+
+
+def wake(future):
+    """Make completing ``future`` wake its executor: rclpy resumes a coroutine awaiting a future
+    only when the executor wakes, and a done callback is what triggers the wake."""
+    future.add_done_callback(lambda _f: None)
+    return future
+
+
+def status_code(name: str, result_type) -> int:
+    """The action's STATUS_* constant for a status name from core.outcome.STATUS_NAMES."""
+    return int(getattr(result_type, f"STATUS_{name.upper()}"))
+
+
+def status_name(code: int) -> str:
+    from timebill_ros.core.outcome import STATUS_NAMES
+
+    return STATUS_NAMES[code] if 0 <= code < len(STATUS_NAMES) else str(code)
 
 
 def safe_reason(exc: BaseException) -> str:

@@ -1,333 +1,307 @@
-"""timebill_generator: owns the model; prefill → take the estimate → solve α → evict → decode.
+"""timebill_generator: owns the model, the queue and the time model (a lifecycle node).
 
-It serves the internal ``timebill/generate`` action for the server. Prefill starts as soon as
-a goal arrives; meanwhile the predictor's ``Estimate`` for the same request id arrives on
-``timebill/estimates``. After prefill the node waits at most ``estimate_slack_s`` for it, and
-without one plans with N̂ = N_max (the conservative fallback), so a dead or slow predictor
-costs eviction, never a deadline. One model, one goal at a time: later goals wait (QUEUED) in an
-earliest-deadline-first queue (``core.scheduler.EdfQueue``); queued time counts against each
-goal's budget. Overrun policy ``skip-next``: a late goal runs on to its end, and the goals that
-waited meanwhile are skipped (REJECTED, with the reason).
+configure loads the model and builds the request pipeline (``core.pipeline``); cleanup frees
+them. Every goal of the internal ``timebill/generate`` action goes through that one pipeline:
+admission, the EDF queue, chunked prefill while the predictor's ``Estimate`` arrives on
+``timebill/estimates``, α, eviction, decoding with re-planning, and the outcome. Because the
+pipeline holds the queue and the online-recalibrated time model, this node also answers
+``timebill/estimate_budget``: the same model, the same queue, the same answer a goal gets.
+
+A heartbeat (pid, lifecycle state, last configure error, queue) goes out every
+``heartbeat_s`` from a timer, also during a long prefill: the server calls the generator lost
+only when the heartbeat stops. Execute callbacks are coroutines awaiting the pipeline, so a
+queued goal holds no thread.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import sys
 import threading
 import time
 from collections import OrderedDict
-from typing import Optional, Tuple
 
 import rclpy
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from timebill_ros.action import Generate
-from timebill_ros.core.budget import solve_alpha_after_prefill
-from timebill_ros.core.engine import Engine, GenerationRequest
-from timebill_ros.core.online_estimator import OnlineTimeModel
-from timebill_ros.core.replan import Replanner
-from timebill_ros.core.scheduler import EXECUTOR_THREADS, EdfQueue
-from timebill_ros.msg import Estimate
-from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, CHANNEL_QOS, TOPIC_ESTIMATES, declare_config,
-                                       effective_n_max, load_time_model, read_config, ros_now_s, run_node,
-                                       s_to_duration, safe_reason, time_to_s, to_monotonic, uuid_hex)
+from timebill_ros.core.calibration import time_model_for
+from timebill_ros.core.pipeline import Job, LengthEstimate, Pipeline
+from timebill_ros.msg import Estimate, Heartbeat
+from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, CHANNEL_QOS, HEARTBEAT_QOS,
+                                       SERVICE_ESTIMATE_BUDGET, SERVICE_PREDICT_LENGTH,
+                                       TOPIC_ESTIMATES, TOPIC_HEARTBEAT, awaitable, wake,
+                                       declare_config, duration_to_s, read_config,
+                                       run_node, s_to_duration, safe_reason, to_result,
+                                       time_to_s, to_monotonic, uuid_hex, ros_now_s)
+from timebill_ros.srv import EstimateBudget, PredictLength
 
 R = Generate.Result
 F = Generate.Feedback
+STAGES = {"queued": F.STAGE_QUEUED, "prefill": F.STAGE_PREFILL, "decoding": F.STAGE_DECODING}
 KEEP_ESTIMATES = 256
+PREDICT_TIMEOUT_S = 2.0  # EstimateBudget: without N̂ by then, plan with the cap (as a goal would)
 
 
-class _Job:
-    """Per-goal bookkeeping shared between the execute thread and the cancel callback."""
+class TopicLengths:
+    """N̂ from the predictor's ``Estimate`` messages, as a pipeline length source."""
 
     def __init__(self):
-        self.cancel = threading.Event()
-        self.tokens = 0  # tokens so far (updated by on_token)
-        self.tokens_at_cancel: Optional[int] = None
+        self._cv = threading.Condition()
+        self._got: "OrderedDict[str, LengthEstimate]" = OrderedDict()
+
+    def put(self, msg: Estimate) -> None:
+        with self._cv:
+            self._got[msg.request_id] = LengthEstimate(int(msg.predicted_length), bool(msg.fallback),
+                                                       time.monotonic(), float(msg.prediction_s))
+            while len(self._got) > KEEP_ESTIMATES:
+                self._got.popitem(last=False)
+            self._cv.notify_all()
+
+    def start(self, job: Job) -> None:
+        pass  # the server published the request to the predictor when it dispatched the goal
+
+    def wait(self, job: Job, until: float):
+        with self._cv:
+            self._cv.wait_for(lambda: job.request_id in self._got, max(until - time.monotonic(), 0.0))
+            return self._got.pop(job.request_id, None)
 
 
 def _trim_heap() -> None:
-    """Hand memory freed by a finished goal (its KV buffers) back to the OS."""
-    global _LIBC
+    """Hand memory freed by a finished goal or a cleanup (KV buffers, weights) back to the OS."""
     try:
-        if _LIBC is None:
-            import ctypes
+        import ctypes
 
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        _LIBC = False  # not glibc: nothing to do
+        pass  # not glibc: nothing to do
 
 
-_LIBC = None
-
-
-class GeneratorNode(Node):
+class GeneratorNode(LifecycleNode):
     def __init__(self):
         super().__init__("timebill_generator")
         declare_config(self)
-        self.cfg = read_config(self)
-        self.engine = Engine.from_config(self.cfg)
-        self.time_model, source = load_time_model(self.cfg, log=self.get_logger().warning,
-                                                  running_key=self.engine.profile_key())
-        self.queue = EdfQueue()
-        # all model work runs on one thread: the executor grows a thread per waiting goal, and each
-        # thread that ran torch keeps its per-thread memory (a 500-goal soak grew RSS 12 % without this)
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="timebill_model")
-        # online recalibration: the fitted model rescaled from served requests (forgetting 0.95)
-        self.online = OnlineTimeModel(self.time_model)
-        self._drift: list = []
+        self.cfg = self.pipeline = self.engine = None
+        self.state_label, self.error = "unconfigured", ""
+        self._active = False
+        self._group = ReentrantCallbackGroup()
+        self._lengths = TopicLengths()
+        self._entities: list = []
+        self._heartbeat = self.create_publisher(Heartbeat, TOPIC_HEARTBEAT, HEARTBEAT_QOS)
+        period = float(self.get_parameter("heartbeat_s").value) or 0.25
+        self.create_timer(period, self.publish_heartbeat, callback_group=self._group)
         from diagnostic_msgs.msg import DiagnosticArray
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diag_status = None  # the last online-estimator status, republished once a second
-        self.create_timer(1.0, self._publish_diagnostics)
-        self._estimates: "OrderedDict[str, Tuple[Estimate, float]]" = OrderedDict()
-        self._estimates_cv = threading.Condition()
-        self._jobs: dict[str, _Job] = {}
-        group = ReentrantCallbackGroup()
-        self.estimate_sub = self.create_subscription(Estimate, TOPIC_ESTIMATES, self.on_estimate, CHANNEL_QOS,
-                                                     callback_group=group)
-        self.action_server = ActionServer(self, Generate, ACTION_GENERATE, execute_callback=self.execute,
-                                          goal_callback=self.on_goal, cancel_callback=self.on_cancel,
-                                          callback_group=group, **ACTION_QOS)
-        self.get_logger().info(f"ready: model {self.cfg.model}, press {self.cfg.press}, timing model from {source}")
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=self._group)
+        self._predict = self.create_client(PredictLength, SERVICE_PREDICT_LENGTH,
+                                           callback_group=self._group)
 
-    # ----------------------------------------------------------------- callbacks
-    def on_estimate(self, msg: Estimate) -> None:
-        with self._estimates_cv:
-            self._estimates[msg.request_id] = (msg, ros_now_s(self))
-            while len(self._estimates) > KEEP_ESTIMATES:
-                self._estimates.popitem(last=False)
-            self._estimates_cv.notify_all()
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        from timebill_ros.core.engine import Engine
 
-    def on_goal(self, goal: Generate.Goal) -> GoalResponse:
-        return GoalResponse.ACCEPT if goal.request.input_ids else GoalResponse.REJECT
-
-    def on_cancel(self, goal_handle) -> CancelResponse:
-        job = self._jobs.get(uuid_hex(goal_handle.goal_id))
-        if job is not None:
-            job.tokens_at_cancel = job.tokens
-            job.cancel.set()
-        return CancelResponse.ACCEPT
-
-    def wait_estimate(self, request_id: str, until_monotonic: float) -> Optional[Tuple[Estimate, float]]:
-        with self._estimates_cv:
-            while request_id not in self._estimates:
-                left = until_monotonic - time.monotonic()
-                if left <= 0:
-                    return None
-                self._estimates_cv.wait(left)
-            return self._estimates.pop(request_id)
-
-    # ------------------------------------------------------------------- execute
-    def execute(self, goal_handle) -> Generate.Result:
-        rid = uuid_hex(goal_handle.goal_id)
-        job = self._jobs.setdefault(rid, _Job())
-        if goal_handle.is_cancel_requested:  # canceled before this thread registered the job
-            job.tokens_at_cancel = 0
-            job.cancel.set()
         try:
-            return self._run(goal_handle, goal_handle.request.request, job)
-        except Exception as exc:  # noqa: BLE001 - the server gets a reason, the node stays up
-            self.get_logger().error(f"request {rid[:8]} failed: {safe_reason(exc)}")
-            result = R(status=R.STATUS_ABORTED, reason=f"generator error: {safe_reason(exc)}")
-            goal_handle.abort()
-            return result
-        finally:
-            self._jobs.pop(rid, None)
-            _trim_heap()
+            self.cfg = read_config(self)
+            self.engine = Engine.from_config(self.cfg)
+            model, source = time_model_for(self.cfg, log=self.get_logger().warning,
+                                            running_key=self.engine.profile_key())
+        except Exception as exc:  # noqa: BLE001 - a failed configure says why (heartbeat.error)
+            self.error = f"configure failed: {safe_reason(exc)}"
+            self.get_logger().error(self.error)
+            self.cfg = self.engine = None
+            self.publish_heartbeat()
+            return TransitionCallbackReturn.FAILURE
+        self.error = ""
+        self.pipeline = Pipeline(self.engine, model, self.cfg, self._lengths, log=self.get_logger().info)
+        self._entities = [
+            self.create_subscription(Estimate, TOPIC_ESTIMATES, self._lengths.put, CHANNEL_QOS,
+                                     callback_group=self._group),
+            ActionServer(self, Generate, ACTION_GENERATE, execute_callback=self.execute,
+                         goal_callback=self.on_goal, cancel_callback=self.on_cancel,
+                         callback_group=self._group, **ACTION_QOS),
+            self.create_service(EstimateBudget, SERVICE_ESTIMATE_BUDGET, self.on_estimate_budget,
+                                callback_group=self._group),
+        ]
+        self.state_label = "inactive"
+        self.get_logger().info(f"configured: model {self.cfg.model}, press {self.cfg.press}, "
+                               f"timing model from {source}")
+        return TransitionCallbackReturn.SUCCESS
 
-    def _run(self, goal_handle, req, job: _Job) -> Generate.Result:
-        cfg, engine = self.cfg, self.engine
-        accepted_s, deadline_s = time_to_s(req.accepted_at), time_to_s(req.deadline)
-        rel = lambda: ros_now_s(self) - accepted_s  # noqa: E731 - seconds since the server accepted
-        result = R(estimate_received_s=-1.0, prompt_tokens=len(req.input_ids))
-        feedback = F(stage=F.STAGE_QUEUED)
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active, self.state_label = True, "active"
+        return super().on_activate(state)
 
-        def send_feedback(stage: int) -> None:
-            feedback.stage = stage
-            feedback.tokens_so_far = job.tokens
-            feedback.time_remaining = s_to_duration(max(deadline_s - ros_now_s(self), 0.0))
-            goal_handle.publish_feedback(feedback)
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active, self.state_label = False, "inactive"
+        return super().on_deactivate(state)
 
-        send_feedback(F.STAGE_QUEUED)
-        if not self.queue.acquire(req.request_id, to_monotonic(deadline_s, self), job.cancel.is_set):
-            skipped = self.queue.skipped(req.request_id)
-            if skipped:
-                result.status, result.reason = R.STATUS_REJECTED, skipped
-                result.finished_at_s = result.total_s = rel()
-                goal_handle.succeed()
-                return result
-            return self._finish_canceled(goal_handle, result, rel, "canceled while queued")
-        overran = False
-        policy = req.overrun_policy or cfg.overrun_policy
-        try:
-            ids = [int(t) for t in req.input_ids]
-            max_new = int(req.max_new_tokens) or cfg.max_new_tokens
-            # --- infeasible at any α (queued too long, or prefill alone outlasts the budget)? Then
-            # do not spend a prefill that cannot finish in time: end now, before the deadline.
-            left = deadline_s - ros_now_s(self)
-            time_model = self.online.model()
-            predicted_prefill = time_model.prefill_s(len(ids))
-            if left <= 0 or predicted_prefill > left:
-                return self._finish_infeasible(goal_handle, result, rel, (
-                    f"not started: predicted prefill {predicted_prefill:.2f} s > {max(left, 0):.2f} s left before "
-                    f"the deadline; no eviction ratio can help"))
-            # --- prefill (the predictor works in parallel) ---
-            send_feedback(F.STAGE_PREFILL)
-            result.prefill_start_s = rel()
-            started_mono = to_monotonic(accepted_s, self)
-            state = self.on_model_thread(engine.prefill, ids, capacity=min(engine.max_context, len(ids) + max_new + 1),
-                                   started_at=started_mono)
-            result.prefill_end_s = rel()
-            result.prefill_s = state.prefill_s
-            if job.cancel.is_set():
-                return self._finish_canceled(goal_handle, result, rel, "canceled during prefill")
-            # --- the estimate: already here, or wait at most the slack ---
-            got = self.wait_estimate(req.request_id, time.monotonic() + cfg.estimate_slack_s)
-            n_cap = effective_n_max(cfg, max_new, len(ids), engine.max_context)
-            if got is not None:
-                estimate, received_s = got
-                result.estimate_received_s = received_s - accepted_s
-                n_hat, result.estimate_fallback = min(int(estimate.predicted_length), n_cap), False
-            else:
-                n_hat, result.estimate_fallback = n_cap, True
-            # --- α: the least eviction whose WCET fits what is left of the budget ---
-            verdict = solve_alpha_after_prefill(
-                time_model, budget_s=deadline_s - accepted_s, elapsed_s=max(rel(), 0.0), n_prompt=len(ids),
-                n_hat=n_hat, prefill_s=state.prefill_s, k=cfg.pessimism_k, n_max=n_cap, alpha_max=cfg.alpha_max)
-            alpha = verdict.alpha
-            if alpha > 0:
-                self.on_model_thread(engine.evict, state, alpha)
-            result.alpha, result.predicted_length = alpha, n_hat
-            result.wcet_s = verdict.total_s
-            feedback.alpha, feedback.predicted_length = alpha, n_hat
-            # --- decode to the deadline ---
-            result.decode_start_s = rel()
-            send_feedback(F.STAGE_DECODING)
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.release()
+        return TransitionCallbackReturn.SUCCESS
 
-            def on_token(step: int, token_id: int, text: str) -> None:
-                job.tokens = step + 1
-                feedback.partial_text = text
-                send_feedback(F.STAGE_DECODING)
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.release()
+        return TransitionCallbackReturn.SUCCESS
 
-            skip_next = policy == "skip-next"  # runs on past the deadline; the queue skips the waiting goals
-            # re-planning during decode: steps slower than estimated or an answer longer than N̂
-            # make the Replanner evict more, so the answer can still finish by the deadline
-            replan = None if skip_next else Replanner(
-                state.cache, time_model, to_monotonic(deadline_s, self), n_hat=max(n_hat, 1), n_cap=n_cap,
-                n_prompt=len(ids), alpha_max=cfg.alpha_max, n_sink=cfg.n_sink, then=on_token)
-            out = self.on_model_thread(engine.decode, state, GenerationRequest(
-                input_ids=ids, max_new_tokens=max_new, deadline=None if skip_next else to_monotonic(deadline_s, self),
-                overrun="truncate" if skip_next else policy, on_token=replan or on_token, cancel=job.cancel))
-            if replan is not None and replan.events:
-                ev = replan.events
-                self.get_logger().info(f"request {req.request_id[:8]}: re-planned {len(ev)} time(s) during decode, "
-                                       f"KV {ev[0].kv_before} -> {ev[-1].kv_after}: {ev[0].reason}")
-            if skip_next and out.completed:
-                out.deadline_met = ros_now_s(self) <= deadline_s
-                overran = not out.deadline_met
-        finally:
-            self.queue.release(req.request_id, overran=overran,
-                               reason=f"skipped: goal {req.request_id[:8]} overran its deadline "
-                                      f"(overrun policy skip-next) while this goal waited")
-        result.finished_at_s = rel()
-        self._recalibrate(len(ids), state.prefill_s, out.kv_after, out.decode_step_s)
-        result.text, result.completed, result.deadline_met = out.text, out.completed, out.deadline_met
-        result.tokens_generated, result.kv_before, result.kv_after = out.tokens_generated, out.kv_before, out.kv_after
-        result.decode_s = out.decode_s
-        result.total_s = result.finished_at_s
-        if out.stop_reason == "cancelled":
-            steps = out.tokens_generated - (job.tokens_at_cancel or 0)
-            return self._finish_canceled(goal_handle, result, rel,
-                                         f"canceled: stopped {steps} decode step(s) after the cancel request")
-        slack = deadline_s - accepted_s - result.finished_at_s
-        why = "" if verdict.status == "met" else f"; solver: {verdict.status}: {verdict.reason}"
-        if replan is not None and replan.events:
-            why += (f"; re-planned {len(replan.events)} time(s) during decode (KV {replan.events[0].kv_before} -> "
-                    f"{replan.events[-1].kv_after})")
-        if out.completed and out.deadline_met:
-            result.status = R.STATUS_SUCCEEDED
-            result.reason = f"finished ({out.stop_reason}) {slack:.2f} s before the deadline"
-        elif out.completed:
-            result.status = R.STATUS_DEADLINE_MISSED
-            result.reason = f"finished ({out.stop_reason}) {-slack:.2f} s after the deadline{why}"
-        elif (req.overrun_policy or cfg.overrun_policy) == "truncate":
-            result.status = R.STATUS_TRUNCATED
-            result.reason = f"truncated at the deadline after {out.tokens_generated} tokens{why}"
+    def release(self) -> None:
+        """Free the model and the pipeline (cleanup, shutdown, SIGINT)."""
+        self._active = False
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            pipeline.close("the generator is shutting down")
+        for entity in self._entities:
+            entity.destroy() if isinstance(entity, ActionServer) else self._destroy(entity)
+        self._entities = []
+        self.engine = self.cfg = None
+        gc.collect()
+        _trim_heap()
+        self.state_label = "unconfigured"
+
+    def _destroy(self, entity) -> None:
+        if hasattr(entity, "srv_type"):
+            self.destroy_service(entity)
         else:
-            result.status = R.STATUS_KILLED
-            result.reason = f"killed at the deadline after {out.tokens_generated} tokens (overrun policy kill){why}"
-        goal_handle.succeed()
-        return result
+            self.destroy_subscription(entity)
 
-    def on_model_thread(self, fn, *args, **kwargs):
-        return self._model_thread.submit(fn, *args, **kwargs).result()
+    # ---------------------------------------------------------------- heartbeat
+    def publish_heartbeat(self) -> None:
+        snap = self.pipeline.snapshot() if self.pipeline is not None else {"queued": 0, "running": ""}
+        self._heartbeat.publish(Heartbeat(stamp=self.get_clock().now().to_msg(), pid=os.getpid(),
+                                          state=self.state_label, error=self.error,
+                                          queued=snap["queued"], running=snap["running"]))
 
-    def _recalibrate(self, n_prompt: int, prefill_s: float, kv_after: int, step_s) -> None:
-        """Feed one served request to the online estimator; warn when it leaves the fit's band."""
+    def _publish_diagnostics(self) -> None:
         from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-        self.online.observe_prefill(n_prompt, prefill_s)
-        self.online.observe_decode(kv_after, list(step_s))
-        drift = self.online.drift()
-        if [d.split(":")[0] for d in drift] != [d.split(":")[0] for d in self._drift]:
-            for d in drift:
-                self.get_logger().warning(d)
-        self._drift = drift
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        drift = pipeline.online.drift()
         st = DiagnosticStatus(name="timebill_generator: online estimator", hardware_id="timebill",
                               level=DiagnosticStatus.WARN if drift else DiagnosticStatus.OK,
                               message="; ".join(drift) or "measured times inside the fitted model's band")
         st.values = [KeyValue(key=k, value=f"{v:.4g}" if isinstance(v, float) else str(v))
-                     for k, v in self.online.summary().items()]
-        self._diag_status = st
-        self._publish_diagnostics()
+                     for k, v in pipeline.online.summary().items()]
+        msg = DiagnosticArray(status=[st])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(msg)
 
-    def _publish_diagnostics(self) -> None:
-        from diagnostic_msgs.msg import DiagnosticArray
+    # -------------------------------------------------------------------- goals
+    def on_goal(self, goal: Generate.Goal) -> GoalResponse:
+        return GoalResponse.ACCEPT if self._active and goal.request.input_ids else GoalResponse.REJECT
 
-        if self._diag_status is not None:
-            msg = DiagnosticArray(status=[self._diag_status])
-            msg.header.stamp = self.get_clock().now().to_msg()
-            self._diag_pub.publish(msg)
+    def on_cancel(self, goal_handle) -> CancelResponse:
+        if self.pipeline is not None:
+            self.pipeline.cancel(uuid_hex(goal_handle.goal_id))
+        return CancelResponse.ACCEPT
 
-    def _finish_infeasible(self, goal_handle, result, rel, reason: str) -> Generate.Result:
-        """Nothing can be produced in time, whatever the overrun policy: KILLED, with why."""
-        result.status, result.reason, result.alpha = R.STATUS_KILLED, reason, self.cfg.alpha_max
-        result.finished_at_s = result.total_s = rel()
-        goal_handle.succeed()
-        return result
+    async def execute(self, goal_handle) -> Generate.Result:
+        req = goal_handle.request.request
+        pipeline = self.pipeline
+        if pipeline is None:
+            goal_handle.abort()
+            return R(status=R.STATUS_ABORTED, reason="the generator is not configured",
+                     estimate_received_s=-1.0)
+        feedback = F()
 
-    def _finish_canceled(self, goal_handle, result, rel, reason: str) -> Generate.Result:
-        result.status, result.reason = R.STATUS_CANCELED, reason
-        result.finished_at_s = result.total_s = rel()
-        result.text = ""
+        def on_stage(job: Job, stage: str) -> None:
+            feedback.stage = STAGES[stage]
+            feedback.alpha, feedback.predicted_length = job.alpha_used, job.n_hat
+            self._feedback(goal_handle, feedback, job, deadline_s)
+
+        def on_token(step: int, token_id: int, text: str) -> None:
+            feedback.partial_text = text
+            self._feedback(goal_handle, feedback, job, deadline_s)
+
+        deadline_s = time_to_s(req.deadline)
+        job = Job(request_id=req.request_id, input_ids=[int(t) for t in req.input_ids],
+                  deadline=to_monotonic(deadline_s, self),
+                  accepted_at=to_monotonic(time_to_s(req.accepted_at), self),
+                  max_new_tokens=int(req.max_new_tokens), overrun=req.overrun_policy,
+                  prompt=req.prompt, system_prompt=req.system_prompt, on_stage=on_stage,
+                  on_token=on_token)
         if goal_handle.is_cancel_requested:
+            job.cancel.set()
+        outcome = await awaitable(pipeline.submit(job), self.executor)
+        result = to_result(outcome, R)
+        if outcome.status == "canceled" and goal_handle.is_cancel_requested:
             goal_handle.canceled()
         else:
-            goal_handle.abort()
+            goal_handle.succeed()
         return result
 
+    def _feedback(self, goal_handle, feedback, job: Job, deadline_s: float) -> None:
+        feedback.tokens_so_far = job.tokens
+        feedback.time_remaining = s_to_duration(max(deadline_s - ros_now_s(self), 0.0))
+        goal_handle.publish_feedback(feedback)
 
-def _limit_arenas(n: int = 2) -> None:
-    """glibc gives each new thread its own malloc arena (up to 8 per core) and keeps what it
-    touched; the executor's pool grows a thread per concurrently waiting goal, so without a cap the
-    generator's RSS creeps up with every new thread. M_ARENA_MAX = -8."""
-    try:
-        import ctypes
+    # ---------------------------------------------------------- estimate budget
+    async def on_estimate_budget(self, request, response):
+        budget = duration_to_s(request.time_budget)
+        pipeline = self.pipeline
+        if pipeline is None:
+            response.ok, response.reason = False, "the generator is not configured"
+            return response
+        if not request.prompt.strip():
+            response.ok, response.reason = False, "prompt is empty: nothing to answer"
+            return response
+        if not budget > 0:
+            response.ok, response.reason = False, f"time budget must be positive, got {budget:g} s"
+            return response
+        try:
+            ids = self.engine.encode(request.prompt, request.system_prompt or None)
+        except Exception as exc:  # noqa: BLE001 - answer with the reason instead of failing
+            response.ok, response.reason = False, safe_reason(exc)
+            return response
+        response.prompt_tokens = n_prompt = len(ids)
+        if n_prompt >= self.engine.max_context:
+            response.ok = False
+            response.reason = (f"prompt has {n_prompt} tokens; the model's context is "
+                               f"{self.engine.max_context} (no room to answer)")
+            return response
+        asked_at = time.monotonic()
+        cap = pipeline.n_cap(n_prompt, int(request.max_new_tokens))
+        n_hat, fallback, took = cap, True, 0.0
+        got = await self._predict_length(request.prompt, cap)
+        if got is not None and not got.fallback:
+            n_hat, fallback, took = min(int(got.predicted_length), cap), False, got.prediction_s
+        est = pipeline.estimate(n_prompt, budget - (time.monotonic() - asked_at), n_hat,
+                                int(request.max_new_tokens), predict_s=took)
+        v, adm = est.verdict, est.admission
+        model = pipeline.time_model()
+        from timebill_ros.core.time_estimator import wcet_length
 
-        ctypes.CDLL("libc.so.6").mallopt(-8, int(n))
-    except (OSError, AttributeError):
-        pass
+        response.ok, response.reason = True, est.reason
+        response.predicted_length, response.fallback = n_hat, fallback
+        response.n_hat_w = wcet_length(n_hat, self.cfg.pessimism_k, cap)
+        response.wcet_s = model.wcet_s(n_prompt, 0.0, n_hat, self.cfg.pessimism_k, cap, predict_s=took)
+        response.alpha, response.wcet_at_alpha_s = v.alpha, v.total_s
+        response.verdict, response.feasible = v.status, v.feasible and adm.admit
+        response.guaranteed = est.guaranteed
+        response.admissible, response.queued_ahead = adm.admit, adm.ahead
+        response.queue_ahead_s, response.admission_reason = float(adm.ahead_s), adm.reason
+        return response
+
+    async def _predict_length(self, prompt: str, cap: int):
+        """N̂ from the predictor node, or None when it is down or slower than PREDICT_TIMEOUT_S."""
+        if not self._predict.service_is_ready():
+            return None
+        future = wake(self._predict.call_async(PredictLength.Request(prompt=prompt, n_cap=cap)))
+        timer = threading.Timer(PREDICT_TIMEOUT_S, lambda: future.done() or future.cancel())
+        timer.start()
+        try:
+            return await future
+        except Exception:  # noqa: BLE001 - canceled by the timer: plan with the cap
+            return None
+        finally:
+            timer.cancel()
 
 
 def main(args=None) -> int:
-    _limit_arenas()
     rclpy.init(args=args)
     try:
         node = GeneratorNode()
@@ -335,7 +309,7 @@ def main(args=None) -> int:
         print(f"[timebill_generator] cannot start: {safe_reason(exc)}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    return run_node(node, num_threads=EXECUTOR_THREADS)  # queued goals each wait in a thread
+    return run_node(node)
 
 
 if __name__ == "__main__":

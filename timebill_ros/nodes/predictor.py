@@ -1,162 +1,123 @@
-"""timebill_predictor: predicts each request's answer length and WCET, beside the prefill.
+"""timebill_predictor: predicts each request's answer length beside the prefill (lifecycle).
 
-The server publishes every accepted request on ``timebill/requests`` at the moment it hands
+configure loads the response-length predictor (RLP) and the tokenizer; cleanup frees them.
+The server publishes every dispatched request on ``timebill/requests`` at the moment it hands
 the goal to the generator; this node answers with an ``Estimate`` on ``timebill/estimates``
-while the generator is still in prefill (TimeBill runs the RLP in parallel with prefill).
-It also serves ``timebill/estimate_budget`` so a planner can ask before sending a goal.
-Until a trained length predictor exists, N̂ = N_max (capped by max_new_tokens): the
-documented conservative fallback.
-
-For admission control it follows the generator's queue: requests it saw on
-``timebill/requests`` stay pending while the internal generate action reports them active
-(``_action/status``) and count as started once their feedback leaves STAGE_QUEUED.
+while the generator is still queued or in prefill (TimeBill runs the RLP in parallel with
+prefill). It also serves ``timebill/predict_length`` for the generator's EstimateBudget.
+Until a trained length predictor exists, N̂ = the answer cap: the documented fallback.
 """
 
 from __future__ import annotations
 
-import math
+import gc
 import sys
-import threading
 import time
 
 import rclpy
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from timebill_ros.core.budget import solve_alpha
-from timebill_ros.core.scheduler import Pending, admission
+from timebill_ros.core.calibration import time_model_for
+from timebill_ros.core.pipeline import answer_cap
 from timebill_ros.core.time_estimator import wcet_length
 from timebill_ros.msg import Estimate, Request
-from timebill_ros.nodes.common import (ACTION_GENERATE, CHANNEL_QOS, SERVICE_ESTIMATE_BUDGET, TOPIC_ESTIMATES, TOPIC_REQUESTS,
-                                       LengthPredictor, PromptTokenizer, declare_config, duration_to_s,
-                                       effective_n_max, load_time_model, read_config, ros_now_s, run_node,
+from timebill_ros.nodes.common import (CHANNEL_QOS, SERVICE_PREDICT_LENGTH, TOPIC_ESTIMATES,
+                                       TOPIC_REQUESTS, PromptTokenizer, declare_config,
+                                       read_config, ros_now_s, run_node,
                                        safe_reason, time_to_s)
-from timebill_ros.srv import EstimateBudget
+from timebill_ros.srv import PredictLength
 
 
-class PredictorNode(Node):
+class PredictorNode(LifecycleNode):
     def __init__(self):
         super().__init__("timebill_predictor")
         declare_config(self)
-        self.cfg = read_config(self)
-        log = self.get_logger().warning
-        self.tokenizer = PromptTokenizer(self.cfg)
-        self.time_model, source = load_time_model(self.cfg, log=log)
-        self.lengths = LengthPredictor(self.cfg, log=log)
-        group = ReentrantCallbackGroup()
-        self.estimates = self.create_publisher(Estimate, TOPIC_ESTIMATES, CHANNEL_QOS)
-        self.requests = self.create_subscription(Request, TOPIC_REQUESTS, self.on_request, CHANNEL_QOS,
-                                                 callback_group=group)
-        self._pending: dict = {}  # request id -> Pending, while the generator holds it
-        self._pending_lock = threading.Lock()
-        self._active: set = set()  # generate goals the last action status message listed as active
-        from action_msgs.msg import GoalStatusArray
-        from rclpy.qos import qos_profile_action_status_default
+        self.cfg = self.lengths = self.tokenizer = self.time_model = None
+        self._entities: list = []
+        self._group = ReentrantCallbackGroup()
 
-        from timebill_ros.action import Generate
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        from timebill_ros.core.length_predictor import load_length_predictor
 
-        self.create_subscription(GoalStatusArray, f"{ACTION_GENERATE}/_action/status", self.on_generate_status,
-                                 qos_profile_action_status_default, callback_group=group)
-        self.create_subscription(Generate.Impl.FeedbackMessage, f"{ACTION_GENERATE}/_action/feedback",
-                                 self.on_generate_feedback, 10, callback_group=group)
-        self.service = self.create_service(EstimateBudget, SERVICE_ESTIMATE_BUDGET, self.on_estimate_budget,
-                                           callback_group=group)
-        self.get_logger().info(
-            f"ready: length predictor {'N_max fallback' if self.lengths.is_fallback else 'RLP'}, "
-            f"timing model from {source}")
+        try:
+            self.cfg = read_config(self)
+            log = self.get_logger().warning
+            self.tokenizer = PromptTokenizer(self.cfg)
+            self.time_model, _ = time_model_for(self.cfg, log=log)
+            self.lengths = load_length_predictor(self.cfg, logger=log)
+        except Exception as exc:  # noqa: BLE001 - a failed configure says why
+            self.get_logger().error(f"configure failed: {safe_reason(exc)}")
+            self.cfg = self.lengths = self.tokenizer = None
+            return TransitionCallbackReturn.FAILURE
+        self._entities = [
+            self.create_publisher(Estimate, TOPIC_ESTIMATES, CHANNEL_QOS),
+            self.create_subscription(Request, TOPIC_REQUESTS, self.on_request, CHANNEL_QOS,
+                                     callback_group=self._group),
+            self.create_service(PredictLength, SERVICE_PREDICT_LENGTH, self.on_predict_length,
+                                callback_group=self._group),
+        ]
+        fallback = getattr(self.lengths, "meta", None) is None
+        self.get_logger().info(f"configured: length predictor {'N_max fallback' if fallback else 'RLP'}")
+        return TransitionCallbackReturn.SUCCESS
 
-    def predict(self, prompt: str, n_prompt: int, max_new_tokens: int):
-        """(N̂, bucket, fallback, N̂_W, N cap, WCET at α=0, seconds the prediction took)."""
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def release(self) -> None:
+        pub, sub, srv = self._entities or (None, None, None)
+        if pub is not None:
+            self.destroy_publisher(pub)
+            self.destroy_subscription(sub)
+            self.destroy_service(srv)
+        self._entities = []
+        self.cfg = self.lengths = self.tokenizer = self.time_model = None
+        gc.collect()
+
+    # ----------------------------------------------------------------- predicting
+    def predict(self, prompt: str, cap: int):
+        """(N̂ ≤ cap, bucket, fallback, seconds the prediction took)."""
         t0 = time.monotonic()
-        cap = effective_n_max(self.cfg, max_new_tokens or self.cfg.max_new_tokens, n_prompt,
-                              self.tokenizer.max_context)
-        n_hat, bucket, fallback = self.lengths.predict(prompt, cap)
-        n_w = wcet_length(n_hat, self.cfg.pessimism_k, cap)
-        took = time.monotonic() - t0
-        wcet = self.time_model.wcet_s(n_prompt, 0.0, n_hat, self.cfg.pessimism_k, cap, predict_s=took)
-        return n_hat, bucket, fallback, n_w, cap, wcet, took
-
-    def on_generate_status(self, msg) -> None:
-        with self._pending_lock:
-            self._active = {bytes(s.goal_info.goal_id.uuid).hex() for s in msg.status_list if s.status in (1, 2, 3)}
-
-    def on_generate_feedback(self, msg) -> None:
-        rid = bytes(msg.goal_id.uuid).hex()
-        if msg.feedback.stage != msg.feedback.STAGE_QUEUED:
-            with self._pending_lock:
-                if rid in self._pending and not self._pending[rid][0].started:
-                    p = self._pending[rid][0]
-                    self._pending[rid] = (Pending(p.job_id, p.deadline, p.n_prompt, True), self._pending[rid][1])
-
-    def pending(self) -> list:
-        now, mono = ros_now_s(self), time.monotonic()
-        with self._pending_lock:
-            for rid in [r for r, (_, seen) in self._pending.items() if r not in self._active and seen < mono - 2.0]:
-                del self._pending[rid]  # ended (a 2 s grace: a new goal may not be in a status message yet)
-            for rid in [r for r, (p, _) in self._pending.items() if p.deadline < now - 60.0]:
-                del self._pending[rid]  # long past its deadline: the server has given up on it
-            return [p for p, _ in self._pending.values()]
+        p = self.lengths.predict(prompt)
+        fallback = getattr(p, "source", "model") == "fallback"
+        n_hat = cap if fallback else min(int(p.n_hat), cap)
+        return n_hat, int(getattr(p, "bucket", 0)), fallback, time.monotonic() - t0
 
     def on_request(self, req: Request) -> None:
-        if time_to_s(req.deadline) <= ros_now_s(self):
-            return
-        with self._pending_lock:
-            self._pending[req.request_id] = (Pending(req.request_id, time_to_s(req.deadline), len(req.input_ids)),
-                                             time.monotonic())  # a replayed (transient-local) request whose deadline is gone: nobody waits for it
-        n_hat, bucket, fallback, n_w, _, wcet, took = self.predict(req.prompt, len(req.input_ids),
-                                                                   req.max_new_tokens)
-        msg = Estimate(request_id=req.request_id, stamp=self.get_clock().now().to_msg(),
-                       prompt_tokens=len(req.input_ids), predicted_length=n_hat, predicted_bucket=bucket,
-                       n_hat_w=n_w, fallback=fallback, wcet_s=wcet, prediction_s=took)
-        self.estimates.publish(msg)
+        lengths, cfg = self.lengths, self.cfg
+        if lengths is None or time_to_s(req.deadline) <= ros_now_s(self):
+            return  # not configured, or nobody waits for it any more
+        n = len(req.input_ids)
+        cap = answer_cap(cfg.n_max, req.max_new_tokens or cfg.max_new_tokens, n,
+                         self.tokenizer.max_context)
+        n_hat, bucket, fallback, took = self.predict(req.prompt, cap)
+        wcet = self.time_model.wcet_s(n, 0.0, n_hat, cfg.pessimism_k, cap, predict_s=took)
+        pub = self._entities[0] if self._entities else None
+        if pub is not None:
+            pub.publish(Estimate(request_id=req.request_id, stamp=self.get_clock().now().to_msg(),
+                                 prompt_tokens=n, predicted_length=n_hat, predicted_bucket=bucket,
+                                 n_hat_w=wcet_length(n_hat, cfg.pessimism_k, cap), fallback=fallback,
+                                 wcet_s=wcet, prediction_s=took))
 
-    def on_estimate_budget(self, request: EstimateBudget.Request, response: EstimateBudget.Response):
-        budget = duration_to_s(request.time_budget)
-        if not request.prompt.strip():
-            response.ok, response.reason = False, "prompt is empty: nothing to answer"
+    def on_predict_length(self, request, response):
+        if self.lengths is None:
+            response.fallback, response.predicted_length = True, request.n_cap
             return response
-        if not math.isfinite(budget) or budget <= 0:
-            response.ok, response.reason = False, f"time budget must be positive, got {budget:g} s"
-            return response
-        try:
-            ids = self.tokenizer.encode(request.prompt, request.system_prompt)
-        except Exception as exc:  # noqa: BLE001 - answer with the reason instead of failing the call
-            response.ok, response.reason = False, safe_reason(exc)
-            return response
-        n_prompt = len(ids)
-        response.prompt_tokens = n_prompt
-        if n_prompt >= self.tokenizer.max_context:
-            response.ok = False
-            response.reason = (f"prompt has {n_prompt} tokens; the model's context is "
-                               f"{self.tokenizer.max_context} (no room to answer)")
-            return response
-        n_hat, _, fallback, n_w, cap, wcet, took = self.predict(request.prompt, n_prompt, request.max_new_tokens)
-        verdict = solve_alpha(self.time_model, budget, n_prompt, n_hat, k=self.cfg.pessimism_k, n_max=cap,
-                              alpha_max=self.cfg.alpha_max, predict_s=took)
-        response.ok = True
-        response.reason = verdict.reason
-        response.predicted_length, response.n_hat_w, response.fallback = n_hat, n_w, fallback
-        response.wcet_s = wcet
-        response.alpha = verdict.alpha
-        response.wcet_at_alpha_s = verdict.total_s
-        response.verdict = verdict.status
-        response.feasible = verdict.feasible
-        response.guaranteed = verdict.guaranteed
-        now = ros_now_s(self)
-        adm = admission(self.time_model, now, now + budget, n_prompt, self.pending(), self.cfg.alpha_max)
-        response.admissible, response.queued_ahead = adm.admit, adm.ahead
-        response.queue_ahead_s, response.admission_reason = float(adm.ahead_s), adm.reason
+        n_hat, bucket, fallback, took = self.predict(request.prompt, max(int(request.n_cap), 1))
+        response.predicted_length, response.predicted_bucket = n_hat, bucket
+        response.fallback, response.prediction_s = fallback, took
         return response
 
 
 def main(args=None) -> int:
     rclpy.init(args=args)
-    try:
-        node = PredictorNode()
-    except Exception as exc:  # noqa: BLE001 - one readable line, not a traceback
-        print(f"[timebill_predictor] cannot start: {safe_reason(exc)}", file=sys.stderr)
-        rclpy.try_shutdown()
-        return 1
+    node = PredictorNode()
     return run_node(node)
 
 

@@ -9,7 +9,7 @@ Policies choose the KV eviction ratio α for one request:
 Overrun strategies decide what a late job does to a sequence of jobs released every T seconds
 (each job's deadline is the next release, as in periodic real-time tasks):
 - ``kill``       the late job is stopped at its deadline: no answer (score 0); the next job starts on time.
-- ``skip_next``  the late job runs to the end and delivers its answer late (scored, but not
+- ``skip-next``  the late job runs to the end and delivers its answer late (scored, but not
                  counted as completed); every job released while it runs is skipped (score 0).
 A job is *completed* when it finished (EOS or max_new_tokens) by its deadline, under both.
 """
@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
-OVERRUNS = ("kill", "skip_next")
+OVERRUNS = ("kill", "skip-next")
 FIXED_ALPHAS = (0.25, 0.5, 0.75, 0.95)
 
 
@@ -175,7 +175,7 @@ def run_truncate(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
     return out
 
 
-RUNNERS = {"kill": run_kill, "skip_next": run_skip_next, "truncate": run_truncate}
+RUNNERS = {"kill": run_kill, "skip-next": run_skip_next, "truncate": run_truncate}
 
 
 def simulate(jobs: Sequence[Job], budget_s: float, overrun: str) -> List[JobOutcome]:

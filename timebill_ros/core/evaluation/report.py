@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-OVERRUN_TITLES = {"kill": "Kill", "skip_next": "Skip-Next"}
+OVERRUN_TITLES = {"kill": "Kill", "skip-next": "Skip-Next"}
 
 
 def _clean(x: Any) -> Any:
@@ -77,7 +77,7 @@ def markdown(results: dict) -> str:
         budgets = d["budgets_s"]
         toks = d.get("prompt_tokens", [])
         lines += [f"## Prompts of ~{g} tokens ({d['n_prompts']} prompts, {min(toks)}–{max(toks)} tokens)", ""]
-        for ov in ("kill", "skip_next"):
+        for ov in ("kill", "skip-next"):
             rows = _rows(d["table"], ov)
             lines += [f"### {OVERRUN_TITLES[ov]}", "",
                       "| policy | " + " | ".join(f"T={b:g}s" for b in budgets) + " |",
@@ -94,7 +94,7 @@ def markdown(results: dict) -> str:
         lines += ["### How late were the late jobs (seconds past the deadline; Kill: how long they would "
                   "have run on)", "", "| policy | " + " | ".join(f"T={b:g}s" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
-        for ov in ("kill", "skip_next"):
+        for ov in ("kill", "skip-next"):
             for pol, by_b in _rows(d["table"], ov).items():
                 if pol == "truncate" and ov != "kill":
                     continue
@@ -115,7 +115,7 @@ def markdown(results: dict) -> str:
             for k, rs in by_k.items():
                 a = rs["kill"]["alphas"]
                 lines.append(f"| {k:g} | {sum(a) / len(a):.2f} | " + " | ".join(
-                    f"{_pct(rs[o]['completion_rate'])} / {_num(rs[o]['avg_score'])}" for o in ("kill", "skip_next")) + " |")
+                    f"{_pct(rs[o]['completion_rate'])} / {_num(rs[o]['avg_score'])}" for o in ("kill", "skip-next")) + " |")
             if len({tuple(rs["kill"]["alphas"]) for rs in by_k.values()}) == 1:
                 lines += ["", "α did not change with k here: the pessimistic length min(k·N̂, max_new_tokens) was "
                           "already max_new_tokens at the smallest k (N̂ close to, or equal to, the cap — as with "
@@ -166,7 +166,7 @@ def figures(results: dict, out_dir: Path) -> List[Path]:
     paths: List[Path] = []
     for g, d in results.get("groups", {}).items():
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-        for col, ov in enumerate(("kill", "skip_next")):
+        for col, ov in enumerate(("kill", "skip-next")):
             for pol, by_b in _rows(d["table"], ov).items():
                 bs = sorted(by_b)
                 axes[0, col].plot(bs, [100 * by_b[b]["completion_rate"] for b in bs], label=pol, **_style(pol))
@@ -186,7 +186,7 @@ def figures(results: dict, out_dir: Path) -> List[Path]:
 
         if d.get("k_sweep"):
             fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-            for ov in ("kill", "skip_next"):
+            for ov in ("kill", "skip-next"):
                 rs = sorted((r for r in d["k_sweep"] if r["overrun"] == ov), key=lambda r: r["k"])
                 ks = [r["k"] for r in rs]
                 axes[0].plot(ks, [100 * r["completion_rate"] for r in rs], marker="o", label=OVERRUN_TITLES[ov])
@@ -205,7 +205,7 @@ def figures(results: dict, out_dir: Path) -> List[Path]:
             paths.append(p)
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-        for col, ov in enumerate(("kill", "skip_next")):
+        for col, ov in enumerate(("kill", "skip-next")):
             for pol, by_b in _rows(d["table"], ov).items():
                 if pol == "truncate":
                     continue

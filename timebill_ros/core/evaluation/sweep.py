@@ -59,6 +59,7 @@ class Run:
 @dataclass
 class PromptResult:
     task: Task
+    input_ids: List[int]
     n_prompt: int
     prefill_s: float
     n_hat: float
@@ -89,22 +90,40 @@ def group_of(task: Task) -> str:
 class Sweeper:
     """Holds the engine, the timing model and the length predictor; measures one prompt at a time."""
 
-    def __init__(self, engine, time_model, predictor, cfg: SweepConfig, log: Callable[[str], None] = None):
+    def __init__(self, engine, time_model, predictor, cfg: SweepConfig, log: Callable[[str], None] = None,
+                 config=None):
+        from ..config import TimeBillConfig
+        from ..pipeline import Pipeline
+
         self.engine, self.model, self.predictor, self.cfg = engine, time_model, predictor, cfg
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        # the generator node's pipeline, without online learning: every policy sees the same model
+        config = (config or TimeBillConfig()).replace(alpha_max=cfg.alpha_max)
+        self.pipeline = Pipeline(engine, time_model, config, learn=False)
+
+    def _job(self, res_or_task, **kw):
+        from ..pipeline import Job
+
+        task = getattr(res_or_task, "task", res_or_task)
+        return Job(request_id=task.id, input_ids=list(getattr(res_or_task, "input_ids", [0])), prompt=task.prompt,
+                   max_new_tokens=task.max_new_tokens, **kw)
 
     # -- one prompt -------------------------------------------------------------------
     def measure(self, task: Task) -> PromptResult:
         from ..eviction import n_keep
 
+        from ..outcome import Outcome
+
         eng = self.engine
         ids = eng.encode(task.prompt, task.system_prompt or None)
-        base = eng.prefill(ids, capacity=len(ids) + task.max_new_tokens + 1, started_at=0.0)
+        job = self._job(task, accepted_at=time.monotonic())
+        job.input_ids = ids
+        base = self.pipeline.prefill(job, Outcome(status=""))  # chunked, exactly as the node runs it
         t0 = time.monotonic()
         pred = self.predictor.predict(task.prompt)  # as the predictor node does: text, N̂ capped below
         predict_s = time.monotonic() - t0
         n_hat = min(float(pred.n_hat), float(task.max_new_tokens))  # the server caps N̂ the same way
-        res = PromptResult(task=task, n_prompt=len(ids), prefill_s=base.prefill_s, n_hat=n_hat,
+        res = PromptResult(task=task, input_ids=ids, n_prompt=len(ids), prefill_s=base.prefill_s, n_hat=n_hat,
                            predict_s=float(getattr(pred, "latency_s", predict_s) or predict_s),
                            predictor_source=str(getattr(pred, "source", "model")))
 
@@ -139,23 +158,26 @@ class Sweeper:
         return b[len(b) // 2]
 
     def _decode(self, base, task: Task, alpha: float, replan=None) -> Run:
-        """Decode to the end; with ``replan=(res, budget, policy)`` the Replanner steers the run to
-        that budget's deadline (on the same clock the jobs are judged on)."""
-        from ..engine import GenerationRequest
-        from ..replan import Replanner
+        """Decode to the end through the pipeline's decode stage; with ``replan=(res, budget,
+        policy)`` the Replanner steers the run to that budget's deadline (on the clock the jobs
+        are judged on)."""
+        from ..outcome import Outcome
 
         eng = self.engine
         state = eng.clone_state(base)
         if alpha > 0:
             eng.evict(state, alpha)
         t0 = time.monotonic()
-        on_token = None
+        n_hat = max(int(replan[0].n_hat), 1) if replan is not None else 1
         if replan is not None:
             res, budget, pol = replan
-            deadline = t0 + budget - (self.wait_s(res) + state.evict_s)
-            on_token = Replanner(state.cache, self.model, deadline, n_hat=max(int(res.n_hat), 1),
-                                 n_cap=task.max_new_tokens, n_prompt=res.n_prompt, alpha_max=pol.alpha_max)
-        out = eng.decode(state, GenerationRequest(max_new_tokens=task.max_new_tokens, on_token=on_token))
+            job = self._job(res, deadline=t0 + budget - (self.wait_s(res) + state.evict_s), accepted_at=t0,
+                            replan=True)
+        else:
+            job = self._job(task, alpha=alpha, replan=False, accepted_at=t0)
+        job.input_ids = list(base.input_ids)
+        out = self.pipeline.decode(job, state, Outcome(status=""), n_hat, self.pipeline.n_cap(job),
+                                   stop_at_deadline=False).result
         offsets = [t - t0 for t in out.token_times]
         text = out.text
         return Run(alpha=out.alpha, kv_after=out.kv_after, evict_s=out.evict_s, decode_step_s=list(out.decode_step_s),
@@ -168,21 +190,12 @@ class Sweeper:
         return max(res.prefill_s, res.predict_s)
 
     def timebill_alpha(self, res: PromptResult, budget_s: float, k: float, alpha_max: float) -> float:
-        """α exactly as the engine's ``AlphaChooser`` would pick it after this prefill."""
-        from types import SimpleNamespace
-
-        from ..budget import AlphaChooser
-
+        """α exactly as the generator node's pipeline picks it after this prefill."""
         key = f"{k:g}|{budget_s:.6f}|{alpha_max:g}"
         if key in res.timebill_alpha:
             return res.timebill_alpha[key]
-        state = SimpleNamespace(n_prompt=res.n_prompt, started_at=0.0, prefill_s=res.prefill_s)
-        elapsed = self.wait_s(res)
-        chooser = AlphaChooser(model=self.model, deadline=budget_s, n_hat=res.n_hat, k=k, n_max=self.cfg.n_max,
-                               alpha_max=alpha_max, max_new_tokens=res.task.max_new_tokens,
-                               max_context=self.engine.max_context, clock=lambda: elapsed)
-        alpha = float(chooser(state))
-        v = chooser.verdict
+        job = self._job(res, deadline=budget_s, accepted_at=0.0, k=k)
+        alpha, v = self.pipeline.plan(job, res.prefill_s, res.n_hat, self.wait_s(res))
         res.timebill_alpha[key] = alpha
         res.verdicts[key] = {"status": v.status, "alpha": alpha, "wcet_s": v.total_s,
                              "expected_s": v.expected_total_s, "n_wcet": v.n_wcet}
@@ -336,8 +349,8 @@ def choose_budgets(time_model, tasks: Sequence[Task], count: int, alpha_max: flo
 
 
 def run_sweep(engine, time_model, predictor, tasks: Sequence[Task], cfg: SweepConfig,
-              log: Callable[[str], None] = None) -> Tuple[Sweeper, List[PromptResult], dict]:
-    sweeper = Sweeper(engine, time_model, predictor, cfg, log)
+              log: Callable[[str], None] = None, config=None) -> Tuple[Sweeper, List[PromptResult], dict]:
+    sweeper = Sweeper(engine, time_model, predictor, cfg, log, config)
     results = []
     t0 = time.monotonic()
     for i, task in enumerate(tasks):

@@ -1,0 +1,52 @@
+"""How a request ended: one record for the node's action result, the CLI and the benchmarks.
+
+Field names match ``TimedInference.Result`` so the nodes copy them by name; times on the
+timeline are seconds since the request was accepted (-1: that stage never happened).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+# The one table of status names, in the order of the action's STATUS_* constants.
+STATUS_NAMES = ("succeeded", "truncated", "killed", "deadline_missed", "canceled", "aborted",
+                "rejected")
+ANSWERED = ("succeeded", "truncated")  # statuses that carry an answer for the planner
+
+
+@dataclass
+class Outcome:
+    status: str
+    reason: str = ""
+    text: str = ""
+    completed: bool = False
+    deadline_met: bool = False
+    alpha: float = 0.0
+    predicted_length: int = 0
+    estimate_fallback: bool = False
+    wcet_s: float = 0.0
+    prompt_tokens: int = 0
+    tokens_generated: int = 0
+    kv_before: int = 0
+    kv_after: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    prefill_start_s: float = -1.0
+    prefill_end_s: float = -1.0
+    estimate_received_s: float = -1.0
+    decode_start_s: float = -1.0
+    finished_at_s: float = 0.0
+    verdict: Optional[Any] = None  # the solver's BudgetVerdict, when it chose α
+    replans: List[Any] = field(default_factory=list)
+    result: Optional[Any] = None  # the engine's GenerationResult (token ids and times)
+
+    @property
+    def status_code(self) -> int:
+        return STATUS_NAMES.index(self.status)
+
+    def summary(self) -> dict:
+        """The plain fields (for JSON reports)."""
+        skip = ("verdict", "replans", "result")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}

@@ -1,0 +1,523 @@
+"""One request's whole life, written once: admission → EDF queue → prefill ∥ length estimate →
+α → eviction → decode (with re-planning) → outcome.
+
+The generator node, ``timebill generate --budget``, offline ``timebill replay`` and the
+evaluation sweep all run requests through this class, so the α, the status and the reason a
+planner sees are the ones the benchmark measures. The pipeline owns the queue and the
+(online-recalibrated) time model, and so it alone answers "can this budget be met?".
+
+Every stage is bounded by the request's deadline: a queued job leaves the queue the moment it
+can no longer finish even at α_max; prefill runs in chunks and stops between two of them when
+the rest cannot finish in time or the job is canceled; decoding never starts a step it expects
+to end past the deadline. So every outcome — served, killed, canceled — is known by the
+deadline plus at most one prefill chunk or one decode step.
+
+Queued jobs hold no thread: one model worker runs jobs, one watcher ends queued jobs whose
+latest start has passed. ``submit`` returns a ``concurrent.futures.Future`` of the ``Outcome``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from .budget import BudgetVerdict, solve_alpha, solve_alpha_after_prefill
+from .config import TimeBillConfig
+from .errors import PrefillStopped, TimeBillError
+from .online_estimator import OnlineTimeModel
+from .outcome import Outcome
+from .scheduler import Admission, EdfQueue, Running, admission, min_job_s, worst_start
+from .time_estimator import ExecutionTimeModel, wcet_length
+
+MAX_PENDING = 128  # jobs held at once (queued + running); more are refused ("queue full")
+
+
+def answer_cap(n_max: int, max_new_tokens: int, n_prompt: int, max_context: int) -> int:
+    """Longest answer possible: N_max, the request's max_new_tokens and the context all cap it."""
+    return max(1, min(int(n_max), int(max_new_tokens), max(int(max_context) - int(n_prompt), 1)))
+
+
+@dataclass
+class LengthEstimate:
+    n_hat: int
+    fallback: bool  # no prediction: N̂ = the answer cap
+    received_at: float = -1.0  # pipeline clock, when the estimate reached the pipeline
+    prediction_s: float = 0.0
+
+
+class FixedLength:
+    """A known N̂ (tests, the sweep's shared prediction)."""
+
+    def __init__(self, n_hat: Optional[int], prediction_s: float = 0.0, clock=time.monotonic):
+        self.n_hat, self.prediction_s, self.clock = n_hat, prediction_s, clock
+
+    def start(self, job: "Job") -> None:
+        pass
+
+    def wait(self, job: "Job", until: float) -> Optional[LengthEstimate]:
+        if self.n_hat is None:
+            return None
+        return LengthEstimate(int(self.n_hat), False, self.clock(), self.prediction_s)
+
+
+class PredictorLength:
+    """The response-length predictor run beside prefill on its own thread (offline use)."""
+
+    def __init__(self, predictor, clock=time.monotonic):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.predictor, self.clock = predictor, clock
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="timebill_length")
+        self._futures: Dict[str, Future] = {}
+
+    def _predict(self, prompt: str) -> LengthEstimate:
+        t0 = time.monotonic()
+        p = self.predictor.predict(prompt)
+        fallback = getattr(p, "source", "model") == "fallback"
+        return LengthEstimate(int(p.n_hat), fallback, -1.0, time.monotonic() - t0)
+
+    def start(self, job: "Job") -> None:
+        self._futures[job.request_id] = self._pool.submit(self._predict, job.prompt)
+
+    def wait(self, job: "Job", until: float) -> Optional[LengthEstimate]:
+        fut = self._futures.pop(job.request_id, None)
+        if fut is None:
+            return None
+        try:
+            est = fut.result(timeout=max(until - self.clock(), 0.0))
+        except Exception:  # noqa: BLE001 - late or failed: the caller plans with the cap
+            return None
+        est.received_at = self.clock()
+        return est
+
+
+@dataclass(eq=False)
+class Job:
+    """One request. ``deadline`` and ``accepted_at`` are on the pipeline's clock."""
+
+    request_id: str
+    input_ids: List[int]
+    deadline: float = math.inf
+    max_new_tokens: int = 0  # 0: the config's default
+    overrun: str = ""  # '' = config default; kill | truncate | skip-next
+    prompt: str = ""
+    system_prompt: str = ""
+    accepted_at: Optional[float] = None
+    alpha: Optional[float] = None  # a fixed eviction ratio; None: the solver's (TimeBill)
+    k: Optional[float] = None  # pessimism; None: the config's
+    replan: bool = True  # re-plan during decode when behind (never under skip-next)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_stage: Optional[Callable[["Job", str], None]] = None  # queued | prefill | decoding
+    on_token: Optional[Callable[[int, int, str], None]] = None  # (step, token id, text so far)
+    tokens: int = 0  # tokens so far (feedback)
+    alpha_used: float = 0.0
+    n_hat: int = 0
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class BudgetEstimate:
+    """What the pipeline would do with a budget, asked before sending the goal."""
+
+    verdict: BudgetVerdict
+    admission: Admission
+    guaranteed: bool  # the worst case fits even if every job ahead runs to its deadline
+    n_cap: int
+    reason: str
+
+
+class Pipeline:
+    """Owns the model, the queue and the time model; runs jobs one at a time."""
+
+    def __init__(self, engine, time_model: ExecutionTimeModel, cfg: TimeBillConfig,
+                 lengths=None, *, learn: bool = True, clock: Callable[[], float] = time.monotonic,
+                 log: Callable[[str], None] = lambda m: None):
+        self.engine, self.cfg, self.clock, self.log = engine, cfg, clock, log
+        self.lengths = lengths or FixedLength(None, clock=clock)
+        self.online = OnlineTimeModel(time_model)
+        self.learn = learn
+        self._cv = threading.Condition()
+        self._queue = EdfQueue()
+        self._futures: Dict[str, Future] = {}
+        self._running: Optional[Running] = None
+        self._running_job: Optional[Job] = None
+        self._threads: List[threading.Thread] = []
+        self._closed = False
+        self.on_observed: Optional[Callable[[Outcome], None]] = None
+
+    # ------------------------------------------------------------------ the model
+    def time_model(self) -> ExecutionTimeModel:
+        return self.online.model()
+
+    def n_cap(self, job_or_n_prompt, max_new_tokens: int = 0) -> int:
+        if isinstance(job_or_n_prompt, Job):
+            n_prompt, max_new_tokens = job_or_n_prompt.n_prompt, job_or_n_prompt.max_new_tokens
+        else:
+            n_prompt = int(job_or_n_prompt)
+        return answer_cap(self.cfg.n_max, max_new_tokens or self.cfg.max_new_tokens, n_prompt,
+                          self.engine.max_context)
+
+    def latest_start(self, job: Job) -> float:
+        if job.overrun == "skip-next":
+            return math.inf  # it runs on past its deadline by choice
+        return job.deadline - min_job_s(self.time_model(), job.n_prompt, self.cfg.alpha_max)
+
+    # -------------------------------------------------------------- admission
+    def admission(self, n_prompt: int, deadline: float, now: Optional[float] = None) -> Admission:
+        now = self.clock() if now is None else now
+        with self._cv:
+            queued, running = self._queue.pending(), self._running
+        return admission(self.time_model(), now, deadline, n_prompt, queued, running,
+                         self.cfg.alpha_max)
+
+    def estimate(self, n_prompt: int, budget_s: float, n_hat: int, max_new_tokens: int = 0,
+                 predict_s: float = 0.0, now: Optional[float] = None) -> BudgetEstimate:
+        """EstimateBudget: the α a goal would get now, and whether its worst case is guaranteed."""
+        now = self.clock() if now is None else now
+        model, cap = self.time_model(), self.n_cap(n_prompt, max_new_tokens)
+        adm = self.admission(n_prompt, now + budget_s, now)
+        k, amax = self.cfg.pessimism_k, self.cfg.alpha_max
+        verdict = solve_alpha(model, budget_s, n_prompt, min(n_hat, cap), k=k, n_max=cap,
+                              alpha_max=amax, predict_s=predict_s)
+        # the worst case again, starting when every job ahead has run to its end
+        left = now + budget_s - adm.worst_start
+        worst = solve_alpha(model, left, n_prompt, min(n_hat, cap), k=k, n_max=cap,
+                            alpha_max=amax, predict_s=predict_s) if left > 0 else None
+        guaranteed = adm.admit and worst is not None and worst.guaranteed
+        reason = verdict.reason
+        if verdict.guaranteed and not guaranteed:
+            reason += (f"; not guaranteed: {adm.ahead} goal(s) ahead may hold the model until "
+                       f"{adm.worst_start - now:.3f} s from now")
+        return BudgetEstimate(verdict, adm, guaranteed, cap, reason)
+
+    # ------------------------------------------------------------------ queue
+    def submit(self, job: Job) -> Future:
+        """Admit ``job`` and queue it; the future's result is its ``Outcome`` (never an error)."""
+        now = self.clock()
+        if job.accepted_at is None:
+            job.accepted_at = now
+        job.overrun = job.overrun or self.cfg.overrun_policy
+        fut: Future = Future()
+        problem = self._check(job)
+        adm = None if problem else self.admission(job.n_prompt, job.deadline, now)
+        if problem or not adm.admit:
+            fut.set_result(self._end(job, "rejected", problem or adm.reason))
+            return fut
+        with self._cv:
+            if len(self._futures) >= MAX_PENDING:
+                fut.set_result(self._end(job, "rejected", f"queue full: {len(self._futures)} goals "
+                                         f"are queued or running (limit {MAX_PENDING}); retry later"))
+                return fut
+            self._futures[job.request_id] = fut
+            self._queue.push(job)
+            self._start_threads()
+            self._cv.notify_all()
+        if job.on_stage:
+            job.on_stage(job, "queued")
+        return fut
+
+    def run(self, job: Job) -> Outcome:
+        """Submit and wait (the CLI and offline replay)."""
+        return self.submit(job).result()
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued job at once, or stop a running one at its next chunk or step."""
+        with self._cv:
+            job = self._queue.remove(request_id)
+            running = self._running_job if self._running_job is not None and \
+                self._running_job.request_id == request_id else None
+            if running is not None:
+                running.cancel.set()
+                return True
+            if job is None:
+                return False
+            fut = self._futures.pop(request_id)
+            self._cv.notify_all()
+        job.cancel.set()
+        fut.set_result(self._end(job, "canceled", "canceled while queued"))
+        return True
+
+    def snapshot(self) -> dict:
+        with self._cv:
+            return {"queued": len(self._queue), "running": self._running.job_id if self._running else "",
+                    "order": self._queue.order()}
+
+    def close(self, reason: str = "the pipeline is shutting down") -> None:
+        """End every queued job with ``reason``, stop the running one, and the threads."""
+        with self._cv:
+            self._closed = True
+            queued = self._queue.drain()
+            if self._running_job is not None:
+                self._running_job.cancel.set()
+            self._cv.notify_all()
+        for job in queued:
+            fut = self._futures.pop(job.request_id, None)
+            if fut is not None:
+                fut.set_result(self._end(job, "aborted", reason))
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5.0)
+
+    def _start_threads(self) -> None:
+        if not self._threads:
+            for name, target in (("timebill_model", self._work), ("timebill_expiry", self._expire)):
+                t = threading.Thread(target=target, name=name, daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _expire(self) -> None:
+        """End queued jobs the moment they can no longer finish even at α_max."""
+        while True:
+            with self._cv:
+                if self._closed:
+                    return
+                now = self.clock()
+                gone = self._queue.expire(now, self.latest_start)
+                futs = [self._futures.pop(j.request_id) for j in gone]
+                if not gone:
+                    wait = self._queue.next_expiry(self.latest_start) - now
+                    self._cv.wait(None if math.isinf(wait) else max(wait, 0.001))
+                    continue
+            for job, fut in zip(gone, futs):
+                left = job.deadline - self.clock()
+                need = min_job_s(self.time_model(), job.n_prompt, self.cfg.alpha_max)
+                fut.set_result(self._end(job, "killed", (
+                    f"not started: still queued with {max(left, 0):.3f} s left, but even at "
+                    f"α_max={self.cfg.alpha_max:g} it needs {need:.3f} s (prefill of "
+                    f"{job.n_prompt} tokens + 1 step); no eviction ratio can help")))
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not len(self._queue):
+                    self._cv.wait()
+                if self._closed:
+                    return
+                job = self._queue.pop()
+                model = self.time_model()
+                now = self.clock()
+                self._running_job = job
+                self._running = Running(job.request_id, job.deadline,
+                                        now + min_job_s(model, job.n_prompt, self.cfg.alpha_max),
+                                        job.deadline if job.overrun != "skip-next" else math.inf)
+            try:
+                out = self.serve(job)
+            except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the worker
+                out = self._end(job, "aborted", f"generator error: {exc or type(exc).__name__}")
+            with self._cv:
+                self._running = self._running_job = None
+                fut = self._futures.pop(job.request_id, None)
+                if job.overrun == "skip-next" and out.completed and not out.deadline_met:
+                    skipped = self._queue.drain()
+                else:
+                    skipped = []
+                self._cv.notify_all()
+            for other in skipped:
+                f = self._futures.pop(other.request_id, None)
+                if f is not None:
+                    f.set_result(self._end(other, "rejected", (
+                        f"skipped: goal {job.request_id[:8]} overran its deadline (overrun "
+                        f"policy skip-next) while this goal waited")))
+            if fut is not None:
+                fut.set_result(out)
+
+    # ----------------------------------------------------------------- stages
+    def serve(self, job: Job) -> Outcome:
+        """Run one job now, on this thread: the stages after the queue."""
+        clock, cfg = self.clock, self.cfg
+        if job.accepted_at is None:
+            job.accepted_at = clock()
+        job.overrun = job.overrun or cfg.overrun_policy
+        model = self.time_model()
+        left = job.deadline - clock()
+        need = min_job_s(model, job.n_prompt, cfg.alpha_max)
+        if job.cancel.is_set():
+            return self._end(job, "canceled", "canceled while queued")
+        if job.overrun != "skip-next" and need > left:
+            return self._end(job, "killed", (
+                f"not started: predicted prefill and one step take {need:.3f} s > "
+                f"{max(left, 0):.3f} s left before the deadline; no eviction ratio can help"))
+        out = self._blank(job)
+        if job.on_stage:
+            job.on_stage(job, "prefill")
+        self.lengths.start(job)
+        try:
+            state = self.prefill(job, out)
+        except PrefillStopped as stop:
+            status = "canceled" if job.cancel.is_set() else "killed"
+            return self._end(job, status, stop.reason, out)
+        est = self.lengths.wait(job, clock() + cfg.estimate_slack_s)
+        cap = self.n_cap(job)
+        if est is not None and not est.fallback:
+            n_hat = min(int(est.n_hat), cap)
+            out.estimate_received_s = est.received_at - job.accepted_at
+        else:
+            n_hat = cap
+        out.estimate_fallback = est is None or est.fallback
+        alpha, verdict = self.plan(job, state.prefill_s, n_hat, clock() - job.accepted_at)
+        if alpha > 0:
+            self.engine.evict(state, alpha)
+        job.alpha_used, job.n_hat = alpha, n_hat
+        out.alpha, out.predicted_length, out.verdict = alpha, n_hat, verdict
+        out.wcet_s = verdict.total_s if verdict is not None else 0.0
+        with self._cv:
+            if self._running is not None and verdict is not None:
+                now = clock()
+                self._running.expected_end = job.accepted_at + verdict.expected_total_s
+                self._running.worst_end = min(self._running.worst_end,
+                                              job.accepted_at + verdict.total_s) \
+                    if verdict.guaranteed else self._running.worst_end
+                self._running.expected_end = max(self._running.expected_end, now)
+        return self.decode(job, state, out, n_hat, cap)
+
+    def prefill(self, job: Job, out: Outcome):
+        """Chunked prefill; stops between chunks on cancel or when the rest cannot finish."""
+        model, cfg, clock, n = self.time_model(), self.cfg, self.clock, job.n_prompt
+        step_min = model.decode_step_s(max(n * (1.0 - cfg.alpha_max), 1.0))
+        full = model.prefill_s(n)
+
+        def should_stop(done: int, elapsed: float) -> Optional[str]:
+            if job.cancel.is_set():
+                return f"canceled during prefill ({done} of {n} prompt tokens done)"
+            if job.overrun == "skip-next" or done <= 0:
+                return None
+            part = model.prefill_s(done)
+            rest = (full - part) * (elapsed / part if part > 0 else 1.0)
+            left = job.deadline - clock()
+            if rest + step_min > left:
+                return (f"stopped prefill after {done} of {n} prompt tokens: the rest needs about "
+                        f"{rest:.3f} s + one step {step_min:.3f} s, {max(left, 0):.3f} s left "
+                        f"before the deadline; no eviction ratio can help")
+            return None
+
+        out.prefill_start_s = clock() - job.accepted_at
+        cap = min(self.engine.max_context, n + (job.max_new_tokens or cfg.max_new_tokens) + 1)
+        state = self.engine.prefill(job.input_ids, capacity=cap, started_at=job.accepted_at,
+                                    chunk_tokens=cfg.prefill_chunk, should_stop=should_stop)
+        out.prefill_end_s = clock() - job.accepted_at
+        out.prefill_s = state.prefill_s
+        if self.learn:
+            self.online.observe_prefill(n, state.prefill_s)
+        return state
+
+    def plan(self, job: Job, prefill_s: float, n_hat: int, elapsed_s: float):
+        """(α, verdict): a fixed ratio, or the least eviction whose worst case fits what is left."""
+        if job.alpha is not None:
+            return float(job.alpha), None
+        if math.isinf(job.deadline):
+            return 0.0, None
+        cap = self.n_cap(job)
+        verdict = solve_alpha_after_prefill(
+            self.time_model(), budget_s=job.deadline - job.accepted_at, elapsed_s=max(elapsed_s, 0.0),
+            n_prompt=job.n_prompt, n_hat=min(n_hat, cap), prefill_s=prefill_s,
+            k=job.k if job.k is not None else self.cfg.pessimism_k, n_max=cap,
+            alpha_max=self.cfg.alpha_max)
+        return verdict.alpha, verdict
+
+    def decode(self, job: Job, state, out: Outcome, n_hat: int, cap: int,
+               stop_at_deadline: bool = True) -> Outcome:
+        """Decode to EOS, max_new_tokens, the deadline or a cancel. ``stop_at_deadline=False``
+        (the sweep, which judges every budget from one run's token times) runs on to the end,
+        still re-planning toward the deadline."""
+        from .engine import GenerationRequest
+        from .replan import Replanner
+
+        clock, cfg = self.clock, self.cfg
+        skip_next = job.overrun == "skip-next"
+        deadline = None if skip_next or math.isinf(job.deadline) else job.deadline
+
+        def on_token(step: int, token_id: int, text: str) -> None:
+            job.tokens = step + 1
+            if job.on_token:
+                job.on_token(step, token_id, text)
+
+        replan = None
+        if job.replan and deadline is not None and job.alpha is None:
+            replan = Replanner(state.cache, self.time_model(), deadline, n_hat=max(n_hat, 1),
+                               n_cap=cap, n_prompt=job.n_prompt, alpha_max=cfg.alpha_max,
+                               n_sink=cfg.n_sink, then=on_token, clock=clock)
+        out.decode_start_s = clock() - job.accepted_at
+        if job.on_stage:
+            job.on_stage(job, "decoding")
+        res = self.engine.decode(state, GenerationRequest(
+            input_ids=job.input_ids, max_new_tokens=job.max_new_tokens or cfg.max_new_tokens,
+            deadline=deadline if stop_at_deadline else None,
+            overrun="truncate" if skip_next else job.overrun,
+            on_token=replan or on_token, cancel=job.cancel))
+        if self.learn:
+            self.online.observe_decode(res.kv_after, list(res.decode_step_s))
+        out.replans = list(replan.events) if replan is not None else []
+        out.result = res
+        out.text, out.completed = res.text, res.completed
+        out.tokens_generated, out.kv_before, out.kv_after = res.tokens_generated, res.kv_before, \
+            res.kv_after
+        out.decode_s = res.decode_s
+        finished = clock()
+        out.deadline_met = res.completed and finished <= job.deadline
+        status, reason = classify(res.stop_reason, res.completed, finished, job.deadline, job.overrun,
+                                  res.tokens_generated)
+        if out.verdict is not None and out.verdict.status != "met" and status != "succeeded":
+            reason += f"; solver: {out.verdict.status}: {out.verdict.reason}"
+        if out.replans:
+            ev = out.replans
+            reason += (f"; re-planned {len(ev)} time(s) during decode (KV {ev[0].kv_before} -> "
+                       f"{ev[-1].kv_after})")
+        if status == "canceled":
+            out.text = ""
+        return self._end(job, status, reason, out, finished)
+
+    # ---------------------------------------------------------------- outcomes
+    def _check(self, job: Job) -> str:
+        if not job.input_ids:
+            return "the prompt has no tokens: nothing to answer"
+        if job.n_prompt >= self.engine.max_context:
+            return (f"prompt has {job.n_prompt} tokens; the model's context is "
+                    f"{self.engine.max_context} (no room to answer)")
+        if job.overrun not in ("kill", "truncate", "skip-next"):
+            return f"unknown overrun policy {job.overrun!r}; use kill, truncate or skip-next"
+        if math.isnan(job.deadline):
+            return "the deadline is NaN"
+        return ""
+
+    def _blank(self, job: Job) -> Outcome:
+        return Outcome(status="", prompt_tokens=job.n_prompt, kv_before=job.n_prompt,
+                       kv_after=job.n_prompt)
+
+    def _end(self, job: Job, status: str, reason: str, out: Optional[Outcome] = None,
+             finished: Optional[float] = None) -> Outcome:
+        out = out or self._blank(job)
+        out.status, out.reason = status, reason
+        if status in ("rejected", "killed", "canceled", "aborted") and out.result is None:
+            out.alpha, out.kv_after = 0.0, out.kv_before  # nothing was evicted
+        accepted = job.accepted_at if job.accepted_at is not None else self.clock()
+        out.finished_at_s = out.total_s = (finished if finished is not None else self.clock()) - accepted
+        if self.on_observed is not None:
+            self.on_observed(out)
+        return out
+
+
+def classify(stop_reason: str, completed: bool, finished: float, deadline: float, overrun: str,
+             tokens: int) -> tuple:
+    """(status, reason) of a decode that ended: the one table of how runs end."""
+    slack = deadline - finished
+    if stop_reason == "cancelled":
+        return "canceled", f"canceled: stopped after {tokens} token(s)"
+    if completed and slack >= 0:
+        when = "" if math.isinf(deadline) else f" {slack:.3f} s before the deadline"
+        return "succeeded", f"finished ({stop_reason}){when}"
+    if completed:
+        return "deadline_missed", f"finished ({stop_reason}) {-slack:.3f} s after the deadline"
+    if overrun == "truncate":
+        return "truncated", f"truncated at the deadline after {tokens} tokens"
+    return "killed", f"killed at the deadline after {tokens} tokens (overrun policy kill)"
+
+
+__all__ = ["Pipeline", "Job", "Outcome", "LengthEstimate", "FixedLength", "PredictorLength",
+           "BudgetEstimate", "answer_cap", "classify", "MAX_PENDING", "TimeBillError", "wcet_length"]

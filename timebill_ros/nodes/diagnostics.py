@@ -1,0 +1,79 @@
+"""Running figures over served goals, for ``/diagnostics`` (deadline misses, estimator errors)."""
+
+from __future__ import annotations
+
+import threading
+
+from timebill_ros.action import TimedInference
+from timebill_ros.nodes.common import status_name
+
+R = TimedInference.Result
+
+
+class ServedStats:
+    """Running figures over served goals, for ``/diagnostics`` (last ``WINDOW`` goals for errors)."""
+
+    WINDOW = 200
+
+    def __init__(self):
+        from collections import Counter, deque
+
+        self.lock = threading.Lock()
+        self.counts = Counter()
+        self.prefill_ape = deque(maxlen=self.WINDOW)
+        self.decode_ape = deque(maxlen=self.WINDOW)
+        self.length_err = deque(maxlen=self.WINDOW)  # |N̂ - tokens| over completed answers with an estimate
+        self.model_state = "unconfigured"
+
+    def record(self, result, time_model) -> None:
+        from timebill_ros.core.time_estimator import served_errors
+
+        status = status_name(int(result.status))
+        with self.lock:
+            self.counts[status] += 1
+            if result.status in (R.STATUS_REJECTED, R.STATUS_CANCELED, R.STATUS_ABORTED):
+                return
+            self.counts["planned"] += 1  # goals the server planned a deadline for and ran
+            if not result.deadline_met:
+                self.counts["missed"] += 1
+            if time_model is not None and result.prefill_s > 0 and result.tokens_generated > 0 and result.decode_s > 0:
+                n = int(result.tokens_generated)
+                mean = result.decode_s / n
+                e = served_errors(time_model, int(result.prompt_tokens), int(result.kv_after), result.prefill_s,
+                                  [mean] * n)
+                self.prefill_ape.append(e["prefill_ape"])
+                self.decode_ape.append(e["decode_ape"])
+            if result.completed and not result.estimate_fallback and result.predicted_length > 0:
+                self.length_err.append(abs(int(result.predicted_length) - int(result.tokens_generated)))
+
+    def to_status(self, queued: int, running: int, generator_ok: bool, active: bool):
+        from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+        def mean(xs):
+            return f"{sum(xs) / len(xs):.2f}" if xs else "n/a"
+
+        with self.lock:
+            planned, missed = self.counts["planned"], self.counts["missed"]
+            rate = missed / planned if planned else 0.0
+            kv = lambda k, v: KeyValue(key=k, value=str(v))  # noqa: E731
+            deadline = DiagnosticStatus(name="timebill_server: deadlines", hardware_id="timebill")
+            deadline.level = DiagnosticStatus.OK if rate <= 0.05 else DiagnosticStatus.WARN
+            deadline.message = f"deadline-miss rate {rate:.1%} over {planned} planned goals"
+            deadline.values = [kv("deadline_miss_rate", f"{rate:.4f}"), kv("planned_goals", planned),
+                               kv("missed_goals", missed)] + [kv(f"goals_{k}", v) for k, v in sorted(self.counts.items())
+                                                              if k not in ("planned", "missed")]
+            est = DiagnosticStatus(name="timebill_server: estimators", hardware_id="timebill", level=DiagnosticStatus.OK)
+            est.message = f"prefill APE {mean(self.prefill_ape)} %, decode APE {mean(self.decode_ape)} %"
+            est.values = [kv("prefill_ape_pct_mean", mean(self.prefill_ape)),
+                          kv("decode_ape_pct_mean", mean(self.decode_ape)), kv("estimator_samples", len(self.decode_ape)),
+                          kv("length_abs_err_tokens_mean", mean(self.length_err)),
+                          kv("length_samples", len(self.length_err))]
+            queue = DiagnosticStatus(name="timebill_server: queue", hardware_id="timebill", level=DiagnosticStatus.OK)
+            queue.message = f"{queued} queued, {running} running"
+            queue.values = [kv("queue_length", queued), kv("running", running)]
+            model = DiagnosticStatus(name="timebill_server: model", hardware_id="timebill")
+            ok = active and generator_ok
+            model.level = DiagnosticStatus.OK if ok else (DiagnosticStatus.ERROR if active else DiagnosticStatus.WARN)
+            model.message = f"server {self.model_state}; generator {'reachable' if generator_ok else 'unreachable'}"
+            model.values = [kv("server_state", self.model_state), kv("generator_reachable", generator_ok)]
+            return [deadline, est, queue, model]
