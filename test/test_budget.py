@@ -1,13 +1,12 @@
 """α solver: monotonicity, the budget inequality, brute force agreement, infeasibility reporting."""
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from timebill_ros.core.budget import (STATUSES, AlphaChooser, make_alpha_chooser, solve_alpha,
+from timebill_ros.core.budget import (STATUSES, solve_alpha,
                                       solve_alpha_after_prefill)
 from timebill_ros.core.time_estimator import ExecutionTimeModel, wcet_length
 
@@ -200,27 +199,24 @@ def test_after_prefill_inequality(m, n, n_hat, k, elapsed, extra):
         assert elapsed + m.decode_s(n, v.alpha, wcet_length(n_hat, k, 8192)) <= budget * (1 + REL) + 1e-12
 
 
-@dataclass
-class State:  # the three fields of engine.PrefillState the chooser reads
-    n_prompt: int
-    prefill_s: float
-    started_at: float
+def test_pipeline_plan_budget_from_acceptance_and_elapsed_time(tiny):
+    """The one α chooser (``Pipeline.plan``): budget from acceptance, elapsed time measured, N̂
+    capped by max_new_tokens and by the context."""
+    from timebill_ros.core.config import TimeBillConfig
+    from timebill_ros.core.engine import Engine
+    from timebill_ros.core.pipeline import Job, Pipeline
 
-
-def test_chooser_budget_from_deadline_and_clock():
-    t = [100.0]
-    state = State(n_prompt=2000, prefill_s=1.0, started_at=98.8)  # request began 1.2 s ago
+    p = Pipeline(Engine(tiny, None, press="snapkv", window_size=8), M, TimeBillConfig(max_new_tokens=8192),
+                 learn=False)
     dec0 = M.decode_s(2000, 0.0, 200)
     saved = 0.25 * 199 * M.p * 2000
-    ch = make_alpha_chooser(M, 98.8 + 1.2 + dec0 - saved, n_hat=40, k=5, n_max=8192, alpha_max=0.95,
-                            clock=lambda: t[0])
-    assert isinstance(ch, AlphaChooser) and ch.verdict is None
-    assert ch(state) == pytest.approx(0.25)
-    assert ch.verdict.status == "met" and ch.verdict.fixed_s == pytest.approx(1.2)
-    # a late length prediction (callable) and max_new_tokens capping N̂_W
-    ch = make_alpha_chooser(M, 98.8 + 1.2 + dec0 - saved, n_hat=lambda: 40, max_new_tokens=100,
-                            clock=lambda: t[0])
-    assert ch(state) < 0.25 and ch.verdict.n_wcet == 100
-    ch = make_alpha_chooser(M, 1e9, n_hat=40, max_context=2050, clock=lambda: t[0])
-    ch(state)
-    assert ch.verdict.n_wcet == 50 and len(ch.verdicts) == 1
+    job = Job("j", [5] * 2000, deadline=1.2 + dec0 - saved, accepted_at=0.0, max_new_tokens=8192, k=5)
+    p.engine.max_context = 100000
+    alpha, v = p.plan(job, prefill_s=1.0, n_hat=40, elapsed_s=1.2)
+    assert alpha == pytest.approx(0.25) and v.status == "met" and v.fixed_s == pytest.approx(1.2)
+    job.max_new_tokens = 100
+    alpha, v = p.plan(job, prefill_s=1.0, n_hat=40, elapsed_s=1.2)
+    assert alpha < 0.25 and v.n_wcet == 100
+    p.engine.max_context = 2050
+    job.max_new_tokens, job.deadline = 8192, 1e9
+    assert p.plan(job, prefill_s=1.0, n_hat=40, elapsed_s=1.2)[1].n_wcet == 50

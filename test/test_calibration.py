@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from timebill_ros.core import calibration as cal
-from timebill_ros.core.budget import make_alpha_chooser
 from timebill_ros.core.config import TimeBillConfig
 from timebill_ros.core.engine import Engine, GenerationRequest
 from timebill_ros.core.errors import ProfileMismatchError
@@ -152,9 +151,12 @@ def test_chooser_drives_engine_eviction(tiny):
     ids = list(np.random.default_rng(0).integers(3, 256, 200))
     # decode at α = 0 is predicted at 9 s (9 steps × 5 ms × 200 entries): a 5 s budget needs α ≈ 0.45
     ete = ExecutionTimeModel(a=0.0, b=0.0, c=0.0, p=5e-3, q=0.0)
-    chooser = make_alpha_chooser(ete, time.monotonic() + 5.0, n_hat=10, k=1.0, n_max=8192, alpha_max=0.95)
-    out = engine.generate(GenerationRequest(input_ids=ids, max_new_tokens=10), choose_alpha=chooser)
-    v = chooser.verdict
+    from timebill_ros.core.pipeline import FixedLength, Job, Pipeline
+
+    pipeline = Pipeline(engine, ete, TimeBillConfig(), FixedLength(10), learn=False)
+    start = time.monotonic()
+    res = pipeline.run(Job("c", ids, deadline=start + 5.0, accepted_at=start, max_new_tokens=10, k=1.0))
+    out, v = res.result, res.verdict
     assert v.status == "met" and 0.0 < v.alpha < 0.95
     assert v.total_s == pytest.approx(v.budget_s) and v.n_prompt == 200 and v.prefill_s == out.prefill_s
     assert out.alpha == v.alpha and out.kv_after == round((1 - v.alpha) * 200)

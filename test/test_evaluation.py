@@ -64,7 +64,7 @@ def test_policies():
     assert P.parse_policy("timebill+replan").replan and not P.parse_policy("timebill").replan
     assert P.parse_policy("alpha=0.5") == P.fixed(0.5) and P.parse_policy("0") == P.vanilla()
     assert P.parse_policy("timebill:k=3").k == 3.0 and P.parse_policy("timebill").budget_dependent
-    assert P.truncate().overruns == ("truncate",) and P.vanilla().overruns == ("kill", "skip_next")
+    assert P.truncate().overruns == ("truncate",) and P.vanilla().overruns == ("kill", "skip-next")
     with pytest.raises(ValueError):
         P.parse_policy("alpha=1.2")
     with pytest.raises(ValueError):
@@ -138,8 +138,8 @@ def test_sweep_covers_every_policy_overrun_and_budget(sweep_run):
     got = {(r["policy"], r["overrun"], r["budget_s"]) for r in d["table"]}
     want = {(p.name, ov, b) for p in P.standard_policies() for ov in p.overruns for b in budgets[g]}
     assert got == want
-    assert {(r["k"], r["overrun"]) for r in d["k_sweep"]} == {(1.0, "kill"), (1.0, "skip_next"),
-                                                              (5.0, "kill"), (5.0, "skip_next")}
+    assert {(r["k"], r["overrun"]) for r in d["k_sweep"]} == {(1.0, "kill"), (1.0, "skip-next"),
+                                                              (5.0, "kill"), (5.0, "skip-next")}
     for pol in ("vanilla", "alpha=0.5", "alpha=0.95"):  # a longer budget never completes fewer jobs
         rates = [r["completion_rate"] for r in sorted(d["table"], key=lambda r: r["budget_s"])
                  if r["policy"] == pol and r["overrun"] == "kill"]

@@ -159,7 +159,7 @@ def test_node_replay_and_sweep_choose_the_same_alpha_and_status(engine):
 def test_bad_jobs_are_rejected_with_a_reason(engine):
     p = _pipeline(engine)
     assert "no tokens" in p.run(Job("e", [])).reason
-    assert "unknown overrun policy" in p.run(Job("o", _ids(5), overrun="skip_next")).reason
+    assert "unknown overrun policy" in p.run(Job("o", _ids(5), overrun="skip-next")).reason
     hopeless = p.run(Job("h", _ids(100), deadline=time.monotonic() + 0.1))
     assert hopeless.status == "rejected" and "cannot finish even at" in hopeless.reason
     p.close()

@@ -77,5 +77,5 @@ def test_infeasible_budget_is_rejected_at_once_without_prefill(ready_server):
     assert out.status_name == "rejected", out.reason
     assert "cannot finish even at α_max" in out.reason and "prefill of 6" in out.reason
     assert not out.deadline_met and not out.completed and out.tokens_generated == 0 and out.text == ""
-    assert out.timeline["prefill_end"] == 0.0  # the hopeless prefill was never started
+    assert out.timeline["prefill_end"] == -1.0  # the hopeless prefill was never started (-1: never)
     assert out.total_s < out.budget_s  # ended at once instead of overrunning

@@ -1,79 +1,54 @@
-"""EDF queue, Skip-Next skipping and admission control (core, no ROS)."""
+"""The EDF queue and the admission arithmetic (core, no ROS); the pipeline's use of them is in
+test_pipeline.py."""
 
-import threading
-import time
+import math
 
-import pytest
-
-from timebill_ros.core.scheduler import EdfQueue, Pending, admission, min_job_s
+from timebill_ros.core.scheduler import EdfQueue, Pending, Running, admission, min_job_s, worst_start
 from timebill_ros.core.time_estimator import ExecutionTimeModel
 
 MODEL = ExecutionTimeModel.from_dict(dict(a=1e-6, b=1e-3, c=0.05, p=1e-5, q=0.02))
 
 
-def _run_order(deadlines, overrun_first=False):
-    """Job 'first' holds the model; the others queue with ``deadlines``; return the order they ran."""
+class _J:
+    def __init__(self, rid, deadline, n=10):
+        self.request_id, self.deadline, self.n_prompt = rid, deadline, n
+
+
+def test_edf_pops_earliest_deadline_first_not_arrival_order():
     q = EdfQueue()
-    assert q.acquire("first", 0.0)
-    order, results, threads = [], {}, []
-
-    def job(name, d):
-        ok = q.acquire(name, d)
-        results[name] = ok
-        if ok:
-            order.append(name)
-            q.release(name)
-
-    for i, d in enumerate(deadlines):
-        t = threading.Thread(target=job, args=(f"j{i}", d))
-        t.start()
-        threads.append(t)
-    end = time.monotonic() + 10
-    while len(q) < len(deadlines) and time.monotonic() < end:
-        time.sleep(0.01)
-    skipped = q.release("first", overran=overrun_first)
-    for t in threads:
-        t.join(10)
-    return order, results, skipped, q
+    for rid, d in (("late", 30.0), ("soon", 10.0), ("mid", 20.0), ("tie", 10.0)):
+        q.push(_J(rid, d))
+    assert q.order() == ["soon", "tie", "mid", "late"]  # ties keep arrival order
+    assert [q.pop().request_id for _ in range(4)] == ["soon", "tie", "mid", "late"]
+    assert q.pop() is None
 
 
-def test_edf_runs_earliest_deadline_first_not_arrival_order():
-    order, results, skipped, _ = _run_order([30.0, 10.0, 20.0, 5.0])
-    assert order == ["j3", "j1", "j2", "j0"]
-    assert all(results.values()) and skipped == []
-
-
-def test_skip_next_skips_every_job_that_waited_during_the_overrun():
-    order, results, skipped, q = _run_order([30.0, 10.0], overrun_first=True)
-    assert order == [] and results == {"j0": False, "j1": False}
-    assert sorted(skipped) == ["j0", "j1"]
-    assert "overran" in q.skipped("j0") and q.skipped("j0") is None  # reason handed out once
-    assert q.acquire("later", 1.0)  # the queue serves again afterwards
-
-
-def test_cancel_while_queued_leaves_the_queue():
+def test_expire_removes_exactly_the_jobs_past_their_latest_start():
     q = EdfQueue()
-    assert q.acquire("a", 1.0)
-    cancel = threading.Event()
-    out = []
-    t = threading.Thread(target=lambda: out.append(q.acquire("b", 2.0, cancel.is_set)))
-    t.start()
-    time.sleep(0.1)
-    cancel.set()
-    t.join(5)
-    assert out == [False] and len(q) == 0 and q.skipped("b") is None
+    for rid, d in (("a", 1.0), ("b", 5.0), ("c", 9.0)):
+        q.push(_J(rid, d))
+    latest = lambda j: j.deadline - 2.0  # noqa: E731
+    assert q.next_expiry(latest) == -1.0
+    gone = q.expire(4.0, latest)
+    assert [j.request_id for j in gone] == ["a", "b"] and q.order() == ["c"]
+    assert q.remove("c").request_id == "c" and q.remove("c") is None and len(q) == 0
+    assert math.isinf(q.next_expiry(latest))
 
 
-def test_admission_counts_work_queued_ahead_with_numbers():
+def test_admission_is_a_lower_bound_with_the_numbers():
     own = min_job_s(MODEL, 100, 0.95)
-    ok = admission(MODEL, 0.0, 10.0, 100, [], 0.95)
-    assert ok.admit and ok.ahead == 0 and ok.own_s == pytest.approx(own)
-    ahead = [Pending(f"p{i}", 5.0, 2000) for i in range(20)] + [Pending("late", 50.0, 2000)]
-    no = admission(MODEL, 0.0, 10.0, 100, ahead, 0.95)
-    assert not no.admit and no.ahead == 20  # the goal with a later deadline is not ahead under EDF
-    assert no.ahead_s == pytest.approx(20 * min_job_s(MODEL, 2000, 0.95))
-    assert "20 goal(s) ahead" in no.reason and f"{no.ahead_s:.3f}" in no.reason and "bigger budget" in no.reason
-    # alone, the same goal is admitted; a running job counts but adds no known work
-    assert admission(MODEL, 0.0, 10.0, 100, [Pending("run", 99.0, 4000, started=True)], 0.95).admit
-    tight = admission(MODEL, 0.0, own * 0.5, 100, [], 0.95)
-    assert not tight.admit and "prefill of 100 tokens" in tight.reason
+    assert admission(MODEL, 0.0, own + 1e-6, 100, []).admit
+    no = admission(MODEL, 0.0, own - 1e-6, 100, [])
+    assert not no.admit and f"{own:.3f}" in no.reason and "bigger budget" in no.reason
+    # queued jobs with later deadlines do not count; earlier ones do
+    assert admission(MODEL, 0.0, own + 0.01, 100, [Pending("x", 50.0, 4000)]).admit
+    ahead = admission(MODEL, 0.0, 10.0, 100, [Pending("x", 5.0, 4000)])
+    assert not ahead.admit and ahead.ahead == 1 and ahead.ahead_s == min_job_s(MODEL, 4000, 0.95)
+
+
+def test_worst_start_is_bounded_by_the_deadlines_ahead():
+    run = Running("r", deadline=8.0, expected_end=3.0, worst_end=6.0)
+    assert worst_start(0.0, run, [], 0.1) == 6.0  # its planned worst case came first
+    assert worst_start(0.0, Running("r", 8.0, 3.0, math.inf), [], 0.1) == 8.1  # else its deadline + 1 step
+    assert worst_start(0.0, None, [Pending("q", 9.0, 5)], 0.1) == 9.1
+    assert worst_start(12.0, run, [], 0.1) == 12.0

@@ -18,9 +18,9 @@ Every status but ``met`` returns α = α_max: eviction is the only way left to f
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Union
+
+from dataclasses import dataclass
+from typing import Optional
 
 from .time_estimator import ExecutionTimeModel, wcet_length
 
@@ -125,47 +125,3 @@ def solve_alpha_after_prefill(model: ExecutionTimeModel, budget_s: float, elapse
         raise ValueError(f"elapsed_s must be >= 0, got {elapsed_s}")
     return _solve(model, budget_s, float(elapsed_s) + overhead_s,
                   float(elapsed_s if prefill_s is None else prefill_s), n_prompt, n_hat, k, n_max, alpha_max)
-
-
-@dataclass
-class AlphaChooser:
-    """``choose_alpha(state)`` for ``Engine.generate``: α from the measured prefill and the deadline.
-
-    ``n_hat`` may be a callable, read only once prefill is done (the predictor runs beside it).
-    The last verdict stays on ``.verdict`` so the caller can log or act on it.
-    """
-
-    model: ExecutionTimeModel
-    deadline: float  # absolute, time.monotonic() seconds
-    n_hat: Union[float, Callable[[], float]]
-    k: float = 5.0
-    n_max: int = 8192
-    alpha_max: float = 0.95
-    max_new_tokens: Optional[int] = None
-    max_context: Optional[int] = None
-    overhead_s: float = 0.0
-    clock: Callable[[], float] = time.monotonic
-    verdict: Optional[BudgetVerdict] = None
-    verdicts: List[BudgetVerdict] = field(default_factory=list)
-
-    def __call__(self, state) -> float:
-        now = self.clock()
-        n_hat = self.n_hat() if callable(self.n_hat) else self.n_hat
-        n_max = self.n_max
-        if self.max_new_tokens is not None:  # decoding stops there anyway
-            n_max = min(n_max, self.max_new_tokens)
-        if self.max_context is not None:
-            n_max = min(n_max, max(self.max_context - state.n_prompt, 0))
-        self.verdict = solve_alpha_after_prefill(
-            self.model, self.deadline - state.started_at, max(now - state.started_at, 0.0), state.n_prompt, n_hat,
-            prefill_s=state.prefill_s, k=self.k, n_max=n_max, alpha_max=self.alpha_max, overhead_s=self.overhead_s)
-        self.verdicts.append(self.verdict)
-        return self.verdict.alpha
-
-
-def make_alpha_chooser(model: ExecutionTimeModel, budget_deadline_monotonic: float,
-                       n_hat: Union[float, Callable[[], float]], k: float = 5.0, n_max: int = 8192,
-                       alpha_max: float = 0.95, **kw) -> AlphaChooser:
-    """See :class:`AlphaChooser`; keyword extras: max_new_tokens, max_context, overhead_s, clock."""
-    return AlphaChooser(model=model, deadline=budget_deadline_monotonic, n_hat=n_hat, k=k, n_max=n_max,
-                        alpha_max=alpha_max, **kw)

@@ -355,12 +355,12 @@ class Pipeline:
             return self._end(job, status, stop.reason, out)
         est = self.lengths.wait(job, clock() + cfg.estimate_slack_s)
         cap = self.n_cap(job)
-        if est is not None and not est.fallback:
-            n_hat = min(int(est.n_hat), cap)
+        if est is not None:  # a fallback predictor's estimate is the cap itself
+            n_hat = cap if est.fallback else min(int(est.n_hat), cap)
             out.estimate_received_s = est.received_at - job.accepted_at
         else:
             n_hat = cap
-        out.estimate_fallback = est is None or est.fallback
+        out.estimate_fallback = est is None  # no estimate in time: N̂ = the cap
         alpha, verdict = self.plan(job, state.prefill_s, n_hat, clock() - job.accepted_at)
         if alpha > 0:
             self.engine.evict(state, alpha)

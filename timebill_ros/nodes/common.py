@@ -108,7 +108,8 @@ def copy_fields(src, dst, skip=()):
                  else vars(src))
     for name in src_names:
         if name in names:
-            setattr(dst, name, type(getattr(dst, name))(getattr(src, name)))
+            value, kind = getattr(src, name), type(getattr(dst, name))
+            setattr(dst, name, kind(value) if kind in (bool, int, float, str) else value)
     return dst
 
 

@@ -70,6 +70,7 @@ class TimeBillServer(LifecycleNode):
         self._beat: Optional[Heartbeat] = None
         self._beat_at = 0.0  # time.monotonic() of the last heartbeat
         self._next_peer_check, self._recovering = 0.0, False
+        self._peer_lock = threading.Lock()
         group = ReentrantCallbackGroup()
         self._group = group
         # Created once, before any executor spins this node: rclpy's ActionClient registers itself
@@ -144,6 +145,10 @@ class TimeBillServer(LifecycleNode):
 
     def _drive_peers(self, transition: str, timeout_s: float) -> str:
         """Take generator and predictor through ``transition``; '' or why it failed."""
+        with self._peer_lock:  # never beside the restarted-peer check
+            return self._drive_peers_locked(transition, timeout_s)
+
+    def _drive_peers_locked(self, transition: str, timeout_s: float) -> str:
         wanted = {"configure": "unconfigured", "activate": "inactive", "deactivate": "active",
                   "cleanup": "inactive"}[transition]
         for peer in PEERS:
@@ -249,20 +254,24 @@ class TimeBillServer(LifecycleNode):
 
     def _recover_peers(self) -> None:
         """A peer that restarted comes up unconfigured: take it to the server's own state."""
+        if not self._peer_lock.acquire(blocking=False):
+            self._recovering = False
+            return  # a transition is driving the peers right now
         try:
             if self.cfg is None:
                 return
             timeout = self.cfg.peer_timeout_s
             if any(self._peer_state(p, timeout_s=1.0) == "unconfigured" for p in PEERS):
                 self.get_logger().warning("a restarted peer is unconfigured: configuring it again")
-                problem = self._drive_peers("configure", CONFIGURE_TIMEOUT_S)
+                problem = self._drive_peers_locked("configure", CONFIGURE_TIMEOUT_S)
                 if not problem and self._active:
-                    problem = self._drive_peers("activate", timeout)
+                    problem = self._drive_peers_locked("activate", timeout)
                 if problem:
                     self.get_logger().error(f"could not bring a restarted peer back: {problem}")
         except Exception as exc:  # noqa: BLE001 - supervision must never take the server down
             self.get_logger().error(f"peer check failed: {safe_reason(exc)}")
         finally:
+            self._peer_lock.release()
             self._recovering = False
 
     # ------------------------------------------------------------------- goals
