@@ -77,7 +77,7 @@ KINDS = {
                                                       max_size=12).filter(lambda t: t not in ("kill", "truncate", "skip-next"))),
     "policy-uppercase": G(overrun_policy=st.sampled_from(["KILL", "Truncate", "SKIP-NEXT"])),
     "policy-padded": G(overrun_policy=st.sampled_from([" kill", "kill ", "\tkill", "truncate\n"])),
-    "policy-underscore": G(overrun_policy=st.just("skip-next")),
+    "policy-underscore": G(overrun_policy=st.just("skip_next")),
     "policy-sql": G(overrun_policy=st.just("kill'; DROP TABLE goals;--")),
     # --- several things wrong at once
     "everything-wrong": G(st.just(""), budget=st.floats(-10, -1), overrun_policy=st.just("explode"),
