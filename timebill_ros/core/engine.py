@@ -18,7 +18,8 @@ import torch
 
 from . import kv_cache
 from .config import OVERRUN_POLICIES, TimeBillConfig
-from .errors import (DeadlinePassedError, EmptyPromptError, InvalidRequestError, PromptTooLongError)
+from .errors import (DeadlinePassedError, EmptyPromptError, InvalidRequestError, PrefillStopped,
+                     PromptTooLongError)
 from .eviction import Press, check_alpha, get_press, n_keep
 
 ATTENTION_NAME = "timebill_sdpa"
@@ -31,8 +32,20 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 
     press = getattr(_collect, "press", None)
     if press is not None and query.shape[2] > 1:
-        _collect.scores[module.layer_idx] = press.score(module, query, key)
+        _collect.scores[module.layer_idx] = press.score(module, _as_full_query(query, key), key)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _as_full_query(query, key):
+    """In the last chunk of a chunked prefill the queries cover only that chunk while ``key`` holds
+    the whole prompt; presses read ``query.shape[2]`` as the prompt length and use only the last
+    ``window_size`` rows, so left-pad with zeros to the one-pass layout (the window lies in the
+    chunk: ``Engine._chunk_bounds`` makes sure)."""
+    missing = key.shape[2] - query.shape[2]
+    if missing <= 0:
+        return query
+    pad = query.new_zeros(query.shape[:2] + (missing, query.shape[3]))
+    return torch.cat([pad, query], dim=2)
 
 
 def _register_attention() -> None:
@@ -75,6 +88,7 @@ class PrefillState:
     alpha: float = 0.0
     evict_s: float = 0.0
     evicted: bool = False
+    chunks: int = 1  # model calls the prefill took
 
     @property
     def n_prompt(self) -> int:
@@ -188,29 +202,73 @@ class Engine:
                 f"prompt has {n_prompt} tokens; the model's context is {self.max_context} (no room to answer)")
 
     # --------------------------------------------------------------- stages
+    def _chunk_bounds(self, n: int, chunk_tokens: Optional[int]) -> List[int]:
+        """Chunk starts plus ``n``. The last chunk holds at least the press's observation window
+        (a short tail joins the chunk before), so window scores come from one model call."""
+        if chunk_tokens is None or chunk_tokens == 0:
+            return [0, n]
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 0:
+            raise InvalidRequestError(
+                f"chunk_tokens must be a non-negative integer, got {chunk_tokens!r}")
+        window = int(getattr(self.press, "window_size", 0) or 0) if self.press.needs_scores else 0
+        bounds = list(range(0, n, chunk_tokens)) + [n]
+        while len(bounds) > 2 and bounds[-1] - bounds[-2] < max(window, 1):
+            del bounds[-2]
+        return bounds
+
+    def _trunk(self):
+        """The decoder without the LM head, for chunks whose logits nobody reads (None if the model
+        has no separate trunk; then ``logits_to_keep=1`` keeps the head to one position)."""
+        base = getattr(self.model, "base_model", None)
+        return base if base is not None and base is not self.model else None
+
     @torch.inference_mode()
     def prefill(self, input_ids: Sequence[int], capacity: Optional[int] = None,
-                started_at: Optional[float] = None) -> PrefillState:
+                started_at: Optional[float] = None, *, chunk_tokens: Optional[int] = None,
+                should_stop: Optional[Callable[[int, float], Optional[str]]] = None,
+                ) -> PrefillState:
+        """Run the prompt into a fresh cache, in one pass or in chunks of ``chunk_tokens``.
+
+        Chunks let a deadline or cancel stop a long prefill: ``should_stop(done_tokens,
+        elapsed_s)`` (seconds since this call began) is asked before every model call; a non-empty
+        answer raises ``PrefillStopped(reason, done_tokens)``. Chunked and one-pass prefills give
+        the same cache, logits and press scores (up to float rounding).
+        """
         ids = list(input_ids)
         if not ids:
             raise EmptyPromptError("input_ids is empty: nothing to answer")
         self.check_length(len(ids))
         t0 = time.monotonic()
+        bounds = self._chunk_bounds(len(ids), chunk_tokens)
         cap = capacity or min(self.max_context, len(ids) + 512)
         cache = kv_cache.make_cache(self.num_layers, cap, self.preallocate)
         x = torch.tensor([ids], device=self.device)
         scores: Dict[int, torch.Tensor] = {}
-        if self.press.needs_scores:
-            _collect.press, _collect.scores = self.press, scores
+        trunk = self._trunk() if len(bounds) > 2 else None
         try:
-            out = self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
+            for start, end in zip(bounds, bounds[1:]):
+                if should_stop is not None:
+                    reason = should_stop(start, time.monotonic() - t0)
+                    if reason:
+                        raise PrefillStopped(str(reason), start)
+                last = end == len(ids)
+                kw = {}
+                if len(bounds) > 2:  # explicit positions, so RoPE never depends on cache counting
+                    kw["position_ids"] = torch.arange(start, end, device=self.device).unsqueeze(0)
+                if last and self.press.needs_scores:
+                    _collect.press, _collect.scores = self.press, scores
+                if last or trunk is None:
+                    out = self.model(input_ids=x[:, start:end], cache=cache, use_cache=True,
+                                     logits_to_keep=1, **kw)
+                else:
+                    trunk(input_ids=x[:, start:end], cache=cache, use_cache=True, **kw)
         finally:
             _collect.press = None
         logits = out.logits[0, -1].float()
         dt = time.monotonic() - t0
         return PrefillState(input_ids=ids, cache=cache, logits=logits, scores=scores,
                             started_at=started_at if started_at is not None else t0, prefill_s=dt,
-                            kv_before=len(ids), kv_after=len(ids))
+                            kv_before=len(ids), kv_after=len(ids), chunks=len(bounds) - 1)
 
     @torch.inference_mode()
     def evict(self, state: PrefillState, alpha: float) -> PrefillState:
@@ -235,7 +293,8 @@ class Engine:
         return PrefillState(input_ids=list(state.input_ids), cache=kv_cache.clone_cache(state.cache),
                             logits=state.logits.clone(), scores={k: v.clone() for k, v in state.scores.items()},
                             started_at=state.started_at, prefill_s=state.prefill_s, kv_before=state.kv_before,
-                            kv_after=state.kv_after, alpha=state.alpha, evict_s=state.evict_s, evicted=state.evicted)
+                            kv_after=state.kv_after, alpha=state.alpha, evict_s=state.evict_s, evicted=state.evicted,
+                            chunks=state.chunks)
 
     def _sampler(self, request: GenerationRequest):
         if not request.do_sample:

@@ -38,3 +38,16 @@ class ProfileMismatchError(TimeBillError):
 
 class ModelLoadError(TimeBillError):
     """The configured model could not be found or loaded."""
+
+
+class PrefillStopped(TimeBillError):
+    """A chunked prefill stopped between chunks because ``should_stop`` gave a reason; the caller
+    maps the reason (cancel, deadline, ...) to its own status. ``done_tokens`` were prefilled."""
+
+    def __init__(self, reason: str, done_tokens: int):
+        super().__init__(reason, done_tokens)  # both in args: the error pickles across processes
+        self.reason = reason
+        self.done_tokens = int(done_tokens)
+
+    def __str__(self):
+        return f"prefill stopped after {self.done_tokens} tokens: {self.reason}"
