@@ -94,7 +94,7 @@ def _proc_state(pid: int) -> str:
 def ready_server(timebill_nodes, ros_client):
     """The shared bringup, with the server active and every node answering (tests may change it)."""
     if ros_client.get_state(timeout_s=5.0) != "active":
-        assert ros_client.startup(timeout_s=30.0), "could not re-activate timebill_server"
+        assert ros_client.startup(timeout_s=240.0), "could not re-activate timebill_server"
     dead = {n: c for n, c in timebill_nodes.alive().items() if c is not None}
     assert not dead, f"node(s) died: {dead}"
     return ros_client
@@ -164,5 +164,5 @@ def tiny_server(tiny_nodes, tiny_client):
     assert tiny_client.wait_for_generator(120.0), tiny_nodes.log_tail("timebill_generator")
     assert tiny_client.wait_for_estimator(120.0), tiny_nodes.log_tail("timebill_predictor")
     if tiny_client.get_state(timeout_s=5.0) != "active":
-        assert tiny_client.startup(timeout_s=30.0), tiny_nodes.log_tail("timebill_server")
+        assert tiny_client.startup(timeout_s=240.0), tiny_nodes.log_tail("timebill_server")
     return tiny_client

@@ -58,9 +58,7 @@ def test_diagnostics_report_misses_estimator_errors_queue_and_model_state(tiny_s
     assert diag is not None, "no /diagnostics from timebill_server"
     dl = diag["timebill_server: deadlines"]
     assert 0.0 <= float(dl["deadline_miss_rate"]) <= 1.0 and "deadline-miss rate" in dl["_message"]
-    est = diag["timebill_server: estimators"]
-    assert float(est["prefill_ape_pct_mean"]) >= 0 and float(est["decode_ape_pct_mean"]) >= 0
-    assert int(est["estimator_samples"]) > 0 and "length_samples" in est
+    assert "length_samples" in diag["timebill_server: estimators"]
     assert diag["timebill_server: queue"]["queue_length"].isdigit()
     model = diag["timebill_server: model"]
     assert model["server_state"] == "active" and model["generator_reachable"] == "True"
@@ -70,6 +68,8 @@ def test_diagnostics_report_misses_estimator_errors_queue_and_model_state(tiny_s
                                                    .get("prefill_samples", 0)) >= 3)
     assert gen is not None, "no online-estimator diagnostics from timebill_generator"
     online = gen["timebill_generator: online estimator"]
+    assert float(online["prefill_ape_pct_mean"]) >= 0 and float(online["decode_ape_pct_mean"]) >= 0
+    assert int(online["estimator_samples"]) >= 3
     assert float(online["decode_scale"]) < 1.0 and "drift" in online["_message"], online
 
 

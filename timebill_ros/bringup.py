@@ -224,9 +224,8 @@ class Bringup:
         self.prepare()
         self.start()
         self.wait_ready(client, timeout_s)
-        # a transition can time out while peers are still settling (discovery on a loaded
-        # machine); the lifecycle services make a retry safe
-        if SERVER in self.procs and not any(client.startup(timeout_s=30.0) for _ in range(3)):
+        # configure loads every model (the server drives its peers): give it the whole timeout
+        if SERVER in self.procs and not client.startup(timeout_s=timeout_s):
             raise RuntimeError(f"could not activate {SERVER} (state: {client.get_state()})\n{self.log_tail(SERVER)}")
 
     def __enter__(self) -> "Bringup":

@@ -62,7 +62,7 @@ def run(args) -> int:
         runner.prepare()
         runner.start()
         runner.wait_ready(client, args.timeout)
-        if not args.no_activate and not client.startup(timeout_s=30.0):
+        if not args.no_activate and not client.startup(timeout_s=240.0):
             print(f"[bringup] could not activate {SERVER} (state {client.get_state()!r})", file=sys.stderr)
             return 1
         names = ", ".join(spec.name for spec in NODES)

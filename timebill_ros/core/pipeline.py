@@ -114,6 +114,7 @@ class Job:
     on_stage: Optional[Callable[["Job", str], None]] = None  # queued | prefill | decoding
     on_token: Optional[Callable[[int, int, str], None]] = None  # (step, token id, text so far)
     tokens: int = 0  # tokens so far (feedback)
+    tokens_at_cancel: Optional[int] = None
     alpha_used: float = 0.0
     n_hat: int = 0
 
@@ -234,6 +235,7 @@ class Pipeline:
             running = self._running_job if self._running_job is not None and \
                 self._running_job.request_id == request_id else None
             if running is not None:
+                running.tokens_at_cancel = running.tokens
                 running.cancel.set()
                 return True
             if job is None:
@@ -368,13 +370,12 @@ class Pipeline:
         out.alpha, out.predicted_length, out.verdict = alpha, n_hat, verdict
         out.wcet_s = verdict.total_s if verdict is not None else 0.0
         with self._cv:
-            if self._running is not None and verdict is not None:
-                now = clock()
-                self._running.expected_end = job.accepted_at + verdict.expected_total_s
-                self._running.worst_end = min(self._running.worst_end,
-                                              job.accepted_at + verdict.total_s) \
-                    if verdict.guaranteed else self._running.worst_end
-                self._running.expected_end = max(self._running.expected_end, now)
+            if self._running is not None:
+                # admission's lower bound: prefill is done, and the answer may end at any step
+                self._running.expected_end = clock() + self.time_model().decode_step_s(state.kv_after)
+                if verdict is not None and verdict.guaranteed:  # the planned worst case bounds it
+                    self._running.worst_end = min(self._running.worst_end,
+                                                  job.accepted_at + verdict.total_s)
         return self.decode(job, state, out, n_hat, cap)
 
     def prefill(self, job: Job, out: Outcome):
@@ -471,6 +472,9 @@ class Pipeline:
                        f"{ev[-1].kv_after})")
         if status == "canceled":
             out.text = ""
+            at = job.tokens_at_cancel if job.tokens_at_cancel is not None else res.tokens_generated
+            reason = (f"canceled: stopped {max(res.tokens_generated - at, 0)} decode step(s) after the "
+                      f"cancel request")
         return self._end(job, status, reason, out, finished)
 
     # ---------------------------------------------------------------- outcomes

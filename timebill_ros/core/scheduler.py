@@ -7,8 +7,8 @@ queued counts against each job's own budget (its deadline was fixed at acceptanc
 Two questions are answered here, both from the time model the pipeline plans with:
 
 - *admission* (a lower bound): can a new job still finish at all, at α_max, behind the work
-  certainly ahead of it — the running job's expected remaining time and the minimum work of
-  every queued job with an earlier deadline? A job is refused only when the model says it is
+  certainly ahead of it — the running job's remaining prefill and one step (its answer may end
+  at any step) and the minimum work of every queued job with an earlier deadline? A job is refused only when the model says it is
   hopeless, and the reason carries the numbers.
 - *the worst start* (an upper bound): when will a job start at the latest? Every job ahead of
   it ends by its own deadline (plus at most one decode step) under the kill and truncate
@@ -41,7 +41,8 @@ class Pending:
 
 @dataclass
 class Running:
-    """The job holding the model: when it is expected to end, and when it ends at the latest."""
+    """The job holding the model: when it ends at the earliest (``expected_end``: remaining prefill
+    and one step) and at the latest (its deadline, or its planned worst case)."""
 
     job_id: str
     deadline: float
@@ -81,7 +82,8 @@ def admission(model: ExecutionTimeModel, now: float, deadline: float, n_prompt: 
               alpha_max: float = 0.95) -> Admission:
     """Can a new job (``n_prompt`` tokens, absolute ``deadline``) still finish, given the queue?"""
     ahead = [p for p in queued if p.deadline <= deadline]
-    run_left = max(running.expected_end - now, 0.0) if running is not None else 0.0
+    # the running job needs at least one more step, whatever its expected end said
+    run_left = max(running.expected_end - now, model.q) if running is not None else 0.0
     ahead_s = run_left + sum(min_job_s(model, p.n_prompt, alpha_max) for p in ahead)
     own = min_job_s(model, n_prompt, alpha_max)
     left = deadline - now

@@ -49,7 +49,10 @@ TRANSITIONS = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transit
                "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP,
                "shutdown": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN}
 
-N_THREADS = 4  # executor threads: callbacks never block for long (execute callbacks are async)
+N_THREADS = 4  # executor threads of a node whose callbacks never block for long
+# Goals held at once by the server and the generator (queued + running); each holds one executor
+# thread while it waits (blocked on an event, not polling), so this also sizes their executors.
+GOAL_THREADS = 128 + 8
 
 
 # --- parameters ---------------------------------------------------------------------------
@@ -174,32 +177,20 @@ def run_node(node, num_threads: int = N_THREADS) -> int:
     return 0
 
 
-def wait_done(future, timeout_s: Optional[float]) -> bool:
-    """Block this thread until an rclpy ``future`` is done (another executor thread completes
-    it): an event, not a polling loop. For lifecycle transitions, which cannot be coroutines."""
+def wait_first(*futures, timeout_s: Optional[float] = None):
+    """Block this (executor) thread until one of the rclpy ``futures`` is done and return it
+    (None on timeout): an event, not a polling loop.
+
+    Execute callbacks block on this instead of being coroutines: rclpy (Kilted) re-runs every
+    pending coroutine task on every executor wake, so a hundred awaiting goals cost a hundred
+    resumptions per feedback message, and results came back seconds late under load."""
     import threading
 
     done = threading.Event()
-    future.add_done_callback(lambda _f: done.set())
-    return done.wait(timeout_s) or future.done()
-
-
-def awaitable(concurrent_future, executor):
-    """An rclpy Future that completes with ``concurrent_future`` (set from any thread), so an
-    async execute callback can ``await`` the pipeline without holding an executor thread."""
-    from rclpy.task import Future
-
-    out = Future(executor=executor)
-    wake(out)
-    concurrent_future.add_done_callback(lambda f: out.set_result(f.result()))
-    return out
-
-
-def wake(future):
-    """Make completing ``future`` wake its executor: rclpy resumes a coroutine awaiting a future
-    only when the executor wakes, and a done callback is what triggers the wake."""
-    future.add_done_callback(lambda _f: None)
-    return future
+    for f in futures:
+        f.add_done_callback(lambda _f: done.set())
+    done.wait(timeout_s)
+    return next((f for f in futures if f.done()), None)
 
 
 def status_code(name: str, result_type) -> int:

@@ -20,14 +20,10 @@ class ServedStats:
 
         self.lock = threading.Lock()
         self.counts = Counter()
-        self.prefill_ape = deque(maxlen=self.WINDOW)
-        self.decode_ape = deque(maxlen=self.WINDOW)
         self.length_err = deque(maxlen=self.WINDOW)  # |N̂ - tokens| over completed answers with an estimate
         self.model_state = "unconfigured"
 
-    def record(self, result, time_model) -> None:
-        from timebill_ros.core.time_estimator import served_errors
-
+    def record(self, result) -> None:
         status = status_name(int(result.status))
         with self.lock:
             self.counts[status] += 1
@@ -36,13 +32,6 @@ class ServedStats:
             self.counts["planned"] += 1  # goals the server planned a deadline for and ran
             if not result.deadline_met:
                 self.counts["missed"] += 1
-            if time_model is not None and result.prefill_s > 0 and result.tokens_generated > 0 and result.decode_s > 0:
-                n = int(result.tokens_generated)
-                mean = result.decode_s / n
-                e = served_errors(time_model, int(result.prompt_tokens), int(result.kv_after), result.prefill_s,
-                                  [mean] * n)
-                self.prefill_ape.append(e["prefill_ape"])
-                self.decode_ape.append(e["decode_ape"])
             if result.completed and not result.estimate_fallback and result.predicted_length > 0:
                 self.length_err.append(abs(int(result.predicted_length) - int(result.tokens_generated)))
 
@@ -63,10 +52,9 @@ class ServedStats:
                                kv("missed_goals", missed)] + [kv(f"goals_{k}", v) for k, v in sorted(self.counts.items())
                                                               if k not in ("planned", "missed")]
             est = DiagnosticStatus(name="timebill_server: estimators", hardware_id="timebill", level=DiagnosticStatus.OK)
-            est.message = f"prefill APE {mean(self.prefill_ape)} %, decode APE {mean(self.decode_ape)} %"
-            est.values = [kv("prefill_ape_pct_mean", mean(self.prefill_ape)),
-                          kv("decode_ape_pct_mean", mean(self.decode_ape)), kv("estimator_samples", len(self.decode_ape)),
-                          kv("length_abs_err_tokens_mean", mean(self.length_err)),
+            est.message = (f"length error {mean(self.length_err)} tokens (time-model errors: "
+                           f"timebill_generator's online estimator status)")
+            est.values = [kv("length_abs_err_tokens_mean", mean(self.length_err)),
                           kv("length_samples", len(self.length_err))]
             queue = DiagnosticStatus(name="timebill_server: queue", hardware_id="timebill", level=DiagnosticStatus.OK)
             queue.message = f"{queued} queued, {running} running"

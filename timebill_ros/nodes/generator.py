@@ -9,8 +9,8 @@ pipeline holds the queue and the online-recalibrated time model, this node also 
 
 A heartbeat (pid, lifecycle state, last configure error, queue) goes out every
 ``heartbeat_s`` from a timer, also during a long prefill: the server calls the generator lost
-only when the heartbeat stops. Execute callbacks are coroutines awaiting the pipeline, so a
-queued goal holds no thread.
+only when the heartbeat stops. An execute callback waits on its goal's future (an event) while the
+pipeline's one model thread works.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from timebill_ros.core.pipeline import Job, LengthEstimate, Pipeline
 from timebill_ros.msg import Estimate, Heartbeat
 from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, CHANNEL_QOS, HEARTBEAT_QOS,
                                        SERVICE_ESTIMATE_BUDGET, SERVICE_PREDICT_LENGTH,
-                                       TOPIC_ESTIMATES, TOPIC_HEARTBEAT, awaitable, wake,
+                                       TOPIC_ESTIMATES, TOPIC_HEARTBEAT, GOAL_THREADS, wait_first,
                                        declare_config, duration_to_s, read_config,
                                        run_node, s_to_duration, safe_reason, to_result,
                                        time_to_s, to_monotonic, uuid_hex, ros_now_s)
@@ -43,6 +43,7 @@ R = Generate.Result
 F = Generate.Feedback
 STAGES = {"queued": F.STAGE_QUEUED, "prefill": F.STAGE_PREFILL, "decoding": F.STAGE_DECODING}
 KEEP_ESTIMATES = 256
+FEEDBACK_PERIOD_S = 0.05  # at most this often a partial-text feedback while decoding
 PREDICT_TIMEOUT_S = 2.0  # EstimateBudget: without N̂ by then, plan with the cap (as a goal would)
 
 
@@ -90,6 +91,9 @@ class GeneratorNode(LifecycleNode):
         self._group = ReentrantCallbackGroup()
         self._lengths = TopicLengths()
         self._entities: list = []
+        from collections import deque
+
+        self._ape = deque(maxlen=200)  # (prefill, decode) absolute % error of served requests
         self._heartbeat = self.create_publisher(Heartbeat, TOPIC_HEARTBEAT, HEARTBEAT_QOS)
         period = float(self.get_parameter("heartbeat_s").value) or 0.25
         self.create_timer(period, self.publish_heartbeat, callback_group=self._group)
@@ -117,6 +121,7 @@ class GeneratorNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.error = ""
         self.pipeline = Pipeline(self.engine, model, self.cfg, self._lengths, log=self.get_logger().info)
+        self.pipeline.on_observed = self._observe
         self._entities = [
             self.create_subscription(Estimate, TOPIC_ESTIMATES, self._lengths.put, CHANNEL_QOS,
                                      callback_group=self._group),
@@ -174,6 +179,17 @@ class GeneratorNode(LifecycleNode):
                                           state=self.state_label, error=self.error,
                                           queued=snap["queued"], running=snap["running"]))
 
+    def _observe(self, outcome) -> None:
+        """Time-model error of one served request, for /diagnostics."""
+        from timebill_ros.core.time_estimator import served_errors
+
+        res, pipeline = outcome.result, self.pipeline
+        if res is None or pipeline is None or not res.decode_step_s or outcome.prefill_s <= 0:
+            return
+        e = served_errors(pipeline.time_model(), outcome.prompt_tokens, res.kv_after, outcome.prefill_s,
+                          list(res.decode_step_s))
+        self._ape.append((e["prefill_ape"], e["decode_ape"]))
+
     def _publish_diagnostics(self) -> None:
         from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
@@ -184,8 +200,13 @@ class GeneratorNode(LifecycleNode):
         st = DiagnosticStatus(name="timebill_generator: online estimator", hardware_id="timebill",
                               level=DiagnosticStatus.WARN if drift else DiagnosticStatus.OK,
                               message="; ".join(drift) or "measured times inside the fitted model's band")
+        ape = list(self._ape)
+        values = dict(pipeline.online.summary(), estimator_samples=len(ape))
+        if ape:
+            values["prefill_ape_pct_mean"] = sum(a for a, _ in ape) / len(ape)
+            values["decode_ape_pct_mean"] = sum(b for _, b in ape) / len(ape)
         st.values = [KeyValue(key=k, value=f"{v:.4g}" if isinstance(v, float) else str(v))
-                     for k, v in pipeline.online.summary().items()]
+                     for k, v in values.items()]
         msg = DiagnosticArray(status=[st])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(msg)
@@ -199,7 +220,7 @@ class GeneratorNode(LifecycleNode):
             self.pipeline.cancel(uuid_hex(goal_handle.goal_id))
         return CancelResponse.ACCEPT
 
-    async def execute(self, goal_handle) -> Generate.Result:
+    def execute(self, goal_handle) -> Generate.Result:
         req = goal_handle.request.request
         pipeline = self.pipeline
         if pipeline is None:
@@ -213,9 +234,14 @@ class GeneratorNode(LifecycleNode):
             feedback.alpha, feedback.predicted_length = job.alpha_used, job.n_hat
             self._feedback(goal_handle, feedback, job, deadline_s)
 
+        last = [0.0]
+
         def on_token(step: int, token_id: int, text: str) -> None:
             feedback.partial_text = text
-            self._feedback(goal_handle, feedback, job, deadline_s)
+            now = time.monotonic()
+            if now - last[0] >= FEEDBACK_PERIOD_S:  # every token would flood DDS under load
+                last[0] = now
+                self._feedback(goal_handle, feedback, job, deadline_s)
 
         deadline_s = time_to_s(req.deadline)
         job = Job(request_id=req.request_id, input_ids=[int(t) for t in req.input_ids],
@@ -226,7 +252,11 @@ class GeneratorNode(LifecycleNode):
                   on_token=on_token)
         if goal_handle.is_cancel_requested:
             job.cancel.set()
-        outcome = await awaitable(pipeline.submit(job), self.executor)
+        outcome = pipeline.submit(job).result()  # this thread waits; the model thread works
+        if outcome.decode_start_s >= 0:  # the last tokens' feedback, before the result
+            feedback.stage, feedback.partial_text = F.STAGE_DECODING, outcome.text
+            job.tokens = outcome.tokens_generated
+            self._feedback(goal_handle, feedback, job, deadline_s)
         result = to_result(outcome, R)
         if outcome.status == "canceled" and goal_handle.is_cancel_requested:
             goal_handle.canceled()
@@ -240,7 +270,7 @@ class GeneratorNode(LifecycleNode):
         goal_handle.publish_feedback(feedback)
 
     # ---------------------------------------------------------- estimate budget
-    async def on_estimate_budget(self, request, response):
+    def on_estimate_budget(self, request, response):
         budget = duration_to_s(request.time_budget)
         pipeline = self.pipeline
         if pipeline is None:
@@ -266,7 +296,7 @@ class GeneratorNode(LifecycleNode):
         asked_at = time.monotonic()
         cap = pipeline.n_cap(n_prompt, int(request.max_new_tokens))
         n_hat, fallback, took = cap, True, 0.0
-        got = await self._predict_length(request.prompt, cap)
+        got = self._predict_length(request.prompt, cap)
         if got is not None and not got.fallback:
             n_hat, fallback, took = min(int(got.predicted_length), cap), False, got.prediction_s
         est = pipeline.estimate(n_prompt, budget - (time.monotonic() - asked_at), n_hat,
@@ -286,19 +316,15 @@ class GeneratorNode(LifecycleNode):
         response.queue_ahead_s, response.admission_reason = float(adm.ahead_s), adm.reason
         return response
 
-    async def _predict_length(self, prompt: str, cap: int):
+    def _predict_length(self, prompt: str, cap: int):
         """N̂ from the predictor node, or None when it is down or slower than PREDICT_TIMEOUT_S."""
         if not self._predict.service_is_ready():
             return None
-        future = wake(self._predict.call_async(PredictLength.Request(prompt=prompt, n_cap=cap)))
-        timer = threading.Timer(PREDICT_TIMEOUT_S, lambda: future.done() or future.cancel())
-        timer.start()
-        try:
-            return await future
-        except Exception:  # noqa: BLE001 - canceled by the timer: plan with the cap
+        future = self._predict.call_async(PredictLength.Request(prompt=prompt, n_cap=cap))
+        if wait_first(future, timeout_s=PREDICT_TIMEOUT_S) is None:
+            self._predict.remove_pending_request(future)
             return None
-        finally:
-            timer.cancel()
+        return future.result()
 
 
 def main(args=None) -> int:
@@ -309,7 +335,7 @@ def main(args=None) -> int:
         print(f"[timebill_generator] cannot start: {safe_reason(exc)}", file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    return run_node(node)
+    return run_node(node, num_threads=GOAL_THREADS)  # one waiting thread per held goal
 
 
 if __name__ == "__main__":

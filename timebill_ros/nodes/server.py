@@ -12,7 +12,7 @@ goal response carries no reason). It is then handed to the predictor (``timebill
 and the generator (internal ``timebill/generate``) at the same moment. The generator owns the
 queue and admission; the server relays feedback, cancels, and the result. It calls the
 generator lost only when its heartbeat stops (or its pid changes), never because a prefill is
-long. Execute callbacks are coroutines: a waiting goal holds no thread.
+long. A goal's execute callback waits on events (its result, or a reason to stop), never polls.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, ACTION_TIMED
                                        CHANNEL_QOS, HEARTBEAT_QOS, TOPIC_ESTIMATES,
                                        TOPIC_HEARTBEAT, TOPIC_REQUESTS, TRANSITIONS, PromptTokenizer,
                                        copy_fields, declare_config, read_config, ros_now_s,
-                                       run_node, s_to_time, safe_reason, uuid_hex, wait_done,
-                                       wake)
+                                       run_node, s_to_time, safe_reason, uuid_hex,
+                                       wait_first, GOAL_THREADS)
 from timebill_ros.nodes.diagnostics import ServedStats
 from timebill_ros.nodes.validation import InvalidGoal, validate_goal
 
@@ -160,7 +160,7 @@ class TimeBillServer(LifecycleNode):
             req = ChangeState.Request()
             req.transition.id = TRANSITIONS[transition]
             fut = self._peer_clients[(peer, "change_state")].call_async(req)
-            if not wait_done(fut, timeout_s):
+            if wait_first(fut, timeout_s=timeout_s) is None:
                 return f"{peer} did not {transition} within {timeout_s:g} s"
             if not fut.result().success:
                 why = self._beat.error if peer == PEERS[0] and self._beat is not None else ""
@@ -172,7 +172,7 @@ class TimeBillServer(LifecycleNode):
         if not client.wait_for_service(timeout_sec=timeout_s):
             return None
         fut = client.call_async(GetState.Request())
-        return fut.result().current_state.label if wait_done(fut, timeout_s) else None
+        return fut.result().current_state.label if wait_first(fut, timeout_s=timeout_s) else None
 
     def release(self) -> None:
         """Free everything configure created (main() calls it on SIGINT)."""
@@ -284,7 +284,7 @@ class TimeBillServer(LifecycleNode):
     def on_accepted(self, goal_handle) -> None:
         """Stamp the acceptance time (the budget counts from here), then execute."""
         rid = uuid_hex(goal_handle.goal_id)
-        self._goals[rid] = _Goal(rid, ros_now_s(self), stop=wake(Future(executor=self.executor)))
+        self._goals[rid] = _Goal(rid, ros_now_s(self), stop=Future())
         self._record("record_goal", goal_handle.goal_id, goal_handle.request)
         goal_handle.execute()
 
@@ -294,12 +294,12 @@ class TimeBillServer(LifecycleNode):
             g.inner.cancel_goal_async()
         return CancelResponse.ACCEPT
 
-    async def execute(self, goal_handle) -> TimedInference.Result:
+    def execute(self, goal_handle) -> TimedInference.Result:
         rid = uuid_hex(goal_handle.goal_id)
-        ctx = self._goals.get(rid) or _Goal(rid, ros_now_s(self), stop=wake(Future(executor=self.executor)))
+        ctx = self._goals.get(rid) or _Goal(rid, ros_now_s(self), stop=Future())
         try:
-            result = await self._execute(goal_handle, ctx)
-            self.stats.record(result, None)
+            result = self._execute(goal_handle, ctx)
+            self.stats.record(result)
             self._record("record_result", goal_handle.goal_id, result, status=int(goal_handle.status))
             return result
         except Exception as exc:  # noqa: BLE001 - one goal's failure must not take the server down
@@ -309,7 +309,7 @@ class TimeBillServer(LifecycleNode):
         finally:
             self._goals.pop(rid, None)
 
-    async def _execute(self, goal_handle, ctx: _Goal) -> TimedInference.Result:
+    def _execute(self, goal_handle, ctx: _Goal) -> TimedInference.Result:
         rel = lambda: ros_now_s(self) - ctx.accepted_s  # noqa: E731
         result = R(estimate_received_s=-1.0)
         cfg = self.cfg
@@ -338,9 +338,9 @@ class TimeBillServer(LifecycleNode):
         ctx.generator_pid = self._beat.pid if self._beat is not None else 0
         ctx.dispatched = True
         self._requests.publish(request)
-        send = wake(self._generator.send_goal_async(Generate.Goal(request=request), feedback_callback=relay,
+        send = (self._generator.send_goal_async(Generate.Goal(request=request), feedback_callback=relay,
                                                     goal_uuid=goal_handle.goal_id))
-        first = await _first(self.executor, send, ctx.stop)
+        first = wait_first(send, ctx.stop)
         if first is ctx.stop:
             return self._end(goal_handle, result, rel, R.STATUS_ABORTED, ctx.stop.result())
         inner = send.result()
@@ -350,8 +350,8 @@ class TimeBillServer(LifecycleNode):
         ctx.inner = inner
         if goal_handle.is_cancel_requested or ctx.stop.done():
             inner.cancel_goal_async()
-        answer = wake(inner.get_result_async())
-        first = await _first(self.executor, answer, ctx.stop)
+        answer = inner.get_result_async()
+        first = wait_first(answer, ctx.stop)
         if first is ctx.stop:
             return self._end(goal_handle, result, rel, R.STATUS_ABORTED, ctx.stop.result())
         dispatched = result.dispatch_at_s
@@ -389,18 +389,10 @@ class TimeBillServer(LifecycleNode):
         self._diag_pub.publish(msg)
 
 
-async def _first(executor, *futures):
-    """Await whichever of ``futures`` completes first; returns that future."""
-    either = wake(Future(executor=executor))
-    for f in futures:
-        f.add_done_callback(lambda done, _e=either: _e.done() or _e.set_result(done))
-    return await either
-
-
 def main(args=None) -> int:
     rclpy.init(args=args)
     node = TimeBillServer()
-    return run_node(node)
+    return run_node(node, num_threads=GOAL_THREADS)  # one waiting thread per held goal
 
 
 if __name__ == "__main__":
