@@ -254,6 +254,11 @@ class TimeBillClient(Node):
                                    overrun_policy=overrun_policy)
         if budget_s is not None:
             goal.time_budget = s_to_duration(budget_s)
+            # the budget runs from now, not from when the server gets to accept the goal: a
+            # burst of goals can take a while to be accepted, and a promise is kept at the planner
+            if budget_s > 0 and math.isfinite(budget_s):  # others: the server says what is wrong
+                sent_deadline = self.now_s() + budget_s
+                deadline_s = sent_deadline if deadline_s is None else min(deadline_s, sent_deadline)
         if deadline_s is not None:
             goal.deadline = s_to_time(deadline_s)
         if not self._action.wait_for_server(timeout_sec=timeout_s):
