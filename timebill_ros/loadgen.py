@@ -22,7 +22,7 @@ from rclpy.action import ActionClient
 from unique_identifier_msgs.msg import UUID
 
 from timebill_ros.action import TimedInference
-from timebill_ros.nodes.common import ACTION_QOS, ACTION_TIMED_INFERENCE, s_to_duration
+from timebill_ros.nodes.common import ACTION_QOS, ACTION_TIMED_INFERENCE, s_to_duration, s_to_time
 
 R = TimedInference.Result
 STATUS = {R.STATUS_SUCCEEDED: "succeeded", R.STATUS_TRUNCATED: "truncated", R.STATUS_KILLED: "killed",
@@ -45,7 +45,7 @@ class GoalSpec:
 class GoalRecord:
     index: int
     sent_s: float  # client ROS time
-    deadline_s: float  # sent_s + budget (the server's deadline is a little later: acceptance)
+    deadline_s: float  # sent_s + budget, sent as the goal's absolute deadline too
     received_s: float = math.nan  # when the result reached this client; NaN: never (hung)
     accepted: bool = False
     status: str = "hung"
@@ -93,6 +93,8 @@ def fire(node, goals: Sequence[GoalSpec], timeout_s: float = 120.0, executor=Non
             goal = TimedInference.Goal(prompt=g.prompt, max_new_tokens=g.max_new_tokens, overrun_policy=g.overrun_policy)
             goal.time_budget = s_to_duration(g.budget_s)
             t = now()
+            if g.budget_s > 0 and math.isfinite(g.budget_s):  # the planner's own deadline, as the client sets it
+                goal.deadline = s_to_time(t + g.budget_s)
             records.append(GoalRecord(i, t, t + g.budget_s))
             sends[i] = action.send_goal_async(goal, goal_uuid=UUID(uuid=list(uuid.uuid4().bytes)))
             if g.cancel_after_s is not None:
