@@ -23,7 +23,7 @@ def tiny():
     return tiny_model()
 
 
-# ---- ROS fixtures (issue 4): one bringup of the three nodes, shared by the test_ros_* files ----
+# ---- ROS fixtures: one bringup of the three nodes, shared by the test_ros_* files ----
 def _ros_built() -> bool:
     try:
         import rclpy  # noqa: F401
@@ -100,7 +100,7 @@ def ready_server(timebill_nodes, ros_client):
     return ros_client
 
 
-# ---- a second bringup with the tiny random model (issue 7: load, faults, hostile goals) ----
+# ---- a second bringup with the tiny random model (load, faults, hostile goals) ----
 def make_client(domain_id: int, name: str):
     """A TimeBillClient on its own rclpy context in ``domain_id`` (close with close_client)."""
     import rclpy
@@ -143,7 +143,7 @@ def tiny_nodes(tiny_domain_id, tiny_client, tmp_path_factory):
 
     ensure_tiny_model()
     logs = tmp_path_factory.mktemp("ros_tiny_logs")
-    bags = tmp_path_factory.mktemp("ros_tiny_bags")  # the server records every goal here (issue 6)
+    bags = tmp_path_factory.mktemp("ros_tiny_bags")  # the server records every goal here
     bringup = Bringup(overrides={"threads": 1, "model": "tiny", "record_bag": str(bags)}, domain_id=tiny_domain_id,
                       log_dir=logs)
     bringup.bag_dir = bags

@@ -22,7 +22,6 @@ from typing import Callable, Optional
 
 import rclpy
 from action_msgs.msg import GoalStatus
-from lifecycle_msgs.msg import State
 from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor

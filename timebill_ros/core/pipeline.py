@@ -27,11 +27,12 @@ from typing import Callable, Dict, List, Optional
 
 from .budget import BudgetVerdict, solve_alpha, solve_alpha_after_prefill
 from .config import TimeBillConfig
-from .errors import PrefillStopped, TimeBillError
+from .errors import PrefillStopped
+from .lengths import FixedLength, LengthEstimate, PredictorLength
 from .online_estimator import OnlineTimeModel
 from .outcome import Outcome
-from .scheduler import Admission, EdfQueue, Running, admission, min_job_s, worst_start
-from .time_estimator import ExecutionTimeModel, wcet_length
+from .scheduler import Admission, EdfQueue, Running, admission, min_job_s
+from .time_estimator import ExecutionTimeModel
 
 MAX_PENDING = 128  # jobs held at once (queued + running); more are refused ("queue full")
 
@@ -39,60 +40,6 @@ MAX_PENDING = 128  # jobs held at once (queued + running); more are refused ("qu
 def answer_cap(n_max: int, max_new_tokens: int, n_prompt: int, max_context: int) -> int:
     """Longest answer possible: N_max, the request's max_new_tokens and the context all cap it."""
     return max(1, min(int(n_max), int(max_new_tokens), max(int(max_context) - int(n_prompt), 1)))
-
-
-@dataclass
-class LengthEstimate:
-    n_hat: int
-    fallback: bool  # no prediction: N̂ = the answer cap
-    received_at: float = -1.0  # pipeline clock, when the estimate reached the pipeline
-    prediction_s: float = 0.0
-
-
-class FixedLength:
-    """A known N̂ (tests, the sweep's shared prediction)."""
-
-    def __init__(self, n_hat: Optional[int], prediction_s: float = 0.0, clock=time.monotonic):
-        self.n_hat, self.prediction_s, self.clock = n_hat, prediction_s, clock
-
-    def start(self, job: "Job") -> None:
-        pass
-
-    def wait(self, job: "Job", until: float) -> Optional[LengthEstimate]:
-        if self.n_hat is None:
-            return None
-        return LengthEstimate(int(self.n_hat), False, self.clock(), self.prediction_s)
-
-
-class PredictorLength:
-    """The response-length predictor run beside prefill on its own thread (offline use)."""
-
-    def __init__(self, predictor, clock=time.monotonic):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.predictor, self.clock = predictor, clock
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="timebill_length")
-        self._futures: Dict[str, Future] = {}
-
-    def _predict(self, prompt: str) -> LengthEstimate:
-        t0 = time.monotonic()
-        p = self.predictor.predict(prompt)
-        fallback = getattr(p, "source", "model") == "fallback"
-        return LengthEstimate(int(p.n_hat), fallback, -1.0, time.monotonic() - t0)
-
-    def start(self, job: "Job") -> None:
-        self._futures[job.request_id] = self._pool.submit(self._predict, job.prompt)
-
-    def wait(self, job: "Job", until: float) -> Optional[LengthEstimate]:
-        fut = self._futures.pop(job.request_id, None)
-        if fut is None:
-            return None
-        try:
-            est = fut.result(timeout=max(until - self.clock(), 0.0))
-        except Exception:  # noqa: BLE001 - late or failed: the caller plans with the cap
-            return None
-        est.received_at = self.clock()
-        return est
 
 
 @dataclass(eq=False)
@@ -139,8 +86,8 @@ class Pipeline:
 
     def __init__(self, engine, time_model: ExecutionTimeModel, cfg: TimeBillConfig,
                  lengths=None, *, learn: bool = True, clock: Callable[[], float] = time.monotonic,
-                 log: Callable[[str], None] = lambda m: None):
-        self.engine, self.cfg, self.clock, self.log = engine, cfg, clock, log
+                 ):
+        self.engine, self.cfg, self.clock = engine, cfg, clock
         self.lengths = lengths or FixedLength(None, clock=clock)
         self.online = OnlineTimeModel(time_model)
         self.learn = learn
@@ -524,4 +471,4 @@ def classify(stop_reason: str, completed: bool, finished: float, deadline: float
 
 
 __all__ = ["Pipeline", "Job", "Outcome", "LengthEstimate", "FixedLength", "PredictorLength",
-           "BudgetEstimate", "answer_cap", "classify", "MAX_PENDING", "TimeBillError", "wcet_length"]
+           "BudgetEstimate", "answer_cap", "classify", "MAX_PENDING"]

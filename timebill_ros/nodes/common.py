@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import fields
 from types import SimpleNamespace
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 from rclpy.duration import Duration
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy

@@ -120,7 +120,7 @@ class GeneratorNode(LifecycleNode):
             self.publish_heartbeat()
             return TransitionCallbackReturn.FAILURE
         self.error = ""
-        self.pipeline = Pipeline(self.engine, model, self.cfg, self._lengths, log=self.get_logger().info)
+        self.pipeline = Pipeline(self.engine, model, self.cfg, self._lengths,)
         self.pipeline.on_observed = self._observe
         self._entities = [
             self.create_subscription(Estimate, TOPIC_ESTIMATES, self._lengths.put, CHANNEL_QOS,
