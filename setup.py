@@ -7,12 +7,12 @@ package.xml; this file lets the core be used and tested without a ROS build.
 from setuptools import find_packages, setup
 
 setup(
-    name="timebill_ros",
-    version="0.1.0",
-    packages=find_packages(include=["timebill_ros", "timebill_ros.*"]),
-    python_requires=">=3.10",
-    install_requires=["numpy", "pyyaml"],  # torch/transformers pinned by requirements.txt
-    entry_points={"console_scripts": ["timebill = timebill_ros.cli:main"]},
-    package_data={"timebill_ros": ["data/*"]},
+    name='timebill_ros',
+    version='0.1.0',
+    packages=find_packages(include=['timebill_ros', 'timebill_ros.*']),
+    python_requires='>=3.10',
+    install_requires=['numpy', 'pyyaml'],  # torch/transformers pinned by requirements.txt
+    entry_points={'console_scripts': ['timebill = timebill_ros.cli:main']},
+    package_data={'timebill_ros': ['data/*']},
     zip_safe=False,
 )

@@ -25,26 +25,31 @@ import argparse
 import json
 import math
 import os
+from pathlib import Path
 import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-LICENSES = Path("/usr/share/common-licenses")
-SHORT = ("Is the corridor clear?", "Where is the charging dock?", "Name one safe speed for a "
-         "robot arm near people.", "Should the robot stop when a person is close?",
-         "What does a red warning light on the robot mean?", "Which shelf should the box go on?")
-OK = ("succeeded", "truncated")
+LICENSES = Path('/usr/share/common-licenses')
+SHORT = (
+    'Is the corridor clear?',
+    'Where is the charging dock?',
+    'Name one safe speed for a robot arm near people.',
+    'Should the robot stop when a person is close?',
+    'What does a red warning light on the robot mean?',
+    'Which shelf should the box go on?',
+)
+OK = ('succeeded', 'truncated')
 
 
 def proc_status(pid: int) -> dict:
     out = {}
     try:
-        with open(f"/proc/{pid}/status") as fh:
+        with open(f'/proc/{pid}/status') as fh:
             for line in fh:
-                key, _, val = line.partition(":")
-                if key in ("Threads", "VmRSS"):
+                key, _, val = line.partition(':')
+                if key in ('Threads', 'VmRSS'):
                     out[key] = int(val.split()[0])
     except OSError:
         pass
@@ -56,8 +61,8 @@ def long_prompt(rng: random.Random, words: list) -> tuple:
     start = rng.randrange(len(words) - n)
     chunk = words[start:start + n]
     key = rng.randint(10000, 99999)
-    chunk.insert(rng.randrange(len(chunk)), f"The passkey is {key}.")
-    text = " ".join(chunk) + "\n\nWhat is the passkey in the text above? Answer with the number."
+    chunk.insert(rng.randrange(len(chunk)), f'The passkey is {key}.')
+    text = ' '.join(chunk) + '\n\nWhat is the passkey in the text above? Answer with the number.'
     return text, n, key
 
 
@@ -66,29 +71,32 @@ def planner(args) -> int:
     import rclpy
     from rclpy.context import Context
     from rclpy.signals import SignalHandlerOptions
-
     import timebill_ros
     from timebill_ros.client import TimeBillClient
 
     rng = random.Random(1000 + args.worker)
-    words = " ".join(p.read_text(errors="replace") for p in sorted(LICENSES.glob("*"))
-                     if p.is_file()).split()
-    out = Path(args.out) / f"planner{args.worker}.json"
+    words = ' '.join(
+        p.read_text(errors='replace') for p in sorted(LICENSES.glob('*')) if p.is_file()
+    ).split()
+    out = Path(args.out) / f'planner{args.worker}.json'
     records: list = []
-    dump = lambda: out.write_text(json.dumps(  # noqa: E731
-        {"module": timebill_ros.__file__, "records": records}, indent=1))
+    dump = lambda: out.write_text(
+        json.dumps(  # noqa: E731
+            {'module': timebill_ros.__file__, 'records': records}, indent=1
+        )
+    )
     ctx = Context()
     rclpy.init(context=ctx, domain_id=args.domain, signal_handler_options=SignalHandlerOptions.NO)
-    tb = TimeBillClient(f"lateness_planner_{args.worker}", context=ctx)
+    tb = TimeBillClient(f'lateness_planner_{args.worker}', context=ctx)
     try:
-        if hasattr(tb, "wait_until_ready") and not tb.wait_until_ready(120.0):
-            print(f"planner {args.worker}: server not ready", file=sys.stderr)
+        if hasattr(tb, 'wait_until_ready') and not tb.wait_until_ready(120.0):
+            print(f'planner {args.worker}: server not ready', file=sys.stderr)
         time.sleep(1.5)  # let DDS discovery settle before the first goal
         end, k = time.time() + args.duration, 0
         while time.time() < end and (not args.goals_per_planner or k < args.goals_per_planner):
-            rec = {"planner": args.worker, "k": k, "kind": "long" if k % 2 == 0 else "short"}
-            if rec["kind"] == "long":
-                prompt, rec["words"], rec["passkey"] = long_prompt(rng, words)
+            rec = {'planner': args.worker, 'k': k, 'kind': 'long' if k % 2 == 0 else 'short'}
+            if rec['kind'] == 'long':
+                prompt, rec['words'], rec['passkey'] = long_prompt(rng, words)
             else:
                 prompt = rng.choice(SHORT)
             budget = round(math.exp(rng.uniform(math.log(0.5), math.log(20.0))), 3)
@@ -98,33 +106,49 @@ def planner(args) -> int:
             if rng.random() < 0.5:
                 t = time.time()
                 plan = tb.estimate_budget(prompt, budget, max_new_tokens=mnt)
-                rec["estimate_s"] = time.time() - t
-                keys = ("ok", "guaranteed", "feasible", "admissible", "verdict", "alpha",
-                        "wcet_at_alpha_s", "prompt_tokens", "queued_ahead")
-                rec["estimate"] = plan and {f: getattr(plan, f, None) for f in keys}
+                rec['estimate_s'] = time.time() - t
+                keys = (
+                    'ok',
+                    'guaranteed',
+                    'feasible',
+                    'admissible',
+                    'verdict',
+                    'alpha',
+                    'wcet_at_alpha_s',
+                    'prompt_tokens',
+                    'queued_ahead',
+                )
+                rec['estimate'] = plan and {f: getattr(plan, f, None) for f in keys}
             records.append(rec)
             give_up = budget + 120.0
-            rec.update(status="timeout", sent_s=time.time())
-            rec["deadline_s"] = rec["sent_s"] + budget
+            rec.update(status='timeout', sent_s=time.time())
+            rec['deadline_s'] = rec['sent_s'] + budget
             dump()
-            if hasattr(tb, "send_goal"):
+            if hasattr(tb, 'send_goal'):
                 o = tb.send_goal(prompt, budget, max_new_tokens=mnt)
                 if o is None and cancel:
                     time.sleep(1.0)
-                    rec["cancel_sent_s"] = time.time()
-                    rec["cancel_accepted"] = bool(tb.cancel_task())
+                    rec['cancel_sent_s'] = time.time()
+                    rec['cancel_accepted'] = bool(tb.cancel_task())
                 if o is None:
-                    o = tb.get_result(max(give_up - (time.time() - rec["sent_s"]), 1.0))
+                    o = tb.get_result(max(give_up - (time.time() - rec['sent_s']), 1.0))
             else:
                 o = tb.ask(prompt, budget, max_new_tokens=mnt, timeout_s=give_up)
-            rec["arrival_s"] = time.time()
-            rec["lateness_s"] = rec["arrival_s"] - rec["deadline_s"]
-            timed_out = (o.status_name == "aborted" and
-                         rec["arrival_s"] - rec["sent_s"] >= give_up - 0.5)
-            rec.update(status="timeout" if timed_out else o.status_name, reason=o.reason,
-                       accepted=bool(o.accepted), alpha=float(o.alpha),
-                       tokens=int(o.tokens_generated), prompt_tokens=int(o.prompt_tokens),
-                       deadline_met=bool(o.deadline_met), server_total_s=float(o.total_s))
+            rec['arrival_s'] = time.time()
+            rec['lateness_s'] = rec['arrival_s'] - rec['deadline_s']
+            timed_out = (
+                o.status_name == 'aborted' and rec['arrival_s'] - rec['sent_s'] >= give_up - 0.5
+            )
+            rec.update(
+                status='timeout' if timed_out else o.status_name,
+                reason=o.reason,
+                accepted=bool(o.accepted),
+                alpha=float(o.alpha),
+                tokens=int(o.tokens_generated),
+                prompt_tokens=int(o.prompt_tokens),
+                deadline_met=bool(o.deadline_met),
+                server_total_s=float(o.total_s),
+            )
             dump()
             k += 1
     finally:
@@ -141,114 +165,156 @@ def pct(xs: list, q: float) -> float:
 
 
 def report(records: list, mem: dict) -> str:
-    rows = ["| status | n | lateness min | median | p95 | max | after deadline |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for st in sorted({r["status"] for r in records}):
-        rs = [r for r in records if r["status"] == st]
-        lat = [r["lateness_s"] for r in rs if "lateness_s" in r]
+    rows = [
+        '| status | n | lateness min | median | p95 | max | after deadline |',
+        '|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    for st in sorted({r['status'] for r in records}):
+        rs = [r for r in records if r['status'] == st]
+        lat = [r['lateness_s'] for r in rs if 'lateness_s' in r]
         late = sum(x > 0 for x in lat)
-        rows.append(f"| {st} | {len(rs)} | {pct(lat, 0):.3f} | {pct(lat, .5):.3f} | "
-                    f"{pct(lat, .95):.3f} | {pct(lat, 1):.3f} | {late} |")
-    lat = [r["lateness_s"] for r in records if "lateness_s" in r]
-    rows.append(f"| **all** | {len(records)} | {pct(lat, 0):.3f} | {pct(lat, .5):.3f} | "
-                f"{pct(lat, .95):.3f} | {pct(lat, 1):.3f} | {sum(x > 0 for x in lat)} |")
-    g = [r for r in records if not r["cancel"] and (r.get("estimate") or {}).get("guaranteed")]
-    on_time = [r for r in g if r["status"] in OK and r.get("lateness_s", 1) <= 0]
-    lines = ["", *rows, "", f"guaranteed answers served on time: {len(on_time)}/{len(g)}"]
-    for key, label in (("feasible", "feasible"), ("admissible", "admissible")):
-        f = [r for r in records if not r["cancel"] and (r.get("estimate") or {}).get(key)]
-        ok = [r for r in f if r["status"] in OK and r.get("lateness_s", 1) <= 0]
-        lines.append(f"{label} (estimate) answers served on time: {len(ok)}/{len(f)}")
-    met_late = [r for r in records if r.get("deadline_met") and r.get("lateness_s", 0) > 0]
-    lines.append(f"deadline_met=true but arrived late at client: {len(met_late)}")
-    c = [r for r in records if "cancel_sent_s" in r and "arrival_s" in r]
-    d = [r["arrival_s"] - r["cancel_sent_s"] for r in c]
-    lines.append(f"cancels sent {len(c)} (accepted {sum(r['cancel_accepted'] for r in c)}), "
-                 f"result after cancel: median {pct(d, .5):.2f} s, max {pct(d, 1):.2f} s, "
-                 f"statuses {sorted(r['status'] for r in c)}")
-    lines += ["", "| node | threads idle | threads max (load) | RSS idle MiB | RSS max MiB |",
-              "|---|---:|---:|---:|---:|"]
+        rows.append(
+            f'| {st} | {len(rs)} | {pct(lat, 0):.3f} | {pct(lat, 0.5):.3f} | '
+            f'{pct(lat, 0.95):.3f} | {pct(lat, 1):.3f} | {late} |'
+        )
+    lat = [r['lateness_s'] for r in records if 'lateness_s' in r]
+    rows.append(
+        f'| **all** | {len(records)} | {pct(lat, 0):.3f} | {pct(lat, 0.5):.3f} | '
+        f'{pct(lat, 0.95):.3f} | {pct(lat, 1):.3f} | {sum(x > 0 for x in lat)} |'
+    )
+    g = [r for r in records if not r['cancel'] and (r.get('estimate') or {}).get('guaranteed')]
+    on_time = [r for r in g if r['status'] in OK and r.get('lateness_s', 1) <= 0]
+    lines = ['', *rows, '', f'guaranteed answers served on time: {len(on_time)}/{len(g)}']
+    for key, label in (('feasible', 'feasible'), ('admissible', 'admissible')):
+        f = [r for r in records if not r['cancel'] and (r.get('estimate') or {}).get(key)]
+        ok = [r for r in f if r['status'] in OK and r.get('lateness_s', 1) <= 0]
+        lines.append(f'{label} (estimate) answers served on time: {len(ok)}/{len(f)}')
+    met_late = [r for r in records if r.get('deadline_met') and r.get('lateness_s', 0) > 0]
+    lines.append(f'deadline_met=true but arrived late at client: {len(met_late)}')
+    c = [r for r in records if 'cancel_sent_s' in r and 'arrival_s' in r]
+    d = [r['arrival_s'] - r['cancel_sent_s'] for r in c]
+    lines.append(
+        f'cancels sent {len(c)} (accepted {sum(r["cancel_accepted"] for r in c)}), '
+        f'result after cancel: median {pct(d, 0.5):.2f} s, max {pct(d, 1):.2f} s, '
+        f'statuses {sorted(r["status"] for r in c)}'
+    )
+    lines += [
+        '',
+        '| node | threads idle | threads max (load) | RSS idle MiB | RSS max MiB |',
+        '|---|---:|---:|---:|---:|',
+    ]
     for name, m in mem.items():
-        lines.append(f"| {name} | {m['idle_threads']} | {m['max_threads']} | "
-                     f"{m['idle_rss'] / 1024:.0f} | {m['max_rss'] / 1024:.0f} |")
-    return "\n".join(lines)
+        lines.append(
+            f'| {name} | {m["idle_threads"]} | {m["max_threads"]} | '
+            f'{m["idle_rss"] / 1024:.0f} | {m["max_rss"] / 1024:.0f} |'
+        )
+    return '\n'.join(lines)
 
 
 # --------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--planners", type=int, default=2)
-    ap.add_argument("--hog", type=int, default=0, help="busy-loop processes during the load")
-    ap.add_argument("--duration", type=float, default=270.0, help="seconds of load per planner")
-    ap.add_argument("--goals-per-planner", type=int, default=0, help="0: until --duration")
-    ap.add_argument("--domain", type=int, default=77, help="ROS_DOMAIN_ID (never 0)")
-    ap.add_argument("--out", default="results/load_lateness")
-    ap.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument('--planners', type=int, default=2)
+    ap.add_argument('--hog', type=int, default=0, help='busy-loop processes during the load')
+    ap.add_argument('--duration', type=float, default=270.0, help='seconds of load per planner')
+    ap.add_argument('--goals-per-planner', type=int, default=0, help='0: until --duration')
+    ap.add_argument('--domain', type=int, default=77, help='ROS_DOMAIN_ID (never 0)')
+    ap.add_argument('--out', default='results/load_lateness')
+    ap.add_argument('--worker', type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.domain == 0:
-        ap.error("--domain 0 is the shared default domain: pick another")
+        ap.error('--domain 0 is the shared default domain: pick another')
     if args.worker >= 0:
         return planner(args)
 
     from timebill_ros.bringup import Bringup, ros_env, ros_env_active
 
     if not ros_env_active():  # the type-support libraries must be on LD_LIBRARY_PATH at start
-        os.execve(sys.executable, [sys.executable, "-P", os.path.abspath(__file__),
-                                   *(sys.argv[1:] if argv is None else argv)], ros_env())
+        os.execve(
+            sys.executable,
+            [
+                sys.executable,
+                '-P',
+                os.path.abspath(__file__),
+                *(sys.argv[1:] if argv is None else argv),
+            ],
+            ros_env(),
+        )
     import rclpy
     from rclpy.context import Context
     from rclpy.signals import SignalHandlerOptions
-
     from timebill_ros.client import TimeBillClient
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("planner*.json"):
+    for old in out.glob('planner*.json'):
         old.unlink()
     ctx = Context()
     rclpy.init(context=ctx, domain_id=args.domain, signal_handler_options=SignalHandlerOptions.NO)
-    tb = TimeBillClient("lateness_bringup", context=ctx)
-    bringup = Bringup(overrides={"threads": 1}, domain_id=args.domain, log_dir=out / "logs")
+    tb = TimeBillClient('lateness_bringup', context=ctx)
+    bringup = Bringup(overrides={'threads': 1}, domain_id=args.domain, log_dir=out / 'logs')
     env = dict(bringup.env)
-    probe = "import timebill_ros, timebill_ros.msg as m; print(timebill_ros.__file__, m.__file__)"
-    where = subprocess.run([sys.executable, "-P", "-c", probe], env=env,
-                           capture_output=True, text=True).stdout.strip()
-    print(f"nodes import: {where}", flush=True)
+    probe = 'import timebill_ros, timebill_ros.msg as m; print(timebill_ros.__file__, m.__file__)'
+    where = subprocess.run(
+        [sys.executable, '-P', '-c', probe], env=env, capture_output=True, text=True
+    ).stdout.strip()
+    print(f'nodes import: {where}', flush=True)
     hogs, planners, mem, records = [], [], {}, []
     t0 = time.time()
     try:
         bringup.up(tb, timeout_s=300.0)
-        print(f"up in {time.time() - t0:.0f} s", flush=True)
+        print(f'up in {time.time() - t0:.0f} s', flush=True)
         pids = {name: p.pid for name, p in bringup.procs.items()}
         idle = {}
         for _ in range(3):
             for name, pid in pids.items():
                 s = proc_status(pid)
-                i = idle.setdefault(name, {"Threads": 0, "VmRSS": 0})
+                i = idle.setdefault(name, {'Threads': 0, 'VmRSS': 0})
                 i.update({k: max(i[k], s.get(k, 0)) for k in i})
             time.sleep(1.0)
-        mem = {n: {"idle_threads": i["Threads"], "idle_rss": i["VmRSS"], "max_threads": 0,
-                   "max_rss": 0, "samples": []} for n, i in idle.items()}
-        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                for _ in range(args.hog)]
-        cmd = [sys.executable, "-P", os.path.abspath(__file__), "--domain", str(args.domain),
-               "--duration", str(args.duration), "--goals-per-planner",
-               str(args.goals_per_planner), "--out", str(out)]
-        planners = [subprocess.Popen([*cmd, "--worker", str(i)], env=env)
-                    for i in range(args.planners)]
+        mem = {
+            n: {
+                'idle_threads': i['Threads'],
+                'idle_rss': i['VmRSS'],
+                'max_threads': 0,
+                'max_rss': 0,
+                'samples': [],
+            }
+            for n, i in idle.items()
+        }
+        hogs = [
+            subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(args.hog)
+        ]
+        cmd = [
+            sys.executable,
+            '-P',
+            os.path.abspath(__file__),
+            '--domain',
+            str(args.domain),
+            '--duration',
+            str(args.duration),
+            '--goals-per-planner',
+            str(args.goals_per_planner),
+            '--out',
+            str(out),
+        ]
+        planners = [
+            subprocess.Popen([*cmd, '--worker', str(i)], env=env) for i in range(args.planners)
+        ]
         hard_end = time.time() + args.duration + 20.0 + 150.0
         while any(p.poll() is None for p in planners) and time.time() < hard_end:
             for name, pid in pids.items():
                 s = proc_status(pid)
                 m = mem[name]
-                m["samples"].append([round(time.time() - t0, 1), s.get("Threads"), s.get("VmRSS")])
-                m["max_threads"] = max(m["max_threads"], s.get("Threads", 0))
-                m["max_rss"] = max(m["max_rss"], s.get("VmRSS", 0))
+                m['samples'].append([round(time.time() - t0, 1), s.get('Threads'), s.get('VmRSS')])
+                m['max_threads'] = max(m['max_threads'], s.get('Threads', 0))
+                m['max_rss'] = max(m['max_rss'], s.get('VmRSS', 0))
             time.sleep(3.0)
         dead = {n: c for n, c in bringup.alive().items() if c is not None}
         if dead:
-            print(f"node(s) died during the load: {dead}", flush=True)
+            print(f'node(s) died during the load: {dead}', flush=True)
     finally:
         for p in hogs + planners:
             if p.poll() is None:
@@ -257,22 +323,28 @@ def main(argv=None) -> int:
         codes = bringup.stop()
         tb.close()
         rclpy.try_shutdown(context=ctx)
-        print(f"node exit codes: {codes}", flush=True)
+        print(f'node exit codes: {codes}', flush=True)
     modules = set()
-    for f in sorted(out.glob("planner*.json")):
+    for f in sorted(out.glob('planner*.json')):
         data = json.loads(f.read_text())
-        modules.add(data["module"])
-        records += data["records"]
+        modules.add(data['module'])
+        records += data['records']
     text = report(records, mem)
-    summary = {"args": vars(args), "nodes_import": where, "planner_modules": sorted(modules),
-               "node_exit_codes": codes, "memory": mem, "records": records}
-    (out / "load_lateness.json").write_text(json.dumps(summary, indent=1))
-    (out / "report.md").write_text(text + "\n")
-    print(f"planners import: {sorted(modules)}")
+    summary = {
+        'args': vars(args),
+        'nodes_import': where,
+        'planner_modules': sorted(modules),
+        'node_exit_codes': codes,
+        'memory': mem,
+        'records': records,
+    }
+    (out / 'load_lateness.json').write_text(json.dumps(summary, indent=1))
+    (out / 'report.md').write_text(text + '\n')
+    print(f'planners import: {sorted(modules)}')
     print(text)
-    print(f"\nJSON: {out / 'load_lateness.json'}")
+    print(f'\nJSON: {out / "load_lateness.json"}')
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     sys.exit(main())

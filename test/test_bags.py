@@ -2,88 +2,142 @@
 
 import math
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
 import textwrap
 import uuid
-from pathlib import Path
 
 import pytest
-
 from timebill_ros.core.evaluation import bags as B
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _goal(i):
-    return {"prompt": f"Request {i}: how far is the dock? ünïcødé ✓ " + "x" * (i * 50),
-            "system_prompt": "be brief" if i % 2 else "", "time_budget": 0.5 + i * 0.25,
-            "deadline": {"sec": 100 + i, "nanosec": 5} if i % 3 == 0 else {"sec": 0, "nanosec": 0},
-            "max_new_tokens": 16 * (i + 1), "overrun_policy": ("kill", "truncate", "")[i % 3]}
+    return {
+        'prompt': f'Request {i}: how far is the dock? ünïcødé ✓ ' + 'x' * (i * 50),
+        'system_prompt': 'be brief' if i % 2 else '',
+        'time_budget': 0.5 + i * 0.25,
+        'deadline': {'sec': 100 + i, 'nanosec': 5} if i % 3 == 0 else {'sec': 0, 'nanosec': 0},
+        'max_new_tokens': 16 * (i + 1),
+        'overrun_policy': ('kill', 'truncate', '')[i % 3],
+    }
 
 
 def _result(i):
-    return {"text": f"answer {i}", "completed": i % 2 == 0, "deadline_met": i % 3 != 0, "status": i % 7,
-            "reason": "r" * i, "alpha": 0.25 * (i % 4), "predicted_length": 10 + i, "estimate_fallback": i == 2,
-            "wcet_s": 1.0 / (i + 1), "prompt_tokens": 1000 + i, "tokens_generated": 5 + i, "kv_before": 1000 + i,
-            "kv_after": 500 + i, "prefill_s": 0.1 * i, "decode_s": 0.2 * i, "total_s": 0.3 * i + 1e-9,
-            "dispatch_at_s": 0.001, "prefill_start_s": 0.002, "prefill_end_s": 0.5, "estimate_received_s": -1.0,
-            "decode_start_s": 0.6, "finished_at_s": 1.5}
+    return {
+        'text': f'answer {i}',
+        'completed': i % 2 == 0,
+        'deadline_met': i % 3 != 0,
+        'status': i % 7,
+        'reason': 'r' * i,
+        'alpha': 0.25 * (i % 4),
+        'predicted_length': 10 + i,
+        'estimate_fallback': i == 2,
+        'wcet_s': 1.0 / (i + 1),
+        'prompt_tokens': 1000 + i,
+        'tokens_generated': 5 + i,
+        'kv_before': 1000 + i,
+        'kv_after': 500 + i,
+        'prefill_s': 0.1 * i,
+        'decode_s': 0.2 * i,
+        'total_s': 0.3 * i + 1e-9,
+        'dispatch_at_s': 0.001,
+        'prefill_start_s': 0.002,
+        'prefill_end_s': 0.5,
+        'estimate_received_s': -1.0,
+        'decode_start_s': 0.6,
+        'finished_at_s': 1.5,
+    }
 
 
 def test_interface_types_follow_rosidl_naming():
     defs = B.interface_definitions()
-    for part in ("Goal", "Result", "Feedback", "SendGoal_Request", "SendGoal_Event", "GetResult_Event",
-                 "FeedbackMessage"):
-        assert f"timebill_ros/action/TimedInference_{part}" in defs
+    for part in (
+        'Goal',
+        'Result',
+        'Feedback',
+        'SendGoal_Request',
+        'SendGoal_Event',
+        'GetResult_Event',
+        'FeedbackMessage',
+    ):
+        assert f'timebill_ros/action/TimedInference_{part}' in defs
     store = B.typestore()
-    goal_fields = [name for name, _ in store.fielddefs["timebill_ros/action/TimedInference_Goal"][1]]
-    assert goal_fields == ["prompt", "system_prompt", "time_budget", "deadline", "max_new_tokens", "overrun_policy"]
+    goal_fields = [
+        name for name, _ in store.fielddefs['timebill_ros/action/TimedInference_Goal'][1]
+    ]
+    assert goal_fields == [
+        'prompt',
+        'system_prompt',
+        'time_budget',
+        'deadline',
+        'max_new_tokens',
+        'overrun_policy',
+    ]
     # a bare `Request` inside Generate.action is the package's msg, as rosidl resolves it
-    (_, (_, ref)), = store.fielddefs["timebill_ros/action/Generate_Goal"][1]
-    assert ref == "timebill_ros/msg/Request"
+    ((_, (_, ref)),) = store.fielddefs['timebill_ros/action/Generate_Goal'][1]
+    assert ref == 'timebill_ros/msg/Request'
 
 
 def test_round_trip_goals_estimates_results(tmp_path):
     ids = [uuid.UUID(int=i + 1).hex for i in range(6)]
-    with B.BagRecorder(tmp_path / "bag") as rec:
+    with B.BagRecorder(tmp_path / 'bag') as rec:
         for i, gid in enumerate(ids):
             rec.record_goal(gid, _goal(i))
-            rec.record_estimate({"request_id": gid, "stamp": {"sec": 7, "nanosec": 9}, "prompt_tokens": 1000 + i,
-                                 "predicted_length": 30 + i, "predicted_bucket": 1 + i, "n_hat_w": 150 + i,
-                                 "fallback": i == 1, "wcet_s": 2.5 + i, "prediction_s": 0.01 * i})
+            rec.record_estimate(
+                {
+                    'request_id': gid,
+                    'stamp': {'sec': 7, 'nanosec': 9},
+                    'prompt_tokens': 1000 + i,
+                    'predicted_length': 30 + i,
+                    'predicted_bucket': 1 + i,
+                    'n_hat_w': 150 + i,
+                    'fallback': i == 1,
+                    'wcet_s': 2.5 + i,
+                    'prediction_s': 0.01 * i,
+                }
+            )
         for i, gid in reversed(list(enumerate(ids))):  # results finish in another order
-            rec.record_result(gid, _result(i), status="aborted" if i == 4 else "succeeded")
-    assert (tmp_path / "bag" / "metadata.yaml").is_file()
+            rec.record_result(gid, _result(i), status='aborted' if i == 4 else 'succeeded')
+    assert (tmp_path / 'bag' / 'metadata.yaml').is_file()
 
-    reqs = B.read_requests(tmp_path / "bag")
+    reqs = B.read_requests(tmp_path / 'bag')
     assert [r.request_id for r in reqs] == ids
     for i, r in enumerate(reqs):
         g = _goal(i)
         assert (r.prompt, r.system_prompt, r.max_new_tokens, r.overrun_policy) == (
-            g["prompt"], g["system_prompt"], g["max_new_tokens"], g["overrun_policy"])
-        assert r.budget_s == pytest.approx(g["time_budget"], abs=1e-9)
+            g['prompt'],
+            g['system_prompt'],
+            g['max_new_tokens'],
+            g['overrun_policy'],
+        )
+        assert r.budget_s == pytest.approx(g['time_budget'], abs=1e-9)
 
-    goals = [m.as_dict()["request"][0]["goal"] for m in B.read_messages(tmp_path / "bag")
-             if m.msgtype.endswith("SendGoal_Event")]
-    assert [g["deadline"] for g in goals] == [_goal(i)["deadline"] for i in range(6)]
+    goals = [
+        m.as_dict()['request'][0]['goal']
+        for m in B.read_messages(tmp_path / 'bag')
+        if m.msgtype.endswith('SendGoal_Event')
+    ]
+    assert [g['deadline'] for g in goals] == [_goal(i)['deadline'] for i in range(6)]
 
-    results = B.read_results(tmp_path / "bag")
+    results = B.read_results(tmp_path / 'bag')
     assert set(results) == set(ids)
     for i, gid in enumerate(ids):
-        got, want = results[gid]["result"], _result(i)
-        assert results[gid]["status"] == (6 if i == 4 else 4)
+        got, want = results[gid]['result'], _result(i)
+        assert results[gid]['status'] == (6 if i == 4 else 4)
         for key, value in want.items():
-            if key == "alpha":  # float32 on the wire
+            if key == 'alpha':  # float32 on the wire
                 assert got[key] == pytest.approx(value, rel=1e-6)
             else:
                 assert got[key] == value, key
 
-    est = B.read_estimates(tmp_path / "bag")
-    assert [e["request_id"] for e in est] == ids
-    assert est[3]["n_hat_w"] == 153 and est[1]["fallback"] is True and est[2]["wcet_s"] == 4.5
-    stamps = [m.stamp_ns for m in B.read_messages(tmp_path / "bag")]
+    est = B.read_estimates(tmp_path / 'bag')
+    assert [e['request_id'] for e in est] == ids
+    assert est[3]['n_hat_w'] == 153 and est[1]['fallback'] is True and est[2]['wcet_s'] == 4.5
+    stamps = [m.stamp_ns for m in B.read_messages(tmp_path / 'bag')]
     assert stamps == sorted(stamps)
 
 
@@ -95,26 +149,30 @@ def test_goal_from_rclpy_like_message_object(tmp_path):
             self.sec, self.nanosec = 3, 500_000_000
 
         def get_fields_and_field_types(self):
-            return {"sec": "int32", "nanosec": "uint32"}
+            return {'sec': 'int32', 'nanosec': 'uint32'}
 
     class Goal:
         def __init__(self):
-            self.prompt, self.time_budget, self.max_new_tokens = "hello", Duration(), 7
+            self.prompt, self.time_budget, self.max_new_tokens = 'hello', Duration(), 7
 
         def get_fields_and_field_types(self):
-            return {"prompt": "string", "time_budget": "builtin_interfaces/Duration", "max_new_tokens": "uint32"}
+            return {
+                'prompt': 'string',
+                'time_budget': 'builtin_interfaces/Duration',
+                'max_new_tokens': 'uint32',
+            }
 
     gid = uuid.uuid4()
-    with B.BagRecorder(tmp_path / "bag") as rec:
+    with B.BagRecorder(tmp_path / 'bag') as rec:
         rec.record_goal(gid, Goal())
-    (r,) = B.read_requests(tmp_path / "bag")
-    assert (r.request_id, r.prompt, r.budget_s, r.max_new_tokens) == (gid.hex, "hello", 3.5, 7)
+    (r,) = B.read_requests(tmp_path / 'bag')
+    assert (r.request_id, r.prompt, r.budget_s, r.max_new_tokens) == (gid.hex, 'hello', 3.5, 7)
 
 
 def test_unknown_field_is_an_error(tmp_path):
-    with B.BagRecorder(tmp_path / "bag") as rec:
-        with pytest.raises(ValueError, match="no field"):
-            rec.record_goal(uuid.uuid4(), {"prompt": "x", "budget": 3})
+    with B.BagRecorder(tmp_path / 'bag') as rec:
+        with pytest.raises(ValueError, match='no field'):
+            rec.record_goal(uuid.uuid4(), {'prompt': 'x', 'budget': 3})
 
 
 _CHILD = textwrap.dedent("""
@@ -129,23 +187,30 @@ _CHILD = textwrap.dedent("""
 
 
 def test_killed_recorder_leaves_a_readable_bag(tmp_path):
-    bag = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(bag)], stdout=subprocess.PIPE, text=True,
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    bag = tmp_path / 'crashed'
+    proc = subprocess.Popen(
+        [sys.executable, '-c', _CHILD, str(bag)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     try:
-        written = [int(proc.stdout.readline()) for _ in range(25)]  # each line: a goal returned (flushed)
+        written = [
+            int(proc.stdout.readline()) for _ in range(25)
+        ]  # each line: a goal returned (flushed)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert written[-1] == 24
-    assert not (bag / "metadata.yaml").exists()  # the writer never closed
+    assert not (bag / 'metadata.yaml').exists()  # the writer never closed
     reqs = B.read_requests(bag)
     assert len(reqs) >= 25  # nothing acknowledged was lost
-    assert [r.prompt for r in reqs] == [f"goal {i}" for i in range(len(reqs))]
+    assert [r.prompt for r in reqs] == [f'goal {i}' for i in range(len(reqs))]
     assert reqs[24].budget_s == 25.0
 
     # reading used a repaired copy; the crashed bag is untouched until recover() fixes it in place
-    assert not (bag / "metadata.yaml").exists()
+    assert not (bag / 'metadata.yaml').exists()
     B.recover(bag)
     from rosbags.highlevel import AnyReader  # stock reader, directory form, no help from us
 
@@ -159,7 +224,7 @@ def _message_records(data):
 
     pos, out = 8, []
     while pos + 9 <= len(data) and data[pos] not in (0x0F, 0x02):
-        (length,) = struct.unpack_from("<Q", data, pos + 1)
+        (length,) = struct.unpack_from('<Q', data, pos + 1)
         if data[pos] == 0x05:
             out.append((pos, pos + 9 + length))
         pos += 9 + length
@@ -167,62 +232,88 @@ def _message_records(data):
 
 
 def test_torn_last_record_is_dropped(tmp_path):
-    with B.BagRecorder(tmp_path / "bag") as rec:
+    with B.BagRecorder(tmp_path / 'bag') as rec:
         for i in range(5):
-            rec.record_goal(uuid.UUID(int=i + 1), {"prompt": f"goal {i}"})
-    data = (tmp_path / "bag" / "bag.mcap").read_bytes()
+            rec.record_goal(uuid.UUID(int=i + 1), {'prompt': f'goal {i}'})
+    data = (tmp_path / 'bag' / 'bag.mcap').read_bytes()
     records = _message_records(data)
     assert len(records) == 5
     last_start, last_end = records[-1]
-    for cut in (last_start + 5, (last_start + last_end) // 2, last_end - 1):  # died inside the last record
-        torn = tmp_path / f"torn{cut}"
+    for cut in (
+        last_start + 5,
+        (last_start + last_end) // 2,
+        last_end - 1,
+    ):  # died inside the last record
+        torn = tmp_path / f'torn{cut}'
         torn.mkdir()
-        (torn / "torn.mcap").write_bytes(data[:cut])
-        assert B.valid_prefix(torn / "torn.mcap") == last_start
-        assert [r.prompt for r in B.read_requests(torn)] == [f"goal {i}" for i in range(4)]
-    whole = tmp_path / "whole"
+        (torn / 'torn.mcap').write_bytes(data[:cut])
+        assert B.valid_prefix(torn / 'torn.mcap') == last_start
+        assert [r.prompt for r in B.read_requests(torn)] == [f'goal {i}' for i in range(4)]
+    whole = tmp_path / 'whole'
     whole.mkdir()
-    (whole / "whole.mcap").write_bytes(data[:last_end])  # died right after the last record
-    assert [r.prompt for r in B.read_requests(whole)] == [f"goal {i}" for i in range(5)]
+    (whole / 'whole.mcap').write_bytes(data[:last_end])  # died right after the last record
+    assert [r.prompt for r in B.read_requests(whole)] == [f'goal {i}' for i in range(5)]
 
 
-@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+@pytest.mark.parametrize('storage', ['mcap', 'sqlite3'])
 def test_bag_in_ros2_bag_style_is_read_with_types_from_the_bag(tmp_path, storage):
     """What `ros2 bag record /timebill/request /timebill/estimate` writes: stock rosbag2 layout, chunked
-    and indexed (or sqlite3), types registered from the .msg text. Read back without our typestore."""
+    and indexed (or sqlite3), types registered from the .msg text. Read back without our typestore.
+    """
     from rosbags.rosbag2 import StoragePlugin, Writer
-    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+    from rosbags.typesys import get_types_from_msg, get_typestore, Stores
 
     store = get_typestore(Stores.ROS2_JAZZY)
     types = {}
-    for name in ("Request", "Estimate"):
-        types.update(get_types_from_msg((REPO / "msg" / f"{name}.msg").read_text(), f"timebill_ros/msg/{name}"))
+    for name in ('Request', 'Estimate'):
+        types.update(
+            get_types_from_msg(
+                (REPO / 'msg' / f'{name}.msg').read_text(), f'timebill_ros/msg/{name}'
+            )
+        )
     store.register(types)
-    Request, Time = store.types["timebill_ros/msg/Request"], store.types["builtin_interfaces/msg/Time"]
+    Request, Time = (
+        store.types['timebill_ros/msg/Request'],
+        store.types['builtin_interfaces/msg/Time'],
+    )
     import numpy as np
 
-    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-    with Writer(tmp_path / "ros2bag", version=9, storage_plugin=plugin) as w:
-        conn = w.add_connection("/timebill/request", "timebill_ros/msg/Request", typestore=store)
+    plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
+    with Writer(tmp_path / 'ros2bag', version=9, storage_plugin=plugin) as w:
+        conn = w.add_connection('/timebill/request', 'timebill_ros/msg/Request', typestore=store)
         for i in range(3):
-            msg = Request(request_id=f"{i:032x}", accepted_at=Time(sec=50, nanosec=0),
-                          deadline=Time(sec=52 + i, nanosec=500_000_000), prompt=f"p{i}", system_prompt="s",
-                          input_ids=np.array([1, 2, 3], dtype=np.uint32), max_new_tokens=20 + i,
-                          overrun_policy="kill")
-            w.write(conn, 1_000 + i, store.serialize_cdr(msg, "timebill_ros/msg/Request"))
-    reqs = B.read_requests(tmp_path / "ros2bag")
-    assert [(r.request_id, r.prompt, r.max_new_tokens) for r in reqs] == [(f"{i:032x}", f"p{i}", 20 + i)
-                                                                          for i in range(3)]
+            msg = Request(
+                request_id=f'{i:032x}',
+                accepted_at=Time(sec=50, nanosec=0),
+                deadline=Time(sec=52 + i, nanosec=500_000_000),
+                prompt=f'p{i}',
+                system_prompt='s',
+                input_ids=np.array([1, 2, 3], dtype=np.uint32),
+                max_new_tokens=20 + i,
+                overrun_policy='kill',
+            )
+            w.write(conn, 1_000 + i, store.serialize_cdr(msg, 'timebill_ros/msg/Request'))
+    reqs = B.read_requests(tmp_path / 'ros2bag')
+    assert [(r.request_id, r.prompt, r.max_new_tokens) for r in reqs] == [
+        (f'{i:032x}', f'p{i}', 20 + i) for i in range(3)
+    ]
     assert [r.budget_s for r in reqs] == pytest.approx([2.5, 3.5, 4.5])
 
 
 def test_request_bag_carries_tasks(tmp_path):
-    reqs = [{"prompt": f"q{i}", "time_budget": 2.0, "max_new_tokens": 8,
-             "task": {"id": f"t{i}", "references": [f"a{i}"], "metric": "token_f1"}} for i in range(3)]
-    B.write_request_bag(tmp_path / "req", reqs, period_s=0.5)
-    got = B.read_requests(tmp_path / "req")
-    assert [r.task["id"] for r in got] == ["t0", "t1", "t2"]
-    assert [r.task["references"] for r in got] == [["a0"], ["a1"], ["a2"]]
+    reqs = [
+        {
+            'prompt': f'q{i}',
+            'time_budget': 2.0,
+            'max_new_tokens': 8,
+            'task': {'id': f't{i}', 'references': [f'a{i}'], 'metric': 'token_f1'},
+        }
+        for i in range(3)
+    ]
+    B.write_request_bag(tmp_path / 'req', reqs, period_s=0.5)
+    got = B.read_requests(tmp_path / 'req')
+    assert [r.task['id'] for r in got] == ['t0', 't1', 't2']
+    assert [r.task['references'] for r in got] == [['a0'], ['a1'], ['a2']]
     gaps = [(b.stamp_ns - a.stamp_ns) / 1e9 for a, b in zip(got, got[1:])]
     assert gaps == pytest.approx([0.5, 0.5])
     assert not math.isnan(got[0].budget_s)
@@ -232,25 +323,30 @@ def test_type_hashes_match_the_ros_build():
     """Our registered types hash exactly as rosidl hashed them in the colcon build (when built)."""
     import json
 
-    share = REPO / "install" / "timebill_ros" / "share" / "timebill_ros"
-    files = [share / "action" / "TimedInference.json", share / "msg" / "Estimate.json", share / "msg" / "Request.json"]
+    share = REPO / 'install' / 'timebill_ros' / 'share' / 'timebill_ros'
+    files = [
+        share / 'action' / 'TimedInference.json',
+        share / 'msg' / 'Estimate.json',
+        share / 'msg' / 'Request.json',
+    ]
     if not all(f.is_file() for f in files):
-        pytest.skip("ROS interfaces not built (make ros)")
+        pytest.skip('ROS interfaces not built (make ros)')
     store = B.typestore()
     checked = 0
     for f in files:
-        for h in json.loads(f.read_text())["type_hashes"]:
-            if h["type_name"] in store.fielddefs:
-                assert store.hash_rihs01(h["type_name"]) == h["hash_string"], h["type_name"]
+        for h in json.loads(f.read_text())['type_hashes']:
+            if h['type_name'] in store.fielddefs:
+                assert store.hash_rihs01(h['type_name']) == h['hash_string'], h['type_name']
                 checked += 1
     assert checked >= 12  # Goal/Result/Feedback, SendGoal/GetResult request/response/event, ...
 
 
 def test_ros2_action_recording_with_rosidl_hashes_is_read(tmp_path):
     """`ros2 bag record` of an action: msgdef text from the .msg files (`char[16] client_gid`) but
-    rosidl's hash (char counted as uint8). rosbags alone refuses that directory bag; we read it."""
+    rosidl's hash (char counted as uint8). rosbags alone refuses that directory bag; we read it.
+    """
     from rosbags.rosbag2 import StoragePlugin, Writer
-    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+    from rosbags.typesys import get_types_from_msg, get_typestore, Stores
 
     ours = B.typestore()
     ros_text = get_typestore(Stores.ROS2_KILTED)  # ServiceEventInfo as the .msg file spells it
@@ -258,21 +354,37 @@ def test_ros2_action_recording_with_rosidl_hashes_is_read(tmp_path):
     for name, text in B.interface_definitions().items():
         types.update(get_types_from_msg(text, name))
     ros_text.register(types)
-    event = "timebill_ros/action/TimedInference_SendGoal_Event"
+    event = 'timebill_ros/action/TimedInference_SendGoal_Event'
     gid = uuid.uuid4()
-    with Writer(tmp_path / "rec", version=9, storage_plugin=StoragePlugin.MCAP) as w:
-        conn = w.add_connection("/timed_inference/_action/send_goal/_service_event", event,
-                                msgdef=B.message_definition(ros_text, event), rihs01=ours.hash_rihs01(event))
-        for i, etype in enumerate((B.REQUEST_SENT, B.REQUEST_RECEIVED)):  # client and server both log it
-            msg = B.build_msg(ours, event, {"info": {"event_type": etype, "sequence_number": 1},
-                                            "request": [{"goal_id": {"uuid": list(gid.bytes)},
-                                                         "goal": {"prompt": "go", "time_budget": 4.0}}]})
+    with Writer(tmp_path / 'rec', version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        conn = w.add_connection(
+            '/timed_inference/_action/send_goal/_service_event',
+            event,
+            msgdef=B.message_definition(ros_text, event),
+            rihs01=ours.hash_rihs01(event),
+        )
+        for i, etype in enumerate(
+            (B.REQUEST_SENT, B.REQUEST_RECEIVED)
+        ):  # client and server both log it
+            msg = B.build_msg(
+                ours,
+                event,
+                {
+                    'info': {'event_type': etype, 'sequence_number': 1},
+                    'request': [
+                        {
+                            'goal_id': {'uuid': list(gid.bytes)},
+                            'goal': {'prompt': 'go', 'time_budget': 4.0},
+                        }
+                    ],
+                },
+            )
             w.write(conn, 10 + i, ours.serialize_cdr(msg, event))
-    assert "char[16] client_gid" in (tmp_path / "rec" / "rec.mcap").read_bytes().decode("latin-1")
+    assert 'char[16] client_gid' in (tmp_path / 'rec' / 'rec.mcap').read_bytes().decode('latin-1')
     from rosbags.highlevel import AnyReader, AnyReaderError
 
-    with pytest.raises(AnyReaderError, match="hash mismatch"):
-        with AnyReader([tmp_path / "rec"]):
+    with pytest.raises(AnyReaderError, match='hash mismatch'):
+        with AnyReader([tmp_path / 'rec']):
             pass
-    (r,) = B.read_requests(tmp_path / "rec")
-    assert (r.request_id, r.prompt, r.budget_s) == (gid.hex, "go", 4.0)
+    (r,) = B.read_requests(tmp_path / 'rec')
+    assert (r.request_id, r.prompt, r.budget_s) == (gid.hex, 'go', 4.0)

@@ -5,24 +5,37 @@ import time
 
 import numpy as np
 import pytest
-
 from timebill_ros.core import calibration as cal
 from timebill_ros.core.config import TimeBillConfig
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
 from timebill_ros.core.errors import ProfileMismatchError
 from timebill_ros.core.time_estimator import ExecutionTimeModel, mape
 
 TRUE = ExecutionTimeModel(a=2.5e-7, b=1.2e-3, c=0.30, p=1.0e-5, q=0.060)
-KEY = {"model": "smollm2-135m-instruct", "dtype": "float32", "device": "cpu", "threads": "2",
-       "torch": "2.13.0+cpu", "transformers": "5.24.0", "press": "snapkv", "preallocate": "True"}
+KEY = {
+    'model': 'smollm2-135m-instruct',
+    'dtype': 'float32',
+    'device': 'cpu',
+    'threads': '2',
+    'torch': '2.13.0+cpu',
+    'transformers': '5.24.0',
+    'press': 'snapkv',
+    'preallocate': 'True',
+}
 
 
 def synthetic(held_off_by=(0.10, 0.04)):
     """Exact timings on the grid; held-out points off by a known fraction."""
     pre = [cal.Measurement(n, [TRUE.prefill_s(n)] * 3) for n in cal.PREFILL_GRID]
-    pre += [cal.Measurement(n, [TRUE.prefill_s(n) * (1 + held_off_by[0])] * 3, True) for n in cal.PREFILL_HELD_OUT]
+    pre += [
+        cal.Measurement(n, [TRUE.prefill_s(n) * (1 + held_off_by[0])] * 3, True)
+        for n in cal.PREFILL_HELD_OUT
+    ]
     dec = [cal.Measurement(n, [TRUE.decode_step_s(n)] * 3) for n in cal.DECODE_GRID]
-    dec += [cal.Measurement(n, [TRUE.decode_step_s(n) * (1 + held_off_by[1])] * 3, True) for n in cal.DECODE_HELD_OUT]
+    dec += [
+        cal.Measurement(n, [TRUE.decode_step_s(n) * (1 + held_off_by[1])] * 3, True)
+        for n in cal.DECODE_HELD_OUT
+    ]
     return pre, dec
 
 
@@ -30,11 +43,13 @@ def test_mape_is_computed_on_held_out_points_only():
     pre, dec = synthetic()
     prof = cal.fit_profile(KEY, pre, dec)
     # the fit never saw the held-out points, so it is exact and they carry all the error
-    assert prof.model.a == pytest.approx(TRUE.a, rel=1e-6) and prof.model.q == pytest.approx(TRUE.q, rel=1e-6)
-    assert prof.mape["prefill"] == pytest.approx(100 * 0.10 / 1.10)
-    assert prof.mape["decode"] == pytest.approx(100 * 0.04 / 1.04)
-    assert prof.fit_mape["prefill"] == pytest.approx(0, abs=1e-6)
-    assert prof.fitted_ratios["prefill_a_over_b"] == pytest.approx(TRUE.a / TRUE.b, rel=1e-5)
+    assert prof.model.a == pytest.approx(TRUE.a, rel=1e-6) and prof.model.q == pytest.approx(
+        TRUE.q, rel=1e-6
+    )
+    assert prof.mape['prefill'] == pytest.approx(100 * 0.10 / 1.10)
+    assert prof.mape['decode'] == pytest.approx(100 * 0.04 / 1.04)
+    assert prof.fit_mape['prefill'] == pytest.approx(0, abs=1e-6)
+    assert prof.fitted_ratios['prefill_a_over_b'] == pytest.approx(TRUE.a / TRUE.b, rel=1e-5)
 
 
 def test_fit_recovers_known_coefficients_from_noisy_samples():
@@ -44,110 +59,143 @@ def test_fit_recovers_known_coefficients_from_noisy_samples():
     pre += [cal.Measurement(n, noisy(TRUE.prefill_s(n)), True) for n in cal.PREFILL_HELD_OUT]
     dec = [cal.Measurement(n, noisy(TRUE.decode_step_s(n))) for n in cal.DECODE_GRID]
     dec += [cal.Measurement(n, noisy(TRUE.decode_step_s(n)), True) for n in cal.DECODE_HELD_OUT]
-    prof = cal.fit_profile(KEY, pre, dec, statistic="min")
-    for name in ("a", "b", "c", "p", "q"):
+    prof = cal.fit_profile(KEY, pre, dec, statistic='min')
+    for name in ('a', 'b', 'c', 'p', 'q'):
         assert getattr(prof.model, name) == pytest.approx(getattr(TRUE, name), rel=0.05), name
-    assert prof.mape["prefill"] < 0.5 and prof.mape["decode"] < 0.5
-    assert cal.fit_profile(KEY, pre, dec, statistic="median").mape["prefill"] > prof.mape["prefill"]
+    assert prof.mape['prefill'] < 0.5 and prof.mape['decode'] < 0.5
+    assert (
+        cal.fit_profile(KEY, pre, dec, statistic='median').mape['prefill'] > prof.mape['prefill']
+    )
 
 
 def test_decode_slopes_show_curvature():
     pre, dec = synthetic((0.0, 0.0))
     lo, hi, mid = cal.decode_slopes(cal.fit_profile(KEY, pre, dec))
     assert lo == pytest.approx(TRUE.p, rel=1e-6) and hi == pytest.approx(TRUE.p, rel=1e-6)
-    bent = [cal.Measurement(m.n, [TRUE.q + TRUE.p * min(m.n, 4096) + 0.3 * TRUE.p * max(m.n - 4096, 0)], m.held_out)
-            for m in dec]
+    bent = [
+        cal.Measurement(
+            m.n, [TRUE.q + TRUE.p * min(m.n, 4096) + 0.3 * TRUE.p * max(m.n - 4096, 0)], m.held_out
+        )
+        for m in dec
+    ]
     lo, hi, mid = cal.decode_slopes(cal.fit_profile(KEY, pre, bent))
     assert mid == 2048 and hi / lo < 0.6
 
 
 def test_summarize():
-    assert cal.summarize([3.0, 1.0, 2.0, 10.0], "min") == 1.0
-    assert cal.summarize([3.0, 1.0, 2.0, 10.0], "median") == 2.5
+    assert cal.summarize([3.0, 1.0, 2.0, 10.0], 'min') == 1.0
+    assert cal.summarize([3.0, 1.0, 2.0, 10.0], 'median') == 2.5
     with pytest.raises(ValueError):
-        cal.summarize([1.0], "mean")
+        cal.summarize([1.0], 'mean')
 
 
 def test_profile_roundtrip(tmp_path):
     prof = cal.fit_profile(KEY, *synthetic())
-    path = cal.save_profile(prof, tmp_path / "p.json")
+    path = cal.save_profile(prof, tmp_path / 'p.json')
     back = cal.load_profile(path, KEY)
     assert back.model == prof.model and back.key == KEY and back.mape == prof.mape
     assert [m.n for m in back.prefill if m.held_out] == list(cal.PREFILL_HELD_OUT)
     doc = json.loads(path.read_text())
-    doc["version"] = 0
+    doc['version'] = 0
     path.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="re-run"):
+    with pytest.raises(ValueError, match='re-run'):
         cal.load_profile(path)
 
 
 def test_mismatched_key_is_refused_naming_the_fields(tmp_path):
-    path = cal.save_profile(cal.fit_profile(KEY, *synthetic()), tmp_path / "p.json")
-    running = {**KEY, "threads": "4", "torch": "2.14.0"}
+    path = cal.save_profile(cal.fit_profile(KEY, *synthetic()), tmp_path / 'p.json')
+    running = {**KEY, 'threads': '4', 'torch': '2.14.0'}
     with pytest.raises(ProfileMismatchError) as err:
         cal.load_profile(path, running)
     msg = str(err.value)
-    assert "threads: profile '2' vs engine '4'" in msg and "torch" in msg and "timebill calibrate" in msg
-    assert "dtype" not in msg and "model" not in msg.split("(")[1].split(")")[0]
+    assert (
+        "threads: profile '2' vs engine '4'" in msg
+        and 'torch' in msg
+        and 'timebill calibrate' in msg
+    )
+    assert 'dtype' not in msg and 'model' not in msg.split('(')[1].split(')')[0]
     with pytest.raises(ProfileMismatchError, match="press: profile '<missing>'"):
-        cal.check_key({k: v for k, v in KEY.items() if k != "press"}, KEY)
+        cal.check_key({k: v for k, v in KEY.items() if k != 'press'}, KEY)
     cal.check_key(dict(KEY), dict(KEY))  # same setup: accepted
 
 
 def test_default_path_is_keyed_under_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TIMEBILL_CACHE", str(tmp_path))
+    monkeypatch.setenv('TIMEBILL_CACHE', str(tmp_path))
     p = cal.default_profile_path(KEY)
-    assert p.parent == tmp_path / "profiles" and p.name.startswith("smollm2-135m-instruct-float32-cpu-t2-")
-    assert all(cal.default_profile_path({**KEY, f: "other"}) != p for f in KEY)
-    with pytest.raises(FileNotFoundError, match="timebill calibrate"):
+    assert p.parent == tmp_path / 'profiles' and p.name.startswith(
+        'smollm2-135m-instruct-float32-cpu-t2-'
+    )
+    assert all(cal.default_profile_path({**KEY, f: 'other'}) != p for f in KEY)
+    with pytest.raises(FileNotFoundError, match='timebill calibrate'):
         cal.load_profile_for(KEY)
     cal.save_profile(cal.fit_profile(KEY, *synthetic()))
     assert cal.load_profile_for(KEY).key == KEY
     assert cal.load_time_model(TimeBillConfig(), running_key=KEY) is not None
-    assert cal.load_time_model(TimeBillConfig(), running_key={**KEY, "model": "other"}) is None  # none written
+    assert (
+        cal.load_time_model(TimeBillConfig(), running_key={**KEY, 'model': 'other'}) is None
+    )  # none written
     cfg = TimeBillConfig(profile_path=str(cal.default_profile_path(KEY)))
     with pytest.raises(ProfileMismatchError):
-        cal.load_time_model(cfg, running_key={**KEY, "dtype": "bfloat16"})
+        cal.load_time_model(cfg, running_key={**KEY, 'dtype': 'bfloat16'})
 
 
 def test_held_out_lengths_must_be_unseen(tiny):
-    engine = Engine(tiny, None, press="none")
-    with pytest.raises(ValueError, match="also grid points"):
+    engine = Engine(tiny, None, press='none')
+    with pytest.raises(ValueError, match='also grid points'):
         cal.calibrate(engine, prefill_grid=[16, 32, 64], prefill_held_out=[32], progress=False)
-    with pytest.raises(ValueError, match="context"):
+    with pytest.raises(ValueError, match='context'):
         cal.calibrate(engine, decode_grid=[16, 32, 5000], decode_held_out=[24], progress=False)
 
 
 def test_tiny_real_calibration_and_report(tiny, tmp_path):
-    engine = Engine(tiny, None, press="snapkv", window_size=8, model_name="tiny-llama")
-    prof = cal.calibrate(engine, cal.QUICK_PREFILL_GRID, cal.QUICK_DECODE_GRID, cal.QUICK_PREFILL_HELD_OUT,
-                         cal.QUICK_DECODE_HELD_OUT, repeats=2, decode_repeats=3, warmup=1, progress=False)
+    engine = Engine(tiny, None, press='snapkv', window_size=8, model_name='tiny-llama')
+    prof = cal.calibrate(
+        engine,
+        cal.QUICK_PREFILL_GRID,
+        cal.QUICK_DECODE_GRID,
+        cal.QUICK_PREFILL_HELD_OUT,
+        cal.QUICK_DECODE_HELD_OUT,
+        repeats=2,
+        decode_repeats=3,
+        warmup=1,
+        progress=False,
+    )
     assert prof.key == engine.profile_key()
     assert [m.n for m in prof.prefill if m.held_out] == list(cal.QUICK_PREFILL_HELD_OUT)
-    assert all(len(m.samples) == 2 for m in prof.prefill) and all(len(m.samples) == 3 for m in prof.decode)
+    assert all(len(m.samples) == 2 for m in prof.prefill) and all(
+        len(m.samples) == 3 for m in prof.decode
+    )
     held = [m for m in prof.decode if m.held_out]
-    assert prof.mape["decode"] == pytest.approx(
-        mape([min(m.samples) for m in held], [prof.model.decode_step_s(m.n) for m in held]))
-    assert set(prof.flops_ratios) == {"prefill_a_over_b", "decode_p_over_q"}
-    paths = cal.write_report(prof, tmp_path, stem="tiny")
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = paths["md"].read_text()
-    assert "held-out" in md and "tiny-llama" in md and "prefill_a_over_b" in md and "Decode linearity" in md
-    assert cal.load_profile(paths["json"], engine.profile_key()).model == prof.model
-    other = Engine(tiny, None, press="none", model_name="tiny-llama")  # another press: other timings
-    with pytest.raises(ProfileMismatchError, match="press"):
-        cal.load_profile(paths["json"], other.profile_key())
+    assert prof.mape['decode'] == pytest.approx(
+        mape([min(m.samples) for m in held], [prof.model.decode_step_s(m.n) for m in held])
+    )
+    assert set(prof.flops_ratios) == {'prefill_a_over_b', 'decode_p_over_q'}
+    paths = cal.write_report(prof, tmp_path, stem='tiny')
+    assert paths['png'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    md = paths['md'].read_text()
+    assert (
+        'held-out' in md
+        and 'tiny-llama' in md
+        and 'prefill_a_over_b' in md
+        and 'Decode linearity' in md
+    )
+    assert cal.load_profile(paths['json'], engine.profile_key()).model == prof.model
+    other = Engine(
+        tiny, None, press='none', model_name='tiny-llama'
+    )  # another press: other timings
+    with pytest.raises(ProfileMismatchError, match='press'):
+        cal.load_profile(paths['json'], other.profile_key())
 
 
 def test_key_from_config_matches_the_engine(tiny):
-    cfg = TimeBillConfig(model="tiny-llama", threads=0, press="streaming_llm")
+    cfg = TimeBillConfig(model='tiny-llama', threads=0, press='streaming_llm')
     engine = Engine(tiny, None, press=cfg.press, model_name=cfg.model)
     assert cal.key_from_config(cfg) == engine.profile_key()
 
 
 def test_chooser_drives_engine_eviction(tiny):
     """The engine asks the chooser after prefill and evicts what the verdict says."""
-    engine = Engine(tiny, None, press="snapkv", window_size=8)
+    engine = Engine(tiny, None, press='snapkv', window_size=8)
     ids = list(np.random.default_rng(0).integers(3, 256, 200))
     # decode at α = 0 is predicted at 9 s (9 steps × 5 ms × 200 entries): a 5 s budget needs α ≈ 0.45
     ete = ExecutionTimeModel(a=0.0, b=0.0, c=0.0, p=5e-3, q=0.0)
@@ -155,10 +203,16 @@ def test_chooser_drives_engine_eviction(tiny):
 
     pipeline = Pipeline(engine, ete, TimeBillConfig(), FixedLength(10), learn=False)
     start = time.monotonic()
-    res = pipeline.run(Job("c", ids, deadline=start + 5.0, accepted_at=start, max_new_tokens=10, k=1.0))
+    res = pipeline.run(
+        Job('c', ids, deadline=start + 5.0, accepted_at=start, max_new_tokens=10, k=1.0)
+    )
     out, v = res.result, res.verdict
-    assert v.status == "met" and 0.0 < v.alpha < 0.95
-    assert v.total_s == pytest.approx(v.budget_s) and v.n_prompt == 200 and v.prefill_s == out.prefill_s
+    assert v.status == 'met' and 0.0 < v.alpha < 0.95
+    assert (
+        v.total_s == pytest.approx(v.budget_s)
+        and v.n_prompt == 200
+        and v.prefill_s == out.prefill_s
+    )
     assert out.alpha == v.alpha and out.kv_after == round((1 - v.alpha) * 200)
 
 
@@ -170,24 +224,36 @@ def test_cli_quick_smollm2(tmp_path, monkeypatch):
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    monkeypatch.setenv("TIMEBILL_CACHE", str(cal.cache_dir()))  # the converted model lives there
-    prof_path = tmp_path / "profile.json"
-    args = parser.parse_args(["--quick", "--no-progress", "--out", str(tmp_path / "out"), "--profile", str(prof_path)])
+    monkeypatch.setenv('TIMEBILL_CACHE', str(cal.cache_dir()))  # the converted model lives there
+    prof_path = tmp_path / 'profile.json'
+    args = parser.parse_args(
+        ['--quick', '--no-progress', '--out', str(tmp_path / 'out'), '--profile', str(prof_path)]
+    )
     assert cli.run(args) == 0
-    cfg = cli.load_config(args).replace(profile_path=str(prof_path))  # the packaged config, as the CLI read it
-    outs = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert outs == [f"smollm2-135m-instruct-float32-cpu-t{cfg.threads}-quick.{e}" for e in ("json", "md", "png")]
-    assert cal.load_time_model(cfg) == cal.load_profile(prof_path).model  # key_from_config found it valid
-    with pytest.raises(ProfileMismatchError, match="threads"):
+    cfg = cli.load_config(args).replace(
+        profile_path=str(prof_path)
+    )  # the packaged config, as the CLI read it
+    outs = sorted(p.name for p in (tmp_path / 'out').iterdir())
+    assert outs == [
+        f'smollm2-135m-instruct-float32-cpu-t{cfg.threads}-quick.{e}'
+        for e in ('json', 'md', 'png')
+    ]
+    assert (
+        cal.load_time_model(cfg) == cal.load_profile(prof_path).model
+    )  # key_from_config found it valid
+    with pytest.raises(ProfileMismatchError, match='threads'):
         cal.load_time_model(cfg.replace(threads=cfg.threads + 1))
 
 
 def test_a_bad_fit_is_named():
     assert cal.profile_problems(cal.fit_profile(KEY, *synthetic((0.0, 0.0)))) == []
     probs = cal.profile_problems(cal.fit_profile(KEY, *synthetic((0.10, 0.0))), max_mape=5.0)
-    assert len(probs) == 1 and "prefill held-out MAPE 9.09% exceeds 5.0%" in probs[0]
+    assert len(probs) == 1 and 'prefill held-out MAPE 9.09% exceeds 5.0%' in probs[0]
     # a busy machine slows the short prompts most: a concave curve, a < 0
-    pre = [cal.Measurement(n, [1e-3 * n + 0.3 + 2e-4 * n ** 1.5 * (n < 1000)]) for n in (64, 256, 512, 1024, 2048)]
+    pre = [
+        cal.Measurement(n, [1e-3 * n + 0.3 + 2e-4 * n**1.5 * (n < 1000)])
+        for n in (64, 256, 512, 1024, 2048)
+    ]
     pre += [cal.Measurement(n, [1e-3 * n + 0.3], True) for n in (128, 1536)]
     probs = cal.profile_problems(cal.fit_profile(KEY, pre, synthetic()[1]), max_mape=1e9)
-    assert any(p.startswith("coefficient a =") for p in probs)
+    assert any(p.startswith('coefficient a =') for p in probs)

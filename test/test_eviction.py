@@ -3,10 +3,9 @@
 from types import SimpleNamespace
 
 import pytest
-import torch
-
 from timebill_ros.core.engine import Engine, GenerationRequest
-from timebill_ros.core.eviction import PRESSES, SnapKVPress, StreamingLLMPress, get_press, n_keep
+from timebill_ros.core.eviction import get_press, n_keep, PRESSES, SnapKVPress, StreamingLLMPress
+import torch
 
 
 def _planted(length=48, window=4, d=16, targets=(5, 20), hq=4, hkv=2):
@@ -42,17 +41,19 @@ def test_snapkv_pooling_keeps_the_neighbourhood_of_the_target():
     assert set(range(18, 23)) <= set(idx[0, 1].tolist())
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.75, 0.95])
+@pytest.mark.parametrize('alpha', [0.0, 0.1, 0.5, 0.75, 0.95])
 def test_snapkv_keeps_window_and_exact_count_per_head_in_a_real_prefill(tiny, alpha):
     window = 8
-    engine = Engine(tiny, None, press="snapkv", window_size=window, kernel_size=5)
+    engine = Engine(tiny, None, press='snapkv', window_size=window, kernel_size=5)
     length = 100
     ids = torch.randint(3, 256, (length,), generator=torch.Generator().manual_seed(3)).tolist()
     state = engine.prefill(ids)
     assert sorted(state.scores) == list(range(engine.num_layers))
     keys_before = [layer.keys.clone() for layer in state.cache.layers]
-    per_layer = [engine.press.keep_indices(layer.keys, state.scores[i], n_keep(length, alpha))
-                 for i, layer in enumerate(state.cache.layers)]
+    per_layer = [
+        engine.press.keep_indices(layer.keys, state.scores[i], n_keep(length, alpha))
+        for i, layer in enumerate(state.cache.layers)
+    ]
     engine.evict(state, alpha)
     keep = round((1 - alpha) * length)
     assert state.kv_after == keep
@@ -62,7 +63,9 @@ def test_snapkv_keeps_window_and_exact_count_per_head_in_a_real_prefill(tiny, al
             kept = idx[0, h].tolist()
             # the window is always kept (its most recent entries when fewer than the window are kept)
             assert set(range(length - min(window, keep), length)) <= set(kept)
-            assert torch.equal(layer.keys[0, h], before[0, h, kept])  # the cache holds exactly those
+            assert torch.equal(
+                layer.keys[0, h], before[0, h, kept]
+            )  # the cache holds exactly those
 
 
 def test_streaming_llm_keeps_sinks_and_recent():
@@ -72,34 +75,44 @@ def test_streaming_llm_keeps_sinks_and_recent():
 
 
 def test_registry_and_options():
-    assert set(PRESSES) == {"none", "snapkv", "streaming_llm"}
-    press = get_press("snapkv", window_size=32, kernel_size=7, n_sink=9)  # n_sink ignored for snapkv
+    assert set(PRESSES) == {'none', 'snapkv', 'streaming_llm'}
+    press = get_press(
+        'snapkv', window_size=32, kernel_size=7, n_sink=9
+    )  # n_sink ignored for snapkv
     assert (press.window_size, press.kernel_size) == (32, 7)
-    assert get_press("streaming_llm", n_sink=2).n_sink == 2
+    assert get_press('streaming_llm', n_sink=2).n_sink == 2
 
 
-@pytest.mark.parametrize("length,alpha,expected", [(100, 0.5, 50), (1009, 0.5, 504), (10, 0.95, 1), (7, 0.0, 7)])
+@pytest.mark.parametrize(
+    'length,alpha,expected', [(100, 0.5, 50), (1009, 0.5, 504), (10, 0.95, 1), (7, 0.0, 7)]
+)
 def test_keep_count_is_rounded_and_at_least_one(length, alpha, expected):
     assert n_keep(length, alpha) == expected
 
 
-PASSKEY = "68142"
+PASSKEY = '68142'
 
 
 def passkey_prompt(passkey=PASSKEY, reps=40, where=0.5):
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    filler = 'The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. '
     before = int(reps * where)
-    return ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the important information there.\n\n" + filler * before
-            + f"The pass key is {passkey}. Remember it. " + filler * (reps - before) + "\n\nWhat is the pass key?")
+    return (
+        'There is important info hidden inside a lot of irrelevant text. Find it and memorize it. '
+        'I will quiz you about the important information there.\n\n'
+        + filler * before
+        + f'The pass key is {passkey}. Remember it. '
+        + filler * (reps - before)
+        + '\n\nWhat is the pass key?'
+    )
 
 
 @pytest.mark.slow
 def test_passkey_survives_half_eviction(smollm2):
     """SmolLM2 reads digits one token each. kvpress's average pooling (kernel 5) drops middle
-    digits at α = 0.5 on this model; max pooling over 7 keys keeps the whole span."""
+    digits at α = 0.5 on this model; max pooling over 7 keys keeps the whole span.
+    """
     model, tok = smollm2
-    engine = Engine(model, tok, press="snapkv", window_size=64, kernel_size=7, pooling="max")
+    engine = Engine(model, tok, press='snapkv', window_size=64, kernel_size=7, pooling='max')
     ids = engine.encode(passkey_prompt())
     assert 900 <= len(ids) <= 1200
     out = engine.generate(GenerationRequest(input_ids=ids, max_new_tokens=16, alpha=0.5))

@@ -1,10 +1,10 @@
 """Online recalibration (issue 7): RLS with forgetting follows a synthetic slowdown and its end;
-the drift check fires outside the band and stays quiet inside it."""
+the drift check fires outside the band and stays quiet inside it.
+"""
 
 import random
 
 import pytest
-
 from timebill_ros.core.online_estimator import OnlineTimeModel, ScalarRls
 from timebill_ros.core.time_estimator import ExecutionTimeModel
 
@@ -15,7 +15,9 @@ def _serve(online, slow, n, rng):
     for _ in range(n):
         n_prompt = rng.choice([20, 200, 900])
         online.observe_prefill(n_prompt, BASE.prefill_s(n_prompt) * slow * rng.uniform(0.95, 1.05))
-        steps = [BASE.decode_step_s(n_prompt + j) * slow * rng.uniform(0.9, 1.1) for j in range(20)]
+        steps = [
+            BASE.decode_step_s(n_prompt + j) * slow * rng.uniform(0.9, 1.1) for j in range(20)
+        ]
         online.observe_decode(n_prompt, steps)
 
 
@@ -25,12 +27,14 @@ def test_follows_a_slowdown_then_recovers_with_forgetting():
     _serve(online, 1.0, 20, rng)
     assert online.prefill.s == pytest.approx(1.0, abs=0.05) and online.drift() == []
     _serve(online, 2.5, 40, rng)  # the machine heats up: everything 2.5x slower
-    assert online.prefill.s == pytest.approx(2.5, rel=0.08) and online.decode.s == pytest.approx(2.5, rel=0.08)
+    assert online.prefill.s == pytest.approx(2.5, rel=0.08) and online.decode.s == pytest.approx(
+        2.5, rel=0.08
+    )
     m = online.model()
     assert m.prefill_s(500) == pytest.approx(2.5 * BASE.prefill_s(500), rel=0.08)
     assert m.decode_step_s(700) == pytest.approx(2.5 * BASE.decode_step_s(700), rel=0.08)
     drift = online.drift()
-    assert len(drift) == 2 and "prefill drift" in drift[0] and "band 0.77-1.30x" in drift[0]
+    assert len(drift) == 2 and 'prefill drift' in drift[0] and 'band 0.77-1.30x' in drift[0]
     _serve(online, 1.0, 60, rng)  # cooled down: old requests are forgotten
     assert online.prefill.s == pytest.approx(1.0, rel=0.08) and online.drift() == []
 
@@ -48,7 +52,9 @@ def test_without_forgetting_the_old_regime_lingers():
 def test_inside_band_noise_is_not_drift_and_model_waits_for_samples():
     online = OnlineTimeModel(BASE, band=0.3, min_samples=3)
     online.observe_prefill(100, BASE.prefill_s(100) * 3)
-    assert online.model().prefill_s(100) == pytest.approx(BASE.prefill_s(100))  # one sample: fit unchanged
+    assert online.model().prefill_s(100) == pytest.approx(
+        BASE.prefill_s(100)
+    )  # one sample: fit unchanged
     assert online.drift() == []
     rng = random.Random(3)
     quiet = OnlineTimeModel(BASE, band=0.3)

@@ -1,7 +1,8 @@
 """Invalid goals end at once with STATUS_REJECTED and a reason a person can act on, and the
 server keeps serving. (A ROS 2 goal response has no reason field, so the server accepts, then
 aborts with the reason in the result; NaN/infinite floats cannot be put in a Duration at all,
-so the typed client refuses them with the same kind of Outcome.)"""
+so the typed client refuses them with the same kind of Outcome.).
+"""
 
 import math
 
@@ -9,38 +10,56 @@ import pytest
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
-GOOD = "Say hello."
+GOOD = 'Say hello.'
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(prompt=""), ["prompt", "empty"]),
-    (dict(prompt="   \n "), ["prompt", "empty"]),
-    (dict(budget_s=0.0), ["no time budget"]),
-    (dict(budget_s=-2.0), ["positive", "-2"]),
-    (dict(budget_s=float(2**31 - 1)), ["infinite"]),
-    (dict(budget_s=math.nan), ["nan"]),
-    (dict(budget_s=math.inf), ["infinite"]),
-    (dict(budget_s=None, deadline_in_s=-3.0), ["deadline", "past"]),
-    (dict(overrun_policy="bogus"), ["overrun policy", "bogus", "kill"]),
-    (dict(prompt="robot " * 9000), ["tokens", "context", "8192"]),
-], ids=["empty", "blank", "zero", "negative", "duration-max", "nan", "inf", "past-deadline", "policy",
-        "over-context"])
+@pytest.mark.parametrize(
+    'kwargs, words',
+    [
+        ({'prompt': ''}, ['prompt', 'empty']),
+        ({'prompt': '   \n '}, ['prompt', 'empty']),
+        ({'budget_s': 0.0}, ['no time budget']),
+        ({'budget_s': -2.0}, ['positive', '-2']),
+        ({'budget_s': float(2**31 - 1)}, ['infinite']),
+        ({'budget_s': math.nan}, ['nan']),
+        ({'budget_s': math.inf}, ['infinite']),
+        ({'budget_s': None, 'deadline_in_s': -3.0}, ['deadline', 'past']),
+        ({'overrun_policy': 'bogus'}, ['overrun policy', 'bogus', 'kill']),
+        ({'prompt': 'robot ' * 9000}, ['tokens', 'context', '8192']),
+    ],
+    ids=[
+        'empty',
+        'blank',
+        'zero',
+        'negative',
+        'duration-max',
+        'nan',
+        'inf',
+        'past-deadline',
+        'policy',
+        'over-context',
+    ],
+)
 def test_bad_goal_is_rejected_with_reason(ready_server, kwargs, words):
     kwargs = dict(kwargs)
-    prompt = kwargs.pop("prompt", GOOD)
-    budget = kwargs.pop("budget_s", 30.0)
-    deadline_in = kwargs.pop("deadline_in_s", None)
+    prompt = kwargs.pop('prompt', GOOD)
+    budget = kwargs.pop('budget_s', 30.0)
+    deadline_in = kwargs.pop('deadline_in_s', None)
     deadline = ready_server.now_s() + deadline_in if deadline_in is not None else None
-    out = ready_server.ask(prompt, budget, deadline_s=deadline, max_new_tokens=4, timeout_s=60.0, **kwargs)
-    assert out.status_name == "rejected", (out.status_name, out.reason)
+    out = ready_server.ask(
+        prompt, budget, deadline_s=deadline, max_new_tokens=4, timeout_s=60.0, **kwargs
+    )
+    assert out.status_name == 'rejected', (out.status_name, out.reason)
     assert not out.ok and not out.text and out.tokens_generated == 0
     reason = out.reason.lower()
     assert all(w.lower() in reason for w in words), out.reason
 
 
 def test_server_keeps_serving_after_bad_goals(ready_server):
-    for bad in ("", "   "):
-        assert ready_server.ask(bad, 30.0, max_new_tokens=4, timeout_s=60.0).status_name == "rejected"
+    for bad in ('', '   '):
+        assert (
+            ready_server.ask(bad, 30.0, max_new_tokens=4, timeout_s=60.0).status_name == 'rejected'
+        )
     out = ready_server.ask(GOOD, 90.0, max_new_tokens=6, timeout_s=150.0)
-    assert out.status_name == "succeeded", out.reason
+    assert out.status_name == 'succeeded', out.reason
     assert out.text.strip()

@@ -1,15 +1,13 @@
 """Faults (issue 7) against real node processes with the tiny model: /diagnostics read from this
 process, predictor SIGKILL (N_max fallback, then estimates resume after a restart), generator
-SIGKILL mid-decode (goal aborted with a reason, server stays active), wrong model path."""
+SIGKILL mid-decode (goal aborted with a reason, server stays active), wrong model path.
+"""
 
 import os
 import signal
-import subprocess
-import sys
-
-import pytest
 
 from conftest import close_client, make_client
+import pytest
 from test_ros_lifecycle import _wait_decoding
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -20,14 +18,17 @@ def _diagnostics(client, want, timeout_s=20.0):
     from diagnostic_msgs.msg import DiagnosticArray
 
     seen = []
-    sub = client.create_subscription(DiagnosticArray, "/diagnostics", seen.append, 10)
+    sub = client.create_subscription(DiagnosticArray, '/diagnostics', seen.append, 10)
     try:
         end = client.now_s() + timeout_s
         while client.now_s() < end:
             client._executor.spin_once(timeout_sec=0.1)
             for msg in seen:
-                by_name = {s.name: {kv.key: kv.value for kv in s.values} | {"_message": s.message, "_level": s.level}
-                           for s in msg.status}
+                by_name = {
+                    s.name: {kv.key: kv.value for kv in s.values}
+                    | {'_message': s.message, '_level': s.level}
+                    for s in msg.status
+                }
                 if want(by_name):
                     return by_name
             seen.clear()
@@ -38,7 +39,8 @@ def _diagnostics(client, want, timeout_s=20.0):
 
 def _restart(nodes, name, ready_text, timeout_s=120.0):
     """Start ``name`` again and wait for its log to say it is ready: after a SIGKILL, DDS still
-    lists the dead process's endpoints for a while, so "the service is there" proves nothing."""
+    lists the dead process's endpoints for a while, so "the service is there" proves nothing.
+    """
     import time
 
     before = nodes.log_tail(name, 10**7).count(ready_text)
@@ -52,84 +54,109 @@ def _restart(nodes, name, ready_text, timeout_s=120.0):
 
 def test_diagnostics_report_misses_estimator_errors_queue_and_model_state(tiny_server):
     for _ in range(3):
-        out = tiny_server.ask("Name a color.", 30.0, max_new_tokens=6)
-        assert out.status_name == "succeeded", out.reason
-    diag = _diagnostics(tiny_server, lambda d: int(d.get("timebill_server: deadlines", {}).get("planned_goals", 0)) > 0)
-    assert diag is not None, "no /diagnostics from timebill_server"
-    dl = diag["timebill_server: deadlines"]
-    assert 0.0 <= float(dl["deadline_miss_rate"]) <= 1.0 and "deadline-miss rate" in dl["_message"]
-    assert "length_samples" in diag["timebill_server: estimators"]
-    assert diag["timebill_server: queue"]["queue_length"].isdigit()
-    model = diag["timebill_server: model"]
-    assert model["server_state"] == "active" and model["generator_reachable"] == "True"
+        out = tiny_server.ask('Name a color.', 30.0, max_new_tokens=6)
+        assert out.status_name == 'succeeded', out.reason
+    diag = _diagnostics(
+        tiny_server,
+        lambda d: int(d.get('timebill_server: deadlines', {}).get('planned_goals', 0)) > 0,
+    )
+    assert diag is not None, 'no /diagnostics from timebill_server'
+    dl = diag['timebill_server: deadlines']
+    assert 0.0 <= float(dl['deadline_miss_rate']) <= 1.0 and 'deadline-miss rate' in dl['_message']
+    assert 'length_samples' in diag['timebill_server: estimators']
+    assert diag['timebill_server: queue']['queue_length'].isdigit()
+    model = diag['timebill_server: model']
+    assert model['server_state'] == 'active' and model['generator_reachable'] == 'True'
     # the generator's online recalibration: the tiny model runs far faster than the SmolLM2 fallback
     # coefficients it starts from, so the drift check must flag it and the scales must drop below 1
-    gen = _diagnostics(tiny_server, lambda d: int(d.get("timebill_generator: online estimator", {})
-                                                   .get("prefill_samples", 0)) >= 3)
-    assert gen is not None, "no online-estimator diagnostics from timebill_generator"
-    online = gen["timebill_generator: online estimator"]
-    assert float(online["prefill_ape_pct_mean"]) >= 0 and float(online["decode_ape_pct_mean"]) >= 0
-    assert int(online["estimator_samples"]) >= 3
-    assert float(online["decode_scale"]) < 1.0 and "drift" in online["_message"], online
+    gen = _diagnostics(
+        tiny_server,
+        lambda d: (
+            int(d.get('timebill_generator: online estimator', {}).get('prefill_samples', 0)) >= 3
+        ),
+    )
+    assert gen is not None, 'no online-estimator diagnostics from timebill_generator'
+    online = gen['timebill_generator: online estimator']
+    assert float(online['prefill_ape_pct_mean']) >= 0 and float(online['decode_ape_pct_mean']) >= 0
+    assert int(online['estimator_samples']) >= 3
+    assert float(online['decode_scale']) < 1.0 and 'drift' in online['_message'], online
 
 
 def test_predictor_sigkill_falls_back_to_n_max_then_estimates_resume(tiny_server, tiny_nodes):
-    os.kill(tiny_nodes.procs["timebill_predictor"].pid, signal.SIGKILL)
-    tiny_nodes.procs["timebill_predictor"].wait(10)
-    out = tiny_server.ask("Name one planet.", 30.0, max_new_tokens=12)
-    assert out.status_name == "succeeded" and out.deadline_met, out.reason
-    assert out.estimate_fallback and out.predicted_length == 12  # N̂ = N_max, capped by max_new_tokens
-    _restart(tiny_nodes, "timebill_predictor", "configured: length predictor")
+    os.kill(tiny_nodes.procs['timebill_predictor'].pid, signal.SIGKILL)
+    tiny_nodes.procs['timebill_predictor'].wait(10)
+    out = tiny_server.ask('Name one planet.', 30.0, max_new_tokens=12)
+    assert out.status_name == 'succeeded' and out.deadline_met, out.reason
+    assert (
+        out.estimate_fallback and out.predicted_length == 12
+    )  # N̂ = N_max, capped by max_new_tokens
+    _restart(tiny_nodes, 'timebill_predictor', 'configured: length predictor')
     for _ in range(60):  # the new process needs a moment to match the server's topics
-        out = tiny_server.ask("Name one planet.", 30.0, max_new_tokens=12)
-        assert out.status_name == "succeeded", out.reason
+        out = tiny_server.ask('Name one planet.', 30.0, max_new_tokens=12)
+        assert out.status_name == 'succeeded', out.reason
         if not out.estimate_fallback:
             break
-    assert not out.estimate_fallback and out.timeline["estimate_received"] >= 0
+    assert not out.estimate_fallback and out.timeline['estimate_received'] >= 0
 
 
-def test_generator_sigkill_aborts_running_goal_with_reason_and_server_stays_up(tiny_server, tiny_nodes):
+def test_generator_sigkill_aborts_running_goal_with_reason_and_server_stays_up(
+    tiny_server, tiny_nodes
+):
     client = tiny_server
-    assert client.send_goal("Tell me a long story.", 120.0, max_new_tokens=1900) is None
+    assert client.send_goal('Tell me a long story.', 120.0, max_new_tokens=1900) is None
     assert _wait_decoding(client, min_tokens=5) is not None
-    os.kill(tiny_nodes.procs["timebill_generator"].pid, signal.SIGKILL)
+    os.kill(tiny_nodes.procs['timebill_generator'].pid, signal.SIGKILL)
     out = client.get_result(timeout_s=60.0)
-    assert out.status_name == "aborted" and "lost the generator" in out.reason, out.reason
+    assert out.status_name == 'aborted' and 'lost the generator' in out.reason, out.reason
     assert out.total_s < out.budget_s  # noticed long before the deadline (the heartbeat stopped)
-    assert tiny_nodes.alive()["timebill_server"] is None and client.get_state() == "active"
-    refused = client.ask("Name a color.", 8.0, max_new_tokens=4, timeout_s=60.0)  # no generator: a reason
-    assert refused.status_name in ("aborted", "killed") and refused.reason, refused
-    _restart(tiny_nodes, "timebill_generator", "configured: model")
+    assert tiny_nodes.alive()['timebill_server'] is None and client.get_state() == 'active'
+    refused = client.ask(
+        'Name a color.', 8.0, max_new_tokens=4, timeout_s=60.0
+    )  # no generator: a reason
+    assert refused.status_name in ('aborted', 'killed') and refused.reason, refused
+    _restart(tiny_nodes, 'timebill_generator', 'configured: model')
     # the restarted generator comes up unconfigured; the server notices and configures it again.
     # Known limit: while DDS still lists the killed generator's endpoints, the first goal after a
     # restart can go unanswered; the server then aborts it with a reason, and a retry is served.
     outcomes = []
     for _ in range(3):
-        out = client.ask("Name a color.", 30.0, max_new_tokens=4)
+        out = client.ask('Name a color.', 30.0, max_new_tokens=4)
         outcomes.append((out.status_name, out.reason))
-        if out.status_name == "succeeded":
+        if out.status_name == 'succeeded':
             break
-        assert out.status_name == "aborted" and out.reason, out
-    assert outcomes[-1][0] == "succeeded", outcomes
+        assert out.status_name == 'aborted' and out.reason, out
+    assert outcomes[-1][0] == 'succeeded', outcomes
 
 
-def test_wrong_model_path_fails_configure_readably_and_frees_nothing_twice(tiny_domain_id, tmp_path):
+def test_wrong_model_path_fails_configure_readably_and_frees_nothing_twice(
+    tiny_domain_id, tmp_path
+):
     from timebill_ros.bringup import Bringup
 
-    domain = 201 + tiny_domain_id % 31  # its own domain: a second timebill_server must not meet the others
-    client = make_client(domain, "timebill_bad_model_client")
-    nodes = Bringup(overrides={"model": "/no/such/model", "threads": 1}, domain_id=domain, log_dir=tmp_path)
+    domain = (
+        201 + tiny_domain_id % 31
+    )  # its own domain: a second timebill_server must not meet the others
+    client = make_client(domain, 'timebill_bad_model_client')
+    nodes = Bringup(
+        overrides={'model': '/no/such/model', 'threads': 1}, domain_id=domain, log_dir=tmp_path
+    )
     try:
         nodes.start()
-        for name in ("timebill_server", "timebill_generator", "timebill_predictor"):
+        for name in ('timebill_server', 'timebill_generator', 'timebill_predictor'):
             assert client.wait_for_lifecycle(name, timeout_s=60.0), nodes.log_tail(name)
-        assert not client.change_state("configure")  # the server's configure drives the whole system
-        assert client.get_state() == "unconfigured"
-        assert "configure failed: model path does not exist: /no/such/model" in nodes.log_tail("timebill_server")
+        assert not client.change_state(
+            'configure'
+        )  # the server's configure drives the whole system
+        assert client.get_state() == 'unconfigured'
+        assert 'configure failed: model path does not exist: /no/such/model' in nodes.log_tail(
+            'timebill_server'
+        )
         # the generator alone, configured directly, fails the same way and says so
-        assert not client.change_state("configure", "timebill_generator")
-        assert client.get_state("timebill_generator") == "unconfigured"
-        assert "configure failed: model path does not exist" in nodes.log_tail("timebill_generator")
+        assert not client.change_state('configure', 'timebill_generator')
+        assert client.get_state('timebill_generator') == 'unconfigured'
+        assert 'configure failed: model path does not exist' in nodes.log_tail(
+            'timebill_generator'
+        )
         assert all(code is None for code in nodes.alive().values())  # nobody crashed
     finally:
         assert all(code == 0 for code in nodes.stop().values())

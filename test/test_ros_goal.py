@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
-PROMPT = "Name three colors."
+PROMPT = 'Name three colors.'
 
 
 def test_goal_returns_real_answer_before_deadline_with_estimate_during_prefill(ready_server):
@@ -22,25 +22,32 @@ def test_goal_returns_real_answer_before_deadline_with_estimate_during_prefill(r
     feedback = []
     out = ready_server.ask(PROMPT, budget_s=90.0, max_new_tokens=24, on_feedback=feedback.append)
 
-    assert out.status_name == "succeeded", out.reason
+    assert out.status_name == 'succeeded', out.reason
     assert out.deadline_met and out.completed
     assert out.total_s < out.budget_s
     assert out.text.strip() and out.tokens_generated > 1  # a real model answer, not a stub
     assert any(c.isalpha() for c in out.text)
     # the stages, in seconds since acceptance, in the order TimeBill runs them
     t = out.timeline
-    assert 0 <= t["dispatch"] <= t["prefill_start"] < t["prefill_end"] <= t["decode_start"] < t["finished_at"]
+    assert (
+        0
+        <= t['dispatch']
+        <= t['prefill_start']
+        < t['prefill_end']
+        <= t['decode_start']
+        < t['finished_at']
+    )
     # the predictor's estimate arrived while the generator was busy with prefill (it was in hand
     # when prefill ended), so N̂ came from the estimate, not from the no-estimate fallback
     assert not out.estimate_fallback
-    assert t["dispatch"] <= t["estimate_received"] <= t["prefill_end"]
+    assert t['dispatch'] <= t['estimate_received'] <= t['prefill_end']
     assert out.estimate_overlapped_prefill
     assert out.prompt_tokens > 5 and out.predicted_length >= 1 and out.wcet_s > 0
     # streaming feedback: prefill, then decoding with growing partial text ending in the answer
     stages = [STAGE_NAMES[f.stage] for f in feedback]
-    assert "prefill" in stages and "decoding" in stages
-    assert stages.index("prefill") < stages.index("decoding")
-    counts = [f.tokens_so_far for f in feedback if STAGE_NAMES[f.stage] == "decoding"]
+    assert 'prefill' in stages and 'decoding' in stages
+    assert stages.index('prefill') < stages.index('decoding')
+    counts = [f.tokens_so_far for f in feedback if STAGE_NAMES[f.stage] == 'decoding']
     assert counts == sorted(counts) and counts[-1] == out.tokens_generated
     assert feedback[-1].partial_text == out.text
 
@@ -53,29 +60,49 @@ def test_estimate_budget_service_before_sending(ready_server):
     assert plan.wcet_s > 0
 
     tight = ready_server.estimate_budget(PROMPT, budget_s=0.001, max_new_tokens=24)
-    assert tight.ok and not tight.feasible and tight.verdict == "infeasible_prefill"
+    assert tight.ok and not tight.feasible and tight.verdict == 'infeasible_prefill'
     assert tight.alpha == pytest.approx(0.95, abs=1e-6)  # α_max: eviction is all that is left
 
-    empty = ready_server.estimate_budget("  ", budget_s=5.0)
-    assert not empty.ok and "empty" in empty.reason
+    empty = ready_server.estimate_budget('  ', budget_s=5.0)
+    assert not empty.ok and 'empty' in empty.reason
 
 
 def test_timebill_ask_cli_from_a_separate_process(ready_server, ros_domain_id):
     env = dict(os.environ, ROS_DOMAIN_ID=str(ros_domain_id))
-    code = "import sys; from timebill_ros.cli import main; sys.exit(main())"
-    proc = subprocess.run([sys.executable, "-P", "-c", code, "ask", PROMPT, "--budget", "90", "--max-new-tokens", "12"],
-                          env=env, capture_output=True, text=True, timeout=180)
+    code = 'import sys; from timebill_ros.cli import main; sys.exit(main())'
+    proc = subprocess.run(
+        [
+            sys.executable,
+            '-P',
+            '-c',
+            code,
+            'ask',
+            PROMPT,
+            '--budget',
+            '90',
+            '--max-new-tokens',
+            '12',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "status: succeeded" in proc.stdout and "deadline met: True" in proc.stdout
-    assert "[decoding]" in proc.stdout  # feedback was streamed
+    assert 'status: succeeded' in proc.stdout and 'deadline met: True' in proc.stdout
+    assert '[decoding]' in proc.stdout  # feedback was streamed
 
 
 def test_infeasible_budget_is_rejected_at_once_without_prefill(ready_server):
-    long_prompt = "The robot logged an obstacle near the loading dock. " * 600  # ~6k tokens
-    out = ready_server.ask(long_prompt + "Summarise.", budget_s=3.0, max_new_tokens=16)
+    long_prompt = 'The robot logged an obstacle near the loading dock. ' * 600  # ~6k tokens
+    out = ready_server.ask(long_prompt + 'Summarise.', budget_s=3.0, max_new_tokens=16)
     # admission control (issue 7): refused at acceptance, with the numbers the planner needs
-    assert out.status_name == "rejected", out.reason
-    assert "cannot finish even at α_max" in out.reason and "prefill of 6" in out.reason
-    assert not out.deadline_met and not out.completed and out.tokens_generated == 0 and out.text == ""
-    assert out.timeline["prefill_end"] == -1.0  # the hopeless prefill was never started (-1: never)
+    assert out.status_name == 'rejected', out.reason
+    assert 'cannot finish even at α_max' in out.reason and 'prefill of 6' in out.reason
+    assert (
+        not out.deadline_met and not out.completed and out.tokens_generated == 0 and out.text == ''
+    )
+    assert (
+        out.timeline['prefill_end'] == -1.0
+    )  # the hopeless prefill was never started (-1: never)
     assert out.total_s < out.budget_s  # ended at once instead of overrunning

@@ -1,12 +1,20 @@
 """The EDF queue and the admission arithmetic (core, no ROS); the pipeline's use of them is in
-test_pipeline.py."""
+test_pipeline.py.
+"""
 
 import math
 
-from timebill_ros.core.scheduler import EdfQueue, Pending, Running, admission, min_job_s, worst_start
+from timebill_ros.core.scheduler import (
+    admission,
+    EdfQueue,
+    min_job_s,
+    Pending,
+    Running,
+    worst_start,
+)
 from timebill_ros.core.time_estimator import ExecutionTimeModel
 
-MODEL = ExecutionTimeModel.from_dict(dict(a=1e-6, b=1e-3, c=0.05, p=1e-5, q=0.02))
+MODEL = ExecutionTimeModel.from_dict({'a': 1e-6, 'b': 1e-3, 'c': 0.05, 'p': 1e-5, 'q': 0.02})
 
 
 class _J:
@@ -16,22 +24,22 @@ class _J:
 
 def test_edf_pops_earliest_deadline_first_not_arrival_order():
     q = EdfQueue()
-    for rid, d in (("late", 30.0), ("soon", 10.0), ("mid", 20.0), ("tie", 10.0)):
+    for rid, d in (('late', 30.0), ('soon', 10.0), ('mid', 20.0), ('tie', 10.0)):
         q.push(_J(rid, d))
-    assert q.order() == ["soon", "tie", "mid", "late"]  # ties keep arrival order
-    assert [q.pop().request_id for _ in range(4)] == ["soon", "tie", "mid", "late"]
+    assert q.order() == ['soon', 'tie', 'mid', 'late']  # ties keep arrival order
+    assert [q.pop().request_id for _ in range(4)] == ['soon', 'tie', 'mid', 'late']
     assert q.pop() is None
 
 
 def test_expire_removes_exactly_the_jobs_past_their_latest_start():
     q = EdfQueue()
-    for rid, d in (("a", 1.0), ("b", 5.0), ("c", 9.0)):
+    for rid, d in (('a', 1.0), ('b', 5.0), ('c', 9.0)):
         q.push(_J(rid, d))
     latest = lambda j: j.deadline - 2.0  # noqa: E731
     assert q.next_expiry(latest) == -1.0
     gone = q.expire(4.0, latest)
-    assert [j.request_id for j in gone] == ["a", "b"] and q.order() == ["c"]
-    assert q.remove("c").request_id == "c" and q.remove("c") is None and len(q) == 0
+    assert [j.request_id for j in gone] == ['a', 'b'] and q.order() == ['c']
+    assert q.remove('c').request_id == 'c' and q.remove('c') is None and len(q) == 0
     assert math.isinf(q.next_expiry(latest))
 
 
@@ -39,16 +47,18 @@ def test_admission_is_a_lower_bound_with_the_numbers():
     own = min_job_s(MODEL, 100, 0.95)
     assert admission(MODEL, 0.0, own + 1e-6, 100, []).admit
     no = admission(MODEL, 0.0, own - 1e-6, 100, [])
-    assert not no.admit and f"{own:.3f}" in no.reason and "bigger budget" in no.reason
+    assert not no.admit and f'{own:.3f}' in no.reason and 'bigger budget' in no.reason
     # queued jobs with later deadlines do not count; earlier ones do
-    assert admission(MODEL, 0.0, own + 0.01, 100, [Pending("x", 50.0, 4000)]).admit
-    ahead = admission(MODEL, 0.0, 10.0, 100, [Pending("x", 5.0, 4000)])
+    assert admission(MODEL, 0.0, own + 0.01, 100, [Pending('x', 50.0, 4000)]).admit
+    ahead = admission(MODEL, 0.0, 10.0, 100, [Pending('x', 5.0, 4000)])
     assert not ahead.admit and ahead.ahead == 1 and ahead.ahead_s == min_job_s(MODEL, 4000, 0.95)
 
 
 def test_worst_start_is_bounded_by_the_deadlines_ahead():
-    run = Running("r", deadline=8.0, expected_end=3.0, worst_end=6.0)
+    run = Running('r', deadline=8.0, expected_end=3.0, worst_end=6.0)
     assert worst_start(0.0, run, [], 0.1) == 6.0  # its planned worst case came first
-    assert worst_start(0.0, Running("r", 8.0, 3.0, math.inf), [], 0.1) == 8.1  # else its deadline + 1 step
-    assert worst_start(0.0, None, [Pending("q", 9.0, 5)], 0.1) == 9.1
+    assert (
+        worst_start(0.0, Running('r', 8.0, 3.0, math.inf), [], 0.1) == 8.1
+    )  # else its deadline + 1 step
+    assert worst_start(0.0, None, [Pending('q', 9.0, 5)], 0.1) == 9.1
     assert worst_start(12.0, run, [], 0.1) == 12.0

@@ -4,4 +4,4 @@ Kept light on purpose: the colcon build installs this file over the rosidl-gener
 package __init__, and the core must import without ROS or torch.
 """
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'

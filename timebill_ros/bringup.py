@@ -9,18 +9,18 @@ everything cleanly (SIGINT, then SIGTERM, then SIGKILL, each process by its own 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, IO, Iterable, List, Mapping, Optional
 
 from timebill_ros.core.config import default_config_path
 
-PACKAGE = "timebill_ros"
+PACKAGE = 'timebill_ros'
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,11 @@ class NodeSpec:
 
 # Start order matters only for readiness: the generator loads the model (slowest) first.
 NODES = (
-    NodeSpec("timebill_generator", "timebill_ros.nodes.generator"),
-    NodeSpec("timebill_predictor", "timebill_ros.nodes.predictor"),
-    NodeSpec("timebill_server", "timebill_ros.nodes.server", lifecycle=True),
+    NodeSpec('timebill_generator', 'timebill_ros.nodes.generator'),
+    NodeSpec('timebill_predictor', 'timebill_ros.nodes.predictor'),
+    NodeSpec('timebill_server', 'timebill_ros.nodes.server', lifecycle=True),
 )
-SERVER = "timebill_server"
+SERVER = 'timebill_server'
 
 
 def params_file(path: Optional[str | os.PathLike] = None) -> Path:
@@ -47,17 +47,17 @@ def params_file(path: Optional[str | os.PathLike] = None) -> Path:
 def param_literal(value) -> str:
     """A value as ``-p name:=value`` expects it (YAML)."""
     if isinstance(value, bool):
-        return "true" if value else "false"
+        return 'true' if value else 'false'
     if isinstance(value, str):
-        return '""' if value == "" else value
+        return '""' if value == '' else value
     return repr(value)
 
 
 def params_args(spec: NodeSpec, params: Path, overrides: Mapping[str, object] = ()) -> List[str]:
     """The ``--ros-args`` for one node: its name, the params file, then overrides."""
-    args = ["--ros-args", "-r", f"__node:={spec.name}", "--params-file", str(params)]
+    args = ['--ros-args', '-r', f'__node:={spec.name}', '--params-file', str(params)]
     for key, value in dict(overrides).items():
-        args += ["-p", f"{key}:={param_literal(value)}"]
+        args += ['-p', f'{key}:={param_literal(value)}']
     return args
 
 
@@ -66,30 +66,36 @@ def install_prefix() -> Path:
     """This package's colcon install prefix (``<repo>/install/timebill_ros``)."""
     here = Path(__file__).resolve()
     for root in (here.parents[1], *here.parents):
-        candidate = root / "install" / PACKAGE
+        candidate = root / 'install' / PACKAGE
         if candidate.is_dir():
             return candidate
-    return here.parents[1] / "install" / PACKAGE
+    return here.parents[1] / 'install' / PACKAGE
 
 
 def ros_env(base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """``base`` plus what ``source install/setup.bash`` would add, so nodes import the built
-    interfaces and find their type-support libraries even when nothing was sourced."""
+    interfaces and find their type-support libraries even when nothing was sourced.
+    """
     env = dict(os.environ if base is None else base)
     prefix = install_prefix()
     venv = Path(sys.prefix)
-    site = prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    site = (
+        prefix
+        / 'lib'
+        / f'python{sys.version_info.major}.{sys.version_info.minor}'
+        / 'site-packages'
+    )
 
     def prepend(name: str, value: Path) -> None:
-        parts = [p for p in env.get(name, "").split(os.pathsep) if p]
+        parts = [p for p in env.get(name, '').split(os.pathsep) if p]
         if str(value) not in parts:
             env[name] = os.pathsep.join([str(value), *parts])
 
-    prepend("LD_LIBRARY_PATH", prefix / "lib")
-    prepend("PYTHONPATH", site)
-    prepend("AMENT_PREFIX_PATH", venv)
-    prepend("AMENT_PREFIX_PATH", prefix)
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    prepend('LD_LIBRARY_PATH', prefix / 'lib')
+    prepend('PYTHONPATH', site)
+    prepend('AMENT_PREFIX_PATH', venv)
+    prepend('AMENT_PREFIX_PATH', prefix)
+    env.setdefault('PYTHONUNBUFFERED', '1')
     return env
 
 
@@ -97,22 +103,27 @@ def ros_env_active() -> bool:
     """True when this process already has the install's libraries and Python path."""
     want = ros_env()
     have = os.environ
-    return all(set(want[k].split(os.pathsep)) <= set(have.get(k, "").split(os.pathsep))
-               for k in ("LD_LIBRARY_PATH", "PYTHONPATH"))
+    return all(
+        set(want[k].split(os.pathsep)) <= set(have.get(k, '').split(os.pathsep))
+        for k in ('LD_LIBRARY_PATH', 'PYTHONPATH')
+    )
 
 
 def reexec_with_ros_env() -> None:
     """Restart this command with the install environment if it is missing (no-op otherwise):
-    the type-support libraries must be on LD_LIBRARY_PATH before the process starts."""
-    if ros_env_active() or os.environ.get("_TIMEBILL_REEXEC") == "1":
+    the type-support libraries must be on LD_LIBRARY_PATH before the process starts.
+    """
+    if ros_env_active() or os.environ.get('_TIMEBILL_REEXEC') == '1':
         return
-    if not (install_prefix() / "lib").is_dir():
-        raise SystemExit(f"timebill_ros is not built ({install_prefix()} is missing): run `make ros`")
+    if not (install_prefix() / 'lib').is_dir():
+        raise SystemExit(
+            f'timebill_ros is not built ({install_prefix()} is missing): run `make ros`'
+        )
     env = ros_env()
-    env["_TIMEBILL_REEXEC"] = "1"
-    code = "import sys; from timebill_ros.cli import main; sys.exit(main())"
+    env['_TIMEBILL_REEXEC'] = '1'
+    code = 'import sys; from timebill_ros.cli import main; sys.exit(main())'
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-P", "-c", code, *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, '-P', '-c', code, *sys.argv[1:]], env)
 
 
 # ------------------------------------------------------------------------------- runner
@@ -122,9 +133,15 @@ class Bringup:
     ``with Bringup(domain_id=42) as b: ...`` brings everything up and always tears it down.
     """
 
-    def __init__(self, params: Optional[str | os.PathLike] = None, overrides: Optional[Mapping] = None,
-                 nodes: Iterable[NodeSpec] = NODES, domain_id: Optional[int] = None,
-                 log_dir: Optional[str | os.PathLike] = None, env: Optional[Mapping[str, str]] = None):
+    def __init__(
+        self,
+        params: Optional[str | os.PathLike] = None,
+        overrides: Optional[Mapping] = None,
+        nodes: Iterable[NodeSpec] = NODES,
+        domain_id: Optional[int] = None,
+        log_dir: Optional[str | os.PathLike] = None,
+        env: Optional[Mapping[str, str]] = None,
+    ):
         self.params = params_file(params)
         self.overrides = dict(overrides or {})
         self.nodes = {spec.name: spec for spec in nodes}
@@ -132,7 +149,7 @@ class Bringup:
         self.log_dir = Path(log_dir) if log_dir else None
         self.env = ros_env(env)
         if domain_id is not None:
-            self.env["ROS_DOMAIN_ID"] = str(domain_id)
+            self.env['ROS_DOMAIN_ID'] = str(domain_id)
         self.procs: Dict[str, subprocess.Popen] = {}
         self._logs: Dict[str, IO] = {}
 
@@ -140,33 +157,50 @@ class Bringup:
     def command(self, name: str) -> List[str]:
         spec = self.nodes[name]
         # -P: never let the working directory's source tree (no generated msgs) shadow the install
-        return [sys.executable, "-P", "-m", spec.module, *params_args(spec, self.params, self.overrides)]
+        return [
+            sys.executable,
+            '-P',
+            '-m',
+            spec.module,
+            *params_args(spec, self.params, self.overrides),
+        ]
 
     def start(self, names: Optional[Iterable[str]] = None) -> None:
-        for name in (names or self.nodes):
+        for name in names or self.nodes:
             if name in self.procs and self.procs[name].poll() is None:
                 continue
             out = None
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = self._logs[name] = open(self.log_dir / f"{name}.log", "ab")
+                out = self._logs[name] = open(self.log_dir / f'{name}.log', 'ab')
             # own session: a terminal's Ctrl-C reaches only the runner, which forwards it in order
-            self.procs[name] = subprocess.Popen(self.command(name), env=self.env, stdout=out,
-                                                stderr=subprocess.STDOUT if out else None, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                self.command(name),
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,
+            )
 
     def alive(self) -> Dict[str, Optional[int]]:
-        """name -> None while running, else its exit code."""
+        """Name -> None while running, else its exit code."""
         return {name: p.poll() for name, p in self.procs.items()}
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
-        if self.log_dir is None or not (self.log_dir / f"{name}.log").is_file():
-            return ""
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")[-chars:]
+        if self.log_dir is None or not (self.log_dir / f'{name}.log').is_file():
+            return ''
+        return (self.log_dir / f'{name}.log').read_text(errors='replace')[-chars:]
 
-    def stop(self, names: Optional[Iterable[str]] = None, timeout_s: float = 10.0) -> Dict[str, Optional[int]]:
+    def stop(
+        self, names: Optional[Iterable[str]] = None, timeout_s: float = 10.0
+    ) -> Dict[str, Optional[int]]:
         """SIGINT each (server first), wait, then SIGTERM, then SIGKILL; return exit codes."""
-        order = [n for n in (names or reversed(list(self.procs)))]
-        for sig, wait in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        order = list((names or reversed(list(self.procs))))
+        for sig, wait in (
+            (signal.SIGINT, timeout_s),
+            (signal.SIGTERM, 3.0),
+            (signal.SIGKILL, 3.0),
+        ):
             running = [n for n in order if n in self.procs and self.procs[n].poll() is None]
             if not running:
                 break
@@ -194,18 +228,22 @@ class Bringup:
         """Wait until every started node answers (the generator has loaded its model)."""
         end = time.monotonic() + timeout_s
         checks = {
-            "timebill_server": lambda t: client.wait_for_lifecycle(SERVER, t),
-            "timebill_generator": lambda t: client.wait_for_generator(t),
-            "timebill_predictor": lambda t: client.wait_for_lifecycle("timebill_predictor", t),
+            'timebill_server': lambda t: client.wait_for_lifecycle(SERVER, t),
+            'timebill_generator': lambda t: client.wait_for_generator(t),
+            'timebill_predictor': lambda t: client.wait_for_lifecycle('timebill_predictor', t),
         }
         for name in self.procs:
             while True:
                 left = end - time.monotonic()
                 code = self.procs[name].poll()
                 if code is not None:
-                    raise RuntimeError(f"{name} exited with code {code} while starting\n{self.log_tail(name)}")
+                    raise RuntimeError(
+                        f'{name} exited with code {code} while starting\n{self.log_tail(name)}'
+                    )
                 if left <= 0:
-                    raise TimeoutError(f"{name} not ready after {timeout_s:g} s\n{self.log_tail(name)}")
+                    raise TimeoutError(
+                        f'{name} not ready after {timeout_s:g} s\n{self.log_tail(name)}'
+                    )
                 if name not in checks or checks[name](min(left, 1.0)):
                     break
 
@@ -214,10 +252,17 @@ class Bringup:
         from timebill_ros.core.config import DEFAULT_MODEL, TimeBillConfig
         from timebill_ros.core.model import default_model_dir
 
-        model = self.overrides.get("model") or TimeBillConfig.from_yaml(self.params).model
-        if model in ("", DEFAULT_MODEL) and not (default_model_dir() / "config.json").is_file():
-            subprocess.run([sys.executable, "-c", "from timebill_ros.core.model import ensure_default_model as e; e()"],
-                           env=self.env, check=True)
+        model = self.overrides.get('model') or TimeBillConfig.from_yaml(self.params).model
+        if model in ('', DEFAULT_MODEL) and not (default_model_dir() / 'config.json').is_file():
+            subprocess.run(
+                [
+                    sys.executable,
+                    '-c',
+                    'from timebill_ros.core.model import ensure_default_model as e; e()',
+                ],
+                env=self.env,
+                check=True,
+            )
 
     def up(self, client, timeout_s: float = 120.0) -> None:
         """Start all nodes, wait for them, and configure + activate the server."""
@@ -226,9 +271,11 @@ class Bringup:
         self.wait_ready(client, timeout_s)
         # configure loads every model (the server drives its peers): give it the whole timeout
         if SERVER in self.procs and not client.startup(timeout_s=timeout_s):
-            raise RuntimeError(f"could not activate {SERVER} (state: {client.get_state()})\n{self.log_tail(SERVER)}")
+            raise RuntimeError(
+                f'could not activate {SERVER} (state: {client.get_state()})\n{self.log_tail(SERVER)}'
+            )
 
-    def __enter__(self) -> "Bringup":
+    def __enter__(self) -> 'Bringup':
         return self
 
     def __exit__(self, *exc) -> None:

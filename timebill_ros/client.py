@@ -15,29 +15,37 @@ spins only while one of its methods waits, like BasicNavigator; use it from one 
 
 from __future__ import annotations
 
-import math
-import uuid
 from dataclasses import dataclass, field
+import math
 from typing import Callable, Optional
+import uuid
 
-import rclpy
 from action_msgs.msg import GoalStatus
 from lifecycle_msgs.srv import ChangeState, GetState
+import rclpy
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
-from unique_identifier_msgs.msg import UUID
-
 from timebill_ros.action import TimedInference
 from timebill_ros.core.outcome import STATUS_NAMES as OUTCOME_STATUS_NAMES
-from timebill_ros.nodes.common import (TRANSITIONS, ACTION_QOS, ACTION_TIMED_INFERENCE, SERVICE_ESTIMATE_BUDGET,
-                                       s_to_duration, s_to_time)
+from timebill_ros.nodes.common import (
+    ACTION_QOS,
+    ACTION_TIMED_INFERENCE,
+    s_to_duration,
+    s_to_time,
+    SERVICE_ESTIMATE_BUDGET,
+    TRANSITIONS,
+)
 from timebill_ros.srv import EstimateBudget
+from unique_identifier_msgs.msg import UUID
 
 R = TimedInference.Result
 STATUS_NAMES = dict(enumerate(OUTCOME_STATUS_NAMES))  # code -> name, as the action numbers them
-STAGE_NAMES = {TimedInference.Feedback.STAGE_QUEUED: "queued", TimedInference.Feedback.STAGE_PREFILL: "prefill",
-               TimedInference.Feedback.STAGE_DECODING: "decoding"}
+STAGE_NAMES = {
+    TimedInference.Feedback.STAGE_QUEUED: 'queued',
+    TimedInference.Feedback.STAGE_PREFILL: 'prefill',
+    TimedInference.Feedback.STAGE_DECODING: 'decoding',
+}
 
 
 @dataclass
@@ -47,7 +55,7 @@ class Outcome:
     accepted: bool
     status: int
     reason: str
-    text: str = ""
+    text: str = ''
     completed: bool = False
     deadline_met: bool = False
     alpha: float = 0.0
@@ -64,7 +72,7 @@ class Outcome:
     timeline: dict = field(default_factory=dict)  # stage -> seconds since acceptance
     goal_status: int = GoalStatus.STATUS_UNKNOWN
     budget_s: float = math.nan
-    goal_id: str = ""
+    goal_id: str = ''
 
     @property
     def status_name(self) -> str:
@@ -79,23 +87,54 @@ class Outcome:
     def estimate_overlapped_prefill(self) -> bool:
         """The predictor's estimate arrived before prefill finished (TimeBill's parallelism)."""
         t = self.timeline
-        return 0 <= t.get("estimate_received", -1) <= t.get("prefill_end", -1)
+        return 0 <= t.get('estimate_received', -1) <= t.get('prefill_end', -1)
 
     @classmethod
-    def rejected(cls, reason: str, accepted: bool = False, **kw) -> "Outcome":
+    def rejected(cls, reason: str, accepted: bool = False, **kw) -> 'Outcome':
         return cls(accepted=accepted, status=R.STATUS_REJECTED, reason=reason, **kw)
 
     @classmethod
-    def from_result(cls, result: TimedInference.Result, goal_status: int, **kw) -> "Outcome":
-        timeline = {name[:-2]: getattr(result, name) for name in (
-            "dispatch_at_s", "prefill_start_s", "prefill_end_s", "estimate_received_s", "decode_start_s",
-            "finished_at_s")}
-        timeline["dispatch"] = timeline.pop("dispatch_at")
-        simple = {f: getattr(result, f) for f in (
-            "text", "completed", "deadline_met", "alpha", "predicted_length", "estimate_fallback", "wcet_s",
-            "prompt_tokens", "tokens_generated", "kv_before", "kv_after", "prefill_s", "decode_s", "total_s")}
-        return cls(accepted=True, status=result.status, reason=result.reason, timeline=timeline,
-                   goal_status=goal_status, **simple, **kw)
+    def from_result(cls, result: TimedInference.Result, goal_status: int, **kw) -> 'Outcome':
+        timeline = {
+            name[:-2]: getattr(result, name)
+            for name in (
+                'dispatch_at_s',
+                'prefill_start_s',
+                'prefill_end_s',
+                'estimate_received_s',
+                'decode_start_s',
+                'finished_at_s',
+            )
+        }
+        timeline['dispatch'] = timeline.pop('dispatch_at')
+        simple = {
+            f: getattr(result, f)
+            for f in (
+                'text',
+                'completed',
+                'deadline_met',
+                'alpha',
+                'predicted_length',
+                'estimate_fallback',
+                'wcet_s',
+                'prompt_tokens',
+                'tokens_generated',
+                'kv_before',
+                'kv_after',
+                'prefill_s',
+                'decode_s',
+                'total_s',
+            )
+        }
+        return cls(
+            accepted=True,
+            status=result.status,
+            reason=result.reason,
+            timeline=timeline,
+            goal_status=goal_status,
+            **simple,
+            **kw,
+        )
 
 
 def budget_problem(budget_s: Optional[float]) -> Optional[str]:
@@ -103,28 +142,35 @@ def budget_problem(budget_s: Optional[float]) -> Optional[str]:
     if budget_s is None:
         return None
     if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)):
-        return f"time budget must be a number of seconds, got {budget_s!r}"
+        return f'time budget must be a number of seconds, got {budget_s!r}'
     if math.isnan(budget_s):
-        return "time budget is NaN: give a finite number of seconds"
+        return 'time budget is NaN: give a finite number of seconds'
     if math.isinf(budget_s):
-        return "time budget is infinite: give a finite number of seconds"
+        return 'time budget is infinite: give a finite number of seconds'
     return None
 
 
-def text_problem(prompt: str, system_prompt: str = "") -> Optional[str]:
+def text_problem(prompt: str, system_prompt: str = '') -> Optional[str]:
     """A ROS string cannot carry a NUL byte: the middleware would cut the prompt there."""
-    for name, text in (("prompt", prompt), ("system_prompt", system_prompt)):
-        if "\x00" in (text or ""):
-            return (f"{name} contains a NUL byte at character {text.index(chr(0))}: a ROS string "
-                    f"would silently end there; remove it")
+    for name, text in (('prompt', prompt), ('system_prompt', system_prompt)):
+        if '\x00' in (text or ''):
+            return (
+                f'{name} contains a NUL byte at character {text.index(chr(0))}: a ROS string '
+                f'would silently end there; remove it'
+            )
     return None
 
 
 class TimeBillClient(Node):
     """Sends TimedInference goals, asks EstimateBudget, and drives the server's lifecycle."""
 
-    def __init__(self, node_name: str = "timebill_client", server: str = "timebill_server",
-                 namespace: str = "", context=None):
+    def __init__(
+        self,
+        node_name: str = 'timebill_client',
+        server: str = 'timebill_server',
+        namespace: str = '',
+        context=None,
+    ):
         self._owns_rclpy = context is None and not rclpy.ok()
         if self._owns_rclpy:
             rclpy.init()
@@ -163,7 +209,7 @@ class TimeBillClient(Node):
         if self._owns_rclpy:
             rclpy.try_shutdown()
 
-    def __enter__(self) -> "TimeBillClient":
+    def __enter__(self) -> 'TimeBillClient':
         return self
 
     def __exit__(self, *exc) -> None:
@@ -171,11 +217,13 @@ class TimeBillClient(Node):
 
     # --------------------------------------------------------------- readiness
     def wait_for_lifecycle(self, node: Optional[str] = None, timeout_s: float = 10.0) -> bool:
-        return self._lifecycle_client(GetState, node or self.server, "get_state").wait_for_service(timeout_s)
+        return self._lifecycle_client(GetState, node or self.server, 'get_state').wait_for_service(
+            timeout_s
+        )
 
     def wait_for_generator(self, timeout_s: float = 10.0) -> bool:
         """The generator process is up (its lifecycle services answer; the server configures it)."""
-        return self.wait_for_lifecycle("timebill_generator", timeout_s)
+        return self.wait_for_lifecycle('timebill_generator', timeout_s)
 
     def wait_for_estimator(self, timeout_s: float = 10.0) -> bool:
         """The estimate service answers (served by the configured generator)."""
@@ -185,7 +233,9 @@ class TimeBillClient(Node):
         """True once the server is active and the action and estimate service answer."""
         end = self.now_s() + timeout_s
         ok = self.wait_for_lifecycle(timeout_s=timeout_s)
-        ok = ok and self._wait(lambda: self.get_state(timeout_s=2.0) == "active", max(end - self.now_s(), 0))
+        ok = ok and self._wait(
+            lambda: self.get_state(timeout_s=2.0) == 'active', max(end - self.now_s(), 0)
+        )
         ok = ok and self._wait(self._action.server_is_ready, max(end - self.now_s(), 0))
         return ok and self.wait_for_estimator(max(end - self.now_s(), 0.1))
 
@@ -193,20 +243,22 @@ class TimeBillClient(Node):
     def _lifecycle_client(self, srv_type, node: str, service: str):
         key = (node, service)
         if key not in self._lifecycle:
-            self._lifecycle[key] = self.create_client(srv_type, f"/{node}/{service}")
+            self._lifecycle[key] = self.create_client(srv_type, f'/{node}/{service}')
         return self._lifecycle[key]
 
     def get_state(self, node: Optional[str] = None, timeout_s: float = 5.0) -> str:
         """The node's lifecycle state label ('unconfigured', 'inactive', 'active', ...), '' if unknown."""
-        client = self._lifecycle_client(GetState, node or self.server, "get_state")
+        client = self._lifecycle_client(GetState, node or self.server, 'get_state')
         if not client.wait_for_service(timeout_sec=timeout_s):
-            return ""
+            return ''
         future = client.call_async(GetState.Request())
-        return future.result().current_state.label if self.spin_until(future, timeout_s) else ""
+        return future.result().current_state.label if self.spin_until(future, timeout_s) else ''
 
-    def change_state(self, transition: str, node: Optional[str] = None, timeout_s: float = 30.0) -> bool:
+    def change_state(
+        self, transition: str, node: Optional[str] = None, timeout_s: float = 30.0
+    ) -> bool:
         """Trigger a lifecycle transition by name through ``/<node>/change_state``."""
-        client = self._lifecycle_client(ChangeState, node or self.server, "change_state")
+        client = self._lifecycle_client(ChangeState, node or self.server, 'change_state')
         if not client.wait_for_service(timeout_sec=timeout_s):
             return False
         req = ChangeState.Request()
@@ -217,63 +269,99 @@ class TimeBillClient(Node):
     def startup(self, node: Optional[str] = None, timeout_s: float = 30.0) -> bool:
         """Configure (if needed) and activate, like BasicNavigator.lifecycleStartup."""
         state = self.get_state(node, timeout_s)
-        if state == "unconfigured" and not self.change_state("configure", node, timeout_s):
+        if state == 'unconfigured' and not self.change_state('configure', node, timeout_s):
             return False
-        if self.get_state(node, timeout_s) == "inactive" and not self.change_state("activate", node, timeout_s):
+        if self.get_state(node, timeout_s) == 'inactive' and not self.change_state(
+            'activate', node, timeout_s
+        ):
             return False
-        return self.get_state(node, timeout_s) == "active"
+        return self.get_state(node, timeout_s) == 'active'
 
     # ------------------------------------------------------------------ planning
-    def estimate_budget(self, prompt: str, budget_s: float, system_prompt: str = "", max_new_tokens: int = 0,
-                        timeout_s: float = 10.0) -> Optional[EstimateBudget.Response]:
+    def estimate_budget(
+        self,
+        prompt: str,
+        budget_s: float,
+        system_prompt: str = '',
+        max_new_tokens: int = 0,
+        timeout_s: float = 10.0,
+    ) -> Optional[EstimateBudget.Response]:
         """What TimeBill would do with this prompt and budget (None if the predictor is down)."""
         problem = budget_problem(budget_s) or text_problem(prompt, system_prompt)
         if problem:
             return EstimateBudget.Response(ok=False, reason=problem)
         if not self._estimate.wait_for_service(timeout_sec=timeout_s):
             return None
-        req = EstimateBudget.Request(prompt=prompt, system_prompt=system_prompt,
-                                     time_budget=s_to_duration(budget_s), max_new_tokens=max_new_tokens)
+        req = EstimateBudget.Request(
+            prompt=prompt,
+            system_prompt=system_prompt,
+            time_budget=s_to_duration(budget_s),
+            max_new_tokens=max_new_tokens,
+        )
         future = self._estimate.call_async(req)
         return future.result() if self.spin_until(future, timeout_s) else None
 
     # -------------------------------------------------------------------- goals
-    def send_goal(self, prompt: str, budget_s: Optional[float] = None, deadline_s: Optional[float] = None,
-                  system_prompt: str = "", max_new_tokens: int = 0, overrun_policy: str = "",
-                  on_feedback: Optional[Callable[[TimedInference.Feedback], None]] = None,
-                  timeout_s: float = 10.0) -> Optional[Outcome]:
+    def send_goal(
+        self,
+        prompt: str,
+        budget_s: Optional[float] = None,
+        deadline_s: Optional[float] = None,
+        system_prompt: str = '',
+        max_new_tokens: int = 0,
+        overrun_policy: str = '',
+        on_feedback: Optional[Callable[[TimedInference.Feedback], None]] = None,
+        timeout_s: float = 10.0,
+    ) -> Optional[Outcome]:
         """Send a goal; None once accepted (then poll is_task_complete / get_result), else the
-        refusal as an Outcome. ``deadline_s`` is absolute ROS time in seconds."""
+        refusal as an Outcome. ``deadline_s`` is absolute ROS time in seconds.
+        """
         self._goal_handle = self._result_future = self._feedback = None
         self._budget_s = budget_s if budget_s is not None else math.nan
         problem = budget_problem(budget_s) or text_problem(prompt, system_prompt)
         if problem:
             return Outcome.rejected(problem, budget_s=self._budget_s)
-        goal = TimedInference.Goal(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
-                                   overrun_policy=overrun_policy)
+        goal = TimedInference.Goal(
+            prompt=prompt,
+            system_prompt=system_prompt,
+            max_new_tokens=max_new_tokens,
+            overrun_policy=overrun_policy,
+        )
         if budget_s is not None:
             goal.time_budget = s_to_duration(budget_s)
             # the budget runs from now, not from when the server gets to accept the goal: a
             # burst of goals can take a while to be accepted, and a promise is kept at the planner
             if budget_s > 0 and math.isfinite(budget_s):  # others: the server says what is wrong
                 sent_deadline = self.now_s() + budget_s
-                deadline_s = sent_deadline if deadline_s is None else min(deadline_s, sent_deadline)
+                deadline_s = (
+                    sent_deadline if deadline_s is None else min(deadline_s, sent_deadline)
+                )
         if deadline_s is not None:
             goal.deadline = s_to_time(deadline_s)
         if not self._action.wait_for_server(timeout_sec=timeout_s):
-            return Outcome.rejected(f"no {ACTION_TIMED_INFERENCE} action server within {timeout_s:g} s "
-                                    f"(is {self.server} configured?)", budget_s=self._budget_s)
+            return Outcome.rejected(
+                f'no {ACTION_TIMED_INFERENCE} action server within {timeout_s:g} s '
+                f'(is {self.server} configured?)',
+                budget_s=self._budget_s,
+            )
         self._on_feedback = on_feedback
         goal_id = UUID(uuid=list(uuid.uuid4().bytes))
-        future = self._action.send_goal_async(goal, feedback_callback=self._feedback_cb, goal_uuid=goal_id)
+        future = self._action.send_goal_async(
+            goal, feedback_callback=self._feedback_cb, goal_uuid=goal_id
+        )
         if not self.spin_until(future, timeout_s):
-            return Outcome.rejected(f"no answer to the goal request within {timeout_s:g} s", budget_s=self._budget_s)
+            return Outcome.rejected(
+                f'no answer to the goal request within {timeout_s:g} s', budget_s=self._budget_s
+            )
         handle = future.result()
         if not handle.accepted:
             state = self.get_state(timeout_s=2.0)
-            why = (f"{self.server} is {state or 'unreachable'}, not active" if state != "active"
-                   else f"{self.server} refused the goal")
-            return Outcome.rejected(f"rejected: {why}", budget_s=self._budget_s)
+            why = (
+                f'{self.server} is {state or "unreachable"}, not active'
+                if state != 'active'
+                else f'{self.server} refused the goal'
+            )
+            return Outcome.rejected(f'rejected: {why}', budget_s=self._budget_s)
         self._goal_handle = handle
         self._result_future = handle.get_result_async()
         return None
@@ -301,23 +389,50 @@ class TimeBillClient(Node):
     def get_result(self, timeout_s: Optional[float] = None) -> Outcome:
         """Wait for the running goal to end and return its Outcome."""
         if self._result_future is None:
-            return Outcome.rejected("no goal was sent")
+            return Outcome.rejected('no goal was sent')
         if not self.spin_until(self._result_future, timeout_s):
-            return Outcome(accepted=True, status=R.STATUS_ABORTED, reason=f"no result within {timeout_s:g} s",
-                           budget_s=self._budget_s)
+            return Outcome(
+                accepted=True,
+                status=R.STATUS_ABORTED,
+                reason=f'no result within {timeout_s:g} s',
+                budget_s=self._budget_s,
+            )
         response = self._result_future.result()
-        return Outcome.from_result(response.result, response.status, budget_s=self._budget_s,
-                                   goal_id=bytes(self._goal_handle.goal_id.uuid).hex())
+        return Outcome.from_result(
+            response.result,
+            response.status,
+            budget_s=self._budget_s,
+            goal_id=bytes(self._goal_handle.goal_id.uuid).hex(),
+        )
 
-    def ask(self, prompt: str, budget_s: Optional[float] = None, *, deadline_s: Optional[float] = None,
-            system_prompt: str = "", max_new_tokens: int = 0, overrun_policy: str = "",
-            on_feedback: Optional[Callable[[TimedInference.Feedback], None]] = None,
-            timeout_s: Optional[float] = None) -> Outcome:
+    def ask(
+        self,
+        prompt: str,
+        budget_s: Optional[float] = None,
+        *,
+        deadline_s: Optional[float] = None,
+        system_prompt: str = '',
+        max_new_tokens: int = 0,
+        overrun_policy: str = '',
+        on_feedback: Optional[Callable[[TimedInference.Feedback], None]] = None,
+        timeout_s: Optional[float] = None,
+    ) -> Outcome:
         """Send a goal and wait for its Outcome (``timeout_s`` None: budget + 60 s)."""
-        refused = self.send_goal(prompt, budget_s, deadline_s, system_prompt, max_new_tokens, overrun_policy,
-                                 on_feedback)
+        refused = self.send_goal(
+            prompt,
+            budget_s,
+            deadline_s,
+            system_prompt,
+            max_new_tokens,
+            overrun_policy,
+            on_feedback,
+        )
         if refused is not None:
             return refused
         if timeout_s is None:
-            timeout_s = (budget_s or 0.0) + 60.0 if deadline_s is None else max(deadline_s - self.now_s(), 0) + 60
+            timeout_s = (
+                (budget_s or 0.0) + 60.0
+                if deadline_s is None
+                else max(deadline_s - self.now_s(), 0) + 60
+            )
         return self.get_result(timeout_s)

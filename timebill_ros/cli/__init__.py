@@ -11,43 +11,85 @@ import sys
 
 # name -> (module, one-line help). Modules are imported lazily so `timebill --help` is instant.
 COMMANDS = {
-    "generate": ("timebill_ros.cli.generate", "run one prompt through the engine with a budget / alpha"),
-    "bringup": ("timebill_ros.cli.bringup", "start the TimeBill ROS nodes and drive the server to active"),
-    "ask": ("timebill_ros.cli.ask", "send one time-budgeted goal to the running nodes and stream the answer"),
-    "calibrate": ("timebill_ros.cli.calibrate", "profile prefill/decode timings and fit the execution-time estimator"),
-    "replay": ("timebill_ros.cli.replay", "replay the requests in a bag against a server (or --offline) and report"),
-    "eval": ("timebill_ros.cli.evaluate", "budget x policy benchmark: completion rate and score per budget (--quick)"),
-    "make-tasks": ("timebill_ros.cli.make_tasks", "write the long-context benchmark tasks as a request bag"),
-    "dataset": ("timebill_ros.cli.dataset", "build response-length prompts and label them with the target model"),
-    "train-predictor": ("timebill_ros.cli.train_predictor", "train the response length predictor (--if-missing)"),
-    "eval-predictor": ("timebill_ros.cli.eval_predictor", "MAE/RMSE/R2 of length predictors vs baselines, latency, plot"),
+    'generate': (
+        'timebill_ros.cli.generate',
+        'run one prompt through the engine with a budget / alpha',
+    ),
+    'bringup': (
+        'timebill_ros.cli.bringup',
+        'start the TimeBill ROS nodes and drive the server to active',
+    ),
+    'ask': (
+        'timebill_ros.cli.ask',
+        'send one time-budgeted goal to the running nodes and stream the answer',
+    ),
+    'calibrate': (
+        'timebill_ros.cli.calibrate',
+        'profile prefill/decode timings and fit the execution-time estimator',
+    ),
+    'replay': (
+        'timebill_ros.cli.replay',
+        'replay the requests in a bag against a server (or --offline) and report',
+    ),
+    'eval': (
+        'timebill_ros.cli.evaluate',
+        'budget x policy benchmark: completion rate and score per budget (--quick)',
+    ),
+    'make-tasks': (
+        'timebill_ros.cli.make_tasks',
+        'write the long-context benchmark tasks as a request bag',
+    ),
+    'dataset': (
+        'timebill_ros.cli.dataset',
+        'build response-length prompts and label them with the target model',
+    ),
+    'train-predictor': (
+        'timebill_ros.cli.train_predictor',
+        'train the response length predictor (--if-missing)',
+    ),
+    'eval-predictor': (
+        'timebill_ros.cli.eval_predictor',
+        'MAE/RMSE/R2 of length predictors vs baselines, latency, plot',
+    ),
 }
 
 
-def add_config_arguments(p, config_help: str = "ROS 2 params YAML (default: the packaged config/timebill.yaml)"):
+def add_config_arguments(
+    p, config_help: str = 'ROS 2 params YAML (default: the packaged config/timebill.yaml)'
+):
     """The flags ``load_config`` reads: one params file, then per-run overrides."""
-    p.add_argument("--config", help=config_help)
-    p.add_argument("--model", help="override the config's model (alias, HF directory, .gguf file or hub id)")
-    p.add_argument("--dtype", help="override the config's dtype")
-    p.add_argument("--device", help="override the config's device")
-    p.add_argument("--threads", type=int, help="override the config's torch threads")
+    p.add_argument('--config', help=config_help)
+    p.add_argument(
+        '--model', help="override the config's model (alias, HF directory, .gguf file or hub id)"
+    )
+    p.add_argument('--dtype', help="override the config's dtype")
+    p.add_argument('--device', help="override the config's device")
+    p.add_argument('--threads', type=int, help="override the config's torch threads")
 
 
 def load_config(args):
     """The config a subcommand runs with: ``--config`` (else the packaged YAML), then the
-    ``--model/--dtype/--device/--threads`` flags the subcommand declares."""
-    from timebill_ros.core.config import TimeBillConfig, default_config_path
+    ``--model/--dtype/--device/--threads`` flags the subcommand declares.
+    """
+    from timebill_ros.core.config import default_config_path, TimeBillConfig
 
-    path = getattr(args, "config", None) or (default_config_path() if default_config_path().is_file() else None)
+    path = getattr(args, 'config', None) or (
+        default_config_path() if default_config_path().is_file() else None
+    )
     cfg = TimeBillConfig.from_yaml(path) if path else TimeBillConfig()
-    changes = {k: getattr(args, k) for k in ("model", "dtype", "device", "threads")
-               if getattr(args, k, None) is not None}
+    changes = {
+        k: getattr(args, k)
+        for k in ('model', 'dtype', 'device', 'threads')
+        if getattr(args, k, None) is not None
+    }
     return cfg.replace(**changes) if changes else cfg
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="timebill", description="Time-budgeted LLM inference (TimeBill).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog='timebill', description='Time-budgeted LLM inference (TimeBill).'
+    )
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     sub.required = True
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -57,5 +99,5 @@ def main(argv=None) -> int:
     return int(importlib.import_module(args._module).run(args) or 0)
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     sys.exit(main())

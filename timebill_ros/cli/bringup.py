@@ -12,13 +12,27 @@ import time
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--params", help="ROS 2 parameters file (default: the package's config/timebill.yaml)")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME:=VALUE",
-                   help="override one parameter for every node (repeatable)")
-    p.add_argument("--domain-id", type=int, help="ROS_DOMAIN_ID for the nodes (default: inherited)")
-    p.add_argument("--log-dir", help="write each node's output to <dir>/<node>.log instead of this terminal")
-    p.add_argument("--no-activate", action="store_true", help="leave timebill_server unconfigured")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the nodes to come up")
+    p.add_argument(
+        '--params', help="ROS 2 parameters file (default: the package's config/timebill.yaml)"
+    )
+    p.add_argument(
+        '-p',
+        '--param',
+        action='append',
+        default=[],
+        metavar='NAME:=VALUE',
+        help='override one parameter for every node (repeatable)',
+    )
+    p.add_argument(
+        '--domain-id', type=int, help='ROS_DOMAIN_ID for the nodes (default: inherited)'
+    )
+    p.add_argument(
+        '--log-dir', help="write each node's output to <dir>/<node>.log instead of this terminal"
+    )
+    p.add_argument('--no-activate', action='store_true', help='leave timebill_server unconfigured')
+    p.add_argument(
+        '--timeout', type=float, default=180.0, help='seconds to wait for the nodes to come up'
+    )
 
 
 def parse_overrides(items) -> dict:
@@ -26,10 +40,10 @@ def parse_overrides(items) -> dict:
 
     out = {}
     for item in items:
-        if ":=" not in item:
-            raise SystemExit(f"--param expects NAME:=VALUE, got {item!r}")
-        name, value = item.split(":=", 1)
-        out[name.strip()] = yaml.safe_load(value) if value else ""
+        if ':=' not in item:
+            raise SystemExit(f'--param expects NAME:=VALUE, got {item!r}')
+        name, value = item.split(':=', 1)
+        out[name.strip()] = yaml.safe_load(value) if value else ''
     return out
 
 
@@ -45,44 +59,56 @@ def run(args) -> int:
 
     import rclpy
     from rclpy.signals import SignalHandlerOptions
-
-    from timebill_ros.bringup import NODES, SERVER, Bringup
+    from timebill_ros.bringup import Bringup, NODES, SERVER
     from timebill_ros.client import TimeBillClient
 
     if args.domain_id is not None:
-        os.environ["ROS_DOMAIN_ID"] = str(args.domain_id)
+        os.environ['ROS_DOMAIN_ID'] = str(args.domain_id)
     # Our handlers, not rclpy's: a signal must stop the children, in order, before we exit.
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    runner = Bringup(args.params, parse_overrides(args.param), domain_id=args.domain_id, log_dir=args.log_dir)
-    client = TimeBillClient("timebill_bringup")
+    runner = Bringup(
+        args.params, parse_overrides(args.param), domain_id=args.domain_id, log_dir=args.log_dir
+    )
+    client = TimeBillClient('timebill_bringup')
     code = 0
     try:
         runner.prepare()
         runner.start()
         runner.wait_ready(client, args.timeout)
         if not args.no_activate and not client.startup(timeout_s=240.0):
-            print(f"[bringup] could not activate {SERVER} (state {client.get_state()!r})", file=sys.stderr)
+            print(
+                f'[bringup] could not activate {SERVER} (state {client.get_state()!r})',
+                file=sys.stderr,
+            )
             return 1
-        names = ", ".join(spec.name for spec in NODES)
-        print(f"[bringup] up: {names}; {SERVER} is {client.get_state()}. Ctrl-C stops.", flush=True)
+        names = ', '.join(spec.name for spec in NODES)
+        print(
+            f'[bringup] up: {names}; {SERVER} is {client.get_state()}. Ctrl-C stops.', flush=True
+        )
         while True:
             dead = {n: c for n, c in runner.alive().items() if c is not None}
             if dead:
-                print(f"[bringup] node(s) exited: {dead}; stopping the rest", file=sys.stderr, flush=True)
+                print(
+                    f'[bringup] node(s) exited: {dead}; stopping the rest',
+                    file=sys.stderr,
+                    flush=True,
+                )
                 code = 1
                 break
             time.sleep(0.2)
     except KeyboardInterrupt:
-        print("[bringup] stopping", flush=True)
+        print('[bringup] stopping', flush=True)
     except (RuntimeError, TimeoutError) as exc:
-        print(f"[bringup] {exc}", file=sys.stderr)
+        print(f'[bringup] {exc}', file=sys.stderr)
         code = 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan the children
+        signal.signal(
+            signal.SIGINT, signal.SIG_IGN
+        )  # a second Ctrl-C must not orphan the children
         client.close()
         codes = runner.stop()
         rclpy.try_shutdown()
-        print(f"[bringup] stopped: {codes}", flush=True)
+        print(f'[bringup] stopped: {codes}', flush=True)
     return code

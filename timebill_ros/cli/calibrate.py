@@ -9,45 +9,80 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+import sys
 
 from timebill_ros.cli import add_config_arguments, load_config
 
-GOALS = {"prefill": 1.0, "decode": 1.5}  # held-out MAPE (%) the issue asks for
+GOALS = {'prefill': 1.0, 'decode': 1.5}  # held-out MAPE (%) the issue asks for
 
 
 def _ints(text: str):
     try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+        values = [int(x) for x in text.replace(' ', '').split(',') if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f'expected comma-separated integers, got {text!r}'
+        ) from None
     if not values:
-        raise argparse.ArgumentTypeError("empty list")
+        raise argparse.ArgumentTypeError('empty list')
     return values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
-    p.add_argument("--prefill-grid", type=_ints, metavar="N,N,...", help="prompt lengths to fit on")
-    p.add_argument("--prefill-held-out", type=_ints, metavar="N,N,...", help="prompt lengths to score on (not fitted)")
-    p.add_argument("--decode-grid", type=_ints, metavar="N,N,...", help="KV lengths to fit on")
-    p.add_argument("--decode-held-out", type=_ints, metavar="N,N,...", help="KV lengths to score on (not fitted)")
-    p.add_argument("--repeats", type=int, help="timed prefills per length (default 5; --quick 2)")
-    p.add_argument("--decode-repeats", type=int, help="timed decode steps per KV length (default 9; --quick 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes first (default 1)")
-    p.add_argument("--statistic", choices=("min", "median"), default="min",
-                   help="per-length statistic (default min: load from elsewhere only ever adds time)")
-    p.add_argument("--quick", action="store_true", help="tiny grids, seconds; a smoke test, not a calibration")
-    p.add_argument("--out", default="results/calibration", help="report directory (default results/calibration/)")
-    p.add_argument("--profile", help="where to write the profile (default: config profile_path, else the keyed "
-                                     "cache path; --quick writes none unless given)")
-    p.add_argument("--max-mape", type=float, default=10.0,
-                   help="held-out MAPE (%%) above which the profile is not saved (default 10)")
-    p.add_argument("--force", action="store_true", help="save the profile even if the fit looks bad")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
+    p.add_argument(
+        '--prefill-grid', type=_ints, metavar='N,N,...', help='prompt lengths to fit on'
+    )
+    p.add_argument(
+        '--prefill-held-out',
+        type=_ints,
+        metavar='N,N,...',
+        help='prompt lengths to score on (not fitted)',
+    )
+    p.add_argument('--decode-grid', type=_ints, metavar='N,N,...', help='KV lengths to fit on')
+    p.add_argument(
+        '--decode-held-out',
+        type=_ints,
+        metavar='N,N,...',
+        help='KV lengths to score on (not fitted)',
+    )
+    p.add_argument('--repeats', type=int, help='timed prefills per length (default 5; --quick 2)')
+    p.add_argument(
+        '--decode-repeats',
+        type=int,
+        help='timed decode steps per KV length (default 9; --quick 3)',
+    )
+    p.add_argument('--warmup', type=int, default=1, help='untimed passes first (default 1)')
+    p.add_argument(
+        '--statistic',
+        choices=('min', 'median'),
+        default='min',
+        help='per-length statistic (default min: load from elsewhere only ever adds time)',
+    )
+    p.add_argument(
+        '--quick', action='store_true', help='tiny grids, seconds; a smoke test, not a calibration'
+    )
+    p.add_argument(
+        '--out',
+        default='results/calibration',
+        help='report directory (default results/calibration/)',
+    )
+    p.add_argument(
+        '--profile',
+        help='where to write the profile (default: config profile_path, else the keyed '
+        'cache path; --quick writes none unless given)',
+    )
+    p.add_argument(
+        '--max-mape',
+        type=float,
+        default=10.0,
+        help='held-out MAPE (%%) above which the profile is not saved (default 10)',
+    )
+    p.add_argument(
+        '--force', action='store_true', help='save the profile even if the fit looks bad'
+    )
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 
 def run(args) -> int:
@@ -57,49 +92,71 @@ def run(args) -> int:
     cfg = load_config(args)
     q = args.quick
     grids = {
-        "prefill_grid": args.prefill_grid or (cal.QUICK_PREFILL_GRID if q else cal.PREFILL_GRID),
-        "prefill_held_out": args.prefill_held_out or (cal.QUICK_PREFILL_HELD_OUT if q else cal.PREFILL_HELD_OUT),
-        "decode_grid": args.decode_grid or (cal.QUICK_DECODE_GRID if q else cal.DECODE_GRID),
-        "decode_held_out": args.decode_held_out or (cal.QUICK_DECODE_HELD_OUT if q else cal.DECODE_HELD_OUT),
+        'prefill_grid': args.prefill_grid or (cal.QUICK_PREFILL_GRID if q else cal.PREFILL_GRID),
+        'prefill_held_out': args.prefill_held_out
+        or (cal.QUICK_PREFILL_HELD_OUT if q else cal.PREFILL_HELD_OUT),
+        'decode_grid': args.decode_grid or (cal.QUICK_DECODE_GRID if q else cal.DECODE_GRID),
+        'decode_held_out': args.decode_held_out
+        or (cal.QUICK_DECODE_HELD_OUT if q else cal.DECODE_HELD_OUT),
     }
     engine = Engine.from_config(cfg)
-    profile = cal.calibrate(engine, **grids, repeats=args.repeats or (2 if q else 5),
-                            decode_repeats=args.decode_repeats or (3 if q else 9), warmup=args.warmup,
-                            statistic=args.statistic, progress=not args.no_progress)
+    profile = cal.calibrate(
+        engine,
+        **grids,
+        repeats=args.repeats or (2 if q else 5),
+        decode_repeats=args.decode_repeats or (3 if q else 9),
+        warmup=args.warmup,
+        statistic=args.statistic,
+        progress=not args.no_progress,
+    )
     k = profile.key
-    stem = f"{Path(k['model']).name}-{k['dtype']}-{k['device']}-t{k['threads']}" + ("-quick" if q else "")
+    stem = f'{Path(k["model"]).name}-{k["dtype"]}-{k["device"]}-t{k["threads"]}' + (
+        '-quick' if q else ''
+    )
     paths = cal.write_report(profile, args.out, stem=stem)
     target = args.profile or (None if q else (cfg.profile_path or cal.default_profile_path(k)))
     problems = [] if q else cal.profile_problems(profile, args.max_mape)
     if target and (not problems or args.force):
-        paths["profile"] = cal.save_profile(profile, Path(target))
+        paths['profile'] = cal.save_profile(profile, Path(target))
 
     m = profile.model
-    print(f"prefill t = {m.a:.4e}·N² + {m.b:.4e}·N + {m.c:.4e}  s")
-    print(f"decode  t = {m.p:.4e}·N_kv + {m.q:.4e}  s")
-    for part in ("prefill", "decode"):
+    print(f'prefill t = {m.a:.4e}·N² + {m.b:.4e}·N + {m.c:.4e}  s')
+    print(f'decode  t = {m.p:.4e}·N_kv + {m.q:.4e}  s')
+    for part in ('prefill', 'decode'):
         ok = profile.mape[part] <= GOALS[part]
-        print(f"{part:7s} held-out MAPE {profile.mape[part]:.3f}%  (fit points {profile.fit_mape[part]:.3f}%; "
-              f"goal <= {GOALS[part]}%: {'met' if ok else 'NOT met'})")
+        print(
+            f'{part:7s} held-out MAPE {profile.mape[part]:.3f}%  (fit points {profile.fit_mape[part]:.3f}%; '
+            f'goal <= {GOALS[part]}%: {"met" if ok else "NOT met"})'
+        )
     for r, f in profile.flops_ratios.items():
         g = profile.fitted_ratios[r]
-        print(f"{r}: FLOPs {f:.3e}  fitted {g:.3e}  (x{g / f:.2f})")
+        print(f'{r}: FLOPs {f:.3e}  fitted {g:.3e}  (x{g / f:.2f})')
     if profile.load_avg:
         busy = max(profile.load_avg) > (os.cpu_count() or 1)
-        print(f"1-min load average {' -> '.join(f'{x:.2f}' for x in profile.load_avg)} on {os.cpu_count()} CPUs"
-              + (": the machine was busy, timings include interference" if busy else ""))
+        print(
+            f'1-min load average {" -> ".join(f"{x:.2f}" for x in profile.load_avg)} on {os.cpu_count()} CPUs'
+            + (': the machine was busy, timings include interference' if busy else '')
+        )
     slopes = cal.decode_slopes(profile)
     if slopes:
-        print(f"decode slope below/above N_kv={slopes[2]}: {slopes[0]:.3e} / {slopes[1]:.3e} s "
-              f"(ratio {slopes[1] / slopes[0]:.2f}; 1 if linear)")
+        print(
+            f'decode slope below/above N_kv={slopes[2]}: {slopes[0]:.3e} / {slopes[1]:.3e} s '
+            f'(ratio {slopes[1] / slopes[0]:.2f}; 1 if linear)'
+        )
     for name, path in paths.items():
-        print(f"{name}: {path}")
+        print(f'{name}: {path}')
     if q:
-        print("(--quick: smoke run; no profile written to the cache)", file=sys.stderr)
+        print('(--quick: smoke run; no profile written to the cache)', file=sys.stderr)
     if problems:
-        print("bad fit: " + "; ".join(problems) + (
-            " (saved anyway: --force)" if args.force else
-            f"\nprofile NOT saved to {target}: re-run on a quiet machine, or pass --force to keep it"),
-            file=sys.stderr)
+        print(
+            'bad fit: '
+            + '; '.join(problems)
+            + (
+                ' (saved anyway: --force)'
+                if args.force
+                else f'\nprofile NOT saved to {target}: re-run on a quiet machine, or pass --force to keep it'
+            ),
+            file=sys.stderr,
+        )
         return 0 if args.force else 1
     return 0

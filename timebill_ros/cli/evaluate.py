@@ -16,46 +16,67 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import platform
 import sys
 import time
-from pathlib import Path
 
 from timebill_ros.cli import add_config_arguments, load_config  # noqa: F401 - make_tasks/replay import it from here
 
-QUICK = dict(lengths=(1024, 2048), per_kind=1, budgets=5, max_new_tokens=48)
-FULL = dict(lengths=(1024, 2048, 4096, 7680), per_kind=2, budgets=8, max_new_tokens=0)
-BUDGET_RULE = ("per length group, evenly spaced from 0.9 × the shortest predicted prefill to 1.5 × the slowest "
-               "predicted vanilla run of max_new_tokens (calibrated profile)")
+QUICK = {'lengths': (1024, 2048), 'per_kind': 1, 'budgets': 5, 'max_new_tokens': 48}
+FULL = {'lengths': (1024, 2048, 4096, 7680), 'per_kind': 2, 'budgets': 8, 'max_new_tokens': 0}
+BUDGET_RULE = (
+    'per length group, evenly spaced from 0.9 × the shortest predicted prefill to 1.5 × the slowest '
+    'predicted vanilla run of max_new_tokens (calibrated profile)'
+)
 
 
 def _ints(text: str):
-    return [int(x) for x in text.split(",") if x.strip()]
+    return [int(x) for x in text.split(',') if x.strip()]
 
 
 def _floats(text: str):
-    return [float(x) for x in text.split(",") if x.strip()]
+    return [float(x) for x in text.split(',') if x.strip()]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="8 short prompts (~1k-2k tokens), 5 budgets: minutes")
-    p.add_argument("--out", help="report directory (default results/eval or results/eval-quick)")
+    p.add_argument(
+        '--quick', action='store_true', help='8 short prompts (~1k-2k tokens), 5 budgets: minutes'
+    )
+    p.add_argument('--out', help='report directory (default results/eval or results/eval-quick)')
     add_config_arguments(p)
-    p.add_argument("--lengths", type=_ints, metavar="N,N,...", help="prompt length groups (tokens)")
-    p.add_argument("--kinds", help="comma-separated task kinds (passkey,needle,qa,multihop)")
-    p.add_argument("--per-kind", type=int, help="prompts per kind and length")
-    p.add_argument("--seed", type=int, default=0, help="task seed (default 0)")
-    p.add_argument("--tasks-bag", help="take the tasks from a request bag written by `timebill make-tasks`")
-    p.add_argument("--budgets", type=int, help="budgets per length group")
-    p.add_argument("--budget-values", type=_floats, metavar="S,S,...",
-                   help="explicit budgets in seconds, for every group (overrides the profile rule)")
-    p.add_argument("--ks", type=_floats, default=[1, 2, 3, 4, 5, 6, 7, 8], metavar="K,K,...",
-                   help="pessimism factors for the k sweep (default 1..8)")
-    p.add_argument("--k-budget", type=float, help="budget (s) for the k sweep (default: each group's middle budget)")
-    p.add_argument("--max-new-tokens", type=int, help="cap every task's max_new_tokens (quick: 48)")
-    p.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
-
-
+    p.add_argument(
+        '--lengths', type=_ints, metavar='N,N,...', help='prompt length groups (tokens)'
+    )
+    p.add_argument('--kinds', help='comma-separated task kinds (passkey,needle,qa,multihop)')
+    p.add_argument('--per-kind', type=int, help='prompts per kind and length')
+    p.add_argument('--seed', type=int, default=0, help='task seed (default 0)')
+    p.add_argument(
+        '--tasks-bag', help='take the tasks from a request bag written by `timebill make-tasks`'
+    )
+    p.add_argument('--budgets', type=int, help='budgets per length group')
+    p.add_argument(
+        '--budget-values',
+        type=_floats,
+        metavar='S,S,...',
+        help='explicit budgets in seconds, for every group (overrides the profile rule)',
+    )
+    p.add_argument(
+        '--ks',
+        type=_floats,
+        default=[1, 2, 3, 4, 5, 6, 7, 8],
+        metavar='K,K,...',
+        help='pessimism factors for the k sweep (default 1..8)',
+    )
+    p.add_argument(
+        '--k-budget',
+        type=float,
+        help="budget (s) for the k sweep (default: each group's middle budget)",
+    )
+    p.add_argument(
+        '--max-new-tokens', type=int, help="cap every task's max_new_tokens (quick: 48)"
+    )
+    p.add_argument('--no-plots', action='store_true', help='JSON and Markdown only')
 
 
 def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool = False):
@@ -65,27 +86,52 @@ def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool =
     try:
         prof = cal.load_profile_for(engine.profile_key(), cfg.profile_path or None)
         path = cfg.profile_path or cal.default_profile_path(engine.profile_key())
-        held = ", ".join(f"{k} {v:.1f}%" for k, v in prof.mape.items())
-        return prof.model, f"`{path}` (held-out MAPE: {held})"
+        held = ', '.join(f'{k} {v:.1f}%' for k, v in prof.mape.items())
+        return prof.model, f'`{path}` (held-out MAPE: {held})'
     except FileNotFoundError:
         pass
     top = min(int(engine.max_context) - 2, max(lengths) + 256)
     if quick:  # about half a minute on an idle 2-core machine
-        pre, pre_held, dec, dec_held, repeats = (256, 512, 1024, 1536), (768,), (256, 1024), (1536,), 1
+        pre, pre_held, dec, dec_held, repeats = (
+            (256, 512, 1024, 1536),
+            (768,),
+            (256, 1024),
+            (1536,),
+            1,
+        )
     else:
-        pre, pre_held = (128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6144), (384, 768, 1792, 3584, 5120, 7168)
-        dec, dec_held, repeats = (128, 512, 1024, 2048, 4096, 6144), (256, 1536, 3072, 5120, 7000), 2
+        pre, pre_held = (
+            (128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6144),
+            (384, 768, 1792, 3584, 5120, 7168),
+        )
+        dec, dec_held, repeats = (
+            (128, 512, 1024, 2048, 4096, 6144),
+            (256, 1536, 3072, 5120, 7000),
+            2,
+        )
     pre = sorted({n for n in pre if n < top} | {top})
     pre_held = sorted({n for n in pre_held if n < top} - set(pre))
     dec = sorted({n for n in dec if n < top} | {top})
     dec_held = sorted({n for n in dec_held if n < top} - set(dec))
-    log(f"[eval] no timing profile for this setup: calibrating prompt lengths {pre} (held out {pre_held})")
-    prof = cal.calibrate(engine, prefill_grid=pre, prefill_held_out=pre_held, decode_grid=dec,
-                         decode_held_out=dec_held, repeats=repeats, decode_repeats=3, progress=False)
-    path = cal.save_profile(prof, out_dir / "profile.json")
-    held = ", ".join(f"{k} {v:.1f}%" for k, v in prof.mape.items())
-    return prof.model, (f"none cached for this setup; calibrated for this run in {prof.duration_s:.0f} s, "
-                        f"saved to `{path}` (held-out MAPE: {held}); run `timebill calibrate` for a thorough one")
+    log(
+        f'[eval] no timing profile for this setup: calibrating prompt lengths {pre} (held out {pre_held})'
+    )
+    prof = cal.calibrate(
+        engine,
+        prefill_grid=pre,
+        prefill_held_out=pre_held,
+        decode_grid=dec,
+        decode_held_out=dec_held,
+        repeats=repeats,
+        decode_repeats=3,
+        progress=False,
+    )
+    path = cal.save_profile(prof, out_dir / 'profile.json')
+    held = ', '.join(f'{k} {v:.1f}%' for k, v in prof.mape.items())
+    return prof.model, (
+        f'none cached for this setup; calibrated for this run in {prof.duration_s:.0f} s, '
+        f'saved to `{path}` (held-out MAPE: {held}); run `timebill calibrate` for a thorough one'
+    )
 
 
 def tasks_from_bag(path: str):
@@ -97,11 +143,16 @@ def tasks_from_bag(path: str):
         if not r.task:
             continue
         t = dict(r.task)
-        t.update(prompt=r.prompt, system_prompt=r.system_prompt, max_new_tokens=r.max_new_tokens or t.get(
-            "max_new_tokens", 64))
+        t.update(
+            prompt=r.prompt,
+            system_prompt=r.system_prompt,
+            max_new_tokens=r.max_new_tokens or t.get('max_new_tokens', 64),
+        )
         tasks.append(Task.from_dict(t))
     if not tasks:
-        raise SystemExit(f"{path} holds no benchmark tasks (no /timebill/tasks metadata): use `timebill make-tasks`")
+        raise SystemExit(
+            f'{path} holds no benchmark tasks (no /timebill/tasks metadata): use `timebill make-tasks`'
+        )
     return tasks
 
 
@@ -109,12 +160,12 @@ def run(args) -> int:
     from timebill_ros.core.engine import Engine
     from timebill_ros.core.evaluation import report, sweep
     from timebill_ros.core.evaluation.policies import standard_policies
-    from timebill_ros.core.evaluation.tasks import KINDS, build_tasks, counter_for
+    from timebill_ros.core.evaluation.tasks import build_tasks, counter_for, KINDS
     from timebill_ros.core.length_predictor import load_length_predictor
 
     t_start = time.monotonic()
     preset = QUICK if args.quick else FULL
-    out_dir = Path(args.out or ("results/eval-quick" if args.quick else "results/eval"))
+    out_dir = Path(args.out or ('results/eval-quick' if args.quick else 'results/eval'))
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -123,41 +174,72 @@ def run(args) -> int:
     if args.tasks_bag:
         tasks = tasks_from_bag(args.tasks_bag)
     else:
-        kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else list(KINDS)
-        tasks = build_tasks(counter_for(engine), lengths=args.lengths or preset["lengths"], kinds=kinds,
-                            per_kind=args.per_kind or preset["per_kind"], seed=args.seed)
-    cap = args.max_new_tokens if args.max_new_tokens is not None else preset["max_new_tokens"]
+        kinds = [k.strip() for k in args.kinds.split(',')] if args.kinds else list(KINDS)
+        tasks = build_tasks(
+            counter_for(engine),
+            lengths=args.lengths or preset['lengths'],
+            kinds=kinds,
+            per_kind=args.per_kind or preset['per_kind'],
+            seed=args.seed,
+        )
+    cap = args.max_new_tokens if args.max_new_tokens is not None else preset['max_new_tokens']
     if cap:
         for t in tasks:
             t.max_new_tokens = min(t.max_new_tokens, cap)
-    log(f"[eval] {len(tasks)} tasks, prompts of {min(t.n_tokens for t in tasks)}–{max(t.n_tokens for t in tasks)} tokens")
+    log(
+        f'[eval] {len(tasks)} tasks, prompts of {min(t.n_tokens for t in tasks)}–{max(t.n_tokens for t in tasks)} tokens'
+    )
 
-    time_model, profile_desc = ensure_profile(engine, cfg, [t.n_tokens for t in tasks], out_dir, log, args.quick)
+    time_model, profile_desc = ensure_profile(
+        engine, cfg, [t.n_tokens for t in tasks], out_dir, log, args.quick
+    )
     predictor = load_length_predictor(cfg, logger=log)
-    pred_desc = (f"trained ({predictor.meta.backbone}, {predictor.meta.head} head)" if getattr(predictor, "meta", None)
-                 else f"none: N̂ = max_new_tokens fallback ({getattr(predictor, 'reason', '')})")
+    pred_desc = (
+        f'trained ({predictor.meta.backbone}, {predictor.meta.head} head)'
+        if getattr(predictor, 'meta', None)
+        else f'none: N̂ = max_new_tokens fallback ({getattr(predictor, "reason", "")})'
+    )
 
     if args.budget_values:
         budgets = {sweep.group_of(t): list(args.budget_values) for t in tasks}
-        rule = "given on the command line"
+        rule = 'given on the command line'
     else:
-        budgets = sweep.choose_budgets(time_model, tasks, args.budgets or preset["budgets"])
+        budgets = sweep.choose_budgets(time_model, tasks, args.budgets or preset['budgets'])
         rule = BUDGET_RULE
     for g, bs in budgets.items():
-        log(f"[eval] group ~{g} tokens: budgets {', '.join(f'{b:g}' for b in bs)} s")
-    k_budget = {g: args.k_budget for g in budgets} if args.k_budget else {}
-    scfg = sweep.SweepConfig(budgets=budgets, policies=standard_policies(cfg.pessimism_k, cfg.alpha_max),
-                             ks=tuple(args.ks), k_budget=k_budget, alpha_max=cfg.alpha_max, n_max=cfg.n_max)
+        log(f'[eval] group ~{g} tokens: budgets {", ".join(f"{b:g}" for b in bs)} s')
+    k_budget = dict.fromkeys(budgets, args.k_budget) if args.k_budget else {}
+    scfg = sweep.SweepConfig(
+        budgets=budgets,
+        policies=standard_policies(cfg.pessimism_k, cfg.alpha_max),
+        ks=tuple(args.ks),
+        k_budget=k_budget,
+        alpha_max=cfg.alpha_max,
+        n_max=cfg.n_max,
+    )
     _, _, results = sweep.run_sweep(engine, time_model, predictor, tasks, scfg, log, config=cfg)
-    results["meta"] = {
-        "mode": "quick" if args.quick else "full", "wall_s": time.monotonic() - t_start,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at the end",
-        "model": cfg.model, "dtype": cfg.dtype, "threads": cfg.threads, "press": cfg.press,
-        "profile": profile_desc, "predictor": pred_desc, "n_tasks": len(tasks),
-        "kinds": ", ".join(sorted({t.kind for t in tasks})), "seed": args.seed, "budget_rule": rule,
-        "budgets_s": budgets, "ks": list(args.ks), "pessimism_k": cfg.pessimism_k, "alpha_max": cfg.alpha_max,
+    results['meta'] = {
+        'mode': 'quick' if args.quick else 'full',
+        'wall_s': time.monotonic() - t_start,
+        'machine': f'{platform.machine()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at the end',
+        'model': cfg.model,
+        'dtype': cfg.dtype,
+        'threads': cfg.threads,
+        'press': cfg.press,
+        'profile': profile_desc,
+        'predictor': pred_desc,
+        'n_tasks': len(tasks),
+        'kinds': ', '.join(sorted({t.kind for t in tasks})),
+        'seed': args.seed,
+        'budget_rule': rule,
+        'budgets_s': budgets,
+        'ks': list(args.ks),
+        'pessimism_k': cfg.pessimism_k,
+        'alpha_max': cfg.alpha_max,
     }
     paths = report.write_report(results, out_dir, plots=not args.no_plots)
-    log(f"[eval] done in {(time.monotonic() - t_start) / 60:.1f} min: {paths['markdown']}, {paths['json']}")
-    print(paths["markdown"].read_text())
+    log(
+        f'[eval] done in {(time.monotonic() - t_start) / 60:.1f} min: {paths["markdown"]}, {paths["json"]}'
+    )
+    print(paths['markdown'].read_text())
     return 0

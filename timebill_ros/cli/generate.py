@@ -13,17 +13,19 @@ import time
 
 
 def add_arguments(p):
-    p.add_argument("prompt")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--alpha", type=float, default=None, help="fixed KV eviction ratio in [0, 1)")
-    p.add_argument("--budget", type=float, default=None, help="time budget in seconds from now")
-    p.add_argument("--predicted-length", type=int, default=None, help="N̂ to use instead of the predictor")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--overrun", choices=["kill", "truncate", "skip-next"], default=None)
-    p.add_argument("--press", default=None, help="eviction press (none, snapkv, streaming_llm)")
-    p.add_argument("--config", default=None, help="params YAML (default: config/timebill.yaml)")
-    p.add_argument("--model", default=None, help="model alias, HF directory, .gguf file or hub id")
-    p.add_argument("--no-stream", action="store_true", help="print only the final result")
+    p.add_argument('prompt')
+    p.add_argument('--system', default=None, help='system prompt')
+    p.add_argument('--alpha', type=float, default=None, help='fixed KV eviction ratio in [0, 1)')
+    p.add_argument('--budget', type=float, default=None, help='time budget in seconds from now')
+    p.add_argument(
+        '--predicted-length', type=int, default=None, help='N̂ to use instead of the predictor'
+    )
+    p.add_argument('--max-new-tokens', type=int, default=None)
+    p.add_argument('--overrun', choices=['kill', 'truncate', 'skip-next'], default=None)
+    p.add_argument('--press', default=None, help='eviction press (none, snapkv, streaming_llm)')
+    p.add_argument('--config', default=None, help='params YAML (default: config/timebill.yaml)')
+    p.add_argument('--model', default=None, help='model alias, HF directory, .gguf file or hub id')
+    p.add_argument('--no-stream', action='store_true', help='print only the final result')
 
 
 def run(args) -> int:
@@ -34,15 +36,22 @@ def run(args) -> int:
     from timebill_ros.core.pipeline import FixedLength, Job, Pipeline, PredictorLength
 
     cfg = load_config(args)  # --config, --model
-    overrides = {k: v for k, v in (("press", args.press), ("max_new_tokens", args.max_new_tokens),
-                                   ("overrun_policy", args.overrun)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ('press', args.press),
+            ('max_new_tokens', args.max_new_tokens),
+            ('overrun_policy', args.overrun),
+        )
+        if v is not None
+    }
     cfg = cfg.replace(**overrides)
-    say = lambda m: print(f"--- {m}", file=sys.stderr)  # noqa: E731
+    say = lambda m: print(f'--- {m}', file=sys.stderr)  # noqa: E731
     engine = Engine.from_config(cfg)
     try:
         ids = engine.encode(args.prompt, args.system)
     except TimeBillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f'error: {exc}', file=sys.stderr)
         return 2
     model, _ = time_model_for(cfg, engine.profile_key(), log=say)
     if args.predicted_length is not None or args.budget is None or args.alpha is not None:
@@ -61,10 +70,17 @@ def run(args) -> int:
             printed[0] = len(text)
 
     start = time.monotonic()
-    job = Job(request_id="cli", input_ids=ids, prompt=args.prompt, system_prompt=args.system or "",
-              deadline=start + args.budget if args.budget is not None else float("inf"),
-              accepted_at=start, max_new_tokens=cfg.max_new_tokens, alpha=args.alpha,
-              on_token=on_token)
+    job = Job(
+        request_id='cli',
+        input_ids=ids,
+        prompt=args.prompt,
+        system_prompt=args.system or '',
+        deadline=start + args.budget if args.budget is not None else float('inf'),
+        accepted_at=start,
+        max_new_tokens=cfg.max_new_tokens,
+        alpha=args.alpha,
+        on_token=on_token,
+    )
     out = pipeline.run(job)
     pipeline.close()
     if not args.no_stream:
@@ -73,10 +89,12 @@ def run(args) -> int:
         print(out.text)
     res = out.result
     steps = res.decode_step_s if res is not None else []
-    per_tok = 1000 * sum(steps) / len(steps) if steps else float("nan")
-    say(f"{out.status}: {out.reason}")
-    say(f"completed={out.completed} deadline_met={out.deadline_met} alpha={out.alpha:.3f} "
-        f"N̂={out.predicted_length} kv {out.kv_before}->{out.kv_after} tokens={out.tokens_generated} "
-        f"prefill={out.prefill_s:.3f}s decode={out.decode_s:.3f}s ({per_tok:.1f} ms/token) "
-        f"total={out.total_s:.3f}s")
-    return 0 if out.status in ("succeeded", "truncated") else 1
+    per_tok = 1000 * sum(steps) / len(steps) if steps else float('nan')
+    say(f'{out.status}: {out.reason}')
+    say(
+        f'completed={out.completed} deadline_met={out.deadline_met} alpha={out.alpha:.3f} '
+        f'N̂={out.predicted_length} kv {out.kv_before}->{out.kv_after} tokens={out.tokens_generated} '
+        f'prefill={out.prefill_s:.3f}s decode={out.decode_s:.3f}s ({per_tok:.1f} ms/token) '
+        f'total={out.total_s:.3f}s'
+    )
+    return 0 if out.status in ('succeeded', 'truncated') else 1

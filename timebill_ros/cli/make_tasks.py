@@ -9,50 +9,67 @@ predicted vanilla time for that prompt (prefill + max_new_tokens decode steps).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+import sys
 
 from .evaluate import _ints, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bag", help="output bag directory (must not exist)")
-    p.add_argument("--quick", action="store_true", help="the eval-quick task set (~1k-2k tokens, 8 tasks)")
-    p.add_argument("--lengths", type=_ints, metavar="N,N,...", help="prompt length groups (tokens)")
-    p.add_argument("--kinds", help="comma-separated task kinds (passkey,needle,qa,multihop)")
-    p.add_argument("--per-kind", type=int, help="prompts per kind and length")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=float, help="time budget (s) for every goal")
-    p.add_argument("--budget-factor", type=float, default=1.0,
-                   help="budget = F × the profile's predicted vanilla time (default 1.0)")
-    p.add_argument("--period", type=float, default=0.0,
-                   help="seconds between goal timestamps (replay --pace recorded releases them so)")
-    p.add_argument("--max-new-tokens", type=int, help="cap every task's max_new_tokens")
-    p.add_argument("--jsonl", help="also write the tasks as JSON lines here")
-    p.add_argument("--config", help="ROS 2 params YAML (model, profile_path)")
-    for name in ("model", "dtype", "device"):
-        p.add_argument(f"--{name}", help=f"override the config's {name}")
-    p.add_argument("--threads", type=int, help="override the config's torch threads")
+    p.add_argument('bag', help='output bag directory (must not exist)')
+    p.add_argument(
+        '--quick', action='store_true', help='the eval-quick task set (~1k-2k tokens, 8 tasks)'
+    )
+    p.add_argument(
+        '--lengths', type=_ints, metavar='N,N,...', help='prompt length groups (tokens)'
+    )
+    p.add_argument('--kinds', help='comma-separated task kinds (passkey,needle,qa,multihop)')
+    p.add_argument('--per-kind', type=int, help='prompts per kind and length')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--budget', type=float, help='time budget (s) for every goal')
+    p.add_argument(
+        '--budget-factor',
+        type=float,
+        default=1.0,
+        help="budget = F × the profile's predicted vanilla time (default 1.0)",
+    )
+    p.add_argument(
+        '--period',
+        type=float,
+        default=0.0,
+        help='seconds between goal timestamps (replay --pace recorded releases them so)',
+    )
+    p.add_argument('--max-new-tokens', type=int, help="cap every task's max_new_tokens")
+    p.add_argument('--jsonl', help='also write the tasks as JSON lines here')
+    p.add_argument('--config', help='ROS 2 params YAML (model, profile_path)')
+    for name in ('model', 'dtype', 'device'):
+        p.add_argument(f'--{name}', help=f"override the config's {name}")
+    p.add_argument('--threads', type=int, help="override the config's torch threads")
 
 
 def run(args) -> int:
     from timebill_ros.core import calibration as cal
     from timebill_ros.core.engine import Engine
     from timebill_ros.core.evaluation.bags import write_request_bag
-    from timebill_ros.core.evaluation.tasks import KINDS, build_tasks, counter_for, save_tasks
+    from timebill_ros.core.evaluation.tasks import build_tasks, counter_for, KINDS, save_tasks
 
     from .evaluate import FULL, QUICK
 
     if Path(args.bag).exists():
-        print(f"{args.bag} exists already; choose a new bag path", file=sys.stderr)
+        print(f'{args.bag} exists already; choose a new bag path', file=sys.stderr)
         return 2
     preset = QUICK if args.quick else FULL
     cfg = load_config(args)
     engine = Engine.from_config(cfg)
-    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else list(KINDS)
-    tasks = build_tasks(counter_for(engine), lengths=args.lengths or preset["lengths"], kinds=kinds,
-                        per_kind=args.per_kind or preset["per_kind"], seed=args.seed)
-    cap = args.max_new_tokens or preset["max_new_tokens"]
+    kinds = [k.strip() for k in args.kinds.split(',')] if args.kinds else list(KINDS)
+    tasks = build_tasks(
+        counter_for(engine),
+        lengths=args.lengths or preset['lengths'],
+        kinds=kinds,
+        per_kind=args.per_kind or preset['per_kind'],
+        seed=args.seed,
+    )
+    cap = args.max_new_tokens or preset['max_new_tokens']
     for t in tasks:
         if cap:
             t.max_new_tokens = min(t.max_new_tokens, cap)
@@ -61,19 +78,32 @@ def run(args) -> int:
         try:
             model = cal.load_profile_for(engine.profile_key(), cfg.profile_path or None).model
         except FileNotFoundError as exc:
-            print(f"{exc}\n(or give --budget SECONDS)", file=sys.stderr)
+            print(f'{exc}\n(or give --budget SECONDS)', file=sys.stderr)
             return 2
     requests = []
     for t in tasks:
-        budget = args.budget if model is None else args.budget_factor * (
-            model.prefill_s(t.n_tokens) + model.decode_s(t.n_tokens, 0.0, t.max_new_tokens))
-        requests.append({"prompt": t.prompt, "system_prompt": t.system_prompt, "time_budget": round(budget, 3),
-                         "max_new_tokens": t.max_new_tokens, "overrun_policy": "",
-                         "task": {k: v for k, v in t.to_dict().items() if k not in ("prompt", "system_prompt")}})
+        budget = (
+            args.budget
+            if model is None
+            else args.budget_factor
+            * (model.prefill_s(t.n_tokens) + model.decode_s(t.n_tokens, 0.0, t.max_new_tokens))
+        )
+        requests.append(
+            {
+                'prompt': t.prompt,
+                'system_prompt': t.system_prompt,
+                'time_budget': round(budget, 3),
+                'max_new_tokens': t.max_new_tokens,
+                'overrun_policy': '',
+                'task': {
+                    k: v for k, v in t.to_dict().items() if k not in ('prompt', 'system_prompt')
+                },
+            }
+        )
     write_request_bag(args.bag, requests, period_s=args.period)
     if args.jsonl:
         save_tasks(tasks, args.jsonl)
     for t, r in zip(tasks, requests):
-        print(f"{t.id}: {t.n_tokens} tokens, budget {r['time_budget']:g} s, metric {t.metric}")
-    print(f"wrote {len(tasks)} goals to {args.bag}")
+        print(f'{t.id}: {t.n_tokens} tokens, budget {r["time_budget"]:g} s, metric {t.metric}')
+    print(f'wrote {len(tasks)} goals to {args.bag}')
     return 0

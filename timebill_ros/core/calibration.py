@@ -7,26 +7,33 @@ Accuracy is judged on held-out lengths only: the fit points say nothing about in
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 import hashlib
 import json
 import math
 import os
+from pathlib import Path
 import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .config import cache_dir
 from .errors import ProfileMismatchError
-from .time_estimator import ExecutionTimeModel, fit_decode, fit_prefill, fitted_ratios, flops_ratios, mape
+from .time_estimator import (
+    ExecutionTimeModel,
+    fit_decode,
+    fit_prefill,
+    fitted_ratios,
+    flops_ratios,
+    mape,
+)
 
 PROFILE_VERSION = 1
-STATISTICS = ("min", "median")
+STATISTICS = ('min', 'median')
 
 # SmolLM2-135M, fp32, 2 CPU threads: ~5 min in all. Held-out lengths sit between grid points.
 PREFILL_GRID = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -46,19 +53,20 @@ class Measurement:
     samples: List[float]  # seconds, warm-up runs excluded
     held_out: bool = False
 
-    def value(self, statistic: str = "min") -> float:
+    def value(self, statistic: str = 'min') -> float:
         return summarize(self.samples, statistic)
 
 
-def summarize(samples: Sequence[float], statistic: str = "min") -> float:
+def summarize(samples: Sequence[float], statistic: str = 'min') -> float:
     """One number per length. ``min`` by default: on a shared machine interference only ever
     adds time, so the minimum is the reproducible cost of the work; the median drifts with
-    whatever else runs. Pessimism k, not the statistic, buys the safety margin."""
+    whatever else runs. Pessimism k, not the statistic, buys the safety margin.
+    """
     if statistic not in STATISTICS:
-        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        raise ValueError(f'statistic must be one of {STATISTICS}, got {statistic!r}')
     if not samples:
-        raise ValueError("no samples")
-    return float(np.min(samples) if statistic == "min" else np.median(samples))
+        raise ValueError('no samples')
+    return float(np.min(samples) if statistic == 'min' else np.median(samples))
 
 
 @dataclass
@@ -75,25 +83,29 @@ class Profile:
     repeats: int = 0
     decode_repeats: int = 0
     warmup: int = 0
-    created: str = ""
+    created: str = ''
     duration_s: float = 0.0
-    load_avg: List[float] = field(default_factory=list)  # 1-min load at start and end: was the machine shared?
+    load_avg: List[float] = field(
+        default_factory=list
+    )  # 1-min load at start and end: was the machine shared?
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["model"] = self.model.to_dict()
-        d["version"] = PROFILE_VERSION
+        d['model'] = self.model.to_dict()
+        d['version'] = PROFILE_VERSION
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Profile":
+    def from_dict(cls, d: Mapping[str, Any]) -> 'Profile':
         d = dict(d)
-        version = d.pop("version", None)
+        version = d.pop('version', None)
         if version != PROFILE_VERSION:
-            raise ValueError(f"profile format version {version} is not {PROFILE_VERSION}: re-run `timebill calibrate`")
-        d["model"] = ExecutionTimeModel.from_dict(d["model"])
-        d["prefill"] = [Measurement(**m) for m in d["prefill"]]
-        d["decode"] = [Measurement(**m) for m in d["decode"]]
+            raise ValueError(
+                f'profile format version {version} is not {PROFILE_VERSION}: re-run `timebill calibrate`'
+            )
+        d['model'] = ExecutionTimeModel.from_dict(d['model'])
+        d['prefill'] = [Measurement(**m) for m in d['prefill']]
+        d['decode'] = [Measurement(**m) for m in d['decode']]
         return cls(**d)
 
 
@@ -104,8 +116,14 @@ def _split(ms: Sequence[Measurement], statistic: str):
     return (np.array(fit, dtype=float).reshape(-1, 2), np.array(held, dtype=float).reshape(-1, 2))
 
 
-def fit_profile(key: Mapping[str, str], prefill: Sequence[Measurement], decode: Sequence[Measurement],
-                statistic: str = "min", config: Any = None, **extra) -> Profile:
+def fit_profile(
+    key: Mapping[str, str],
+    prefill: Sequence[Measurement],
+    decode: Sequence[Measurement],
+    statistic: str = 'min',
+    config: Any = None,
+    **extra,
+) -> Profile:
     """Fit on the grid points, score on the held-out points (NaN when there are none)."""
     pf, ph = _split(prefill, statistic)
     df, dh = _split(decode, statistic)
@@ -117,12 +135,18 @@ def fit_profile(key: Mapping[str, str], prefill: Sequence[Measurement], decode: 
         return mape(points[:, 1], [predict(n) for n in points[:, 0]]) if len(points) else math.nan
 
     return Profile(
-        key={k: str(v) for k, v in key.items()}, model=model, statistic=statistic,
-        prefill=list(prefill), decode=list(decode),
-        mape={"prefill": score(ph, model.prefill_s), "decode": score(dh, model.decode_step_s)},
-        fit_mape={"prefill": score(pf, model.prefill_s), "decode": score(df, model.decode_step_s)},
-        flops_ratios=flops_ratios(config) if config is not None else {}, fitted_ratios=fitted_ratios(model),
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra)
+        key={k: str(v) for k, v in key.items()},
+        model=model,
+        statistic=statistic,
+        prefill=list(prefill),
+        decode=list(decode),
+        mape={'prefill': score(ph, model.prefill_s), 'decode': score(dh, model.decode_step_s)},
+        fit_mape={'prefill': score(pf, model.prefill_s), 'decode': score(df, model.decode_step_s)},
+        flops_ratios=flops_ratios(config) if config is not None else {},
+        fitted_ratios=fitted_ratios(model),
+        created=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+        **extra,
+    )
 
 
 # --------------------------------------------------------------------------------- measurement
@@ -131,17 +155,28 @@ def _lengths(grid: Sequence[int], held_out: Sequence[int], limit: int, what: str
     held_out = sorted({int(n) for n in held_out})
     both = set(grid) & set(held_out)
     if both:
-        raise ValueError(f"{what}: held-out lengths {sorted(both)} are also grid points; a held-out point must be unseen")
+        raise ValueError(
+            f'{what}: held-out lengths {sorted(both)} are also grid points; a held-out point must be unseen'
+        )
     bad = [n for n in grid + held_out if not 1 <= n <= limit]
     if bad:
         raise ValueError(f"{what}: lengths {bad} outside 1..{limit} (the model's context)")
     return grid, held_out
 
 
-def calibrate(engine, prefill_grid: Sequence[int] = PREFILL_GRID, decode_grid: Sequence[int] = DECODE_GRID,
-              prefill_held_out: Sequence[int] = PREFILL_HELD_OUT, decode_held_out: Sequence[int] = DECODE_HELD_OUT,
-              repeats: int = 5, decode_repeats: int = 9, warmup: int = 1, statistic: str = "min",
-              progress: bool = True, seed: int = 0) -> Profile:
+def calibrate(
+    engine,
+    prefill_grid: Sequence[int] = PREFILL_GRID,
+    decode_grid: Sequence[int] = DECODE_GRID,
+    prefill_held_out: Sequence[int] = PREFILL_HELD_OUT,
+    decode_held_out: Sequence[int] = DECODE_HELD_OUT,
+    repeats: int = 5,
+    decode_repeats: int = 9,
+    warmup: int = 1,
+    statistic: str = 'min',
+    progress: bool = True,
+    seed: int = 0,
+) -> Profile:
     """Time prefill and single decode steps on ``engine``, fit, score on held-out lengths.
 
     Lengths are visited in a shuffled order, one repeat per pass, so a burst of load from
@@ -151,28 +186,32 @@ def calibrate(engine, prefill_grid: Sequence[int] = PREFILL_GRID, decode_grid: S
 
     summarize([1.0], statistic)  # validate before spending minutes
     if repeats < 1 or decode_repeats < 1 or warmup < 0:
-        raise ValueError("repeats and decode_repeats must be >= 1, warmup >= 0")
+        raise ValueError('repeats and decode_repeats must be >= 1, warmup >= 0')
     limit = int(engine.max_context) - 1  # a decode step at KV length n needs position n
-    pg, ph = _lengths(prefill_grid, prefill_held_out, limit, "prefill")
-    dg, dh = _lengths(decode_grid, decode_held_out, limit, "decode")
+    pg, ph = _lengths(prefill_grid, prefill_held_out, limit, 'prefill')
+    dg, dh = _lengths(decode_grid, decode_held_out, limit, 'decode')
     rng = random.Random(seed)
-    rounds = min(3, decode_repeats)  # a decode call refills a whole cache: few calls, several steps each
+    rounds = min(
+        3, decode_repeats
+    )  # a decode call refills a whole cache: few calls, several steps each
     per_round = [decode_repeats // rounds + (r < decode_repeats % rounds) for r in range(rounds)]
     total = warmup + repeats * (len(pg) + len(ph)) + rounds * (len(dg) + len(dh))
-    bar = tqdm(total=total, desc="calibrate", unit="run", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total, desc='calibrate', unit='run', disable=not progress, file=sys.stderr)
     t_start = time.monotonic()
     load_start = _load1()
 
     pre: Dict[int, List[float]] = {n: [] for n in pg + ph}
     order = list(pre)
-    if warmup:  # first calls pay for lazy init and page faults; later shapes need no warm-up of their own
-        bar.set_postfix_str("warm-up")
+    if (
+        warmup
+    ):  # first calls pay for lazy init and page faults; later shapes need no warm-up of their own
+        bar.set_postfix_str('warm-up')
         engine.time_prefill(pg[len(pg) // 2], warmup)
         bar.update(warmup)
     for _ in range(repeats):
         rng.shuffle(order)
         for n in order:
-            bar.set_postfix_str(f"prefill N={n}")
+            bar.set_postfix_str(f'prefill N={n}')
             pre[n].extend(engine.time_prefill(n, 1))
             bar.update()
     dec: Dict[int, List[float]] = {n: [] for n in dg + dh}
@@ -180,7 +219,7 @@ def calibrate(engine, prefill_grid: Sequence[int] = PREFILL_GRID, decode_grid: S
     for r in range(rounds):
         rng.shuffle(order)
         for n in order:
-            bar.set_postfix_str(f"decode N_kv={n}")
+            bar.set_postfix_str(f'decode N_kv={n}')
             dec[n].extend(engine.time_decode_step(n, warmup + per_round[r])[warmup:])
             bar.update()
     bar.close()
@@ -190,8 +229,14 @@ def calibrate(engine, prefill_grid: Sequence[int] = PREFILL_GRID, decode_grid: S
         engine.profile_key(),
         [Measurement(n, pre[n], n in held_p) for n in sorted(pre)],
         [Measurement(n, dec[n], n in held_d) for n in sorted(dec)],
-        statistic=statistic, config=engine.model.config, repeats=repeats, decode_repeats=decode_repeats,
-        warmup=warmup, duration_s=time.monotonic() - t_start, load_avg=[load_start, _load1()])
+        statistic=statistic,
+        config=engine.model.config,
+        repeats=repeats,
+        decode_repeats=decode_repeats,
+        warmup=warmup,
+        duration_s=time.monotonic() - t_start,
+        load_avg=[load_start, _load1()],
+    )
 
 
 def _load1() -> float:
@@ -208,40 +253,55 @@ def profile_problems(profile: Profile, max_mape: float = 10.0) -> List[str]:
     plan with it for every request, so such a profile is held back instead of saved.
     """
     m, out = profile.model, []
-    for name, value, ok in (("a", m.a, m.a >= 0), ("b", m.b, m.b > 0), ("p", m.p, m.p >= 0), ("q", m.q, m.q > 0)):
+    for name, value, ok in (
+        ('a', m.a, m.a >= 0),
+        ('b', m.b, m.b > 0),
+        ('p', m.p, m.p >= 0),
+        ('q', m.q, m.q > 0),
+    ):
         if not ok:
-            out.append(f"coefficient {name} = {value:.3e} has the wrong sign (timings cannot shrink with length)")
-    for part in ("prefill", "decode"):
+            out.append(
+                f'coefficient {name} = {value:.3e} has the wrong sign (timings cannot shrink with length)'
+            )
+    for part in ('prefill', 'decode'):
         if not profile.mape[part] <= max_mape:  # NaN too: no held-out points, no evidence
-            out.append(f"{part} held-out MAPE {profile.mape[part]:.2f}% exceeds {max_mape}%")
+            out.append(f'{part} held-out MAPE {profile.mape[part]:.2f}% exceeds {max_mape}%')
     return out
 
 
 # ------------------------------------------------------------------------------ keyed storage
 def default_profile_path(key: Mapping[str, str]) -> Path:
     """``<cache>/profiles/<model>-<dtype>-<device>-t<threads>-<hash of the whole key>.json``."""
-    digest = hashlib.sha1(json.dumps({k: str(v) for k, v in key.items()}, sort_keys=True).encode()).hexdigest()[:10]
-    model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(key.get("model", "model"))).name or "model")
-    name = f"{model}-{key.get('dtype', '')}-{key.get('device', '')}-t{key.get('threads', '')}-{digest}.json"
-    return cache_dir() / "profiles" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    digest = hashlib.sha1(
+        json.dumps({k: str(v) for k, v in key.items()}, sort_keys=True).encode()
+    ).hexdigest()[:10]
+    model = re.sub(r'[^A-Za-z0-9._-]+', '_', Path(str(key.get('model', 'model'))).name or 'model')
+    name = f'{model}-{key.get("dtype", "")}-{key.get("device", "")}-t{key.get("threads", "")}-{digest}.json'
+    return cache_dir() / 'profiles' / re.sub(r'[^A-Za-z0-9._-]+', '_', name)
 
 
-def check_key(profile_key: Mapping[str, str], running_key: Mapping[str, str], source: str = "") -> None:
+def check_key(
+    profile_key: Mapping[str, str], running_key: Mapping[str, str], source: str = ''
+) -> None:
     """Refuse a profile measured for another setup, naming every field that differs."""
     fields = sorted(set(profile_key) | set(running_key))
-    diffs = [f"{f}: profile {profile_key.get(f, '<missing>')!r} vs engine {running_key.get(f, '<missing>')!r}"
-             for f in fields if str(profile_key.get(f, "<missing>")) != str(running_key.get(f, "<missing>"))]
+    diffs = [
+        f'{f}: profile {profile_key.get(f, "<missing>")!r} vs engine {running_key.get(f, "<missing>")!r}'
+        for f in fields
+        if str(profile_key.get(f, '<missing>')) != str(running_key.get(f, '<missing>'))
+    ]
     if diffs:
-        where = f" {source}" if source else ""
+        where = f' {source}' if source else ''
         raise ProfileMismatchError(
-            f"timing profile{where} was measured for a different setup ({'; '.join(diffs)}); its timings do not "
-            f"hold for this engine: run `timebill calibrate` with this configuration")
+            f'timing profile{where} was measured for a different setup ({"; ".join(diffs)}); its timings do not '
+            f'hold for this engine: run `timebill calibrate` with this configuration'
+        )
 
 
 def save_profile(profile: Profile, path: Optional[Path] = None) -> Path:
     path = Path(path) if path else default_profile_path(profile.key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(path.suffix + '.tmp')
     tmp.write_text(json.dumps(profile.to_dict(), indent=1))
     tmp.replace(path)
     return path
@@ -260,7 +320,9 @@ def load_profile_for(running_key: Mapping[str, str], path: Optional[Path | str] 
     """The profile for this engine: ``path`` (config ``profile_path``) or the keyed default."""
     path = Path(path).expanduser() if path else default_profile_path(running_key)
     if not path.is_file():
-        raise FileNotFoundError(f"no timing profile at {path} for this setup: run `timebill calibrate` first")
+        raise FileNotFoundError(
+            f'no timing profile at {path} for this setup: run `timebill calibrate` first'
+        )
     return load_profile(path, running_key)
 
 
@@ -275,15 +337,23 @@ def key_from_config(cfg) -> Dict[str, str]:
     from .model import DTYPES
 
     device = str(torch.device(cfg.device))
-    if device == "cuda":  # parameters live on an indexed device
-        device = "cuda:0"
-    return {"model": str(cfg.model), "dtype": DTYPES.get(cfg.dtype, cfg.dtype), "device": device,
-            "threads": str(cfg.threads if cfg.threads > 0 else torch.get_num_threads()),
-            "torch": torch.__version__, "transformers": transformers.__version__, "press": str(cfg.press),
-            "preallocate": "True"}
+    if device == 'cuda':  # parameters live on an indexed device
+        device = 'cuda:0'
+    return {
+        'model': str(cfg.model),
+        'dtype': DTYPES.get(cfg.dtype, cfg.dtype),
+        'device': device,
+        'threads': str(cfg.threads if cfg.threads > 0 else torch.get_num_threads()),
+        'torch': torch.__version__,
+        'transformers': transformers.__version__,
+        'press': str(cfg.press),
+        'preallocate': 'True',
+    }
 
 
-def load_time_model(cfg, running_key: Optional[Mapping[str, str]] = None) -> Optional[ExecutionTimeModel]:
+def load_time_model(
+    cfg, running_key: Optional[Mapping[str, str]] = None
+) -> Optional[ExecutionTimeModel]:
     """The calibrated ETE for ``cfg`` (key-checked), or None when no profile was ever written.
 
     A profile that exists but was measured for another setup raises ProfileMismatchError.
@@ -297,21 +367,24 @@ def load_time_model(cfg, running_key: Optional[Mapping[str, str]] = None) -> Opt
 
 # Coefficients fitted to SmolLM2-135M, fp32, on the project's 2-core CPU while it was busy (load ~7,
 # 1 thread): pessimistic on purpose; used only until `timebill calibrate` writes a profile.
-FALLBACK_TIME_MODEL = dict(a=4.9e-7, b=2.7e-3, c=0.08, p=1.15e-5, q=0.10)
+FALLBACK_TIME_MODEL = {'a': 4.9e-7, 'b': 2.7e-3, 'c': 0.08, 'p': 1.15e-5, 'q': 0.10}
 
 
 def time_model_for(cfg, running_key: Optional[Mapping[str, str]] = None, log=print):
     """(model, source) for every user of a time model: the calibrated, key-checked profile
-    ("profile"), else the built-in pessimistic coefficients ("fallback"), saying why."""
+    ("profile"), else the built-in pessimistic coefficients ("fallback"), saying why.
+    """
     try:
         model = load_time_model(cfg, running_key)
         if model is not None:
-            return model, "profile"
-        log("no timing profile for this setup (run `timebill calibrate`); using built-in SmolLM2/CPU "
-            "coefficients")
+            return model, 'profile'
+        log(
+            'no timing profile for this setup (run `timebill calibrate`); using built-in SmolLM2/CPU '
+            'coefficients'
+        )
     except Exception as exc:  # noqa: BLE001 - a stale profile must not take a node down
-        log(f"timing profile unusable: {exc}; using built-in SmolLM2/CPU coefficients")
-    return ExecutionTimeModel.from_dict(FALLBACK_TIME_MODEL), "fallback"
+        log(f'timing profile unusable: {exc}; using built-in SmolLM2/CPU coefficients')
+    return ExecutionTimeModel.from_dict(FALLBACK_TIME_MODEL), 'fallback'
 
 
 # ------------------------------------------------------------------------------------- report
@@ -328,42 +401,51 @@ def decode_slopes(profile: Profile) -> Optional[tuple]:
     if len(pts) < 4:
         return None
     half = len(pts) // 2
-    lo, hi = pts[:half + 1], pts[half:]
+    lo, hi = pts[: half + 1], pts[half:]
     return fit_decode(*zip(*lo))[0], fit_decode(*zip(*hi))[0], pts[half][0]
 
 
 def write_plot(profile: Profile, path: Path) -> Path:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     m = profile.model
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex="col", gridspec_kw={"height_ratios": [3, 1.3]})
-    for col, (name, ms, predict, xlabel, unit, scale) in enumerate((
-            ("prefill", profile.prefill, m.prefill_s, "prompt length N (tokens)", "s", 1.0),
-            ("decode step", profile.decode, m.decode_step_s, "KV-cache length N_kv", "ms", 1e3))):
+    fig, axes = plt.subplots(
+        2, 2, figsize=(11, 7), sharex='col', gridspec_kw={'height_ratios': [3, 1.3]}
+    )
+    for col, (name, ms, predict, xlabel, unit, scale) in enumerate(
+        (
+            ('prefill', profile.prefill, m.prefill_s, 'prompt length N (tokens)', 's', 1.0),
+            ('decode step', profile.decode, m.decode_step_s, 'KV-cache length N_kv', 'ms', 1e3),
+        )
+    ):
         rows = _errors(ms, predict, profile.statistic)
         xs = np.linspace(0, max(r[0] for r in rows) * 1.02, 300)
         top, bot = axes[0, col], axes[1, col]
-        top.plot(xs, [predict(x) * scale for x in xs], "-", color="tab:blue", lw=1.2, label="fit")
-        for held, style, label in ((False, dict(marker="o", color="tab:blue", ls=""), "fit points"),
-                                   (True, dict(marker="x", color="tab:red", ls="", ms=9, mew=2), "held out")):
+        top.plot(xs, [predict(x) * scale for x in xs], '-', color='tab:blue', lw=1.2, label='fit')
+        for held, style, label in (
+            (False, {'marker': 'o', 'color': 'tab:blue', 'ls': ''}, 'fit points'),
+            (True, {'marker': 'x', 'color': 'tab:red', 'ls': '', 'ms': 9, 'mew': 2}, 'held out'),
+        ):
             sel = [r for r in rows if r[3] == held]
             if sel:
                 top.plot([r[0] for r in sel], [r[1] * scale for r in sel], label=label, **style)
                 bot.plot([r[0] for r in sel], [(r[2] - r[1]) / r[1] * 100 for r in sel], **style)
-        key = "prefill" if col == 0 else "decode"
-        top.set_title(f"{name}: held-out MAPE {profile.mape[key]:.2f}%")
-        top.set_ylabel(f"{profile.statistic} time ({unit})")
+        key = 'prefill' if col == 0 else 'decode'
+        top.set_title(f'{name}: held-out MAPE {profile.mape[key]:.2f}%')
+        top.set_ylabel(f'{profile.statistic} time ({unit})')
         top.legend()
         top.grid(alpha=0.3)
-        bot.axhline(0, color="gray", lw=0.8)
-        bot.set_ylabel("fit error (%)")
+        bot.axhline(0, color='gray', lw=0.8)
+        bot.set_ylabel('fit error (%)')
         bot.set_xlabel(xlabel)
         bot.grid(alpha=0.3)
     k = profile.key
-    fig.suptitle(f"ETE calibration: {k.get('model')} {k.get('dtype')} {k.get('device')} threads={k.get('threads')}")
+    fig.suptitle(
+        f'ETE calibration: {k.get("model")} {k.get("dtype")} {k.get("device")} threads={k.get("threads")}'
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -373,46 +455,74 @@ def write_plot(profile: Profile, path: Path) -> Path:
 def report_markdown(profile: Profile) -> str:
     m, k = profile.model, profile.key
     lines = [
-        "# ETE calibration", "",
-        "Key: " + ", ".join(f"`{f}={v}`" for f, v in k.items()), "",
-        f"Statistic per length: **{profile.statistic}** of {profile.repeats} prefill / {profile.decode_repeats} decode "
-        f"samples after {profile.warmup} warm-up; {profile.duration_s:.0f} s in all; 1-min load average "
-        f"{' -> '.join(f'{x:.2f}' for x in profile.load_avg) or 'n/a'} on {os.cpu_count()} CPUs.", "",
-        "| model | coefficients |", "|---|---|",
-        f"| prefill t = a·N² + b·N + c | a = {m.a:.4e} s, b = {m.b:.4e} s, c = {m.c:.4e} s |",
-        f"| decode step t = p·N_kv + q | p = {m.p:.4e} s, q = {m.q:.4e} s |", "",
-        "| MAPE (%) | held-out | fit points |", "|---|---|---|",
-        f"| prefill | {profile.mape['prefill']:.3f} | {profile.fit_mape['prefill']:.3f} |",
-        f"| decode step | {profile.mape['decode']:.3f} | {profile.fit_mape['decode']:.3f} |", "",
+        '# ETE calibration',
+        '',
+        'Key: ' + ', '.join(f'`{f}={v}`' for f, v in k.items()),
+        '',
+        f'Statistic per length: **{profile.statistic}** of {profile.repeats} prefill / {profile.decode_repeats} decode '
+        f'samples after {profile.warmup} warm-up; {profile.duration_s:.0f} s in all; 1-min load average '
+        f'{" -> ".join(f"{x:.2f}" for x in profile.load_avg) or "n/a"} on {os.cpu_count()} CPUs.',
+        '',
+        '| model | coefficients |',
+        '|---|---|',
+        f'| prefill t = a·N² + b·N + c | a = {m.a:.4e} s, b = {m.b:.4e} s, c = {m.c:.4e} s |',
+        f'| decode step t = p·N_kv + q | p = {m.p:.4e} s, q = {m.q:.4e} s |',
+        '',
+        '| MAPE (%) | held-out | fit points |',
+        '|---|---|---|',
+        f'| prefill | {profile.mape["prefill"]:.3f} | {profile.fit_mape["prefill"]:.3f} |',
+        f'| decode step | {profile.mape["decode"]:.3f} | {profile.fit_mape["decode"]:.3f} |',
+        '',
     ]
     if profile.flops_ratios:
-        lines += ["| ratio (1/token) | FLOPs | fitted | fitted / FLOPs |", "|---|---|---|---|"]
-        for r in ("prefill_a_over_b", "decode_p_over_q"):
+        lines += ['| ratio (1/token) | FLOPs | fitted | fitted / FLOPs |', '|---|---|---|---|']
+        for r in ('prefill_a_over_b', 'decode_p_over_q'):
             f, g = profile.flops_ratios[r], profile.fitted_ratios[r]
-            lines.append(f"| {r} | {f:.3e} | {g:.3e} | {g / f:.2f} |")
-        lines += ["", "FLOPs ratios assume every FLOP costs the same; on CPU attention and small GEMMs run "
-                      "less efficiently than the big projections, so a factor of a few is normal, a sign flip "
-                      "or orders of magnitude is a bad fit.", ""]
+            lines.append(f'| {r} | {f:.3e} | {g:.3e} | {g / f:.2f} |')
+        lines += [
+            '',
+            'FLOPs ratios assume every FLOP costs the same; on CPU attention and small GEMMs run '
+            'less efficiently than the big projections, so a factor of a few is normal, a sign flip '
+            'or orders of magnitude is a bad fit.',
+            '',
+        ]
     slopes = decode_slopes(profile)
     if slopes:
-        lines += [f"Decode linearity: p = {slopes[0]:.3e} s below N_kv = {slopes[2]}, {slopes[1]:.3e} s above "
-                  f"(ratio {slopes[1] / slopes[0]:.2f}; 1 for a linear step).", ""]
-    for name, ms, predict in (("prefill", profile.prefill, m.prefill_s), ("decode step", profile.decode,
-                                                                          m.decode_step_s)):
-        lines += [f"## {name}", "", "| N | measured (ms) | fitted (ms) | error (%) | held out |", "|---|---|---|---|---|"]
+        lines += [
+            f'Decode linearity: p = {slopes[0]:.3e} s below N_kv = {slopes[2]}, {slopes[1]:.3e} s above '
+            f'(ratio {slopes[1] / slopes[0]:.2f}; 1 for a linear step).',
+            '',
+        ]
+    for name, ms, predict in (
+        ('prefill', profile.prefill, m.prefill_s),
+        ('decode step', profile.decode, m.decode_step_s),
+    ):
+        lines += [
+            f'## {name}',
+            '',
+            '| N | measured (ms) | fitted (ms) | error (%) | held out |',
+            '|---|---|---|---|---|',
+        ]
         for n, meas, pred, held in _errors(ms, predict, profile.statistic):
-            lines.append(f"| {n} | {meas * 1e3:.2f} | {pred * 1e3:.2f} | {(pred - meas) / meas * 100:+.2f} | "
-                         f"{'yes' if held else ''} |")
-        lines.append("")
-    return "\n".join(lines)
+            lines.append(
+                f'| {n} | {meas * 1e3:.2f} | {pred * 1e3:.2f} | {(pred - meas) / meas * 100:+.2f} | '
+                f'{"yes" if held else ""} |'
+            )
+        lines.append('')
+    return '\n'.join(lines)
 
 
-def write_report(profile: Profile, out_dir: Path | str, stem: str = "calibration") -> Dict[str, Path]:
+def write_report(
+    profile: Profile, out_dir: Path | str, stem: str = 'calibration'
+) -> Dict[str, Path]:
     """``<stem>.json`` (the profile), ``<stem>.md`` and ``<stem>.png`` (measured vs fitted)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": save_profile(profile, out / f"{stem}.json"), "md": out / f"{stem}.md",
-             "png": out / f"{stem}.png"}
-    paths["md"].write_text(report_markdown(profile))
-    write_plot(profile, paths["png"])
+    paths = {
+        'json': save_profile(profile, out / f'{stem}.json'),
+        'md': out / f'{stem}.md',
+        'png': out / f'{stem}.png',
+    }
+    paths['md'].write_text(report_markdown(profile))
+    write_plot(profile, paths['png'])
     return paths

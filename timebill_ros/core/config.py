@@ -8,15 +8,15 @@ without ROS. Every field has a default that runs on a 2-core CPU machine.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, fields
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 # How a goal that cannot finish by its deadline ends: kill (stopped, no text), truncate (the text
 # so far), skip-next (it runs on; goals that waited meanwhile are skipped). The one spelling.
-OVERRUN_POLICIES = ("kill", "truncate", "skip-next")
-DEFAULT_MODEL = "smollm2-135m-instruct"
+OVERRUN_POLICIES = ('kill', 'truncate', 'skip-next')
+DEFAULT_MODEL = 'smollm2-135m-instruct'
 
 
 def cache_dir() -> Path:
@@ -24,8 +24,8 @@ def cache_dir() -> Path:
 
     ``TIMEBILL_CACHE`` overrides; the Makefile points it at the repo's ignored ``.cache/``.
     """
-    env = os.environ.get("TIMEBILL_CACHE")
-    path = Path(env) if env else Path.home() / ".cache" / "timebill_ros"
+    env = os.environ.get('TIMEBILL_CACHE')
+    path = Path(env) if env else Path.home() / '.cache' / 'timebill_ros'
     return path.expanduser().resolve()
 
 
@@ -33,63 +33,71 @@ def cache_dir() -> Path:
 class TimeBillConfig:
     # --- target model -----------------------------------------------------
     model: str = DEFAULT_MODEL  # alias, HF directory, .gguf file, or hub id
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = 'float32'
+    device: str = 'cpu'
     threads: int = 2  # torch intra-op threads; 0 = leave torch's default
     max_new_tokens: int = 512
     chat_template: bool = True  # instruct models get their chat template
     # --- eviction ---------------------------------------------------------
-    press: str = "snapkv"
+    press: str = 'snapkv'
     window_size: int = 64
     kernel_size: int = 5
-    pooling: str = "avg"  # snapkv vote pooling: avg (kvpress) or max (keeps whole spans)
+    pooling: str = 'avg'  # snapkv vote pooling: avg (kvpress) or max (keeps whole spans)
     n_sink: int = 4  # streaming_llm attention sinks
     # --- time estimator / solver ------------------------------------------
     pessimism_k: float = 5.0
     alpha_max: float = 0.95
-    profile_path: str = ""  # empty: <cache>/profiles/<key>.json
-    overrun_policy: str = "kill"
+    profile_path: str = ''  # empty: <cache>/profiles/<key>.json
+    overrun_policy: str = 'kill'
     # --- response length predictor ----------------------------------------
     bucket_size: int = 16
     num_buckets: int = 512
-    predictor_backbone: str = "minilm"
-    predictor_checkpoint: str = ""  # empty: <cache>/predictor/<backbone>
+    predictor_backbone: str = 'minilm'
+    predictor_checkpoint: str = ''  # empty: <cache>/predictor/<backbone>
     predictor_max_prompt_tokens: int = 256  # prompt compression N_p
-    predictor_device: str = ""  # empty: the target's ``device`` (the paper runs its 0.5B predictor on the GPU)
+    predictor_device: str = (
+        ''  # empty: the target's ``device`` (the paper runs its 0.5B predictor on the GPU)
+    )
     # --- ROS plumbing -----------------------------------------------------
-    prefill_chunk: int = 256  # prompt tokens per prefill chunk (deadline/cancel checked between); 0 = one pass
+    prefill_chunk: int = (
+        256  # prompt tokens per prefill chunk (deadline/cancel checked between); 0 = one pass
+    )
     estimate_slack_s: float = 0.05  # generator waits this long past prefill for an estimate
-    peer_timeout_s: float = 5.0  # server: no generator heartbeat this long -> abort its goals with a reason
+    peer_timeout_s: float = (
+        5.0  # server: no generator heartbeat this long -> abort its goals with a reason
+    )
     heartbeat_s: float = 0.25  # generator heartbeat period (liveness, pid, queue)
-    record_bag: str = ""  # empty: do not record
+    record_bag: str = ''  # empty: do not record
 
     @property
     def n_max(self) -> int:
         return self.bucket_size * self.num_buckets
 
-    def validate(self) -> "TimeBillConfig":
+    def validate(self) -> 'TimeBillConfig':
         if self.overrun_policy not in OVERRUN_POLICIES:
-            raise ValueError(f"overrun_policy must be one of {OVERRUN_POLICIES}, got {self.overrun_policy!r}")
-        if self.pooling not in ("avg", "max"):
+            raise ValueError(
+                f'overrun_policy must be one of {OVERRUN_POLICIES}, got {self.overrun_policy!r}'
+            )
+        if self.pooling not in ('avg', 'max'):
             raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
         if not 0.0 <= self.alpha_max < 1.0:
-            raise ValueError(f"alpha_max must be in [0, 1), got {self.alpha_max}")
+            raise ValueError(f'alpha_max must be in [0, 1), got {self.alpha_max}')
         if self.pessimism_k < 1.0:
-            raise ValueError(f"pessimism_k must be >= 1, got {self.pessimism_k}")
+            raise ValueError(f'pessimism_k must be >= 1, got {self.pessimism_k}')
         if self.prefill_chunk < 0:
-            raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
-        for name in ("bucket_size", "num_buckets", "window_size", "kernel_size", "max_new_tokens"):
+            raise ValueError(f'prefill_chunk must be >= 0, got {self.prefill_chunk}')
+        for name in ('bucket_size', 'num_buckets', 'window_size', 'kernel_size', 'max_new_tokens'):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
         return self
 
     # --- (de)serialisation -------------------------------------------------
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "TimeBillConfig":
+    def from_mapping(cls, values: Mapping[str, Any]) -> 'TimeBillConfig':
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise ValueError(f'unknown config keys: {", ".join(unknown)}')
         cfg = cls()
         for key, value in values.items():
             default = getattr(cfg, key)
@@ -97,32 +105,32 @@ class TimeBillConfig:
         return cfg.validate()
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, node: str = "/**") -> "TimeBillConfig":
+    def from_yaml(cls, path: str | os.PathLike, node: str = '/**') -> 'TimeBillConfig':
         """Read the ``ros__parameters`` of ``node`` (and of ``/**``) from a ROS 2 params file."""
         import yaml
 
         with open(path) as fh:
             doc = yaml.safe_load(fh) or {}
         merged: dict[str, Any] = {}
-        for section in ("/**", node):
-            merged.update((doc.get(section) or {}).get("ros__parameters", {}) or {})
+        for section in ('/**', node):
+            merged.update((doc.get(section) or {}).get('ros__parameters', {}) or {})
         return cls.from_mapping(merged)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "TimeBillConfig":
+    def replace(self, **changes: Any) -> 'TimeBillConfig':
         return dataclasses.replace(self, **changes).validate()
 
 
 def default_config_path() -> Path:
     """The packaged ``config/timebill.yaml`` (source tree or colcon share dir)."""
     here = Path(__file__).resolve()
-    candidates = [here.parents[2] / "config" / "timebill.yaml"]
-    prefix = os.environ.get("AMENT_PREFIX_PATH", "")
+    candidates = [here.parents[2] / 'config' / 'timebill.yaml']
+    prefix = os.environ.get('AMENT_PREFIX_PATH', '')
     for p in prefix.split(os.pathsep):
         if p:
-            candidates.append(Path(p) / "share" / "timebill_ros" / "config" / "timebill.yaml")
+            candidates.append(Path(p) / 'share' / 'timebill_ros' / 'config' / 'timebill.yaml')
     for c in candidates:
         if c.is_file():
             return c

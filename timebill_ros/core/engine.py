@@ -8,21 +8,26 @@ cache (it derives positions from the cache length).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import math
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from . import kv_cache
 from .config import OVERRUN_POLICIES, TimeBillConfig
-from .errors import (DeadlinePassedError, EmptyPromptError, InvalidRequestError, PrefillStopped,
-                     PromptTooLongError)
-from .eviction import Press, check_alpha, get_press, n_keep
+from .errors import (
+    DeadlinePassedError,
+    EmptyPromptError,
+    InvalidRequestError,
+    PrefillStopped,
+    PromptTooLongError,
+)
+from .eviction import check_alpha, get_press, n_keep, Press
 
-ATTENTION_NAME = "timebill_sdpa"
+ATTENTION_NAME = 'timebill_sdpa'
 _collect = threading.local()  # the press collecting scores in this thread's prefill, if any
 
 
@@ -30,24 +35,32 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     """sdpa, plus (during a scoring prefill) the press's window scores for this layer."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    press = getattr(_collect, "press", None)
+    press = getattr(_collect, 'press', None)
     if press is not None and query.shape[2] > 1:
         _collect.scores[module.layer_idx] = press.score(module, _as_full_query(query, key), key)
-    if getattr(_collect, "chunk", False) and _chunk_fast_path(query, key, kwargs):
-        return _chunk_attention(query, key, value, kwargs.get("scaling")), None
+    if getattr(_collect, 'chunk', False) and _chunk_fast_path(query, key, kwargs):
+        return _chunk_attention(query, key, value, kwargs.get('scaling')), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
 
 
 def _chunk_fast_path(query, key, kwargs) -> bool:
     """Only for what ``Engine.prefill`` sends while ``_collect.chunk`` is set: one unpadded
-    causal chunk after cached keys, on CPU, no dropout, sliding window or bias."""
-    return (_FLASH_CPU is not None and query.device.type == "cpu" and query.shape[0] == 1
-            and 1 < query.shape[2] < key.shape[2] and query.shape[1] % key.shape[1] == 0
-            and not kwargs.get("dropout") and kwargs.get("sliding_window") is None
-            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None)
+    causal chunk after cached keys, on CPU, no dropout, sliding window or bias.
+    """
+    return (
+        _FLASH_CPU is not None
+        and query.device.type == 'cpu'
+        and query.shape[0] == 1
+        and 1 < query.shape[2] < key.shape[2]
+        and query.shape[1] % key.shape[1] == 0
+        and not kwargs.get('dropout')
+        and kwargs.get('sliding_window') is None
+        and kwargs.get('softcap') is None
+        and kwargs.get('position_bias') is None
+    )
 
 
 def _chunk_attention(query, key, value, scaling):
@@ -76,7 +89,8 @@ def _as_full_query(query, key):
     """In the last chunk of a chunked prefill the queries cover only that chunk while ``key`` holds
     the whole prompt; presses read ``query.shape[2]`` as the prompt length and use only the last
     ``window_size`` rows, so left-pad with zeros to the one-pass layout (the window lies in the
-    chunk: ``Engine._chunk_bounds`` makes sure)."""
+    chunk: ``Engine._chunk_bounds`` makes sure).
+    """
     missing = key.shape[2] - query.shape[2]
     if missing <= 0:
         return query
@@ -89,7 +103,9 @@ def _register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, _attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # else the causal mask silently vanishes
+    AttentionMaskInterface.register(
+        ATTENTION_NAME, sdpa_mask
+    )  # else the causal mask silently vanishes
 
 
 @dataclass
@@ -100,7 +116,7 @@ class GenerationRequest:
     max_new_tokens: int = 512
     deadline: Optional[float] = None  # absolute, time.monotonic() seconds
     alpha: Optional[float] = None
-    overrun: str = "kill"
+    overrun: str = 'kill'
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -156,97 +172,128 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, press: str | Press = "snapkv", chat_template: bool = True,
-                 preallocate: bool = True, model_name: str = "", **press_options):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        press: str | Press = 'snapkv',
+        chat_template: bool = True,
+        preallocate: bool = True,
+        model_name: str = '',
+        **press_options,
+    ):
         """``press_options`` (window_size, kernel_size, pooling, n_sink) go to the press that declares them."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.press = press if isinstance(press, Press) else get_press(press, **press_options)
         self.chat_template = chat_template
         self.preallocate = preallocate
-        self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
+        self.model_name = (
+            model_name or getattr(model.config, '_name_or_path', '') or model.config.model_type
+        )
         cfg = model.config.get_text_config(decoder=True)
         self.num_layers = cfg.num_hidden_layers
-        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        self.max_context = int(getattr(cfg, 'max_position_embeddings', 0) or 2048)
         eos = model.generation_config.eos_token_id
         if eos is None and tokenizer is not None:
             eos = tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        self.eos_ids = set(
+            eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+        )
         if self.press.needs_scores:
             _register_attention()
             model.set_attn_implementation(ATTENTION_NAME)
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_config(cls, cfg: TimeBillConfig) -> "Engine":
+    def from_config(cls, cfg: TimeBillConfig) -> 'Engine':
         from .model import load_model
 
         model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, threads=cfg.threads)
-        return cls(model, tok, press=cfg.press, chat_template=cfg.chat_template, model_name=cfg.model,
-                   window_size=cfg.window_size, kernel_size=cfg.kernel_size, pooling=cfg.pooling,
-                   n_sink=cfg.n_sink)
+        return cls(
+            model,
+            tok,
+            press=cfg.press,
+            chat_template=cfg.chat_template,
+            model_name=cfg.model,
+            window_size=cfg.window_size,
+            kernel_size=cfg.kernel_size,
+            pooling=cfg.pooling,
+            n_sink=cfg.n_sink,
+        )
 
     # ------------------------------------------------------------------ input
     def encode(self, prompt: str, system_prompt: Optional[str] = None) -> List[int]:
         if prompt is None or not str(prompt).strip():
-            raise EmptyPromptError("prompt is empty: nothing to answer")
+            raise EmptyPromptError('prompt is empty: nothing to answer')
         if self.tokenizer is None:
-            raise InvalidRequestError("this engine has no tokenizer: pass input_ids instead of a prompt")
+            raise InvalidRequestError(
+                'this engine has no tokenizer: pass input_ids instead of a prompt'
+            )
         tok = self.tokenizer
-        if self.chat_template and getattr(tok, "chat_template", None):
-            msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-            msgs.append({"role": "user", "content": prompt})
+        if self.chat_template and getattr(tok, 'chat_template', None):
+            msgs = [{'role': 'system', 'content': system_prompt}] if system_prompt else []
+            msgs.append({'role': 'user', 'content': prompt})
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
+            if hasattr(ids, 'keys'):
+                ids = ids['input_ids']
         else:
-            text = f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
-            ids = tok(text)["input_ids"]
+            text = f'{system_prompt}\n\n{prompt}' if system_prompt else prompt
+            ids = tok(text)['input_ids']
         return list(ids)
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
         if self.tokenizer is None:
-            return ""
+            return ''
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def _request_ids(self, request: GenerationRequest) -> List[int]:
         if request.input_ids is not None:
             ids = [int(t) for t in request.input_ids]
             if not ids:
-                raise EmptyPromptError("input_ids is empty: nothing to answer")
+                raise EmptyPromptError('input_ids is empty: nothing to answer')
             return ids
         return self.encode(request.prompt, request.system_prompt)
 
     def check_request(self, request: GenerationRequest) -> None:
         """Reject what cannot be served before spending any compute on it."""
         if request.overrun not in OVERRUN_POLICIES:
-            raise InvalidRequestError(f"unknown overrun policy {request.overrun!r}; use one of {OVERRUN_POLICIES}")
+            raise InvalidRequestError(
+                f'unknown overrun policy {request.overrun!r}; use one of {OVERRUN_POLICIES}'
+            )
         if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
-            raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {request.max_new_tokens!r}")
+            raise InvalidRequestError(
+                f'max_new_tokens must be a positive integer, got {request.max_new_tokens!r}'
+            )
         if request.alpha is not None:
             check_alpha(request.alpha)
         if request.deadline is not None:
             if isinstance(request.deadline, float) and math.isnan(request.deadline):
-                raise InvalidRequestError("deadline is NaN")
+                raise InvalidRequestError('deadline is NaN')
             now = time.monotonic()
             if request.deadline <= now:
-                raise DeadlinePassedError(f"deadline already passed {now - request.deadline:.3f} s ago")
+                raise DeadlinePassedError(
+                    f'deadline already passed {now - request.deadline:.3f} s ago'
+                )
 
     def check_length(self, n_prompt: int) -> None:
         if n_prompt >= self.max_context:
             raise PromptTooLongError(
-                f"prompt has {n_prompt} tokens; the model's context is {self.max_context} (no room to answer)")
+                f"prompt has {n_prompt} tokens; the model's context is {self.max_context} (no room to answer)"
+            )
 
     # --------------------------------------------------------------- stages
     def _chunk_bounds(self, n: int, chunk_tokens: Optional[int]) -> List[int]:
         """Chunk starts plus ``n``. The last chunk holds at least the press's observation window
-        (a short tail joins the chunk before), so window scores come from one model call."""
+        (a short tail joins the chunk before), so window scores come from one model call.
+        """
         if chunk_tokens is None or chunk_tokens == 0:
             return [0, n]
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 0:
             raise InvalidRequestError(
-                f"chunk_tokens must be a non-negative integer, got {chunk_tokens!r}")
-        window = int(getattr(self.press, "window_size", 0) or 0) if self.press.needs_scores else 0
+                f'chunk_tokens must be a non-negative integer, got {chunk_tokens!r}'
+            )
+        window = int(getattr(self.press, 'window_size', 0) or 0) if self.press.needs_scores else 0
         bounds = list(range(0, n, chunk_tokens)) + [n]
         while len(bounds) > 2 and bounds[-1] - bounds[-2] < max(window, 1):
             del bounds[-2]
@@ -254,15 +301,21 @@ class Engine:
 
     def _trunk(self):
         """The decoder without the LM head, for chunks whose logits nobody reads (None if the model
-        has no separate trunk; then ``logits_to_keep=1`` keeps the head to one position)."""
-        base = getattr(self.model, "base_model", None)
+        has no separate trunk; then ``logits_to_keep=1`` keeps the head to one position).
+        """
+        base = getattr(self.model, 'base_model', None)
         return base if base is not None and base is not self.model else None
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Sequence[int], capacity: Optional[int] = None,
-                started_at: Optional[float] = None, *, chunk_tokens: Optional[int] = None,
-                should_stop: Optional[Callable[[int, float], Optional[str]]] = None,
-                ) -> PrefillState:
+    def prefill(
+        self,
+        input_ids: Sequence[int],
+        capacity: Optional[int] = None,
+        started_at: Optional[float] = None,
+        *,
+        chunk_tokens: Optional[int] = None,
+        should_stop: Optional[Callable[[int, float], Optional[str]]] = None,
+    ) -> PrefillState:
         """Run the prompt into a fresh cache, in one pass or in chunks of ``chunk_tokens``.
 
         Chunks let a deadline or cancel stop a long prefill: ``should_stop(done_tokens,
@@ -272,7 +325,7 @@ class Engine:
         """
         ids = list(input_ids)
         if not ids:
-            raise EmptyPromptError("input_ids is empty: nothing to answer")
+            raise EmptyPromptError('input_ids is empty: nothing to answer')
         self.check_length(len(ids))
         t0 = time.monotonic()
         bounds = self._chunk_bounds(len(ids), chunk_tokens)
@@ -290,29 +343,44 @@ class Engine:
                 last = end == len(ids)
                 kw = {}
                 if len(bounds) > 2:  # explicit positions, so RoPE never depends on cache counting
-                    kw["position_ids"] = torch.arange(start, end, device=self.device).unsqueeze(0)
+                    kw['position_ids'] = torch.arange(start, end, device=self.device).unsqueeze(0)
                 if last and self.press.needs_scores:
                     _collect.press, _collect.scores = self.press, scores
                 _collect.chunk = start > 0
                 if last or trunk is None:
-                    out = self.model(input_ids=x[:, start:end], cache=cache, use_cache=True,
-                                     logits_to_keep=1, **kw)
+                    out = self.model(
+                        input_ids=x[:, start:end],
+                        cache=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                        **kw,
+                    )
                 else:
                     trunk(input_ids=x[:, start:end], cache=cache, use_cache=True, **kw)
         finally:
             _collect.press, _collect.chunk = None, False
         logits = out.logits[0, -1].float()
         dt = time.monotonic() - t0
-        return PrefillState(input_ids=ids, cache=cache, logits=logits, scores=scores,
-                            started_at=started_at if started_at is not None else t0, prefill_s=dt,
-                            kv_before=len(ids), kv_after=len(ids), chunks=len(bounds) - 1)
+        return PrefillState(
+            input_ids=ids,
+            cache=cache,
+            logits=logits,
+            scores=scores,
+            started_at=started_at if started_at is not None else t0,
+            prefill_s=dt,
+            kv_before=len(ids),
+            kv_after=len(ids),
+            chunks=len(bounds) - 1,
+        )
 
     @torch.inference_mode()
     def evict(self, state: PrefillState, alpha: float) -> PrefillState:
         """Keep round((1 − α)·L) prompt entries per layer and head, chosen by the press."""
         alpha = check_alpha(alpha)
         if state.evicted:
-            raise RuntimeError("this prefill state was already evicted; clone it to try another ratio")
+            raise RuntimeError(
+                'this prefill state was already evicted; clone it to try another ratio'
+            )
         t0 = time.monotonic()
         length = state.kv_before
         keep = n_keep(length, alpha)
@@ -327,16 +395,25 @@ class Engine:
         return state
 
     def clone_state(self, state: PrefillState) -> PrefillState:
-        return PrefillState(input_ids=list(state.input_ids), cache=kv_cache.clone_cache(state.cache),
-                            logits=state.logits.clone(), scores={k: v.clone() for k, v in state.scores.items()},
-                            started_at=state.started_at, prefill_s=state.prefill_s, kv_before=state.kv_before,
-                            kv_after=state.kv_after, alpha=state.alpha, evict_s=state.evict_s, evicted=state.evicted,
-                            chunks=state.chunks)
+        return PrefillState(
+            input_ids=list(state.input_ids),
+            cache=kv_cache.clone_cache(state.cache),
+            logits=state.logits.clone(),
+            scores={k: v.clone() for k, v in state.scores.items()},
+            started_at=state.started_at,
+            prefill_s=state.prefill_s,
+            kv_before=state.kv_before,
+            kv_after=state.kv_after,
+            alpha=state.alpha,
+            evict_s=state.evict_s,
+            evicted=state.evicted,
+            chunks=state.chunks,
+        )
 
     def _sampler(self, request: GenerationRequest):
         if not request.do_sample:
             return lambda logits: int(torch.argmax(logits))
-        gen = torch.Generator(device="cpu")
+        gen = torch.Generator(device='cpu')
         gen.manual_seed(request.seed if request.seed is not None else torch.seed())
         temp, top_p = max(float(request.temperature), 1e-5), float(request.top_p)
 
@@ -378,18 +455,22 @@ class Engine:
         last_step = 0.0
         while stop is None:
             if tok in self.eos_ids:
-                stop = "eos"
+                stop = 'eos'
             elif len(tokens) >= max_new:
-                stop = "max_new_tokens"
+                stop = 'max_new_tokens'
             elif cancel is not None and cancel.is_set():
-                stop = "cancelled"
+                stop = 'cancelled'
             elif time.monotonic() + last_step > deadline:
-                stop = "deadline"
+                stop = 'deadline'
             if stop:
                 break
             t0 = time.monotonic()
-            out = model(input_ids=torch.tensor([[tok]], device=dev), cache=cache, use_cache=True,
-                        position_ids=torch.tensor([[pos]], device=dev))
+            out = model(
+                input_ids=torch.tensor([[tok]], device=dev),
+                cache=cache,
+                use_cache=True,
+                position_ids=torch.tensor([[pos]], device=dev),
+            )
             tok = select(out.logits[0, -1])
             t1 = time.monotonic()
             last_step = t1 - t0
@@ -400,20 +481,35 @@ class Engine:
             if request.on_token:
                 request.on_token(len(tokens) - 1, tok, self.decode_text(tokens))
         finished = time.monotonic()
-        completed = stop in ("eos", "max_new_tokens")
+        completed = stop in ('eos', 'max_new_tokens')
         deadline_met = completed and finished <= deadline
         text = self.decode_text(tokens)
-        if not completed and (stop == "cancelled" or request.overrun == "kill"):
-            text = ""
+        if not completed and (stop == 'cancelled' or request.overrun == 'kill'):
+            text = ''
         return GenerationResult(
-            text=text, token_ids=tokens, completed=completed, deadline_met=deadline_met, stop_reason=stop,
-            alpha=state.alpha, kv_before=state.kv_before, kv_after=state.kv_after, tokens_generated=len(tokens),
-            prefill_s=state.prefill_s, evict_s=state.evict_s, decode_step_s=steps,
-            total_s=finished - state.started_at, started_at=state.started_at, finished_at=finished,
-            token_times=times)
+            text=text,
+            token_ids=tokens,
+            completed=completed,
+            deadline_met=deadline_met,
+            stop_reason=stop,
+            alpha=state.alpha,
+            kv_before=state.kv_before,
+            kv_after=state.kv_after,
+            tokens_generated=len(tokens),
+            prefill_s=state.prefill_s,
+            evict_s=state.evict_s,
+            decode_step_s=steps,
+            total_s=finished - state.started_at,
+            started_at=state.started_at,
+            finished_at=finished,
+            token_times=times,
+        )
 
-    def generate(self, request: GenerationRequest,
-                 choose_alpha: Optional[Callable[[PrefillState], float]] = None) -> GenerationResult:
+    def generate(
+        self,
+        request: GenerationRequest,
+        choose_alpha: Optional[Callable[[PrefillState], float]] = None,
+    ) -> GenerationResult:
         """Prefill, pick α (fixed, or by ``choose_alpha`` once prefill is done), evict, decode."""
         started = time.monotonic()
         self.check_request(request)
@@ -441,16 +537,22 @@ class Engine:
     def time_decode_step(self, n_kv: int, repeats: int = 5) -> List[float]:
         """Wall time of one decode step with ``n_kv`` entries cached (contents do not matter)."""
         cfg = self.model.config.get_text_config(decoder=True)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        like = torch.zeros(1, cfg.num_key_value_heads, 1, head_dim, dtype=self.model.dtype, device=self.device)
+        head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
+        like = torch.zeros(
+            1, cfg.num_key_value_heads, 1, head_dim, dtype=self.model.dtype, device=self.device
+        )
         cache = kv_cache.make_cache(self.num_layers, n_kv + 1, preallocate=True)
         out = []
         for _ in range(repeats):
             for layer in cache.layers:
                 layer.fill_random(n_kv, like)
             t0 = time.monotonic()
-            logits = self.model(input_ids=torch.tensor([[5]], device=self.device), cache=cache, use_cache=True,
-                                position_ids=torch.tensor([[n_kv]], device=self.device)).logits
+            logits = self.model(
+                input_ids=torch.tensor([[5]], device=self.device),
+                cache=cache,
+                use_cache=True,
+                position_ids=torch.tensor([[n_kv]], device=self.device),
+            ).logits
             int(torch.argmax(logits[0, -1]))
             out.append(time.monotonic() - t0)
         return out
@@ -458,7 +560,13 @@ class Engine:
     def profile_key(self) -> Dict[str, str]:
         import transformers
 
-        return {"model": str(self.model_name), "dtype": str(self.model.dtype).replace("torch.", ""),
-                "device": str(self.device), "threads": str(torch.get_num_threads()),
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "press": self.press.name, "preallocate": str(self.preallocate)}
+        return {
+            'model': str(self.model_name),
+            'dtype': str(self.model.dtype).replace('torch.', ''),
+            'device': str(self.device),
+            'threads': str(torch.get_num_threads()),
+            'torch': torch.__version__,
+            'transformers': transformers.__version__,
+            'press': self.press.name,
+            'preallocate': str(self.preallocate),
+        }

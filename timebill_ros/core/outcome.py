@@ -10,16 +10,23 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 # The one table of status names, in the order of the action's STATUS_* constants.
-STATUS_NAMES = ("succeeded", "truncated", "killed", "deadline_missed", "canceled", "aborted",
-                "rejected")
-ANSWERED = ("succeeded", "truncated")  # statuses that carry an answer for the planner
+STATUS_NAMES = (
+    'succeeded',
+    'truncated',
+    'killed',
+    'deadline_missed',
+    'canceled',
+    'aborted',
+    'rejected',
+)
+ANSWERED = ('succeeded', 'truncated')  # statuses that carry an answer for the planner
 
 
 @dataclass
 class Outcome:
     status: str
-    reason: str = ""
-    text: str = ""
+    reason: str = ''
+    text: str = ''
     completed: bool = False
     deadline_met: bool = False
     alpha: float = 0.0
@@ -48,5 +55,5 @@ class Outcome:
 
     def summary(self) -> dict:
         """The plain fields (for JSON reports)."""
-        skip = ("verdict", "replans", "result")
+        skip = ('verdict', 'replans', 'result')
         return {k: v for k, v in self.__dict__.items() if k not in skip}

@@ -18,11 +18,11 @@ latest start has passed. ``submit`` returns a ``concurrent.futures.Future`` of t
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 import math
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from .budget import BudgetVerdict, solve_alpha, solve_alpha_after_prefill
@@ -31,7 +31,7 @@ from .errors import PrefillStopped
 from .lengths import FixedLength, LengthEstimate, PredictorLength
 from .online_estimator import OnlineTimeModel
 from .outcome import Outcome
-from .scheduler import Admission, EdfQueue, Running, admission, min_job_s
+from .scheduler import Admission, admission, EdfQueue, min_job_s, Running
 from .time_estimator import ExecutionTimeModel
 
 MAX_PENDING = 128  # jobs held at once (queued + running); more are refused ("queue full")
@@ -50,15 +50,15 @@ class Job:
     input_ids: List[int]
     deadline: float = math.inf
     max_new_tokens: int = 0  # 0: the config's default
-    overrun: str = ""  # '' = config default; kill | truncate | skip-next
-    prompt: str = ""
-    system_prompt: str = ""
+    overrun: str = ''  # '' = config default; kill | truncate | skip-next
+    prompt: str = ''
+    system_prompt: str = ''
     accepted_at: Optional[float] = None
     alpha: Optional[float] = None  # a fixed eviction ratio; None: the solver's (TimeBill)
     k: Optional[float] = None  # pessimism; None: the config's
     replan: bool = True  # re-plan during decode when behind (never under skip-next)
     cancel: threading.Event = field(default_factory=threading.Event)
-    on_stage: Optional[Callable[["Job", str], None]] = None  # queued | prefill | decoding
+    on_stage: Optional[Callable[['Job', str], None]] = None  # queued | prefill | decoding
     on_token: Optional[Callable[[int, int, str], None]] = None  # (step, token id, text so far)
     tokens: int = 0  # tokens so far (feedback)
     tokens_at_cancel: Optional[int] = None
@@ -84,9 +84,16 @@ class BudgetEstimate:
 class Pipeline:
     """Owns the model, the queue and the time model; runs jobs one at a time."""
 
-    def __init__(self, engine, time_model: ExecutionTimeModel, cfg: TimeBillConfig,
-                 lengths=None, *, learn: bool = True, clock: Callable[[], float] = time.monotonic,
-                 ):
+    def __init__(
+        self,
+        engine,
+        time_model: ExecutionTimeModel,
+        cfg: TimeBillConfig,
+        lengths=None,
+        *,
+        learn: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.engine, self.cfg, self.clock = engine, cfg, clock
         self.lengths = lengths or FixedLength(None, clock=clock)
         self.online = OnlineTimeModel(time_model)
@@ -109,11 +116,15 @@ class Pipeline:
             n_prompt, max_new_tokens = job_or_n_prompt.n_prompt, job_or_n_prompt.max_new_tokens
         else:
             n_prompt = int(job_or_n_prompt)
-        return answer_cap(self.cfg.n_max, max_new_tokens or self.cfg.max_new_tokens, n_prompt,
-                          self.engine.max_context)
+        return answer_cap(
+            self.cfg.n_max,
+            max_new_tokens or self.cfg.max_new_tokens,
+            n_prompt,
+            self.engine.max_context,
+        )
 
     def latest_start(self, job: Job) -> float:
-        if job.overrun == "skip-next":
+        if job.overrun == 'skip-next':
             return math.inf  # it runs on past its deadline by choice
         return job.deadline - min_job_s(self.time_model(), job.n_prompt, self.cfg.alpha_max)
 
@@ -122,27 +133,57 @@ class Pipeline:
         now = self.clock() if now is None else now
         with self._cv:
             queued, running = self._queue.pending(), self._running
-        return admission(self.time_model(), now, deadline, n_prompt, queued, running,
-                         self.cfg.alpha_max)
+        return admission(
+            self.time_model(), now, deadline, n_prompt, queued, running, self.cfg.alpha_max
+        )
 
-    def estimate(self, n_prompt: int, budget_s: float, n_hat: int, max_new_tokens: int = 0,
-                 predict_s: float = 0.0, now: Optional[float] = None) -> BudgetEstimate:
+    def estimate(
+        self,
+        n_prompt: int,
+        budget_s: float,
+        n_hat: int,
+        max_new_tokens: int = 0,
+        predict_s: float = 0.0,
+        now: Optional[float] = None,
+    ) -> BudgetEstimate:
         """EstimateBudget: the α a goal would get now, and whether its worst case is guaranteed."""
         now = self.clock() if now is None else now
         model, cap = self.time_model(), self.n_cap(n_prompt, max_new_tokens)
         adm = self.admission(n_prompt, now + budget_s, now)
         k, amax = self.cfg.pessimism_k, self.cfg.alpha_max
-        verdict = solve_alpha(model, budget_s, n_prompt, min(n_hat, cap), k=k, n_max=cap,
-                              alpha_max=amax, predict_s=predict_s)
+        verdict = solve_alpha(
+            model,
+            budget_s,
+            n_prompt,
+            min(n_hat, cap),
+            k=k,
+            n_max=cap,
+            alpha_max=amax,
+            predict_s=predict_s,
+        )
         # the worst case again, starting when every job ahead has run to its end
         left = now + budget_s - adm.worst_start
-        worst = solve_alpha(model, left, n_prompt, min(n_hat, cap), k=k, n_max=cap,
-                            alpha_max=amax, predict_s=predict_s) if left > 0 else None
+        worst = (
+            solve_alpha(
+                model,
+                left,
+                n_prompt,
+                min(n_hat, cap),
+                k=k,
+                n_max=cap,
+                alpha_max=amax,
+                predict_s=predict_s,
+            )
+            if left > 0
+            else None
+        )
         guaranteed = adm.admit and worst is not None and worst.guaranteed
         reason = verdict.reason
         if verdict.guaranteed and not guaranteed:
-            reason += (f"; not guaranteed: {adm.ahead} goal(s) ahead may hold the model until "
-                       f"{adm.worst_start - now:.3f} s from now")
+            reason += (
+                f'; not guaranteed: {adm.ahead} goal(s) ahead may hold the model until '
+                f'{adm.worst_start - now:.3f} s from now'
+            )
         return BudgetEstimate(verdict, adm, guaranteed, cap, reason)
 
     # ------------------------------------------------------------------ queue
@@ -156,19 +197,25 @@ class Pipeline:
         problem = self._check(job)
         adm = None if problem else self.admission(job.n_prompt, job.deadline, now)
         if problem or not adm.admit:
-            fut.set_result(self._end(job, "rejected", problem or adm.reason))
+            fut.set_result(self._end(job, 'rejected', problem or adm.reason))
             return fut
         with self._cv:
             if len(self._futures) >= MAX_PENDING:
-                fut.set_result(self._end(job, "rejected", f"queue full: {len(self._futures)} goals "
-                                         f"are queued or running (limit {MAX_PENDING}); retry later"))
+                fut.set_result(
+                    self._end(
+                        job,
+                        'rejected',
+                        f'queue full: {len(self._futures)} goals '
+                        f'are queued or running (limit {MAX_PENDING}); retry later',
+                    )
+                )
                 return fut
             self._futures[job.request_id] = fut
             self._queue.push(job)
             self._start_threads()
             self._cv.notify_all()
         if job.on_stage:
-            job.on_stage(job, "queued")
+            job.on_stage(job, 'queued')
         return fut
 
     def run(self, job: Job) -> Outcome:
@@ -179,8 +226,11 @@ class Pipeline:
         """Cancel a queued job at once, or stop a running one at its next chunk or step."""
         with self._cv:
             job = self._queue.remove(request_id)
-            running = self._running_job if self._running_job is not None and \
-                self._running_job.request_id == request_id else None
+            running = (
+                self._running_job
+                if self._running_job is not None and self._running_job.request_id == request_id
+                else None
+            )
             if running is not None:
                 running.tokens_at_cancel = running.tokens
                 running.cancel.set()
@@ -190,15 +240,18 @@ class Pipeline:
             fut = self._futures.pop(request_id)
             self._cv.notify_all()
         job.cancel.set()
-        fut.set_result(self._end(job, "canceled", "canceled while queued"))
+        fut.set_result(self._end(job, 'canceled', 'canceled while queued'))
         return True
 
     def snapshot(self) -> dict:
         with self._cv:
-            return {"queued": len(self._queue), "running": self._running.job_id if self._running else "",
-                    "order": self._queue.order()}
+            return {
+                'queued': len(self._queue),
+                'running': self._running.job_id if self._running else '',
+                'order': self._queue.order(),
+            }
 
-    def close(self, reason: str = "the pipeline is shutting down") -> None:
+    def close(self, reason: str = 'the pipeline is shutting down') -> None:
         """End every queued job with ``reason``, stop the running one, and the threads."""
         with self._cv:
             self._closed = True
@@ -209,14 +262,17 @@ class Pipeline:
         for job in queued:
             fut = self._futures.pop(job.request_id, None)
             if fut is not None:
-                fut.set_result(self._end(job, "aborted", reason))
+                fut.set_result(self._end(job, 'aborted', reason))
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5.0)
 
     def _start_threads(self) -> None:
         if not self._threads:
-            for name, target in (("timebill_model", self._work), ("timebill_expiry", self._expire)):
+            for name, target in (
+                ('timebill_model', self._work),
+                ('timebill_expiry', self._expire),
+            ):
                 t = threading.Thread(target=target, name=name, daemon=True)
                 t.start()
                 self._threads.append(t)
@@ -237,10 +293,17 @@ class Pipeline:
             for job, fut in zip(gone, futs):
                 left = job.deadline - self.clock()
                 need = min_job_s(self.time_model(), job.n_prompt, self.cfg.alpha_max)
-                fut.set_result(self._end(job, "killed", (
-                    f"not started: still queued with {max(left, 0):.3f} s left, but even at "
-                    f"α_max={self.cfg.alpha_max:g} it needs {need:.3f} s (prefill of "
-                    f"{job.n_prompt} tokens + 1 step); no eviction ratio can help")))
+                fut.set_result(
+                    self._end(
+                        job,
+                        'killed',
+                        (
+                            f'not started: still queued with {max(left, 0):.3f} s left, but even at '
+                            f'α_max={self.cfg.alpha_max:g} it needs {need:.3f} s (prefill of '
+                            f'{job.n_prompt} tokens + 1 step); no eviction ratio can help'
+                        ),
+                    )
+                )
 
     def _work(self) -> None:
         while True:
@@ -253,17 +316,20 @@ class Pipeline:
                 model = self.time_model()
                 now = self.clock()
                 self._running_job = job
-                self._running = Running(job.request_id, job.deadline,
-                                        now + min_job_s(model, job.n_prompt, self.cfg.alpha_max),
-                                        job.deadline if job.overrun != "skip-next" else math.inf)
+                self._running = Running(
+                    job.request_id,
+                    job.deadline,
+                    now + min_job_s(model, job.n_prompt, self.cfg.alpha_max),
+                    job.deadline if job.overrun != 'skip-next' else math.inf,
+                )
             try:
                 out = self.serve(job)
             except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the worker
-                out = self._end(job, "aborted", f"generator error: {exc or type(exc).__name__}")
+                out = self._end(job, 'aborted', f'generator error: {exc or type(exc).__name__}')
             with self._cv:
                 self._running = self._running_job = None
                 fut = self._futures.pop(job.request_id, None)
-                if job.overrun == "skip-next" and out.completed and not out.deadline_met:
+                if job.overrun == 'skip-next' and out.completed and not out.deadline_met:
                     skipped = self._queue.drain()
                 else:
                     skipped = []
@@ -271,9 +337,16 @@ class Pipeline:
             for other in skipped:
                 f = self._futures.pop(other.request_id, None)
                 if f is not None:
-                    f.set_result(self._end(other, "rejected", (
-                        f"skipped: goal {job.request_id[:8]} overran its deadline (overrun "
-                        f"policy skip-next) while this goal waited")))
+                    f.set_result(
+                        self._end(
+                            other,
+                            'rejected',
+                            (
+                                f'skipped: goal {job.request_id[:8]} overran its deadline (overrun '
+                                f'policy skip-next) while this goal waited'
+                            ),
+                        )
+                    )
             if fut is not None:
                 fut.set_result(out)
 
@@ -288,19 +361,24 @@ class Pipeline:
         left = job.deadline - clock()
         need = min_job_s(model, job.n_prompt, cfg.alpha_max)
         if job.cancel.is_set():
-            return self._end(job, "canceled", "canceled while queued")
-        if job.overrun != "skip-next" and need > left:
-            return self._end(job, "killed", (
-                f"not started: predicted prefill and one step take {need:.3f} s > "
-                f"{max(left, 0):.3f} s left before the deadline; no eviction ratio can help"))
+            return self._end(job, 'canceled', 'canceled while queued')
+        if job.overrun != 'skip-next' and need > left:
+            return self._end(
+                job,
+                'killed',
+                (
+                    f'not started: predicted prefill and one step take {need:.3f} s > '
+                    f'{max(left, 0):.3f} s left before the deadline; no eviction ratio can help'
+                ),
+            )
         out = self._blank(job)
         if job.on_stage:
-            job.on_stage(job, "prefill")
+            job.on_stage(job, 'prefill')
         self.lengths.start(job)
         try:
             state = self.prefill(job, out)
         except PrefillStopped as stop:
-            status = "canceled" if job.cancel.is_set() else "killed"
+            status = 'canceled' if job.cancel.is_set() else 'killed'
             return self._end(job, status, stop.reason, out)
         est = self.lengths.wait(job, clock() + cfg.estimate_slack_s)
         cap = self.n_cap(job)
@@ -319,10 +397,13 @@ class Pipeline:
         with self._cv:
             if self._running is not None:
                 # admission's lower bound: prefill is done, and the answer may end at any step
-                self._running.expected_end = clock() + self.time_model().decode_step_s(state.kv_after)
+                self._running.expected_end = clock() + self.time_model().decode_step_s(
+                    state.kv_after
+                )
                 if verdict is not None and verdict.guaranteed:  # the planned worst case bounds it
-                    self._running.worst_end = min(self._running.worst_end,
-                                                  job.accepted_at + verdict.total_s)
+                    self._running.worst_end = min(
+                        self._running.worst_end, job.accepted_at + verdict.total_s
+                    )
         return self.decode(job, state, out, n_hat, cap)
 
     def prefill(self, job: Job, out: Outcome):
@@ -333,22 +414,29 @@ class Pipeline:
 
         def should_stop(done: int, elapsed: float) -> Optional[str]:
             if job.cancel.is_set():
-                return f"canceled during prefill ({done} of {n} prompt tokens done)"
-            if job.overrun == "skip-next" or done <= 0:
+                return f'canceled during prefill ({done} of {n} prompt tokens done)'
+            if job.overrun == 'skip-next' or done <= 0:
                 return None
             part = model.prefill_s(done)
             rest = (full - part) * (elapsed / part if part > 0 else 1.0)
             left = job.deadline - clock()
             if rest + step_min > left:
-                return (f"stopped prefill after {done} of {n} prompt tokens: the rest needs about "
-                        f"{rest:.3f} s + one step {step_min:.3f} s, {max(left, 0):.3f} s left "
-                        f"before the deadline; no eviction ratio can help")
+                return (
+                    f'stopped prefill after {done} of {n} prompt tokens: the rest needs about '
+                    f'{rest:.3f} s + one step {step_min:.3f} s, {max(left, 0):.3f} s left '
+                    f'before the deadline; no eviction ratio can help'
+                )
             return None
 
         out.prefill_start_s = clock() - job.accepted_at
         cap = min(self.engine.max_context, n + (job.max_new_tokens or cfg.max_new_tokens) + 1)
-        state = self.engine.prefill(job.input_ids, capacity=cap, started_at=job.accepted_at,
-                                    chunk_tokens=cfg.prefill_chunk, should_stop=should_stop)
+        state = self.engine.prefill(
+            job.input_ids,
+            capacity=cap,
+            started_at=job.accepted_at,
+            chunk_tokens=cfg.prefill_chunk,
+            should_stop=should_stop,
+        )
         out.prefill_end_s = clock() - job.accepted_at
         out.prefill_s = state.prefill_s
         if self.learn:
@@ -363,22 +451,30 @@ class Pipeline:
             return 0.0, None
         cap = self.n_cap(job)
         verdict = solve_alpha_after_prefill(
-            self.time_model(), budget_s=job.deadline - job.accepted_at, elapsed_s=max(elapsed_s, 0.0),
-            n_prompt=job.n_prompt, n_hat=min(n_hat, cap), prefill_s=prefill_s,
-            k=job.k if job.k is not None else self.cfg.pessimism_k, n_max=cap,
-            alpha_max=self.cfg.alpha_max)
+            self.time_model(),
+            budget_s=job.deadline - job.accepted_at,
+            elapsed_s=max(elapsed_s, 0.0),
+            n_prompt=job.n_prompt,
+            n_hat=min(n_hat, cap),
+            prefill_s=prefill_s,
+            k=job.k if job.k is not None else self.cfg.pessimism_k,
+            n_max=cap,
+            alpha_max=self.cfg.alpha_max,
+        )
         return verdict.alpha, verdict
 
-    def decode(self, job: Job, state, out: Outcome, n_hat: int, cap: int,
-               stop_at_deadline: bool = True) -> Outcome:
+    def decode(
+        self, job: Job, state, out: Outcome, n_hat: int, cap: int, stop_at_deadline: bool = True
+    ) -> Outcome:
         """Decode to EOS, max_new_tokens, the deadline or a cancel. ``stop_at_deadline=False``
         (the sweep, which judges every budget from one run's token times) runs on to the end,
-        still re-planning toward the deadline."""
+        still re-planning toward the deadline.
+        """
         from .engine import GenerationRequest
         from .replan import Replanner
 
         clock, cfg = self.clock, self.cfg
-        skip_next = job.overrun == "skip-next"
+        skip_next = job.overrun == 'skip-next'
         deadline = None if skip_next or math.isinf(job.deadline) else job.deadline
 
         def on_token(step: int, token_id: int, text: str) -> None:
@@ -388,87 +484,137 @@ class Pipeline:
 
         replan = None
         if job.replan and deadline is not None and job.alpha is None:
-            replan = Replanner(state.cache, self.time_model(), deadline, n_hat=max(n_hat, 1),
-                               n_cap=cap, n_prompt=job.n_prompt, alpha_max=cfg.alpha_max,
-                               n_sink=cfg.n_sink, then=on_token, clock=clock)
+            replan = Replanner(
+                state.cache,
+                self.time_model(),
+                deadline,
+                n_hat=max(n_hat, 1),
+                n_cap=cap,
+                n_prompt=job.n_prompt,
+                alpha_max=cfg.alpha_max,
+                n_sink=cfg.n_sink,
+                then=on_token,
+                clock=clock,
+            )
         out.decode_start_s = clock() - job.accepted_at
         if job.on_stage:
-            job.on_stage(job, "decoding")
-        res = self.engine.decode(state, GenerationRequest(
-            input_ids=job.input_ids, max_new_tokens=job.max_new_tokens or cfg.max_new_tokens,
-            deadline=deadline if stop_at_deadline else None,
-            overrun="truncate" if skip_next else job.overrun,
-            on_token=replan or on_token, cancel=job.cancel))
+            job.on_stage(job, 'decoding')
+        res = self.engine.decode(
+            state,
+            GenerationRequest(
+                input_ids=job.input_ids,
+                max_new_tokens=job.max_new_tokens or cfg.max_new_tokens,
+                deadline=deadline if stop_at_deadline else None,
+                overrun='truncate' if skip_next else job.overrun,
+                on_token=replan or on_token,
+                cancel=job.cancel,
+            ),
+        )
         if self.learn:
             self.online.observe_decode(res.kv_after, list(res.decode_step_s))
         out.replans = list(replan.events) if replan is not None else []
         out.result = res
         out.text, out.completed = res.text, res.completed
-        out.tokens_generated, out.kv_before, out.kv_after = res.tokens_generated, res.kv_before, \
-            res.kv_after
+        out.tokens_generated, out.kv_before, out.kv_after = (
+            res.tokens_generated,
+            res.kv_before,
+            res.kv_after,
+        )
         out.decode_s = res.decode_s
         finished = clock()
         out.deadline_met = res.completed and finished <= job.deadline
-        status, reason = classify(res.stop_reason, res.completed, finished, job.deadline, job.overrun,
-                                  res.tokens_generated)
-        if out.verdict is not None and out.verdict.status != "met" and status != "succeeded":
-            reason += f"; solver: {out.verdict.status}: {out.verdict.reason}"
+        status, reason = classify(
+            res.stop_reason,
+            res.completed,
+            finished,
+            job.deadline,
+            job.overrun,
+            res.tokens_generated,
+        )
+        if out.verdict is not None and out.verdict.status != 'met' and status != 'succeeded':
+            reason += f'; solver: {out.verdict.status}: {out.verdict.reason}'
         if out.replans:
             ev = out.replans
-            reason += (f"; re-planned {len(ev)} time(s) during decode (KV {ev[0].kv_before} -> "
-                       f"{ev[-1].kv_after})")
-        if status == "canceled":
-            out.text = ""
+            reason += (
+                f'; re-planned {len(ev)} time(s) during decode (KV {ev[0].kv_before} -> '
+                f'{ev[-1].kv_after})'
+            )
+        if status == 'canceled':
+            out.text = ''
             at = job.tokens_at_cancel if job.tokens_at_cancel is not None else res.tokens_generated
-            reason = (f"canceled: stopped {max(res.tokens_generated - at, 0)} decode step(s) after the "
-                      f"cancel request")
+            reason = (
+                f'canceled: stopped {max(res.tokens_generated - at, 0)} decode step(s) after the '
+                f'cancel request'
+            )
         return self._end(job, status, reason, out, finished)
 
     # ---------------------------------------------------------------- outcomes
     def _check(self, job: Job) -> str:
         if not job.input_ids:
-            return "the prompt has no tokens: nothing to answer"
+            return 'the prompt has no tokens: nothing to answer'
         if job.n_prompt >= self.engine.max_context:
-            return (f"prompt has {job.n_prompt} tokens; the model's context is "
-                    f"{self.engine.max_context} (no room to answer)")
-        if job.overrun not in ("kill", "truncate", "skip-next"):
-            return f"unknown overrun policy {job.overrun!r}; use kill, truncate or skip-next"
+            return (
+                f"prompt has {job.n_prompt} tokens; the model's context is "
+                f'{self.engine.max_context} (no room to answer)'
+            )
+        if job.overrun not in ('kill', 'truncate', 'skip-next'):
+            return f'unknown overrun policy {job.overrun!r}; use kill, truncate or skip-next'
         if math.isnan(job.deadline):
-            return "the deadline is NaN"
-        return ""
+            return 'the deadline is NaN'
+        return ''
 
     def _blank(self, job: Job) -> Outcome:
-        return Outcome(status="", prompt_tokens=job.n_prompt, kv_before=job.n_prompt,
-                       kv_after=job.n_prompt)
+        return Outcome(
+            status='', prompt_tokens=job.n_prompt, kv_before=job.n_prompt, kv_after=job.n_prompt
+        )
 
-    def _end(self, job: Job, status: str, reason: str, out: Optional[Outcome] = None,
-             finished: Optional[float] = None) -> Outcome:
+    def _end(
+        self,
+        job: Job,
+        status: str,
+        reason: str,
+        out: Optional[Outcome] = None,
+        finished: Optional[float] = None,
+    ) -> Outcome:
         out = out or self._blank(job)
         out.status, out.reason = status, reason
-        if status in ("rejected", "killed", "canceled", "aborted") and out.result is None:
+        if status in ('rejected', 'killed', 'canceled', 'aborted') and out.result is None:
             out.alpha, out.kv_after = 0.0, out.kv_before  # nothing was evicted
         accepted = job.accepted_at if job.accepted_at is not None else self.clock()
-        out.finished_at_s = out.total_s = (finished if finished is not None else self.clock()) - accepted
+        out.finished_at_s = out.total_s = (
+            finished if finished is not None else self.clock()
+        ) - accepted
         if self.on_observed is not None:
             self.on_observed(out)
         return out
 
 
-def classify(stop_reason: str, completed: bool, finished: float, deadline: float, overrun: str,
-             tokens: int) -> tuple:
+def classify(
+    stop_reason: str, completed: bool, finished: float, deadline: float, overrun: str, tokens: int
+) -> tuple:
     """(status, reason) of a decode that ended: the one table of how runs end."""
     slack = deadline - finished
-    if stop_reason == "cancelled":
-        return "canceled", f"canceled: stopped after {tokens} token(s)"
+    if stop_reason == 'cancelled':
+        return 'canceled', f'canceled: stopped after {tokens} token(s)'
     if completed and slack >= 0:
-        when = "" if math.isinf(deadline) else f" {slack:.3f} s before the deadline"
-        return "succeeded", f"finished ({stop_reason}){when}"
+        when = '' if math.isinf(deadline) else f' {slack:.3f} s before the deadline'
+        return 'succeeded', f'finished ({stop_reason}){when}'
     if completed:
-        return "deadline_missed", f"finished ({stop_reason}) {-slack:.3f} s after the deadline"
-    if overrun == "truncate":
-        return "truncated", f"truncated at the deadline after {tokens} tokens"
-    return "killed", f"killed at the deadline after {tokens} tokens (overrun policy kill)"
+        return 'deadline_missed', f'finished ({stop_reason}) {-slack:.3f} s after the deadline'
+    if overrun == 'truncate':
+        return 'truncated', f'truncated at the deadline after {tokens} tokens'
+    return 'killed', f'killed at the deadline after {tokens} tokens (overrun policy kill)'
 
 
-__all__ = ["Pipeline", "Job", "Outcome", "LengthEstimate", "FixedLength", "PredictorLength",
-           "BudgetEstimate", "answer_cap", "classify", "MAX_PENDING"]
+__all__ = [
+    'Pipeline',
+    'Job',
+    'Outcome',
+    'LengthEstimate',
+    'FixedLength',
+    'PredictorLength',
+    'BudgetEstimate',
+    'answer_cap',
+    'classify',
+    'MAX_PENDING',
+]

@@ -17,9 +17,9 @@ Not yet wired into the generator node; see the report of issue 7.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
@@ -45,9 +45,12 @@ def re_evict(cache, keep: int, n_sink: int = 4) -> int:
     return keep
 
 
-def target_kv(model: ExecutionTimeModel, seconds_left: float, steps_left: int, slowdown: float) -> float:
+def target_kv(
+    model: ExecutionTimeModel, seconds_left: float, steps_left: int, slowdown: float
+) -> float:
     """The largest KV length at which ``steps_left`` steps (each adding one entry), ``slowdown``
-    times slower than the model says, fit in ``seconds_left``; -inf when even an empty cache cannot."""
+    times slower than the model says, fit in ``seconds_left``; -inf when even an empty cache cannot.
+    """
     if steps_left <= 0:
         return math.inf
     per_step = seconds_left / (steps_left * max(slowdown, 1e-6))
@@ -103,19 +106,25 @@ class Replanner:
         measured = sum(recent) / len(recent)
         predicted = self.model.decode_step_s(kv)
         slowdown = max(measured / predicted, 1.0) if predicted > 0 else 1.0
-        expected_total = self.n_hat if tokens < self.n_hat else min(math.ceil(tokens * self.growth), self.n_cap)
+        expected_total = (
+            self.n_hat if tokens < self.n_hat else min(math.ceil(tokens * self.growth), self.n_cap)
+        )
         steps_left = max(min(expected_total, self.n_cap) - tokens, 0)
         left = self.deadline - now
         need = steps_left * slowdown * (self.model.p * (kv + steps_left / 2.0) + self.model.q)
         if steps_left == 0 or need <= left:
             return None
-        floor = max(int(math.ceil(self.n_prompt * (1.0 - self.alpha_max))) + tokens, self.n_sink + 1)
+        floor = max(
+            int(math.ceil(self.n_prompt * (1.0 - self.alpha_max))) + tokens, self.n_sink + 1
+        )
         target = target_kv(self.model, left, steps_left, slowdown)
         keep = int(max(min(target, kv - 1), floor)) if math.isfinite(target) else floor
         if keep >= kv:
             return None
-        why = (f"{'answer outgrew N̂' if tokens >= self.n_hat else 'steps slower than estimated'}: "
-               f"{steps_left} steps need {need:.3f} s at {slowdown:.2f}x the estimate, {left:.3f} s left")
+        why = (
+            f'{"answer outgrew N̂" if tokens >= self.n_hat else "steps slower than estimated"}: '
+            f'{steps_left} steps need {need:.3f} s at {slowdown:.2f}x the estimate, {left:.3f} s left'
+        )
         new = re_evict(self.cache, keep, self.n_sink)
         ev = ReplanEvent(tokens, why, kv, new)
         self.events.append(ev)

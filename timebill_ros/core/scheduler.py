@@ -21,10 +21,10 @@ A queued job also leaves the queue, with a reason, the moment it can no longer f
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 import heapq
 import itertools
 import math
-from dataclasses import dataclass, field
 from typing import Any, Iterable, List, Optional
 
 from .time_estimator import ExecutionTimeModel
@@ -42,7 +42,8 @@ class Pending:
 @dataclass
 class Running:
     """The job holding the model: when it ends at the earliest (``expected_end``: remaining prefill
-    and one step) and at the latest (its deadline, or its planned worst case)."""
+    and one step) and at the latest (its deadline, or its planned worst case).
+    """
 
     job_id: str
     deadline: float
@@ -55,7 +56,9 @@ class Admission:
     admit: bool
     reason: str
     ahead: int  # jobs that will run before this one (the running one included)
-    ahead_s: float  # expected remaining work of those jobs (seconds, a lower bound for queued ones)
+    ahead_s: (
+        float  # expected remaining work of those jobs (seconds, a lower bound for queued ones)
+    )
     own_s: float  # lower bound on this job's own work (prefill + one step at α_max)
     left_s: float  # seconds from now to this job's deadline
     worst_start: float  # the latest this job can start (absolute), from the jobs ahead's deadlines
@@ -66,9 +69,12 @@ def min_job_s(model: ExecutionTimeModel, n_prompt: int, alpha_max: float) -> flo
     return model.prefill_s(n_prompt) + model.decode_step_s(max(n_prompt * (1.0 - alpha_max), 1.0))
 
 
-def worst_start(now: float, running: Optional[Running], ahead: Iterable[Pending], step_s: float) -> float:
+def worst_start(
+    now: float, running: Optional[Running], ahead: Iterable[Pending], step_s: float
+) -> float:
     """Upper bound on when a job behind ``running`` and ``ahead`` starts: each of them ends by
-    its deadline plus one decode step (kill/truncate) or by its planned worst case."""
+    its deadline plus one decode step (kill/truncate) or by its planned worst case.
+    """
     t = now
     if running is not None:
         t = max(t, min(running.worst_end, running.deadline + step_s))
@@ -77,9 +83,15 @@ def worst_start(now: float, running: Optional[Running], ahead: Iterable[Pending]
     return t
 
 
-def admission(model: ExecutionTimeModel, now: float, deadline: float, n_prompt: int,
-              queued: Iterable[Pending], running: Optional[Running] = None,
-              alpha_max: float = 0.95) -> Admission:
+def admission(
+    model: ExecutionTimeModel,
+    now: float,
+    deadline: float,
+    n_prompt: int,
+    queued: Iterable[Pending],
+    running: Optional[Running] = None,
+    alpha_max: float = 0.95,
+) -> Admission:
     """Can a new job (``n_prompt`` tokens, absolute ``deadline``) still finish, given the queue?"""
     ahead = [p for p in queued if p.deadline <= deadline]
     # the running job needs at least one more step, whatever its expected end said
@@ -90,12 +102,14 @@ def admission(model: ExecutionTimeModel, now: float, deadline: float, n_prompt: 
     n_ahead = len(ahead) + (running is not None)
     start = worst_start(now, running, ahead, model.decode_step_s(n_prompt))
     if ahead_s + own <= left:
-        return Admission(True, "", n_ahead, ahead_s, own, left, start)
-    why = (f"cannot finish even at α_max={alpha_max:g}: {left:.3f} s left before the deadline, "
-           f"but this goal needs at least {own:.3f} s (prefill of {n_prompt} tokens + 1 step)")
+        return Admission(True, '', n_ahead, ahead_s, own, left, start)
+    why = (
+        f'cannot finish even at α_max={alpha_max:g}: {left:.3f} s left before the deadline, '
+        f'but this goal needs at least {own:.3f} s (prefill of {n_prompt} tokens + 1 step)'
+    )
     if n_ahead:
-        why += f" and {n_ahead} goal(s) ahead of it need about {ahead_s:.3f} s"
-    why += "; retry with a bigger budget or a shorter prompt"
+        why += f' and {n_ahead} goal(s) ahead of it need about {ahead_s:.3f} s'
+    why += '; retry with a bigger budget or a shorter prompt'
     return Admission(False, why, n_ahead, ahead_s, own, left, start)
 
 

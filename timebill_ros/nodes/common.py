@@ -7,47 +7,65 @@ here so the nodes call the core through one small function each.
 
 from __future__ import annotations
 
+from dataclasses import fields
 import math
 import sys
 import time
-from dataclasses import fields
 from types import SimpleNamespace
 from typing import Optional
 
 from rclpy.duration import Duration
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
-
 from timebill_ros.core.config import TimeBillConfig
 
 # --- channel names (relative: they follow the nodes' namespace) --------------------------
-ACTION_TIMED_INFERENCE = "timed_inference"  # planner-facing, on timebill_server
-ACTION_GENERATE = "timebill/generate"  # internal: server -> generator
-TOPIC_REQUESTS = "timebill/requests"  # server -> predictor, published with the generate goal
-TOPIC_ESTIMATES = "timebill/estimates"  # predictor -> generator (and anyone recording)
-TOPIC_HEARTBEAT = "timebill/heartbeat"  # generator -> server: alive (pid), lifecycle state, queue
-SERVICE_ESTIMATE_BUDGET = "timebill/estimate_budget"  # planner-facing, on timebill_generator
-SERVICE_PREDICT_LENGTH = "timebill/predict_length"  # generator -> predictor (EstimateBudget)
+ACTION_TIMED_INFERENCE = 'timed_inference'  # planner-facing, on timebill_server
+ACTION_GENERATE = 'timebill/generate'  # internal: server -> generator
+TOPIC_REQUESTS = 'timebill/requests'  # server -> predictor, published with the generate goal
+TOPIC_ESTIMATES = 'timebill/estimates'  # predictor -> generator (and anyone recording)
+TOPIC_HEARTBEAT = 'timebill/heartbeat'  # generator -> server: alive (pid), lifecycle state, queue
+SERVICE_ESTIMATE_BUDGET = 'timebill/estimate_budget'  # planner-facing, on timebill_generator
+SERVICE_PREDICT_LENGTH = 'timebill/predict_length'  # generator -> predictor (EstimateBudget)
 
 # Requests and estimates must not be lost (a lost estimate costs a pessimistic N_max plan), but a
 # restarted node must not act on stale ones: reliable, volatile.
-CHANNEL_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.VOLATILE)
-HEARTBEAT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                           durability=DurabilityPolicy.VOLATILE)
+CHANNEL_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=50,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+HEARTBEAT_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
 
 # Action goal/result/cancel services: ROS's default keeps only the last 10 requests, so a burst
 # of more than 10 goals (several planners at once) silently loses the rest.
-SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=256, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.VOLATILE)
-ACTION_QOS = dict(goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
-                  cancel_service_qos_profile=SERVICE_QOS)
+SERVICE_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=256,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+ACTION_QOS = {
+    'goal_service_qos_profile': SERVICE_QOS,
+    'result_service_qos_profile': SERVICE_QOS,
+    'cancel_service_qos_profile': SERVICE_QOS,
+}
 
 from lifecycle_msgs.msg import Transition  # noqa: E402
 
-TRANSITIONS = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
-               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP,
-               "shutdown": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN}
+TRANSITIONS = {
+    'configure': Transition.TRANSITION_CONFIGURE,
+    'activate': Transition.TRANSITION_ACTIVATE,
+    'deactivate': Transition.TRANSITION_DEACTIVATE,
+    'cleanup': Transition.TRANSITION_CLEANUP,
+    'shutdown': Transition.TRANSITION_UNCONFIGURED_SHUTDOWN,
+}
 
 N_THREADS = 4  # executor threads of a node whose callbacks never block for long
 # Goals held at once by the server and the generator (queued + running); each holds one executor
@@ -77,7 +95,7 @@ def duration_to_s(d) -> float:
 
 def s_to_duration(seconds: float):
     if not math.isfinite(seconds):
-        raise ValueError(f"a duration must be finite, got {seconds}")
+        raise ValueError(f'a duration must be finite, got {seconds}')
     return Duration(nanoseconds=int(round(seconds * 1e9))).to_msg()
 
 
@@ -105,10 +123,14 @@ def uuid_hex(uuid_msg) -> str:
 
 def copy_fields(src, dst, skip=()):
     """Copy same-named fields: Generate and TimedInference results share them, and
-    ``core.outcome.Outcome`` uses the same names (its ``status`` is a name: see ``to_result``)."""
+    ``core.outcome.Outcome`` uses the same names (its ``status`` is a name: see ``to_result``).
+    """
     names = set(dst.get_fields_and_field_types()) - set(skip)
-    src_names = (src.get_fields_and_field_types() if hasattr(src, "get_fields_and_field_types")
-                 else vars(src))
+    src_names = (
+        src.get_fields_and_field_types()
+        if hasattr(src, 'get_fields_and_field_types')
+        else vars(src)
+    )
     for name in src_names:
         if name in names:
             value, kind = getattr(src, name), type(getattr(dst, name))
@@ -118,7 +140,7 @@ def copy_fields(src, dst, skip=()):
 
 def to_result(outcome, result_type):
     """An action result from a pipeline ``Outcome``."""
-    result = copy_fields(outcome, result_type(), skip=("status",))
+    result = copy_fields(outcome, result_type(), skip=('status',))
     result.status = status_code(outcome.status, result_type)
     return result
 
@@ -132,18 +154,17 @@ class PromptTokenizer:
     """
 
     def __init__(self, cfg: TimeBillConfig):
-        from transformers import AutoConfig, AutoTokenizer
-
         from timebill_ros.core.model import resolve_model_path
+        from transformers import AutoConfig, AutoTokenizer
 
         target, extra = resolve_model_path(cfg.model)
         self.tokenizer = AutoTokenizer.from_pretrained(target, **extra)
         mcfg = AutoConfig.from_pretrained(target, **extra)
-        text = mcfg.get_text_config(decoder=True) if hasattr(mcfg, "get_text_config") else mcfg
-        self.max_context = int(getattr(text, "max_position_embeddings", 0) or 2048)
+        text = mcfg.get_text_config(decoder=True) if hasattr(mcfg, 'get_text_config') else mcfg
+        self.max_context = int(getattr(text, 'max_position_embeddings', 0) or 2048)
         self._encoder = SimpleNamespace(tokenizer=self.tokenizer, chat_template=cfg.chat_template)
 
-    def encode(self, prompt: str, system_prompt: str = "") -> list[int]:
+    def encode(self, prompt: str, system_prompt: str = '') -> list[int]:
         from timebill_ros.core.engine import Engine
 
         return Engine.encode(self._encoder, prompt, system_prompt or None)
@@ -165,12 +186,12 @@ def run_node(node, num_threads: int = N_THREADS) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        release = getattr(node, "release", None)
+        release = getattr(node, 'release', None)
         if release is not None:
             try:
                 release()
             except Exception as exc:  # noqa: BLE001
-                print(f"[{node.get_name()}] release failed: {exc}", file=sys.stderr)
+                print(f'[{node.get_name()}] release failed: {exc}', file=sys.stderr)
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
@@ -183,7 +204,8 @@ def wait_first(*futures, timeout_s: Optional[float] = None):
 
     Execute callbacks block on this instead of being coroutines: rclpy (Kilted) re-runs every
     pending coroutine task on every executor wake, so a hundred awaiting goals cost a hundred
-    resumptions per feedback message, and results came back seconds late under load."""
+    resumptions per feedback message, and results came back seconds late under load.
+    """
     import threading
 
     done = threading.Event()
@@ -195,7 +217,7 @@ def wait_first(*futures, timeout_s: Optional[float] = None):
 
 def status_code(name: str, result_type) -> int:
     """The action's STATUS_* constant for a status name from core.outcome.STATUS_NAMES."""
-    return int(getattr(result_type, f"STATUS_{name.upper()}"))
+    return int(getattr(result_type, f'STATUS_{name.upper()}'))
 
 
 def status_name(code: int) -> str:
@@ -206,4 +228,3 @@ def status_name(code: int) -> str:
 
 def safe_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-

@@ -20,8 +20,10 @@ class ServedStats:
 
         self.lock = threading.Lock()
         self.counts = Counter()
-        self.length_err = deque(maxlen=self.WINDOW)  # |N̂ - tokens| over completed answers with an estimate
-        self.model_state = "unconfigured"
+        self.length_err = deque(
+            maxlen=self.WINDOW
+        )  # |N̂ - tokens| over completed answers with an estimate
+        self.model_state = 'unconfigured'
 
     def record(self, result) -> None:
         status = status_name(int(result.status))
@@ -29,39 +31,64 @@ class ServedStats:
             self.counts[status] += 1
             if result.status in (R.STATUS_REJECTED, R.STATUS_CANCELED, R.STATUS_ABORTED):
                 return
-            self.counts["planned"] += 1  # goals the server planned a deadline for and ran
+            self.counts['planned'] += 1  # goals the server planned a deadline for and ran
             if not result.deadline_met:
-                self.counts["missed"] += 1
+                self.counts['missed'] += 1
             if result.completed and not result.estimate_fallback and result.predicted_length > 0:
-                self.length_err.append(abs(int(result.predicted_length) - int(result.tokens_generated)))
+                self.length_err.append(
+                    abs(int(result.predicted_length) - int(result.tokens_generated))
+                )
 
     def to_status(self, queued: int, running: int, generator_ok: bool, active: bool):
         from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
         def mean(xs):
-            return f"{sum(xs) / len(xs):.2f}" if xs else "n/a"
+            return f'{sum(xs) / len(xs):.2f}' if xs else 'n/a'
 
         with self.lock:
-            planned, missed = self.counts["planned"], self.counts["missed"]
+            planned, missed = self.counts['planned'], self.counts['missed']
             rate = missed / planned if planned else 0.0
             kv = lambda k, v: KeyValue(key=k, value=str(v))  # noqa: E731
-            deadline = DiagnosticStatus(name="timebill_server: deadlines", hardware_id="timebill")
+            deadline = DiagnosticStatus(name='timebill_server: deadlines', hardware_id='timebill')
             deadline.level = DiagnosticStatus.OK if rate <= 0.05 else DiagnosticStatus.WARN
-            deadline.message = f"deadline-miss rate {rate:.1%} over {planned} planned goals"
-            deadline.values = [kv("deadline_miss_rate", f"{rate:.4f}"), kv("planned_goals", planned),
-                               kv("missed_goals", missed)] + [kv(f"goals_{k}", v) for k, v in sorted(self.counts.items())
-                                                              if k not in ("planned", "missed")]
-            est = DiagnosticStatus(name="timebill_server: estimators", hardware_id="timebill", level=DiagnosticStatus.OK)
-            est.message = (f"length error {mean(self.length_err)} tokens (time-model errors: "
-                           f"timebill_generator's online estimator status)")
-            est.values = [kv("length_abs_err_tokens_mean", mean(self.length_err)),
-                          kv("length_samples", len(self.length_err))]
-            queue = DiagnosticStatus(name="timebill_server: queue", hardware_id="timebill", level=DiagnosticStatus.OK)
-            queue.message = f"{queued} queued, {running} running"
-            queue.values = [kv("queue_length", queued), kv("running", running)]
-            model = DiagnosticStatus(name="timebill_server: model", hardware_id="timebill")
+            deadline.message = f'deadline-miss rate {rate:.1%} over {planned} planned goals'
+            deadline.values = [
+                kv('deadline_miss_rate', f'{rate:.4f}'),
+                kv('planned_goals', planned),
+                kv('missed_goals', missed),
+            ] + [
+                kv(f'goals_{k}', v)
+                for k, v in sorted(self.counts.items())
+                if k not in ('planned', 'missed')
+            ]
+            est = DiagnosticStatus(
+                name='timebill_server: estimators',
+                hardware_id='timebill',
+                level=DiagnosticStatus.OK,
+            )
+            est.message = (
+                f'length error {mean(self.length_err)} tokens (time-model errors: '
+                f"timebill_generator's online estimator status)"
+            )
+            est.values = [
+                kv('length_abs_err_tokens_mean', mean(self.length_err)),
+                kv('length_samples', len(self.length_err)),
+            ]
+            queue = DiagnosticStatus(
+                name='timebill_server: queue', hardware_id='timebill', level=DiagnosticStatus.OK
+            )
+            queue.message = f'{queued} queued, {running} running'
+            queue.values = [kv('queue_length', queued), kv('running', running)]
+            model = DiagnosticStatus(name='timebill_server: model', hardware_id='timebill')
             ok = active and generator_ok
-            model.level = DiagnosticStatus.OK if ok else (DiagnosticStatus.ERROR if active else DiagnosticStatus.WARN)
-            model.message = f"server {self.model_state}; generator {'reachable' if generator_ok else 'unreachable'}"
-            model.values = [kv("server_state", self.model_state), kv("generator_reachable", generator_ok)]
+            model.level = (
+                DiagnosticStatus.OK
+                if ok
+                else (DiagnosticStatus.ERROR if active else DiagnosticStatus.WARN)
+            )
+            model.message = f'server {self.model_state}; generator {"reachable" if generator_ok else "unreachable"}'
+            model.values = [
+                kv('server_state', self.model_state),
+                kv('generator_reachable', generator_ok),
+            ]
             return [deadline, est, queue, model]

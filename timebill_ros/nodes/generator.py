@@ -15,33 +15,49 @@ pipeline's one model thread works.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 import gc
 import os
 import sys
 import threading
 import time
-from collections import OrderedDict
 
 import rclpy
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-
 from timebill_ros.action import Generate
 from timebill_ros.core.calibration import time_model_for
 from timebill_ros.core.pipeline import Job, LengthEstimate, Pipeline
 from timebill_ros.msg import Estimate, Heartbeat
-from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, CHANNEL_QOS, HEARTBEAT_QOS,
-                                       SERVICE_ESTIMATE_BUDGET, SERVICE_PREDICT_LENGTH,
-                                       TOPIC_ESTIMATES, TOPIC_HEARTBEAT, GOAL_THREADS, wait_first,
-                                       declare_config, duration_to_s, read_config,
-                                       run_node, s_to_duration, safe_reason, to_result,
-                                       time_to_s, to_monotonic, uuid_hex, ros_now_s)
+from timebill_ros.nodes.common import (
+    ACTION_GENERATE,
+    ACTION_QOS,
+    CHANNEL_QOS,
+    declare_config,
+    duration_to_s,
+    GOAL_THREADS,
+    HEARTBEAT_QOS,
+    read_config,
+    ros_now_s,
+    run_node,
+    s_to_duration,
+    safe_reason,
+    SERVICE_ESTIMATE_BUDGET,
+    SERVICE_PREDICT_LENGTH,
+    time_to_s,
+    to_monotonic,
+    to_result,
+    TOPIC_ESTIMATES,
+    TOPIC_HEARTBEAT,
+    uuid_hex,
+    wait_first,
+)
 from timebill_ros.srv import EstimateBudget, PredictLength
 
 R = Generate.Result
 F = Generate.Feedback
-STAGES = {"queued": F.STAGE_QUEUED, "prefill": F.STAGE_PREFILL, "decoding": F.STAGE_DECODING}
+STAGES = {'queued': F.STAGE_QUEUED, 'prefill': F.STAGE_PREFILL, 'decoding': F.STAGE_DECODING}
 KEEP_ESTIMATES = 256
 FEEDBACK_PERIOD_S = 0.05  # at most this often a partial-text feedback while decoding
 PREDICT_TIMEOUT_S = 2.0  # EstimateBudget: without N̂ by then, plan with the cap (as a goal would)
@@ -52,12 +68,16 @@ class TopicLengths:
 
     def __init__(self):
         self._cv = threading.Condition()
-        self._got: "OrderedDict[str, LengthEstimate]" = OrderedDict()
+        self._got: 'OrderedDict[str, LengthEstimate]' = OrderedDict()
 
     def put(self, msg: Estimate) -> None:
         with self._cv:
-            self._got[msg.request_id] = LengthEstimate(int(msg.predicted_length), bool(msg.fallback),
-                                                       time.monotonic(), float(msg.prediction_s))
+            self._got[msg.request_id] = LengthEstimate(
+                int(msg.predicted_length),
+                bool(msg.fallback),
+                time.monotonic(),
+                float(msg.prediction_s),
+            )
             while len(self._got) > KEEP_ESTIMATES:
                 self._got.popitem(last=False)
             self._cv.notify_all()
@@ -67,7 +87,9 @@ class TopicLengths:
 
     def wait(self, job: Job, until: float):
         with self._cv:
-            self._cv.wait_for(lambda: job.request_id in self._got, max(until - time.monotonic(), 0.0))
+            self._cv.wait_for(
+                lambda: job.request_id in self._got, max(until - time.monotonic(), 0.0)
+            )
             return self._got.pop(job.request_id, None)
 
 
@@ -76,17 +98,17 @@ def _trim_heap() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to do
 
 
 class GeneratorNode(LifecycleNode):
     def __init__(self):
-        super().__init__("timebill_generator")
+        super().__init__('timebill_generator')
         declare_config(self)
         self.cfg = self.pipeline = self.engine = None
-        self.state_label, self.error = "unconfigured", ""
+        self.state_label, self.error = 'unconfigured', ''
         self._active = False
         self._group = ReentrantCallbackGroup()
         self._lengths = TopicLengths()
@@ -95,14 +117,15 @@ class GeneratorNode(LifecycleNode):
 
         self._ape = deque(maxlen=200)  # (prefill, decode) absolute % error of served requests
         self._heartbeat = self.create_publisher(Heartbeat, TOPIC_HEARTBEAT, HEARTBEAT_QOS)
-        period = float(self.get_parameter("heartbeat_s").value) or 0.25
+        period = float(self.get_parameter('heartbeat_s').value) or 0.25
         self.create_timer(period, self.publish_heartbeat, callback_group=self._group)
         from diagnostic_msgs.msg import DiagnosticArray
 
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=self._group)
-        self._predict = self.create_client(PredictLength, SERVICE_PREDICT_LENGTH,
-                                           callback_group=self._group)
+        self._predict = self.create_client(
+            PredictLength, SERVICE_PREDICT_LENGTH, callback_group=self._group
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -111,37 +134,61 @@ class GeneratorNode(LifecycleNode):
         try:
             self.cfg = read_config(self)
             self.engine = Engine.from_config(self.cfg)
-            model, source = time_model_for(self.cfg, log=self.get_logger().warning,
-                                            running_key=self.engine.profile_key())
+            model, source = time_model_for(
+                self.cfg, log=self.get_logger().warning, running_key=self.engine.profile_key()
+            )
         except Exception as exc:  # noqa: BLE001 - a failed configure says why (heartbeat.error)
-            self.error = f"configure failed: {safe_reason(exc)}"
+            self.error = f'configure failed: {safe_reason(exc)}'
             self.get_logger().error(self.error)
             self.cfg = self.engine = None
             self.publish_heartbeat()
             return TransitionCallbackReturn.FAILURE
-        self.error = ""
-        self.pipeline = Pipeline(self.engine, model, self.cfg, self._lengths,)
+        self.error = ''
+        self.pipeline = Pipeline(
+            self.engine,
+            model,
+            self.cfg,
+            self._lengths,
+        )
         self.pipeline.on_observed = self._observe
         self._entities = [
-            self.create_subscription(Estimate, TOPIC_ESTIMATES, self._lengths.put, CHANNEL_QOS,
-                                     callback_group=self._group),
-            ActionServer(self, Generate, ACTION_GENERATE, execute_callback=self.execute,
-                         goal_callback=self.on_goal, cancel_callback=self.on_cancel,
-                         callback_group=self._group, **ACTION_QOS),
-            self.create_service(EstimateBudget, SERVICE_ESTIMATE_BUDGET, self.on_estimate_budget,
-                                callback_group=self._group),
+            self.create_subscription(
+                Estimate,
+                TOPIC_ESTIMATES,
+                self._lengths.put,
+                CHANNEL_QOS,
+                callback_group=self._group,
+            ),
+            ActionServer(
+                self,
+                Generate,
+                ACTION_GENERATE,
+                execute_callback=self.execute,
+                goal_callback=self.on_goal,
+                cancel_callback=self.on_cancel,
+                callback_group=self._group,
+                **ACTION_QOS,
+            ),
+            self.create_service(
+                EstimateBudget,
+                SERVICE_ESTIMATE_BUDGET,
+                self.on_estimate_budget,
+                callback_group=self._group,
+            ),
         ]
-        self.state_label = "inactive"
-        self.get_logger().info(f"configured: model {self.cfg.model}, press {self.cfg.press}, "
-                               f"timing model from {source}")
+        self.state_label = 'inactive'
+        self.get_logger().info(
+            f'configured: model {self.cfg.model}, press {self.cfg.press}, '
+            f'timing model from {source}'
+        )
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active, self.state_label = True, "active"
+        self._active, self.state_label = True, 'active'
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active, self.state_label = False, "inactive"
+        self._active, self.state_label = False, 'inactive'
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -157,27 +204,36 @@ class GeneratorNode(LifecycleNode):
         self._active = False
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is not None:
-            pipeline.close("the generator is shutting down")
+            pipeline.close('the generator is shutting down')
         for entity in self._entities:
             entity.destroy() if isinstance(entity, ActionServer) else self._destroy(entity)
         self._entities = []
         self.engine = self.cfg = None
         gc.collect()
         _trim_heap()
-        self.state_label = "unconfigured"
+        self.state_label = 'unconfigured'
 
     def _destroy(self, entity) -> None:
-        if hasattr(entity, "srv_type"):
+        if hasattr(entity, 'srv_type'):
             self.destroy_service(entity)
         else:
             self.destroy_subscription(entity)
 
     # ---------------------------------------------------------------- heartbeat
     def publish_heartbeat(self) -> None:
-        snap = self.pipeline.snapshot() if self.pipeline is not None else {"queued": 0, "running": ""}
-        self._heartbeat.publish(Heartbeat(stamp=self.get_clock().now().to_msg(), pid=os.getpid(),
-                                          state=self.state_label, error=self.error,
-                                          queued=snap["queued"], running=snap["running"]))
+        snap = (
+            self.pipeline.snapshot() if self.pipeline is not None else {'queued': 0, 'running': ''}
+        )
+        self._heartbeat.publish(
+            Heartbeat(
+                stamp=self.get_clock().now().to_msg(),
+                pid=os.getpid(),
+                state=self.state_label,
+                error=self.error,
+                queued=snap['queued'],
+                running=snap['running'],
+            )
+        )
 
     def _observe(self, outcome) -> None:
         """Time-model error of one served request, for /diagnostics."""
@@ -186,9 +242,14 @@ class GeneratorNode(LifecycleNode):
         res, pipeline = outcome.result, self.pipeline
         if res is None or pipeline is None or not res.decode_step_s or outcome.prefill_s <= 0:
             return
-        e = served_errors(pipeline.time_model(), outcome.prompt_tokens, res.kv_after, outcome.prefill_s,
-                          list(res.decode_step_s))
-        self._ape.append((e["prefill_ape"], e["decode_ape"]))
+        e = served_errors(
+            pipeline.time_model(),
+            outcome.prompt_tokens,
+            res.kv_after,
+            outcome.prefill_s,
+            list(res.decode_step_s),
+        )
+        self._ape.append((e['prefill_ape'], e['decode_ape']))
 
     def _publish_diagnostics(self) -> None:
         from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -197,23 +258,30 @@ class GeneratorNode(LifecycleNode):
         if pipeline is None:
             return
         drift = pipeline.online.drift()
-        st = DiagnosticStatus(name="timebill_generator: online estimator", hardware_id="timebill",
-                              level=DiagnosticStatus.WARN if drift else DiagnosticStatus.OK,
-                              message="; ".join(drift) or "measured times inside the fitted model's band")
+        st = DiagnosticStatus(
+            name='timebill_generator: online estimator',
+            hardware_id='timebill',
+            level=DiagnosticStatus.WARN if drift else DiagnosticStatus.OK,
+            message='; '.join(drift) or "measured times inside the fitted model's band",
+        )
         ape = list(self._ape)
         values = dict(pipeline.online.summary(), estimator_samples=len(ape))
         if ape:
-            values["prefill_ape_pct_mean"] = sum(a for a, _ in ape) / len(ape)
-            values["decode_ape_pct_mean"] = sum(b for _, b in ape) / len(ape)
-        st.values = [KeyValue(key=k, value=f"{v:.4g}" if isinstance(v, float) else str(v))
-                     for k, v in values.items()]
+            values['prefill_ape_pct_mean'] = sum(a for a, _ in ape) / len(ape)
+            values['decode_ape_pct_mean'] = sum(b for _, b in ape) / len(ape)
+        st.values = [
+            KeyValue(key=k, value=f'{v:.4g}' if isinstance(v, float) else str(v))
+            for k, v in values.items()
+        ]
         msg = DiagnosticArray(status=[st])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(msg)
 
     # -------------------------------------------------------------------- goals
     def on_goal(self, goal: Generate.Goal) -> GoalResponse:
-        return GoalResponse.ACCEPT if self._active and goal.request.input_ids else GoalResponse.REJECT
+        return (
+            GoalResponse.ACCEPT if self._active and goal.request.input_ids else GoalResponse.REJECT
+        )
 
     def on_cancel(self, goal_handle) -> CancelResponse:
         if self.pipeline is not None:
@@ -225,8 +293,11 @@ class GeneratorNode(LifecycleNode):
         pipeline = self.pipeline
         if pipeline is None:
             goal_handle.abort()
-            return R(status=R.STATUS_ABORTED, reason="the generator is not configured",
-                     estimate_received_s=-1.0)
+            return R(
+                status=R.STATUS_ABORTED,
+                reason='the generator is not configured',
+                estimate_received_s=-1.0,
+            )
         feedback = F()
 
         def on_stage(job: Job, stage: str) -> None:
@@ -244,12 +315,18 @@ class GeneratorNode(LifecycleNode):
                 self._feedback(goal_handle, feedback, job, deadline_s)
 
         deadline_s = time_to_s(req.deadline)
-        job = Job(request_id=req.request_id, input_ids=[int(t) for t in req.input_ids],
-                  deadline=to_monotonic(deadline_s, self),
-                  accepted_at=to_monotonic(time_to_s(req.accepted_at), self),
-                  max_new_tokens=int(req.max_new_tokens), overrun=req.overrun_policy,
-                  prompt=req.prompt, system_prompt=req.system_prompt, on_stage=on_stage,
-                  on_token=on_token)
+        job = Job(
+            request_id=req.request_id,
+            input_ids=[int(t) for t in req.input_ids],
+            deadline=to_monotonic(deadline_s, self),
+            accepted_at=to_monotonic(time_to_s(req.accepted_at), self),
+            max_new_tokens=int(req.max_new_tokens),
+            overrun=req.overrun_policy,
+            prompt=req.prompt,
+            system_prompt=req.system_prompt,
+            on_stage=on_stage,
+            on_token=on_token,
+        )
         if goal_handle.is_cancel_requested:
             job.cancel.set()
         outcome = pipeline.submit(job).result()  # this thread waits; the model thread works
@@ -258,7 +335,7 @@ class GeneratorNode(LifecycleNode):
             job.tokens = outcome.tokens_generated
             self._feedback(goal_handle, feedback, job, deadline_s)
         result = to_result(outcome, R)
-        if outcome.status == "canceled" and goal_handle.is_cancel_requested:
+        if outcome.status == 'canceled' and goal_handle.is_cancel_requested:
             goal_handle.canceled()
         else:
             goal_handle.succeed()
@@ -274,13 +351,13 @@ class GeneratorNode(LifecycleNode):
         budget = duration_to_s(request.time_budget)
         pipeline = self.pipeline
         if pipeline is None:
-            response.ok, response.reason = False, "the generator is not configured"
+            response.ok, response.reason = False, 'the generator is not configured'
             return response
         if not request.prompt.strip():
-            response.ok, response.reason = False, "prompt is empty: nothing to answer"
+            response.ok, response.reason = False, 'prompt is empty: nothing to answer'
             return response
         if not budget > 0:
-            response.ok, response.reason = False, f"time budget must be positive, got {budget:g} s"
+            response.ok, response.reason = False, f'time budget must be positive, got {budget:g} s'
             return response
         try:
             ids = self.engine.encode(request.prompt, request.system_prompt or None)
@@ -290,8 +367,10 @@ class GeneratorNode(LifecycleNode):
         response.prompt_tokens = n_prompt = len(ids)
         if n_prompt >= self.engine.max_context:
             response.ok = False
-            response.reason = (f"prompt has {n_prompt} tokens; the model's context is "
-                               f"{self.engine.max_context} (no room to answer)")
+            response.reason = (
+                f"prompt has {n_prompt} tokens; the model's context is "
+                f'{self.engine.max_context} (no room to answer)'
+            )
             return response
         asked_at = time.monotonic()
         cap = pipeline.n_cap(n_prompt, int(request.max_new_tokens))
@@ -299,8 +378,13 @@ class GeneratorNode(LifecycleNode):
         got = self._predict_length(request.prompt, cap)
         if got is not None and not got.fallback:
             n_hat, fallback, took = min(int(got.predicted_length), cap), False, got.prediction_s
-        est = pipeline.estimate(n_prompt, budget - (time.monotonic() - asked_at), n_hat,
-                                int(request.max_new_tokens), predict_s=took)
+        est = pipeline.estimate(
+            n_prompt,
+            budget - (time.monotonic() - asked_at),
+            n_hat,
+            int(request.max_new_tokens),
+            predict_s=took,
+        )
         v, adm = est.verdict, est.admission
         model = pipeline.time_model()
         from timebill_ros.core.time_estimator import wcet_length
@@ -308,7 +392,9 @@ class GeneratorNode(LifecycleNode):
         response.ok, response.reason = True, est.reason
         response.predicted_length, response.fallback = n_hat, fallback
         response.n_hat_w = wcet_length(n_hat, self.cfg.pessimism_k, cap)
-        response.wcet_s = model.wcet_s(n_prompt, 0.0, n_hat, self.cfg.pessimism_k, cap, predict_s=took)
+        response.wcet_s = model.wcet_s(
+            n_prompt, 0.0, n_hat, self.cfg.pessimism_k, cap, predict_s=took
+        )
         response.alpha, response.wcet_at_alpha_s = v.alpha, v.total_s
         response.verdict, response.feasible = v.status, v.feasible and adm.admit
         response.guaranteed = est.guaranteed
@@ -332,11 +418,11 @@ def main(args=None) -> int:
     try:
         node = GeneratorNode()
     except Exception as exc:  # noqa: BLE001 - one readable line, not a traceback
-        print(f"[timebill_generator] cannot start: {safe_reason(exc)}", file=sys.stderr)
+        print(f'[timebill_generator] cannot start: {safe_reason(exc)}', file=sys.stderr)
         rclpy.try_shutdown()
         return 1
     return run_node(node, num_threads=GOAL_THREADS)  # one waiting thread per held goal
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     sys.exit(main())

@@ -17,21 +17,29 @@ import time
 import rclpy
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-
 from timebill_ros.core.calibration import time_model_for
 from timebill_ros.core.pipeline import answer_cap
 from timebill_ros.core.time_estimator import wcet_length
 from timebill_ros.msg import Estimate, Request
-from timebill_ros.nodes.common import (CHANNEL_QOS, SERVICE_PREDICT_LENGTH, TOPIC_ESTIMATES,
-                                       TOPIC_REQUESTS, PromptTokenizer, declare_config,
-                                       read_config, ros_now_s, run_node,
-                                       safe_reason, time_to_s)
+from timebill_ros.nodes.common import (
+    CHANNEL_QOS,
+    declare_config,
+    PromptTokenizer,
+    read_config,
+    ros_now_s,
+    run_node,
+    safe_reason,
+    SERVICE_PREDICT_LENGTH,
+    time_to_s,
+    TOPIC_ESTIMATES,
+    TOPIC_REQUESTS,
+)
 from timebill_ros.srv import PredictLength
 
 
 class PredictorNode(LifecycleNode):
     def __init__(self):
-        super().__init__("timebill_predictor")
+        super().__init__('timebill_predictor')
         declare_config(self)
         self.cfg = self.lengths = self.tokenizer = self.time_model = None
         self._entities: list = []
@@ -48,18 +56,25 @@ class PredictorNode(LifecycleNode):
             self.time_model, _ = time_model_for(self.cfg, log=log)
             self.lengths = load_length_predictor(self.cfg, logger=log)
         except Exception as exc:  # noqa: BLE001 - a failed configure says why
-            self.get_logger().error(f"configure failed: {safe_reason(exc)}")
+            self.get_logger().error(f'configure failed: {safe_reason(exc)}')
             self.cfg = self.lengths = self.tokenizer = None
             return TransitionCallbackReturn.FAILURE
         self._entities = [
             self.create_publisher(Estimate, TOPIC_ESTIMATES, CHANNEL_QOS),
-            self.create_subscription(Request, TOPIC_REQUESTS, self.on_request, CHANNEL_QOS,
-                                     callback_group=self._group),
-            self.create_service(PredictLength, SERVICE_PREDICT_LENGTH, self.on_predict_length,
-                                callback_group=self._group),
+            self.create_subscription(
+                Request, TOPIC_REQUESTS, self.on_request, CHANNEL_QOS, callback_group=self._group
+            ),
+            self.create_service(
+                PredictLength,
+                SERVICE_PREDICT_LENGTH,
+                self.on_predict_length,
+                callback_group=self._group,
+            ),
         ]
-        fallback = getattr(self.lengths, "meta", None) is None
-        self.get_logger().info(f"configured: length predictor {'N_max fallback' if fallback else 'RLP'}")
+        fallback = getattr(self.lengths, 'meta', None) is None
+        self.get_logger().info(
+            f'configured: length predictor {"N_max fallback" if fallback else "RLP"}'
+        )
         return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -85,25 +100,35 @@ class PredictorNode(LifecycleNode):
         """(N̂ ≤ cap, bucket, fallback, seconds the prediction took)."""
         t0 = time.monotonic()
         p = self.lengths.predict(prompt)
-        fallback = getattr(p, "source", "model") == "fallback"
+        fallback = getattr(p, 'source', 'model') == 'fallback'
         n_hat = cap if fallback else min(int(p.n_hat), cap)
-        return n_hat, int(getattr(p, "bucket", 0)), fallback, time.monotonic() - t0
+        return n_hat, int(getattr(p, 'bucket', 0)), fallback, time.monotonic() - t0
 
     def on_request(self, req: Request) -> None:
         lengths, cfg = self.lengths, self.cfg
         if lengths is None or time_to_s(req.deadline) <= ros_now_s(self):
             return  # not configured, or nobody waits for it any more
         n = len(req.input_ids)
-        cap = answer_cap(cfg.n_max, req.max_new_tokens or cfg.max_new_tokens, n,
-                         self.tokenizer.max_context)
+        cap = answer_cap(
+            cfg.n_max, req.max_new_tokens or cfg.max_new_tokens, n, self.tokenizer.max_context
+        )
         n_hat, bucket, fallback, took = self.predict(req.prompt, cap)
         wcet = self.time_model.wcet_s(n, 0.0, n_hat, cfg.pessimism_k, cap, predict_s=took)
         pub = self._entities[0] if self._entities else None
         if pub is not None:
-            pub.publish(Estimate(request_id=req.request_id, stamp=self.get_clock().now().to_msg(),
-                                 prompt_tokens=n, predicted_length=n_hat, predicted_bucket=bucket,
-                                 n_hat_w=wcet_length(n_hat, cfg.pessimism_k, cap), fallback=fallback,
-                                 wcet_s=wcet, prediction_s=took))
+            pub.publish(
+                Estimate(
+                    request_id=req.request_id,
+                    stamp=self.get_clock().now().to_msg(),
+                    prompt_tokens=n,
+                    predicted_length=n_hat,
+                    predicted_bucket=bucket,
+                    n_hat_w=wcet_length(n_hat, cfg.pessimism_k, cap),
+                    fallback=fallback,
+                    wcet_s=wcet,
+                    prediction_s=took,
+                )
+            )
 
     def on_predict_length(self, request, response):
         if self.lengths is None:
@@ -121,5 +146,5 @@ def main(args=None) -> int:
     return run_node(node)
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     sys.exit(main())

@@ -17,32 +17,47 @@ long. A goal's execute callback waits on events (its result, or a reason to stop
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
 
-import rclpy
 from lifecycle_msgs.srv import ChangeState, GetState
+import rclpy
 from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.task import Future
-
 from timebill_ros.action import Generate, TimedInference
 from timebill_ros.msg import Heartbeat, Request
-from timebill_ros.nodes.common import (ACTION_GENERATE, ACTION_QOS, ACTION_TIMED_INFERENCE,
-                                       CHANNEL_QOS, HEARTBEAT_QOS, TOPIC_ESTIMATES,
-                                       TOPIC_HEARTBEAT, TOPIC_REQUESTS, TRANSITIONS, PromptTokenizer,
-                                       copy_fields, declare_config, read_config, ros_now_s,
-                                       run_node, s_to_time, safe_reason, uuid_hex,
-                                       wait_first, GOAL_THREADS)
+from timebill_ros.nodes.common import (
+    ACTION_GENERATE,
+    ACTION_QOS,
+    ACTION_TIMED_INFERENCE,
+    CHANNEL_QOS,
+    copy_fields,
+    declare_config,
+    GOAL_THREADS,
+    HEARTBEAT_QOS,
+    PromptTokenizer,
+    read_config,
+    ros_now_s,
+    run_node,
+    s_to_time,
+    safe_reason,
+    TOPIC_ESTIMATES,
+    TOPIC_HEARTBEAT,
+    TOPIC_REQUESTS,
+    TRANSITIONS,
+    uuid_hex,
+    wait_first,
+)
 from timebill_ros.nodes.diagnostics import ServedStats
 from timebill_ros.nodes.validation import InvalidGoal, validate_goal
 
 R = TimedInference.Result
-PEERS = ("timebill_generator", "timebill_predictor")
+PEERS = ('timebill_generator', 'timebill_predictor')
 CONFIGURE_TIMEOUT_S = 300.0  # loading a large model can take minutes
 PEER_CHECK_S = 1.0  # how often a configured server checks that its peers are still configured
 
@@ -59,7 +74,7 @@ class _Goal:
 
 class TimeBillServer(LifecycleNode):
     def __init__(self):
-        super().__init__("timebill_server")
+        super().__init__('timebill_server')
         declare_config(self)
         self._active = False
         self._goals: dict[str, _Goal] = {}
@@ -75,15 +90,20 @@ class TimeBillServer(LifecycleNode):
         self._group = group
         # Created once, before any executor spins this node: rclpy's ActionClient registers itself
         # with the node before it has its lock (a configure-time creation crashed the executor).
-        self._generator = ActionClient(self, Generate, ACTION_GENERATE, callback_group=group, **ACTION_QOS)
-        self._peer_clients = {(peer, srv): self.create_client(t, f"{peer}/{srv}", callback_group=group)
-                              for peer in PEERS for srv, t in (("change_state", ChangeState),
-                                                               ("get_state", GetState))}
-        self.create_subscription(Heartbeat, TOPIC_HEARTBEAT, self._on_heartbeat, HEARTBEAT_QOS,
-                                 callback_group=group)
+        self._generator = ActionClient(
+            self, Generate, ACTION_GENERATE, callback_group=group, **ACTION_QOS
+        )
+        self._peer_clients = {
+            (peer, srv): self.create_client(t, f'{peer}/{srv}', callback_group=group)
+            for peer in PEERS
+            for srv, t in (('change_state', ChangeState), ('get_state', GetState))
+        }
+        self.create_subscription(
+            Heartbeat, TOPIC_HEARTBEAT, self._on_heartbeat, HEARTBEAT_QOS, callback_group=group
+        )
         from diagnostic_msgs.msg import DiagnosticArray
 
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self.create_timer(1.0, self.publish_diagnostics, callback_group=group)
         self.create_timer(0.1, self._watchdog, callback_group=group)
 
@@ -94,49 +114,58 @@ class TimeBillServer(LifecycleNode):
             self.tokenizer = PromptTokenizer(self.cfg)
         except Exception as exc:  # noqa: BLE001 - a failed configure must say why
             return self._configure_failed(safe_reason(exc))
-        problem = self._drive_peers("configure", CONFIGURE_TIMEOUT_S)
+        problem = self._drive_peers('configure', CONFIGURE_TIMEOUT_S)
         if problem:
-            self._drive_peers("cleanup", self.cfg.peer_timeout_s)
+            self._drive_peers('cleanup', self.cfg.peer_timeout_s)
             return self._configure_failed(problem)
         self._requests = self.create_publisher(Request, TOPIC_REQUESTS, CHANNEL_QOS)
         self._action_server = ActionServer(
-            self, TimedInference, ACTION_TIMED_INFERENCE, execute_callback=self.execute,
-            goal_callback=self.on_goal, handle_accepted_callback=self.on_accepted,
-            cancel_callback=self.on_cancel, callback_group=self._group, **ACTION_QOS)
+            self,
+            TimedInference,
+            ACTION_TIMED_INFERENCE,
+            execute_callback=self.execute,
+            goal_callback=self.on_goal,
+            handle_accepted_callback=self.on_accepted,
+            cancel_callback=self.on_cancel,
+            callback_group=self._group,
+            **ACTION_QOS,
+        )
         if self.cfg.record_bag:
             self._start_recording(self.cfg.record_bag)
-        self.stats.model_state = "configured"
-        self.get_logger().info(f"configured: model {self.cfg.model}, context {self.tokenizer.max_context} tokens")
+        self.stats.model_state = 'configured'
+        self.get_logger().info(
+            f'configured: model {self.cfg.model}, context {self.tokenizer.max_context} tokens'
+        )
         return TransitionCallbackReturn.SUCCESS
 
     def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
-        self.get_logger().error(f"configure failed: {reason}")
+        self.get_logger().error(f'configure failed: {reason}')
         self.cfg = self.tokenizer = None
-        self.stats.model_state = f"configure failed: {reason}"
+        self.stats.model_state = f'configure failed: {reason}'
         return TransitionCallbackReturn.FAILURE
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        problem = self._drive_peers("activate", self.cfg.peer_timeout_s)
+        problem = self._drive_peers('activate', self.cfg.peer_timeout_s)
         if problem:
-            self.get_logger().error(f"activate failed: {problem}")
+            self.get_logger().error(f'activate failed: {problem}')
             return TransitionCallbackReturn.FAILURE
         self._active = True
-        self.stats.model_state = "active"
-        self.get_logger().info("active: accepting goals")
+        self.stats.model_state = 'active'
+        self.get_logger().info('active: accepting goals')
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active = False
-        self.stats.model_state = "inactive"
-        self._abort_all("the server was deactivated while the goal was running")
-        self._drive_peers("deactivate", self.cfg.peer_timeout_s if self.cfg else 5.0)
-        self.get_logger().info("inactive: rejecting goals")
+        self.stats.model_state = 'inactive'
+        self._abort_all('the server was deactivated while the goal was running')
+        self._drive_peers('deactivate', self.cfg.peer_timeout_s if self.cfg else 5.0)
+        self.get_logger().info('inactive: rejecting goals')
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         timeout = self.cfg.peer_timeout_s if self.cfg else 5.0
         self.release()
-        self._drive_peers("cleanup", timeout)
+        self._drive_peers('cleanup', timeout)
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -149,26 +178,30 @@ class TimeBillServer(LifecycleNode):
             return self._drive_peers_locked(transition, timeout_s)
 
     def _drive_peers_locked(self, transition: str, timeout_s: float) -> str:
-        wanted = {"configure": "unconfigured", "activate": "inactive", "deactivate": "active",
-                  "cleanup": "inactive"}[transition]
+        wanted = {
+            'configure': 'unconfigured',
+            'activate': 'inactive',
+            'deactivate': 'active',
+            'cleanup': 'inactive',
+        }[transition]
         for peer in PEERS:
             state = self._peer_state(peer, timeout_s=min(timeout_s, 10.0))
             if state is None:
-                return f"{peer} is not running (no lifecycle service within {min(timeout_s, 10.0):g} s)"
+                return f'{peer} is not running (no lifecycle service within {min(timeout_s, 10.0):g} s)'
             if state != wanted:
                 continue  # already there (a restarted server finds its peers configured)
             req = ChangeState.Request()
             req.transition.id = TRANSITIONS[transition]
-            fut = self._peer_clients[(peer, "change_state")].call_async(req)
+            fut = self._peer_clients[(peer, 'change_state')].call_async(req)
             if wait_first(fut, timeout_s=timeout_s) is None:
-                return f"{peer} did not {transition} within {timeout_s:g} s"
+                return f'{peer} did not {transition} within {timeout_s:g} s'
             if not fut.result().success:
-                why = self._beat.error if peer == PEERS[0] and self._beat is not None else ""
-                return f"{peer} failed to {transition}" + (f": {why}" if why else " (see its log)")
-        return ""
+                why = self._beat.error if peer == PEERS[0] and self._beat is not None else ''
+                return f'{peer} failed to {transition}' + (f': {why}' if why else ' (see its log)')
+        return ''
 
     def _peer_state(self, peer: str, timeout_s: float) -> Optional[str]:
-        client = self._peer_clients[(peer, "get_state")]
+        client = self._peer_clients[(peer, 'get_state')]
         if not client.wait_for_service(timeout_sec=timeout_s):
             return None
         fut = client.call_async(GetState.Request())
@@ -177,7 +210,7 @@ class TimeBillServer(LifecycleNode):
     def release(self) -> None:
         """Free everything configure created (main() calls it on SIGINT)."""
         self._active = False
-        self._abort_all("the server is shutting down")
+        self._abort_all('the server is shutting down')
         if self._action_server is not None:
             self._action_server.destroy()
             self._action_server = None
@@ -191,7 +224,7 @@ class TimeBillServer(LifecycleNode):
             recorder, self._recorder = self._recorder, None
             recorder.close()
         self.cfg = self.tokenizer = None
-        self.stats.model_state = "unconfigured"
+        self.stats.model_state = 'unconfigured'
 
     def _start_recording(self, folder: str) -> None:
         """Record every goal, estimate and result to a rosbag2 MCAP bag (readable after a crash)."""
@@ -200,11 +233,15 @@ class TimeBillServer(LifecycleNode):
         from timebill_ros.core.evaluation.bags import BagRecorder
         from timebill_ros.msg import Estimate
 
-        path = Path(folder).expanduser() / time.strftime("timebill_%Y%m%d_%H%M%S")
-        self._recorder = BagRecorder(path, action_name="/" + ACTION_TIMED_INFERENCE)
+        path = Path(folder).expanduser() / time.strftime('timebill_%Y%m%d_%H%M%S')
+        self._recorder = BagRecorder(path, action_name='/' + ACTION_TIMED_INFERENCE)
         self._estimates_sub = self.create_subscription(
-            Estimate, TOPIC_ESTIMATES, lambda msg: self._record("record_estimate", msg), CHANNEL_QOS)
-        self.get_logger().info(f"recording goals, estimates and results to {self._recorder.path}")
+            Estimate,
+            TOPIC_ESTIMATES,
+            lambda msg: self._record('record_estimate', msg),
+            CHANNEL_QOS,
+        )
+        self.get_logger().info(f'recording goals, estimates and results to {self._recorder.path}')
 
     def _record(self, what: str, *args, **kw) -> None:
         recorder = self._recorder
@@ -213,7 +250,7 @@ class TimeBillServer(LifecycleNode):
         try:
             getattr(recorder, what)(*args, **kw)
         except Exception as exc:  # noqa: BLE001 - losing the recording must not lose the goal
-            self.get_logger().error(f"bag recording failed ({what}): {safe_reason(exc)}")
+            self.get_logger().error(f'bag recording failed ({what}): {safe_reason(exc)}')
 
     def _abort_all(self, reason: str) -> None:
         for g in list(self._goals.values()):
@@ -232,8 +269,11 @@ class TimeBillServer(LifecycleNode):
         if previous is not None and previous.pid != msg.pid:
             for g in list(self._goals.values()):
                 if g.generator_pid == previous.pid:
-                    self._stop(g, f"lost the generator: it restarted (pid {previous.pid} -> {msg.pid}) "
-                                  f"while the goal was running")
+                    self._stop(
+                        g,
+                        f'lost the generator: it restarted (pid {previous.pid} -> {msg.pid}) '
+                        f'while the goal was running',
+                    )
 
     def _watchdog(self) -> None:
         """Abort dispatched goals when the generator's heartbeat stops; bring restarted peers back."""
@@ -241,7 +281,9 @@ class TimeBillServer(LifecycleNode):
         if configured and time.monotonic() >= self._next_peer_check and not self._recovering:
             self._next_peer_check = time.monotonic() + PEER_CHECK_S
             self._recovering = True
-            threading.Thread(target=self._recover_peers, name="timebill_recover", daemon=True).start()
+            threading.Thread(
+                target=self._recover_peers, name='timebill_recover', daemon=True
+            ).start()
         if not self._goals or self.cfg is None:
             return
         silent = time.monotonic() - self._beat_at
@@ -250,7 +292,7 @@ class TimeBillServer(LifecycleNode):
         pid = self._beat.pid if self._beat is not None else 0
         for g in list(self._goals.values()):
             if g.dispatched:
-                self._stop(g, f"lost the generator (pid {pid}): no heartbeat for {silent:.1f} s")
+                self._stop(g, f'lost the generator (pid {pid}): no heartbeat for {silent:.1f} s')
 
     def _recover_peers(self) -> None:
         """A peer that restarted comes up unconfigured: take it to the server's own state."""
@@ -261,15 +303,15 @@ class TimeBillServer(LifecycleNode):
             if self.cfg is None:
                 return
             timeout = self.cfg.peer_timeout_s
-            if any(self._peer_state(p, timeout_s=1.0) == "unconfigured" for p in PEERS):
-                self.get_logger().warning("a restarted peer is unconfigured: configuring it again")
-                problem = self._drive_peers_locked("configure", CONFIGURE_TIMEOUT_S)
+            if any(self._peer_state(p, timeout_s=1.0) == 'unconfigured' for p in PEERS):
+                self.get_logger().warning('a restarted peer is unconfigured: configuring it again')
+                problem = self._drive_peers_locked('configure', CONFIGURE_TIMEOUT_S)
                 if not problem and self._active:
-                    problem = self._drive_peers_locked("activate", timeout)
+                    problem = self._drive_peers_locked('activate', timeout)
                 if problem:
-                    self.get_logger().error(f"could not bring a restarted peer back: {problem}")
+                    self.get_logger().error(f'could not bring a restarted peer back: {problem}')
         except Exception as exc:  # noqa: BLE001 - supervision must never take the server down
-            self.get_logger().error(f"peer check failed: {safe_reason(exc)}")
+            self.get_logger().error(f'peer check failed: {safe_reason(exc)}')
         finally:
             self._peer_lock.release()
             self._recovering = False
@@ -277,7 +319,7 @@ class TimeBillServer(LifecycleNode):
     # ------------------------------------------------------------------- goals
     def on_goal(self, goal: TimedInference.Goal) -> GoalResponse:
         if not self._active:
-            self.get_logger().warning("goal rejected: the server is not active")
+            self.get_logger().warning('goal rejected: the server is not active')
             return GoalResponse.REJECT
         return GoalResponse.ACCEPT
 
@@ -285,7 +327,7 @@ class TimeBillServer(LifecycleNode):
         """Stamp the acceptance time (the budget counts from here), then execute."""
         rid = uuid_hex(goal_handle.goal_id)
         self._goals[rid] = _Goal(rid, ros_now_s(self), stop=Future())
-        self._record("record_goal", goal_handle.goal_id, goal_handle.request)
+        self._record('record_goal', goal_handle.goal_id, goal_handle.request)
         goal_handle.execute()
 
     def on_cancel(self, goal_handle) -> CancelResponse:
@@ -300,12 +342,18 @@ class TimeBillServer(LifecycleNode):
         try:
             result = self._execute(goal_handle, ctx)
             self.stats.record(result)
-            self._record("record_result", goal_handle.goal_id, result, status=int(goal_handle.status))
+            self._record(
+                'record_result', goal_handle.goal_id, result, status=int(goal_handle.status)
+            )
             return result
         except Exception as exc:  # noqa: BLE001 - one goal's failure must not take the server down
-            self.get_logger().error(f"goal {rid[:8]} failed: {safe_reason(exc)}")
+            self.get_logger().error(f'goal {rid[:8]} failed: {safe_reason(exc)}')
             goal_handle.abort()
-            return R(status=R.STATUS_ABORTED, reason=f"server error: {safe_reason(exc)}", estimate_received_s=-1.0)
+            return R(
+                status=R.STATUS_ABORTED,
+                reason=f'server error: {safe_reason(exc)}',
+                estimate_received_s=-1.0,
+            )
         finally:
             self._goals.pop(rid, None)
 
@@ -314,23 +362,39 @@ class TimeBillServer(LifecycleNode):
         result = R(estimate_received_s=-1.0)
         cfg = self.cfg
         if cfg is None:
-            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, "the server is not configured")
+            return self._end(
+                goal_handle, result, rel, R.STATUS_ABORTED, 'the server is not configured'
+            )
         try:
-            deadline, ids, overrun, max_new = validate_goal(goal_handle.request, ctx.accepted_s, cfg,
-                                                            self.tokenizer)
+            deadline, ids, overrun, max_new = validate_goal(
+                goal_handle.request, ctx.accepted_s, cfg, self.tokenizer
+            )
         except InvalidGoal as exc:
             return self._end(goal_handle, result, rel, R.STATUS_REJECTED, str(exc))
         result.prompt_tokens = len(ids)
         goal = goal_handle.request
-        request = Request(request_id=ctx.request_id, accepted_at=s_to_time(ctx.accepted_s),
-                          deadline=s_to_time(deadline), prompt=goal.prompt, system_prompt=goal.system_prompt,
-                          input_ids=ids, max_new_tokens=max_new, overrun_policy=overrun)
+        request = Request(
+            request_id=ctx.request_id,
+            accepted_at=s_to_time(ctx.accepted_s),
+            deadline=s_to_time(deadline),
+            prompt=goal.prompt,
+            system_prompt=goal.system_prompt,
+            input_ids=ids,
+            max_new_tokens=max_new,
+            overrun_policy=overrun,
+        )
         if not self._generator.server_is_ready():
-            why = self._beat.error if self._beat is not None and self._beat.error else "not reachable"
-            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, f"the generator is {why}")
+            why = (
+                self._beat.error
+                if self._beat is not None and self._beat.error
+                else 'not reachable'
+            )
+            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, f'the generator is {why}')
 
         def relay(feedback_msg) -> None:
-            goal_handle.publish_feedback(copy_fields(feedback_msg.feedback, TimedInference.Feedback()))
+            goal_handle.publish_feedback(
+                copy_fields(feedback_msg.feedback, TimedInference.Feedback())
+            )
 
         # Hand the request to predictor and generator at the same moment: the estimate is
         # computed while the generator queues and prefills.
@@ -338,15 +402,21 @@ class TimeBillServer(LifecycleNode):
         ctx.generator_pid = self._beat.pid if self._beat is not None else 0
         ctx.dispatched = True
         self._requests.publish(request)
-        send = (self._generator.send_goal_async(Generate.Goal(request=request), feedback_callback=relay,
-                                                    goal_uuid=goal_handle.goal_id))
+        send = self._generator.send_goal_async(
+            Generate.Goal(request=request), feedback_callback=relay, goal_uuid=goal_handle.goal_id
+        )
         first = wait_first(send, ctx.stop)
         if first is ctx.stop:
             return self._end(goal_handle, result, rel, R.STATUS_ABORTED, ctx.stop.result())
         inner = send.result()
         if not inner.accepted:
-            return self._end(goal_handle, result, rel, R.STATUS_ABORTED,
-                             "the generator refused the request (not active?)")
+            return self._end(
+                goal_handle,
+                result,
+                rel,
+                R.STATUS_ABORTED,
+                'the generator refused the request (not active?)',
+            )
         ctx.inner = inner
         if goal_handle.is_cancel_requested or ctx.stop.done():
             inner.cancel_goal_async()
@@ -368,9 +438,16 @@ class TimeBillServer(LifecycleNode):
 
     def _end(self, goal_handle, result, rel, status: int, reason: str) -> TimedInference.Result:
         log = self.get_logger().warning
-        log(f"goal {uuid_hex(goal_handle.goal_id)[:8]} {'rejected' if status == R.STATUS_REJECTED else 'aborted'}: "
-            f"{reason}")
-        result.status, result.reason, result.completed, result.deadline_met = status, reason, False, False
+        log(
+            f'goal {uuid_hex(goal_handle.goal_id)[:8]} {"rejected" if status == R.STATUS_REJECTED else "aborted"}: '
+            f'{reason}'
+        )
+        result.status, result.reason, result.completed, result.deadline_met = (
+            status,
+            reason,
+            False,
+            False,
+        )
         result.total_s = result.finished_at_s = rel()
         goal_handle.abort()
         return result
@@ -379,13 +456,19 @@ class TimeBillServer(LifecycleNode):
         from diagnostic_msgs.msg import DiagnosticArray
 
         beat = self._beat
-        fresh = beat is not None and time.monotonic() - self._beat_at <= (self.cfg.peer_timeout_s if self.cfg else 5.0)
+        fresh = beat is not None and time.monotonic() - self._beat_at <= (
+            self.cfg.peer_timeout_s if self.cfg else 5.0
+        )
         queued = beat.queued if fresh else 0
         running = 1 if fresh and beat.running else 0
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
-        msg.status = self.stats.to_status(queued=queued, running=running, generator_ok=fresh and beat.state == "active",
-                                          active=self._active)
+        msg.status = self.stats.to_status(
+            queued=queued,
+            running=running,
+            generator_ok=fresh and beat.state == 'active',
+            active=self._active,
+        )
         self._diag_pub.publish(msg)
 
 
@@ -395,5 +478,5 @@ def main(args=None) -> int:
     return run_node(node, num_threads=GOAL_THREADS)  # one waiting thread per held goal
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     sys.exit(main())

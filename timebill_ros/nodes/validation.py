@@ -8,14 +8,18 @@ prompts before sending; everything else is checked here.
 from __future__ import annotations
 
 import math
-import unicodedata
 from typing import List, Tuple
+import unicodedata
 
 from timebill_ros.core.config import OVERRUN_POLICIES
 from timebill_ros.nodes.common import duration_to_s, safe_reason, time_to_s
 
-MAX_BUDGET_S = 86400.0  # a budget or deadline further away than a day is a mistake, not a real-time goal
-MAX_CHARS_PER_TOKEN = 16  # prompts longer than this many characters per context token are refused untokenized
+MAX_BUDGET_S = (
+    86400.0  # a budget or deadline further away than a day is a mistake, not a real-time goal
+)
+MAX_CHARS_PER_TOKEN = (
+    16  # prompts longer than this many characters per context token are refused untokenized
+)
 INT32_MAX = 2**31 - 1
 
 
@@ -26,52 +30,74 @@ class InvalidGoal(ValueError):
 def validate_goal(goal, accepted_s: float, cfg, tokenizer) -> Tuple[float, List[int], str, int]:
     """(absolute deadline, token ids, overrun policy, max_new_tokens) or raise InvalidGoal."""
     if len(goal.prompt) + len(goal.system_prompt) > MAX_CHARS_PER_TOKEN * tokenizer.max_context:
-        raise InvalidGoal(f"prompt is {len(goal.prompt) + len(goal.system_prompt)} characters: far beyond the "
-                          f"model's context of {tokenizer.max_context} tokens")
+        raise InvalidGoal(
+            f'prompt is {len(goal.prompt) + len(goal.system_prompt)} characters: far beyond the '
+            f"model's context of {tokenizer.max_context} tokens"
+        )
     if not goal.prompt.strip():
-        raise InvalidGoal("prompt is empty: nothing to answer")
+        raise InvalidGoal('prompt is empty: nothing to answer')
     if not any(ch.isprintable() and not ch.isspace() for ch in goal.prompt):
-        raise InvalidGoal("prompt is empty: it has no visible characters (only control/format characters)")
-    for field_name, text in (("prompt", goal.prompt), ("system_prompt", goal.system_prompt)):
-        bad = next((ch for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None)
+        raise InvalidGoal(
+            'prompt is empty: it has no visible characters (only control/format characters)'
+        )
+    for field_name, text in (('prompt', goal.prompt), ('system_prompt', goal.system_prompt)):
+        bad = next(
+            (ch for ch in text if unicodedata.category(ch) == 'Cc' and ch not in '\t\n\r'), None
+        )
         if bad is not None:
-            raise InvalidGoal(f"{field_name} contains the control character U+{ord(bad):04X}: refusing it")
+            raise InvalidGoal(
+                f'{field_name} contains the control character U+{ord(bad):04X}: refusing it'
+            )
     b = goal.time_budget
     if b.nanosec >= 1_000_000_000:
-        raise InvalidGoal(f"time_budget is malformed: nanosec {b.nanosec} >= 1e9")
+        raise InvalidGoal(f'time_budget is malformed: nanosec {b.nanosec} >= 1e9')
     if b.sec >= INT32_MAX:
-        raise InvalidGoal("time_budget is infinite (Duration max): give a finite budget in seconds")
+        raise InvalidGoal(
+            'time_budget is infinite (Duration max): give a finite budget in seconds'
+        )
     budget = duration_to_s(b)
     if budget < 0:
-        raise InvalidGoal(f"time_budget must be positive, got {budget:g} s")
+        raise InvalidGoal(f'time_budget must be positive, got {budget:g} s')
     if budget > MAX_BUDGET_S:
-        raise InvalidGoal(f"time_budget {budget:g} s is longer than {MAX_BUDGET_S:g} s: not a real-time budget")
+        raise InvalidGoal(
+            f'time_budget {budget:g} s is longer than {MAX_BUDGET_S:g} s: not a real-time budget'
+        )
     if goal.deadline.nanosec >= 1_000_000_000:
-        raise InvalidGoal(f"deadline is malformed: nanosec {goal.deadline.nanosec} >= 1e9")
+        raise InvalidGoal(f'deadline is malformed: nanosec {goal.deadline.nanosec} >= 1e9')
     has_deadline = goal.deadline.sec != 0 or goal.deadline.nanosec != 0
     if budget == 0 and not has_deadline:
-        raise InvalidGoal("no time budget: set time_budget > 0 s or an absolute deadline")
+        raise InvalidGoal('no time budget: set time_budget > 0 s or an absolute deadline')
     deadline = accepted_s + budget if budget > 0 else math.inf
     if has_deadline:
         absolute = time_to_s(goal.deadline)
         if absolute <= accepted_s:
-            raise InvalidGoal(f"deadline is in the past ({accepted_s - absolute:.3f} s before acceptance)")
+            raise InvalidGoal(
+                f'deadline is in the past ({accepted_s - absolute:.3f} s before acceptance)'
+            )
         if absolute - accepted_s > MAX_BUDGET_S and budget == 0:
-            raise InvalidGoal(f"deadline is {absolute - accepted_s:.0f} s away, more than {MAX_BUDGET_S:g} s: "
-                              f"not a real-time deadline")
+            raise InvalidGoal(
+                f'deadline is {absolute - accepted_s:.0f} s away, more than {MAX_BUDGET_S:g} s: '
+                f'not a real-time deadline'
+            )
         deadline = min(deadline, absolute)
     overrun = goal.overrun_policy or cfg.overrun_policy
     if overrun not in OVERRUN_POLICIES:
-        raise InvalidGoal(f"unknown overrun policy {goal.overrun_policy!r}; use one of {', '.join(OVERRUN_POLICIES)}")
+        raise InvalidGoal(
+            f'unknown overrun policy {goal.overrun_policy!r}; use one of {", ".join(OVERRUN_POLICIES)}'
+        )
     max_new = int(goal.max_new_tokens) or cfg.max_new_tokens
     if max_new > tokenizer.max_context:
-        raise InvalidGoal(f"max_new_tokens {max_new} exceeds the model's context of {tokenizer.max_context} "
-                          f"tokens")
+        raise InvalidGoal(
+            f"max_new_tokens {max_new} exceeds the model's context of {tokenizer.max_context} "
+            f'tokens'
+        )
     try:
         ids = tokenizer.encode(goal.prompt, goal.system_prompt)
     except Exception as exc:  # noqa: BLE001
-        raise InvalidGoal(f"cannot tokenize the prompt: {safe_reason(exc)}") from exc
+        raise InvalidGoal(f'cannot tokenize the prompt: {safe_reason(exc)}') from exc
     if len(ids) >= tokenizer.max_context:
-        raise InvalidGoal(f"prompt has {len(ids)} tokens; the model's context is "
-                          f"{tokenizer.max_context} (no room to answer)")
+        raise InvalidGoal(
+            f"prompt has {len(ids)} tokens; the model's context is "
+            f'{tokenizer.max_context} (no room to answer)'
+        )
     return deadline, ids, overrun, max_new

@@ -17,12 +17,11 @@ A job is *completed* when it finished (EOS or max_new_tokens) by its deadline, u
 from __future__ import annotations
 
 import dataclasses
-
-import math
 from dataclasses import dataclass, field
+import math
 from typing import Callable, List, Optional, Sequence
 
-OVERRUNS = ("kill", "skip-next")
+OVERRUNS = ('kill', 'skip-next')
 FIXED_ALPHAS = (0.25, 0.5, 0.75, 0.95)
 
 
@@ -38,69 +37,80 @@ class Policy:
     @property
     def budget_dependent(self) -> bool:
         """Only TimeBill's α depends on the budget; the others run once per prompt."""
-        return self.kind == "timebill"
+        return self.kind == 'timebill'
 
     @property
     def overruns(self) -> tuple:
         """Truncation never overruns (it stops at the deadline), so it has no overrun strategy."""
-        return ("truncate",) if self.kind == "truncate" else OVERRUNS
+        return ('truncate',) if self.kind == 'truncate' else OVERRUNS
 
-    def label(self, overrun: str = "") -> str:
-        return self.name if not overrun or overrun == "truncate" else f"{self.name}/{overrun}"
+    def label(self, overrun: str = '') -> str:
+        return self.name if not overrun or overrun == 'truncate' else f'{self.name}/{overrun}'
 
 
 def vanilla() -> Policy:
-    return Policy("vanilla", "fixed", 0.0)
+    return Policy('vanilla', 'fixed', 0.0)
 
 
 def fixed(alpha: float) -> Policy:
     if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-    return vanilla() if alpha == 0 else Policy(f"alpha={alpha:g}", "fixed", float(alpha))
+        raise ValueError(f'alpha must be in [0, 1), got {alpha}')
+    return vanilla() if alpha == 0 else Policy(f'alpha={alpha:g}', 'fixed', float(alpha))
 
 
 def truncate() -> Policy:
-    return Policy("truncate", "truncate", 0.0)
+    return Policy('truncate', 'truncate', 0.0)
 
 
 def timebill(k: float = 5.0, alpha_max: float = 0.95) -> Policy:
     if k < 1:
-        raise ValueError(f"pessimism k must be >= 1, got {k}")
-    name = "timebill" if (k, alpha_max) == (5.0, 0.95) else f"timebill(k={k:g})"
-    return Policy(name, "timebill", 0.0, float(k), float(alpha_max))
+        raise ValueError(f'pessimism k must be >= 1, got {k}')
+    name = 'timebill' if (k, alpha_max) == (5.0, 0.95) else f'timebill(k={k:g})'
+    return Policy(name, 'timebill', 0.0, float(k), float(alpha_max))
 
 
 def timebill_replan(k: float = 5.0, alpha_max: float = 0.95) -> Policy:
     """TimeBill plus re-planning during decode: evict more when steps run slow or the answer
-    outgrows N̂ (``core/replan.py``), against the paper's one-shot eviction."""
-    return dataclasses.replace(timebill(k, alpha_max), name=timebill(k, alpha_max).name + "+replan", replan=True)
+    outgrows N̂ (``core/replan.py``), against the paper's one-shot eviction.
+    """
+    return dataclasses.replace(
+        timebill(k, alpha_max), name=timebill(k, alpha_max).name + '+replan', replan=True
+    )
 
 
-def standard_policies(k: float = 5.0, alpha_max: float = 0.95, alphas: Sequence[float] = FIXED_ALPHAS) -> List[Policy]:
+def standard_policies(
+    k: float = 5.0, alpha_max: float = 0.95, alphas: Sequence[float] = FIXED_ALPHAS
+) -> List[Policy]:
     """The issue's line-up: vanilla, fixed α ∈ {0.25, 0.5, 0.75, 0.95}, truncate, TimeBill, and
-    TimeBill with re-planning during decode."""
-    return [vanilla(), *(fixed(a) for a in alphas), truncate(), timebill(k, alpha_max),
-            timebill_replan(k, alpha_max)]
+    TimeBill with re-planning during decode.
+    """
+    return [
+        vanilla(),
+        *(fixed(a) for a in alphas),
+        truncate(),
+        timebill(k, alpha_max),
+        timebill_replan(k, alpha_max),
+    ]
 
 
 def parse_policy(text: str) -> Policy:
     """``vanilla`` | ``truncate`` | ``timebill`` | ``timebill:k=3`` | ``alpha=0.5`` | ``0.5``."""
     t = text.strip().lower()
-    if t in ("vanilla", "none"):
+    if t in ('vanilla', 'none'):
         return vanilla()
-    if t == "truncate":
+    if t == 'truncate':
         return truncate()
-    if t == "timebill+replan":
+    if t == 'timebill+replan':
         return timebill_replan()
-    if t.startswith("timebill"):
+    if t.startswith('timebill'):
         k = 5.0
-        if ":" in t:
-            key, _, val = t.split(":", 1)[1].partition("=")
-            if key.strip() != "k":
-                raise ValueError(f"unknown timebill option {key!r}; use timebill:k=<number>")
+        if ':' in t:
+            key, _, val = t.split(':', 1)[1].partition('=')
+            if key.strip() != 'k':
+                raise ValueError(f'unknown timebill option {key!r}; use timebill:k=<number>')
             k = float(val)
         return timebill(k)
-    return fixed(float(t.split("=", 1)[1] if t.startswith("alpha") else t))
+    return fixed(float(t.split('=', 1)[1] if t.startswith('alpha') else t))
 
 
 # ------------------------------------------------------------------------------ job sequences
@@ -114,7 +124,9 @@ class Job:
     score: float  # score of the full answer
     first_token_s: float = 0.0
     token_times_s: List[float] = field(default_factory=list)
-    partial_score: Optional[Callable[[float], float]] = None  # score of the text ready by t (truncate)
+    partial_score: Optional[Callable[[float], float]] = (
+        None  # score of the text ready by t (truncate)
+    )
 
 
 @dataclass
@@ -128,7 +140,10 @@ class JobOutcome:
     late_s: float = 0.0  # how far past the deadline it ran / would have run
 
     def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+        return {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in self.__dict__.items()
+        }
 
 
 def run_kill(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
@@ -136,9 +151,17 @@ def run_kill(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
     out = []
     for i, j in enumerate(jobs):
         on_time = j.completed and j.finish_s <= budget_s
-        out.append(JobOutcome(j.task_id, i * budget_s, "completed" if on_time else "killed", on_time,
-                              j.score if on_time else 0.0, j.finish_s if on_time else budget_s,
-                              0.0 if on_time else j.finish_s - budget_s))
+        out.append(
+            JobOutcome(
+                j.task_id,
+                i * budget_s,
+                'completed' if on_time else 'killed',
+                on_time,
+                j.score if on_time else 0.0,
+                j.finish_s if on_time else budget_s,
+                0.0 if on_time else j.finish_s - budget_s,
+            )
+        )
     return out
 
 
@@ -149,12 +172,21 @@ def run_skip_next(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
     for i, j in enumerate(jobs):
         release = i * budget_s
         if release < busy_until - 1e-12:
-            out.append(JobOutcome(j.task_id, release, "skipped", False, 0.0))
+            out.append(JobOutcome(j.task_id, release, 'skipped', False, 0.0))
             continue
         on_time = j.completed and j.finish_s <= budget_s
         busy_until = release + j.finish_s
-        out.append(JobOutcome(j.task_id, release, "completed" if on_time else "late", on_time, j.score,
-                              j.finish_s, max(j.finish_s - budget_s, 0.0)))
+        out.append(
+            JobOutcome(
+                j.task_id,
+                release,
+                'completed' if on_time else 'late',
+                on_time,
+                j.score,
+                j.finish_s,
+                max(j.finish_s - budget_s, 0.0),
+            )
+        )
     return out
 
 
@@ -163,26 +195,41 @@ def run_truncate(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
     out = []
     for i, j in enumerate(jobs):
         if j.completed and j.finish_s <= budget_s:
-            out.append(JobOutcome(j.task_id, i * budget_s, "completed", True, j.score, j.finish_s))
+            out.append(JobOutcome(j.task_id, i * budget_s, 'completed', True, j.score, j.finish_s))
             continue
         ready = [t for t in j.token_times_s if t <= budget_s]
         if not ready:  # prefill alone ran past the deadline: nothing to show
-            out.append(JobOutcome(j.task_id, i * budget_s, "empty", False, 0.0, budget_s, j.finish_s - budget_s))
+            out.append(
+                JobOutcome(
+                    j.task_id, i * budget_s, 'empty', False, 0.0, budget_s, j.finish_s - budget_s
+                )
+            )
             continue
         score = j.partial_score(budget_s) if j.partial_score else 0.0
-        out.append(JobOutcome(j.task_id, i * budget_s, "truncated", False, score, ready[-1],
-                              j.finish_s - budget_s))
+        out.append(
+            JobOutcome(
+                j.task_id,
+                i * budget_s,
+                'truncated',
+                False,
+                score,
+                ready[-1],
+                j.finish_s - budget_s,
+            )
+        )
     return out
 
 
-RUNNERS = {"kill": run_kill, "skip-next": run_skip_next, "truncate": run_truncate}
+RUNNERS = {'kill': run_kill, 'skip-next': run_skip_next, 'truncate': run_truncate}
 
 
 def simulate(jobs: Sequence[Job], budget_s: float, overrun: str) -> List[JobOutcome]:
     try:
         return RUNNERS[overrun](jobs, budget_s)
     except KeyError:
-        raise ValueError(f"unknown overrun strategy {overrun!r}; use one of {sorted(RUNNERS)}") from None
+        raise ValueError(
+            f'unknown overrun strategy {overrun!r}; use one of {sorted(RUNNERS)}'
+        ) from None
 
 
 def summarize(outcomes: Sequence[JobOutcome]) -> dict:
@@ -193,11 +240,11 @@ def summarize(outcomes: Sequence[JobOutcome]) -> dict:
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     return {
-        "jobs": n,
-        "completion_rate": sum(o.completed for o in outcomes) / n if n else math.nan,
-        "avg_score": sum(o.score for o in outcomes) / n if n else math.nan,
-        "statuses": counts,
-        "late_count": len(late),
-        "late_s_median": late[len(late) // 2] if late else 0.0,
-        "late_s_max": late[-1] if late else 0.0,
+        'jobs': n,
+        'completion_rate': sum(o.completed for o in outcomes) / n if n else math.nan,
+        'avg_score': sum(o.score for o in outcomes) / n if n else math.nan,
+        'statuses': counts,
+        'late_count': len(late),
+        'late_s_median': late[len(late) // 2] if late else 0.0,
+        'late_s_max': late[-1] if late else 0.0,
     }

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-OVERRUN_TITLES = {"kill": "Kill", "skip-next": "Skip-Next"}
+OVERRUN_TITLES = {'kill': 'Kill', 'skip-next': 'Skip-Next'}
 
 
 def _clean(x: Any) -> Any:
@@ -33,217 +33,295 @@ def write_json(data: dict, path: Path) -> Path:
 
 
 def _rows(table: List[dict], overrun: str) -> Dict[str, Dict[float, dict]]:
-    """policy -> budget -> row, for one overrun strategy (truncate shows up under both)."""
+    """Policy -> budget -> row, for one overrun strategy (truncate shows up under both)."""
     out: Dict[str, Dict[float, dict]] = {}
     for row in table:
-        if row["overrun"] in (overrun, "truncate"):
-            out.setdefault(row["policy"], {})[row["budget_s"]] = row
+        if row['overrun'] in (overrun, 'truncate'):
+            out.setdefault(row['policy'], {})[row['budget_s']] = row
     return out
 
 
 def _pct(x: Optional[float]) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+    return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.0f}%'
 
 
-def _num(x: Optional[float], fmt: str = ".2f") -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+def _num(x: Optional[float], fmt: str = '.2f') -> str:
+    return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
 # ------------------------------------------------------------------------------------ markdown
 def markdown(results: dict) -> str:
-    meta = results.get("meta", {})
-    lines = ["# TimeBill offline benchmark", ""]
+    meta = results.get('meta', {})
+    lines = ['# TimeBill offline benchmark', '']
     if meta:
-        lines += [f"- mode: **{meta.get('mode', '')}**, wall time {meta.get('wall_s', 0) / 60:.1f} min, "
-                  f"machine: {meta.get('machine', '')}",
-                  f"- model: `{meta.get('model', '')}` ({meta.get('dtype', '')}, {meta.get('threads', '')} threads), "
-                  f"press `{meta.get('press', '')}`, greedy decoding",
-                  f"- timing profile: {meta.get('profile', '')}",
-                  f"- length predictor: {meta.get('predictor', '')}",
-                  f"- tasks: {meta.get('n_tasks', 0)} ({meta.get('kinds', '')}), seed {meta.get('seed', 0)}",
-                  f"- budgets: {meta.get('budget_rule', '')}", ""]
-    spread = results.get("timing_spread", {})
+        lines += [
+            f'- mode: **{meta.get("mode", "")}**, wall time {meta.get("wall_s", 0) / 60:.1f} min, '
+            f'machine: {meta.get("machine", "")}',
+            f'- model: `{meta.get("model", "")}` ({meta.get("dtype", "")}, {meta.get("threads", "")} threads), '
+            f'press `{meta.get("press", "")}`, greedy decoding',
+            f'- timing profile: {meta.get("profile", "")}',
+            f'- length predictor: {meta.get("predictor", "")}',
+            f'- tasks: {meta.get("n_tasks", 0)} ({meta.get("kinds", "")}), seed {meta.get("seed", 0)}',
+            f'- budgets: {meta.get("budget_rule", "")}',
+            '',
+        ]
+    spread = results.get('timing_spread', {})
     if spread:
-        lines += [f"Measurements: {spread.get('prefills')} prefills (one per prompt) and {spread.get('decode_runs')} "
-                  f"decode runs (one per prompt and kept-KV length; every budget is judged on these runs). "
-                  f"Decode step times within a run varied with a median coefficient of variation of "
-                  f"{_num(spread.get('step_time_cv_median'))} (max {_num(spread.get('step_time_cv_max'))}): the "
-                  f"machine is shared, so single timings are noisy.", ""]
-    lines += ["Completion = finished (EOS or max_new_tokens) by the deadline. Jobs are released every T s in a "
-              "fixed order; Kill stops a late job (score 0), Skip-Next lets it finish (its answer is scored, "
-              "not completed) and skips the jobs released meanwhile; truncate keeps the text ready at the "
-              "deadline. Cells: completion rate / average score.", ""]
-    for g, d in results.get("groups", {}).items():
-        budgets = d["budgets_s"]
-        toks = d.get("prompt_tokens", [])
-        lines += [f"## Prompts of ~{g} tokens ({d['n_prompts']} prompts, {min(toks)}–{max(toks)} tokens)", ""]
-        for ov in ("kill", "skip-next"):
-            rows = _rows(d["table"], ov)
-            lines += [f"### {OVERRUN_TITLES[ov]}", "",
-                      "| policy | " + " | ".join(f"T={b:g}s" for b in budgets) + " |",
-                      "|---|" + "---|" * len(budgets)]
+        lines += [
+            f'Measurements: {spread.get("prefills")} prefills (one per prompt) and {spread.get("decode_runs")} '
+            f'decode runs (one per prompt and kept-KV length; every budget is judged on these runs). '
+            f'Decode step times within a run varied with a median coefficient of variation of '
+            f'{_num(spread.get("step_time_cv_median"))} (max {_num(spread.get("step_time_cv_max"))}): the '
+            f'machine is shared, so single timings are noisy.',
+            '',
+        ]
+    lines += [
+        'Completion = finished (EOS or max_new_tokens) by the deadline. Jobs are released every T s in a '
+        'fixed order; Kill stops a late job (score 0), Skip-Next lets it finish (its answer is scored, '
+        'not completed) and skips the jobs released meanwhile; truncate keeps the text ready at the '
+        'deadline. Cells: completion rate / average score.',
+        '',
+    ]
+    for g, d in results.get('groups', {}).items():
+        budgets = d['budgets_s']
+        toks = d.get('prompt_tokens', [])
+        lines += [
+            f'## Prompts of ~{g} tokens ({d["n_prompts"]} prompts, {min(toks)}–{max(toks)} tokens)',
+            '',
+        ]
+        for ov in ('kill', 'skip-next'):
+            rows = _rows(d['table'], ov)
+            lines += [
+                f'### {OVERRUN_TITLES[ov]}',
+                '',
+                '| policy | ' + ' | '.join(f'T={b:g}s' for b in budgets) + ' |',
+                '|---|' + '---|' * len(budgets),
+            ]
             for pol, by_b in rows.items():
-                cells = [f"{_pct(by_b[b]['completion_rate'])} / {_num(by_b[b]['avg_score'])}" if b in by_b else "–"
-                         for b in budgets]
-                lines.append(f"| {pol} | " + " | ".join(cells) + " |")
-            lines.append("")
-        tb = [r for r in d["table"] if r["policy"].startswith("timebill") and r["overrun"] == "kill"]
+                cells = [
+                    f'{_pct(by_b[b]["completion_rate"])} / {_num(by_b[b]["avg_score"])}'
+                    if b in by_b
+                    else '–'
+                    for b in budgets
+                ]
+                lines.append(f'| {pol} | ' + ' | '.join(cells) + ' |')
+            lines.append('')
+        tb = [
+            r for r in d['table'] if r['policy'].startswith('timebill') and r['overrun'] == 'kill'
+        ]
         if tb:
-            lines += ["TimeBill's α per budget (mean over prompts): " + ", ".join(
-                f"T={r['budget_s']:g}s: {sum(r['alphas']) / len(r['alphas']):.2f}" for r in tb), ""]
-        lines += ["### How late were the late jobs (seconds past the deadline; Kill: how long they would "
-                  "have run on)", "", "| policy | " + " | ".join(f"T={b:g}s" for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
-        for ov in ("kill", "skip-next"):
-            for pol, by_b in _rows(d["table"], ov).items():
-                if pol == "truncate" and ov != "kill":
+            lines += [
+                "TimeBill's α per budget (mean over prompts): "
+                + ', '.join(
+                    f'T={r["budget_s"]:g}s: {sum(r["alphas"]) / len(r["alphas"]):.2f}' for r in tb
+                ),
+                '',
+            ]
+        lines += [
+            '### How late were the late jobs (seconds past the deadline; Kill: how long they would '
+            'have run on)',
+            '',
+            '| policy | ' + ' | '.join(f'T={b:g}s' for b in budgets) + ' |',
+            '|---|' + '---|' * len(budgets),
+        ]
+        for ov in ('kill', 'skip-next'):
+            for pol, by_b in _rows(d['table'], ov).items():
+                if pol == 'truncate' and ov != 'kill':
                     continue
                 cells = []
                 for b in budgets:
                     r = by_b.get(b)
-                    cells.append("–" if not r or not r["late_count"] else
-                                 f"{r['late_count']}: med {r['late_s_median']:.1f}, max {r['late_s_max']:.1f}")
-                label = pol if pol == "truncate" else f"{pol} / {OVERRUN_TITLES[ov]}"
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
-        if d.get("k_sweep"):
-            lines += [f"### Pessimism factor k (TimeBill, T={d['k_budget_s']:g}s)", "",
-                      "| k | mean α | Kill | Skip-Next |", "|---|---|---|---|"]
+                    cells.append(
+                        '–'
+                        if not r or not r['late_count']
+                        else f'{r["late_count"]}: med {r["late_s_median"]:.1f}, max {r["late_s_max"]:.1f}'
+                    )
+                label = pol if pol == 'truncate' else f'{pol} / {OVERRUN_TITLES[ov]}'
+                lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+        lines.append('')
+        if d.get('k_sweep'):
+            lines += [
+                f'### Pessimism factor k (TimeBill, T={d["k_budget_s"]:g}s)',
+                '',
+                '| k | mean α | Kill | Skip-Next |',
+                '|---|---|---|---|',
+            ]
             by_k: Dict[float, Dict[str, dict]] = {}
-            for r in d["k_sweep"]:
-                by_k.setdefault(r["k"], {})[r["overrun"]] = r
+            for r in d['k_sweep']:
+                by_k.setdefault(r['k'], {})[r['overrun']] = r
             for k, rs in by_k.items():
-                a = rs["kill"]["alphas"]
-                lines.append(f"| {k:g} | {sum(a) / len(a):.2f} | " + " | ".join(
-                    f"{_pct(rs[o]['completion_rate'])} / {_num(rs[o]['avg_score'])}" for o in ("kill", "skip-next")) + " |")
-            if len({tuple(rs["kill"]["alphas"]) for rs in by_k.values()}) == 1:
-                lines += ["", "α did not change with k here: the pessimistic length min(k·N̂, max_new_tokens) was "
-                          "already max_new_tokens at the smallest k (N̂ close to, or equal to, the cap — as with "
-                          "the N_max fallback), so every k planned for the same worst case."]
-            lines.append("")
-    est = results.get("estimator")
+                a = rs['kill']['alphas']
+                lines.append(
+                    f'| {k:g} | {sum(a) / len(a):.2f} | '
+                    + ' | '.join(
+                        f'{_pct(rs[o]["completion_rate"])} / {_num(rs[o]["avg_score"])}'
+                        for o in ('kill', 'skip-next')
+                    )
+                    + ' |'
+                )
+            if len({tuple(rs['kill']['alphas']) for rs in by_k.values()}) == 1:
+                lines += [
+                    '',
+                    'α did not change with k here: the pessimistic length min(k·N̂, max_new_tokens) was '
+                    'already max_new_tokens at the smallest k (N̂ close to, or equal to, the cap — as with '
+                    'the N_max fallback), so every k planned for the same worst case.',
+                ]
+            lines.append('')
+    est = results.get('estimator')
     if est:
-        lines += ["## Estimator error on the served requests", "",
-                  f"- response length: MAE {_num(est['length_mae'], '.1f')} tokens "
-                  f"(N̂ capped at max_new_tokens: {_num(est['length_mae_capped'], '.1f')})",
-                  f"- prefill time MAPE {_num(est['prefill_mape'], '.1f')}%, decode time MAPE "
-                  f"{_num(est['decode_mape'], '.1f')}%, end-to-end MAPE {_num(est['total_mape'], '.1f')}% "
-                  "(predicted for the length actually generated)",
-                  f"- actual end-to-end time within the k=5 WCET: {_pct(est['within_wcet_rate'])} of runs", "",
-                  "| task | prompt tokens | N̂ | tokens (α=0) | prefill pred / actual (s) |", "|---|---|---|---|---|"]
-        pre = {p["task_id"]: p for p in results.get("prompts", [])}
-        for x in est["lengths"]:
-            p = pre.get(x["task_id"], {})
-            lines.append(f"| {x['task_id']} | {p.get('n_prompt', '')} | {x['n_hat']:g} | {x['actual']} | "
-                         f"{_num(p.get('prefill_pred_s'))} / {_num(p.get('prefill_s'))} |")
-        lines.append("")
-    figs = results.get("figures", [])
+        lines += [
+            '## Estimator error on the served requests',
+            '',
+            f'- response length: MAE {_num(est["length_mae"], ".1f")} tokens '
+            f'(N̂ capped at max_new_tokens: {_num(est["length_mae_capped"], ".1f")})',
+            f'- prefill time MAPE {_num(est["prefill_mape"], ".1f")}%, decode time MAPE '
+            f'{_num(est["decode_mape"], ".1f")}%, end-to-end MAPE {_num(est["total_mape"], ".1f")}% '
+            '(predicted for the length actually generated)',
+            f'- actual end-to-end time within the k=5 WCET: {_pct(est["within_wcet_rate"])} of runs',
+            '',
+            '| task | prompt tokens | N̂ | tokens (α=0) | prefill pred / actual (s) |',
+            '|---|---|---|---|---|',
+        ]
+        pre = {p['task_id']: p for p in results.get('prompts', [])}
+        for x in est['lengths']:
+            p = pre.get(x['task_id'], {})
+            lines.append(
+                f'| {x["task_id"]} | {p.get("n_prompt", "")} | {x["n_hat"]:g} | {x["actual"]} | '
+                f'{_num(p.get("prefill_pred_s"))} / {_num(p.get("prefill_s"))} |'
+            )
+        lines.append('')
+    figs = results.get('figures', [])
     if figs:
-        lines += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figs] + [""]
-    return "\n".join(lines)
+        lines += ['## Figures', ''] + [f'![{Path(f).stem}]({Path(f).name})' for f in figs] + ['']
+    return '\n'.join(lines)
 
 
 # ------------------------------------------------------------------------------------ figures
 def _style(policy: str):
-    if policy == "vanilla":
-        return dict(color="black", marker="o")
-    if policy == "truncate":
-        return dict(color="grey", marker="x", linestyle="--")
-    if policy.startswith("timebill"):
-        return dict(color="tab:red", marker="*", markersize=10, linewidth=2.2)
-    palette = {"alpha=0.25": ("tab:blue", "v"), "alpha=0.5": ("tab:green", "s"), "alpha=0.75": ("tab:purple", "D"),
-               "alpha=0.95": ("tab:orange", "^")}
-    color, marker = palette.get(policy, (None, "."))
-    return dict(color=color, marker=marker, alpha=0.85, markersize=5)
+    if policy == 'vanilla':
+        return {'color': 'black', 'marker': 'o'}
+    if policy == 'truncate':
+        return {'color': 'grey', 'marker': 'x', 'linestyle': '--'}
+    if policy.startswith('timebill'):
+        return {'color': 'tab:red', 'marker': '*', 'markersize': 10, 'linewidth': 2.2}
+    palette = {
+        'alpha=0.25': ('tab:blue', 'v'),
+        'alpha=0.5': ('tab:green', 's'),
+        'alpha=0.75': ('tab:purple', 'D'),
+        'alpha=0.95': ('tab:orange', '^'),
+    }
+    color, marker = palette.get(policy, (None, '.'))
+    return {'color': color, 'marker': marker, 'alpha': 0.85, 'markersize': 5}
 
 
 def figures(results: dict, out_dir: Path) -> List[Path]:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     paths: List[Path] = []
-    for g, d in results.get("groups", {}).items():
+    for g, d in results.get('groups', {}).items():
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-        for col, ov in enumerate(("kill", "skip-next")):
-            for pol, by_b in _rows(d["table"], ov).items():
+        for col, ov in enumerate(('kill', 'skip-next')):
+            for pol, by_b in _rows(d['table'], ov).items():
                 bs = sorted(by_b)
-                axes[0, col].plot(bs, [100 * by_b[b]["completion_rate"] for b in bs], label=pol, **_style(pol))
-                axes[1, col].plot(bs, [by_b[b]["avg_score"] for b in bs], label=pol, **_style(pol))
-            axes[0, col].set_title(f"{OVERRUN_TITLES[ov]} — prompts ~{g} tokens")
-            axes[0, col].set_ylabel("completion rate (%)")
-            axes[1, col].set_ylabel("average score")
-            axes[1, col].set_xlabel("time budget (s)")
+                axes[0, col].plot(
+                    bs, [100 * by_b[b]['completion_rate'] for b in bs], label=pol, **_style(pol)
+                )
+                axes[1, col].plot(bs, [by_b[b]['avg_score'] for b in bs], label=pol, **_style(pol))
+            axes[0, col].set_title(f'{OVERRUN_TITLES[ov]} — prompts ~{g} tokens')
+            axes[0, col].set_ylabel('completion rate (%)')
+            axes[1, col].set_ylabel('average score')
+            axes[1, col].set_xlabel('time budget (s)')
             for ax in axes[:, col]:
                 ax.grid(alpha=0.3)
         axes[0, 0].legend(fontsize=8)
         fig.tight_layout()
-        p = out_dir / f"fig7_completion_score_{g}.png"
+        p = out_dir / f'fig7_completion_score_{g}.png'
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
 
-        if d.get("k_sweep"):
+        if d.get('k_sweep'):
             fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-            for ov in ("kill", "skip-next"):
-                rs = sorted((r for r in d["k_sweep"] if r["overrun"] == ov), key=lambda r: r["k"])
-                ks = [r["k"] for r in rs]
-                axes[0].plot(ks, [100 * r["completion_rate"] for r in rs], marker="o", label=OVERRUN_TITLES[ov])
-                axes[1].plot(ks, [r["avg_score"] for r in rs], marker="o", label=OVERRUN_TITLES[ov])
-            axes[0].set_ylabel("completion rate (%)")
-            axes[1].set_ylabel("average score")
+            for ov in ('kill', 'skip-next'):
+                rs = sorted((r for r in d['k_sweep'] if r['overrun'] == ov), key=lambda r: r['k'])
+                ks = [r['k'] for r in rs]
+                axes[0].plot(
+                    ks,
+                    [100 * r['completion_rate'] for r in rs],
+                    marker='o',
+                    label=OVERRUN_TITLES[ov],
+                )
+                axes[1].plot(
+                    ks, [r['avg_score'] for r in rs], marker='o', label=OVERRUN_TITLES[ov]
+                )
+            axes[0].set_ylabel('completion rate (%)')
+            axes[1].set_ylabel('average score')
             for ax in axes:
-                ax.set_xlabel("pessimism factor k")
+                ax.set_xlabel('pessimism factor k')
                 ax.grid(alpha=0.3)
             axes[0].legend()
-            fig.suptitle(f"TimeBill vs k at T = {d['k_budget_s']:g} s (prompts ~{g} tokens)")
+            fig.suptitle(f'TimeBill vs k at T = {d["k_budget_s"]:g} s (prompts ~{g} tokens)')
             fig.tight_layout()
-            p = out_dir / f"fig8_k_sweep_{g}.png"
+            p = out_dir / f'fig8_k_sweep_{g}.png'
             fig.savefig(p, dpi=110)
             plt.close(fig)
             paths.append(p)
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-        for col, ov in enumerate(("kill", "skip-next")):
-            for pol, by_b in _rows(d["table"], ov).items():
-                if pol == "truncate":
+        for col, ov in enumerate(('kill', 'skip-next')):
+            for pol, by_b in _rows(d['table'], ov).items():
+                if pol == 'truncate':
                     continue
                 bs = sorted(by_b)
-                axes[col].plot(bs, [by_b[b]["late_s_median"] for b in bs], label=pol, **_style(pol))
-            axes[col].set_title(f"{OVERRUN_TITLES[ov]}: median lateness of late jobs")
-            axes[col].set_xlabel("time budget (s)")
+                axes[col].plot(
+                    bs, [by_b[b]['late_s_median'] for b in bs], label=pol, **_style(pol)
+                )
+            axes[col].set_title(f'{OVERRUN_TITLES[ov]}: median lateness of late jobs')
+            axes[col].set_xlabel('time budget (s)')
             axes[col].grid(alpha=0.3)
-        axes[0].set_ylabel("seconds past the deadline")
+        axes[0].set_ylabel('seconds past the deadline')
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        p = out_dir / f"lateness_{g}.png"
+        p = out_dir / f'lateness_{g}.png'
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
 
-    est = results.get("estimator")
-    if est and est.get("times"):
+    est = results.get('estimator')
+    if est and est.get('times'):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        ls = est["lengths"]
-        axes[0].scatter([x["actual"] for x in ls], [min(x["n_hat"], x["max_new_tokens"]) for x in ls])
-        m = max([x["actual"] for x in ls] + [x["max_new_tokens"] for x in ls] + [1])
-        axes[0].plot([0, m], [0, m], color="grey", linestyle=":")
-        axes[0].set_xlabel("actual response length (tokens, α=0)")
-        axes[0].set_ylabel("predicted N̂ (capped at max_new_tokens)")
-        ts = est["times"]
-        axes[1].scatter([t["actual_total_s"] for t in ts], [t["pred_total_s"] for t in ts], s=12, label="ETE")
-        axes[1].scatter([t["actual_total_s"] for t in ts], [t["wcet_k5_s"] for t in ts], s=12, marker="^",
-                        label="WCET (k=5)", alpha=0.6)
-        m = max([t["actual_total_s"] for t in ts] + [t["pred_total_s"] for t in ts] + [1e-3])
-        axes[1].plot([0, m], [0, m], color="grey", linestyle=":")
-        axes[1].set_xlabel("actual time (s)")
-        axes[1].set_ylabel("predicted time (s)")
+        ls = est['lengths']
+        axes[0].scatter(
+            [x['actual'] for x in ls], [min(x['n_hat'], x['max_new_tokens']) for x in ls]
+        )
+        m = max([x['actual'] for x in ls] + [x['max_new_tokens'] for x in ls] + [1])
+        axes[0].plot([0, m], [0, m], color='grey', linestyle=':')
+        axes[0].set_xlabel('actual response length (tokens, α=0)')
+        axes[0].set_ylabel('predicted N̂ (capped at max_new_tokens)')
+        ts = est['times']
+        axes[1].scatter(
+            [t['actual_total_s'] for t in ts], [t['pred_total_s'] for t in ts], s=12, label='ETE'
+        )
+        axes[1].scatter(
+            [t['actual_total_s'] for t in ts],
+            [t['wcet_k5_s'] for t in ts],
+            s=12,
+            marker='^',
+            label='WCET (k=5)',
+            alpha=0.6,
+        )
+        m = max([t['actual_total_s'] for t in ts] + [t['pred_total_s'] for t in ts] + [1e-3])
+        axes[1].plot([0, m], [0, m], color='grey', linestyle=':')
+        axes[1].set_xlabel('actual time (s)')
+        axes[1].set_ylabel('predicted time (s)')
         axes[1].legend(fontsize=8)
         for ax in axes:
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        p = out_dir / "estimator_error.png"
+        p = out_dir / 'estimator_error.png'
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
@@ -257,10 +335,10 @@ def write_report(results: dict, out_dir: Path | str, plots: bool = True) -> Dict
     paths: Dict[str, Path] = {}
     if plots:
         figs = figures(results, out_dir)
-        results["figures"] = [str(p) for p in figs]
+        results['figures'] = [str(p) for p in figs]
         paths.update({p.stem: p for p in figs})
-    paths["json"] = write_json(results, out_dir / "results.json")
-    md = out_dir / "report.md"
+    paths['json'] = write_json(results, out_dir / 'results.json')
+    md = out_dir / 'report.md'
     md.write_text(markdown(results))
-    paths["markdown"] = md
+    paths['markdown'] = md
     return paths

@@ -7,23 +7,23 @@ With several references a prediction gets its best score, as in SQuAD and LongBe
 
 from __future__ import annotations
 
+from collections import Counter
 import re
 import string
-from collections import Counter
 from typing import Callable, Dict, List, Sequence, Union
 
-_PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "–", "—", "…"}
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation) | {'“', '”', '‘', '’', '–', '—', '…'}
+_ARTICLES = re.compile(r'\b(a|an|the)\b')
 
 Refs = Union[str, Sequence[str]]
 
 
 def normalize_answer(text: str) -> str:
     """Lower-case, strip punctuation and articles, collapse whitespace (SQuAD's rule)."""
-    text = (text or "").lower()
-    text = "".join(" " if ch in _PUNCT else ch for ch in text)  # "well-known" -> "well known"
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    text = (text or '').lower()
+    text = ''.join(' ' if ch in _PUNCT else ch for ch in text)  # "well-known" -> "well known"
+    text = _ARTICLES.sub(' ', text)
+    return ' '.join(text.split())
 
 
 def tokens(text: str) -> List[str]:
@@ -35,7 +35,7 @@ def _refs(references: Refs) -> List[str]:
         return [references]
     refs = [str(r) for r in references]
     if not refs:
-        raise ValueError("at least one reference answer is needed to score")
+        raise ValueError('at least one reference answer is needed to score')
     return refs
 
 
@@ -106,15 +106,15 @@ def rouge_l(prediction: str, references: Refs, beta: float = 1.0) -> float:
         if lcs == 0:
             continue
         p, rec = lcs / len(pred), lcs / len(r)
-        best = max(best, (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p))
+        best = max(best, (1 + beta**2) * p * rec / (rec + beta**2 * p))
     return best
 
 
 METRICS: Dict[str, Callable[[str, Refs], float]] = {
-    "exact_match": exact_match,
-    "contains": contains,
-    "token_f1": token_f1,
-    "rouge_l": rouge_l,
+    'exact_match': exact_match,
+    'contains': contains,
+    'token_f1': token_f1,
+    'rouge_l': rouge_l,
 }
 
 
@@ -123,5 +123,5 @@ def score(metric: str, prediction: str, references: Refs) -> float:
     try:
         fn = METRICS[metric]
     except KeyError:
-        raise ValueError(f"unknown metric {metric!r}; use one of {sorted(METRICS)}") from None
+        raise ValueError(f'unknown metric {metric!r}; use one of {sorted(METRICS)}') from None
     return fn(prediction, references)

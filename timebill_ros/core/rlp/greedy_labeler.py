@@ -16,7 +16,8 @@ from .backbones import chat_ids, left_pad
 
 def _prealloc_layer_class():
     """A cache layer with room to grow, so decoding does not copy the whole cache every step the
-    way ``DynamicCache``'s ``torch.cat`` does (it grows in chunks of 64 columns)."""
+    way ``DynamicCache``'s ``torch.cat`` does (it grows in chunks of 64 columns).
+    """
     import torch
     from transformers.cache_utils import DynamicLayer
 
@@ -37,7 +38,7 @@ def _prealloc_layer_class():
             self.keys[:, :, self.n:self.n + q] = k
             self.values[:, :, self.n:self.n + q] = v
             self.n += q
-            return self.keys[:, :, :self.n], self.values[:, :, :self.n]
+            return self.keys[:, :, : self.n], self.values[:, :, : self.n]
 
         def get_seq_length(self):
             return self.n
@@ -52,7 +53,8 @@ def detect_loop(tokens: Sequence[int], span: int = 64, max_period: int = 64) -> 
     """True when the last tokens are one block repeated back to back over >= ``span`` tokens (and
     at least 3 times). Greedy decoding of a small model practically never leaves such a loop, so
     the row is stopped and labelled as running to the cap; ``timebill dataset`` checks that claim
-    on a sample of looped prompts (``--verify-loops``)."""
+    on a sample of looped prompts (``--verify-loops``).
+    """
     n = len(tokens)
     for p in range(1, max_period + 1):
         reps = max(3, -(-span // p))
@@ -74,8 +76,15 @@ class ContinuousGreedyLabeler:
     summation order, which can flip a near-tied argmax now and then (lengths stay the target's).
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, batch_size: int = 24,
-                 refill_at: int = 4, loop_span: int = 0):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_new_tokens: int,
+        batch_size: int = 24,
+        refill_at: int = 4,
+        loop_span: int = 0,
+    ):
         self.model, self.tok = model, tokenizer
         self.cap = int(max_new_tokens)
         # >0: stop rows stuck in an exact loop this long (labelled capped)
@@ -94,8 +103,9 @@ class ContinuousGreedyLabeler:
     def encode(self, prompt: str) -> list[int]:
         return chat_ids(self.tok, prompt)
 
-    def run(self, items: Sequence[tuple[str, list[int]]],
-            on_done: Callable[[str, int, bool], None]) -> None:
+    def run(
+        self, items: Sequence[tuple[str, list[int]]], on_done: Callable[[str, int, bool], None]
+    ) -> None:
         """Label ``items`` = [(key, prompt_ids)]; call ``on_done(key, n_generated, capped)`` per
         prompt.
 
@@ -117,15 +127,21 @@ class ContinuousGreedyLabeler:
                     keep = [i for i, a in enumerate(alive) if a]
                     n_new = min(len(queue), self.batch_size - len(keep))
                     new = [queue.pop() for _ in range(n_new)]
-                    keys, lens, gen, mask, cache, nxt = self._merge(keys, lens, gen, mask, cache,
-                                                                    nxt, keep, new)
+                    keys, lens, gen, mask, cache, nxt = self._merge(
+                        keys, lens, gen, mask, cache, nxt, keep, new
+                    )
                     alive = [True] * len(keys)
                     self._check(range(len(keys)), keys, alive, gen, nxt, on_done)
                     continue
                 B = len(keys)
                 mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-                out = self.model(input_ids=nxt.view(B, 1), attention_mask=mask,
-                                 position_ids=lens.view(B, 1), cache=cache, use_cache=True)
+                out = self.model(
+                    input_ids=nxt.view(B, 1),
+                    attention_mask=mask,
+                    position_ids=lens.view(B, 1),
+                    cache=cache,
+                    use_cache=True,
+                )
                 lens = lens + 1
                 nxt = out.logits[:, -1].argmax(-1)
                 gen = gen + 1
@@ -153,7 +169,8 @@ class ContinuousGreedyLabeler:
 
     def _merge(self, keys, lens, gen, mask, cache, nxt, keep, new):
         """Drop finished rows, prefill ``new`` prompts, and right-align everything in fresh buffers
-        (one copy per tensor; columns that are padding for every row are trimmed)."""
+        (one copy per tensor; columns that are padding for every row are trimmed).
+        """
         import torch
         from transformers.cache_utils import Cache
 
@@ -177,7 +194,7 @@ class ContinuousGreedyLabeler:
             pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
             inp, nm, pos = left_pad([ids for _, ids in new], pad)
             out = self.model(input_ids=inp, attention_mask=nm, position_ids=pos, use_cache=True)
-            kv_new = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            kv_new = out.cache if getattr(out, 'cache', None) is not None else out.past_key_values
             nxt = torch.cat([nxt, out.logits[:, -1].argmax(-1)])
             lens = torch.cat([lens, nm.sum(1)])
             gen = torch.cat([gen, torch.ones(len(new), dtype=torch.long)])
@@ -206,4 +223,3 @@ class ContinuousGreedyLabeler:
                 V[nk:, :, Lm - Ln:Lm] = kv_new.layers[li].values
             layers.append(Layer(K, V, Lm))
         return keys, lens, gen, full, Cache(layers=layers), nxt
-

@@ -17,19 +17,24 @@ from typing import Sequence
 
 from .prompts import split_of
 
-DEFAULT_LABEL_FILE = Path(__file__).resolve().parents[2] / "data" / "lengths_smollm2.jsonl"
-CAPPED_NOTE = ("capped=true: the target did not stop by the cap (length = cap), or it entered an "
-               "exact repeating loop that would run to the cap (loop=true). These are real "
-               "outcomes, kept as the top class; at inference a prediction in the cap bucket "
-               "means 'runs to the limit' and yields N_max.")
-REGENERATE_CMD = ("nice -n 15 timebill dataset --model smollm2-135m-instruct --n-prompts 3300 "
-                  "--limit 3000 --max-new-tokens 512 --loop-span 64 --batch-size 64 --threads 1 "
-                  "--out timebill_ros/data/lengths_smollm2.jsonl")
+DEFAULT_LABEL_FILE = Path(__file__).resolve().parents[2] / 'data' / 'lengths_smollm2.jsonl'
+CAPPED_NOTE = (
+    'capped=true: the target did not stop by the cap (length = cap), or it entered an '
+    'exact repeating loop that would run to the cap (loop=true). These are real '
+    'outcomes, kept as the top class; at inference a prediction in the cap bucket '
+    "means 'runs to the limit' and yields N_max."
+)
+REGENERATE_CMD = (
+    'nice -n 15 timebill dataset --model smollm2-135m-instruct --n-prompts 3300 '
+    '--limit 3000 --max-new-tokens 512 --loop-span 64 --batch-size 64 --threads 1 '
+    '--out timebill_ros/data/lengths_smollm2.jsonl'
+)
 
 
 def load_labels(path: str | os.PathLike = DEFAULT_LABEL_FILE) -> list[dict]:
     """Records ``{id, prompt, length, capped, source, template, group, split}``; the header line
-    (``{"_meta": ...}``) is skipped. A torn last line from an interrupted run is ignored."""
+    (``{"_meta": ...}``) is skipped. A torn last line from an interrupted run is ignored.
+    """
     out = []
     p = Path(path)
     if not p.is_file():
@@ -43,9 +48,9 @@ def load_labels(path: str | os.PathLike = DEFAULT_LABEL_FILE) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if "_meta" in rec:
+            if '_meta' in rec:
                 continue
-            rec.setdefault("split", split_of(rec.get("group", rec["prompt"])))
+            rec.setdefault('split', split_of(rec.get('group', rec['prompt'])))
             out.append(rec)
     return out
 
@@ -54,14 +59,14 @@ def read_meta(path: str | os.PathLike = DEFAULT_LABEL_FILE) -> dict:
     with Path(path).open() as fh:
         first = fh.readline()
     try:
-        return json.loads(first).get("_meta", {})
+        return json.loads(first).get('_meta', {})
     except json.JSONDecodeError:
         return {}
 
 
 def header_line(meta: dict) -> str:
     """The first line of a label file."""
-    return json.dumps({"_meta": meta}) + "\n"
+    return json.dumps({'_meta': meta}) + '\n'
 
 
 def update_meta(path: Path, updates: dict) -> None:
@@ -75,50 +80,56 @@ def update_meta(path: Path, updates: dict) -> None:
 
 def _rewrite(path: Path, meta: dict, recs: Sequence[dict]) -> None:
     """Replace a label file atomically (header line, then records; the split is derived, not
-    stored)."""
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as fh:
+    stored).
+    """
+    tmp = path.with_suffix('.tmp')
+    with tmp.open('w') as fh:
         fh.write(header_line(meta))
         for r in recs:
-            fh.write(json.dumps({k: v for k, v in r.items() if k != "split"},
-                                ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps({k: v for k, v in r.items() if k != 'split'}, ensure_ascii=False) + '\n'
+            )
     tmp.replace(path)
 
 
 def extend_cap(path: Path, cap: int, log=print) -> int:
     """Raise the cap of an existing label file: answers that ended before the old cap are final
     (greedy decoding stops at the same EOS), so only the capped prompts are dropped here, to be
-    labelled again by the caller up to the new cap. Rerunning after an interruption resumes."""
+    labelled again by the caller up to the new cap. Rerunning after an interruption resumes.
+    """
     meta = read_meta(path)
-    old = int(meta.get("max_new_tokens", cap))
+    old = int(meta.get('max_new_tokens', cap))
     if old >= cap:
         return 0
     recs = load_labels(path)
-    keep = [r for r in recs if not r["capped"]]
-    meta["max_new_tokens"] = cap
-    meta["extended_from"] = old
-    meta.pop("clamped_from", None)
-    meta.pop("loop_check", None)  # it was measured at the old cap
+    keep = [r for r in recs if not r['capped']]
+    meta['max_new_tokens'] = cap
+    meta['extended_from'] = old
+    meta.pop('clamped_from', None)
+    meta.pop('loop_check', None)  # it was measured at the old cap
     _rewrite(path, meta, keep)
-    log(f"[dataset] {path}: cap {old} -> {cap}; {len(recs) - len(keep)} capped prompts will be "
-        f"labelled again")
+    log(
+        f'[dataset] {path}: cap {old} -> {cap}; {len(recs) - len(keep)} capped prompts will be '
+        f'labelled again'
+    )
     return len(recs) - len(keep)
 
 
 def clamp_labels(path: Path, cap: int, log=print) -> None:
     """Lower the cap of an existing label file in place. Lossless under greedy decoding: a prompt
-    that produced N >= cap tokens would have been cut at the cap."""
+    that produced N >= cap tokens would have been cut at the cap.
+    """
     meta = read_meta(path)
-    old = int(meta.get("max_new_tokens", cap))
+    old = int(meta.get('max_new_tokens', cap))
     if old == cap:
         return
     if old < cap:
-        raise ValueError(f"{path} was labelled with cap {old} < {cap}: use extend_cap")
+        raise ValueError(f'{path} was labelled with cap {old} < {cap}: use extend_cap')
     recs = load_labels(path)
-    meta["max_new_tokens"] = cap
-    meta["clamped_from"] = old
+    meta['max_new_tokens'] = cap
+    meta['clamped_from'] = old
     for r in recs:
-        if r["length"] >= cap:
-            r["length"], r["capped"] = cap, True
+        if r['length'] >= cap:
+            r['length'], r['capped'] = cap, True
     _rewrite(path, meta, recs)
-    log(f"[dataset] clamped {path} from cap {old} to {cap}")
+    log(f'[dataset] clamped {path} from cap {old} to {cap}')

@@ -10,37 +10,46 @@ cap N̂ by the request's ``max_new_tokens``: the engine stops there anyway.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 import json
 import logging
-import time
-from dataclasses import asdict
 from pathlib import Path
+import time
 from typing import Optional, Sequence, Union
 
-from ..config import TimeBillConfig, cache_dir
+from ..config import cache_dir, TimeBillConfig
 from .backbones import make_backbone, make_head, top_layer_prefixes
-from .buckets import (HEADS, Prediction, PredictorMeta, bucket_upper_edge, compress_ids,
-                      length_to_bucket)
+from .buckets import (
+    bucket_upper_edge,
+    compress_ids,
+    HEADS,
+    length_to_bucket,
+    Prediction,
+    PredictorMeta,
+)
 
-log = logging.getLogger("timebill.length_predictor")
+log = logging.getLogger('timebill.length_predictor')
 
 
 class LengthPredictor:
     """Backbone + head. ``predict(prompt)`` -> ``Prediction``; thread-safe for one caller at a
-    time."""
+    time.
+    """
 
     def __init__(self, meta: PredictorMeta, backbone=None, head=None, threads: int = 0):
         import torch
 
         if meta.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {meta.head!r}")
+            raise ValueError(f'head must be one of {HEADS}, got {meta.head!r}')
         self.meta = meta
         if backbone is None:
             backbone = make_backbone(meta.backbone, threads=threads, layer=meta.feature_layer)
         self.backbone = backbone
-        if getattr(self.backbone, "layer", 0) != meta.feature_layer:
-            raise ValueError(f"backbone gives layer {getattr(self.backbone, 'layer', 0)} but the "
-                             f"predictor was built for feature_layer={meta.feature_layer}")
+        if getattr(self.backbone, 'layer', 0) != meta.feature_layer:
+            raise ValueError(
+                f'backbone gives layer {getattr(self.backbone, "layer", 0)} but the '
+                f'predictor was built for feature_layer={meta.feature_layer}'
+            )
         if head is None:
             head = make_head(self.backbone.dim, meta.out_dim, meta.hidden)
         self.head = head
@@ -74,14 +83,14 @@ class LengthPredictor:
     def decode(self, out) -> tuple[list[int], list[int]]:
         """Head outputs -> (N̂ list, 1-based bucket/class list)."""
         m = self.meta
-        if m.head == "buckets":
-            if m.bucket_decode == "median":  # MAE-optimal point of the predicted distribution
+        if m.head == 'buckets':
+            if m.bucket_decode == 'median':  # MAE-optimal point of the predicted distribution
                 cdf = out.softmax(-1).cumsum(-1)
                 labels = ((cdf < 0.5).sum(-1) + 1).clamp(max=m.num_buckets).tolist()
             else:
                 labels = (out.argmax(-1) + 1).tolist()
             return [bucket_upper_edge(b, m.bucket_size, m.num_buckets) for b in labels], labels
-        if m.head == "regression":
+        if m.head == 'regression':
             vals = (out.squeeze(-1) * m.reg_scale).tolist()
             n = [int(min(max(1, round(v)), m.n_max)) for v in vals]
             return n, [length_to_bucket(v, m.bucket_size, m.num_buckets) for v in n]
@@ -99,16 +108,18 @@ class LengthPredictor:
         n_hat, bucket = self.decode(out)
         n, censored = n_hat[0], False
         m = self.meta
-        if m.label_cap and m.head != "regression" and n >= m.label_cap:
+        if m.label_cap and m.head != 'regression' and n >= m.label_cap:
             # the labels only say "ran to the cap": the target would go on to its own limit, so
             # plan for N_max (callers cap it by the request's max_new_tokens)
             n, censored = m.n_max, True
-        return Prediction(n, bucket[0], time.perf_counter() - t0, "model", n_in, censored)
+        return Prediction(n, bucket[0], time.perf_counter() - t0, 'model', n_in, censored)
 
-    def predict_many(self, prompts: Sequence[Union[str, Sequence[int]]],
-                     batch_size: int = 32) -> list[int]:
+    def predict_many(
+        self, prompts: Sequence[Union[str, Sequence[int]]], batch_size: int = 32
+    ) -> list[int]:
         """Raw N̂ (bucket upper edges, no censoring): comparable with capped labels, for
-        evaluation."""
+        evaluation.
+        """
         ids = [self.prepare(p)[0] or [0] for p in prompts]
         feats = self.features(ids, batch_size)
         with self._torch.inference_mode():
@@ -119,9 +130,9 @@ class LengthPredictor:
         """Write ``meta.json``, ``head.pt`` and, when fine-tuned, the backbone weights."""
         torch = self._torch
         d = Path(directory)
-        tmp = d.with_name(d.name + ".tmp")
+        tmp = d.with_name(d.name + '.tmp')
         tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(self.head.state_dict(), tmp / "head.pt")
+        torch.save(self.head.state_dict(), tmp / 'head.pt')
         if self.meta.finetuned:
             from safetensors.torch import save_file
 
@@ -129,9 +140,10 @@ class LengthPredictor:
             if self.meta.finetune_layers:  # only the trained top layers: the rest is stock
                 keep = top_layer_prefixes(self.backbone, self.meta.finetune_layers)
                 sd = {k: v for k, v in sd.items() if k.startswith(keep)}
-            save_file({k: v.contiguous() for k, v in sd.items()},
-                      str(tmp / "backbone.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(asdict(self.meta), indent=1))
+            save_file(
+                {k: v.contiguous() for k, v in sd.items()}, str(tmp / 'backbone.safetensors')
+            )
+        (tmp / 'meta.json').write_text(json.dumps(asdict(self.meta), indent=1))
         if d.exists():
             import shutil
 
@@ -140,44 +152,50 @@ class LengthPredictor:
         return d
 
     @classmethod
-    def load(cls, directory: Union[str, Path], threads: int = 0,
-             device: str = "cpu") -> "LengthPredictor":
+    def load(
+        cls, directory: Union[str, Path], threads: int = 0, device: str = 'cpu'
+    ) -> 'LengthPredictor':
         import torch
 
         d = Path(directory)
-        raw = json.loads((d / "meta.json").read_text())
-        meta = PredictorMeta(**{k: v for k, v in raw.items()
-                                if k in PredictorMeta.__dataclass_fields__})
-        backbone = make_backbone(meta.backbone, device=device, threads=threads,
-                                 layer=meta.feature_layer)
+        raw = json.loads((d / 'meta.json').read_text())
+        meta = PredictorMeta(
+            **{k: v for k, v in raw.items() if k in PredictorMeta.__dataclass_fields__}
+        )
+        backbone = make_backbone(
+            meta.backbone, device=device, threads=threads, layer=meta.feature_layer
+        )
         if meta.finetuned:
             from safetensors.torch import load_file
 
-            sd = load_file(str(d / "backbone.safetensors"))
+            sd = load_file(str(d / 'backbone.safetensors'))
             if meta.finetune_layers:
                 missing, unexpected = backbone.model.load_state_dict(sd, strict=False)
                 keep = top_layer_prefixes(backbone, meta.finetune_layers)
                 if unexpected or any(k.startswith(keep) for k in missing):
-                    raise ValueError(f"{d}: fine-tuned layers do not fit {meta.backbone} at "
-                                     f"layer {meta.feature_layer}")
+                    raise ValueError(
+                        f'{d}: fine-tuned layers do not fit {meta.backbone} at '
+                        f'layer {meta.feature_layer}'
+                    )
             else:
                 backbone.model.load_state_dict(sd)
         head = make_head(backbone.dim, meta.out_dim, meta.hidden)
-        head.load_state_dict(torch.load(d / "head.pt", map_location="cpu"))
+        head.load_state_dict(torch.load(d / 'head.pt', map_location='cpu'))
         return cls(meta, backbone, head.to(device))
 
 
 class NMaxPredictor:
     """The fallback when no trained predictor exists: always N_max, the safe (pessimistic)
-    bound."""
+    bound.
+    """
 
-    def __init__(self, n_max: int, reason: str = ""):
+    def __init__(self, n_max: int, reason: str = ''):
         self.n_max = int(n_max)
         self.reason = reason
         self.meta = None
 
     def predict(self, prompt=None) -> Prediction:
-        return Prediction(self.n_max, 0, 0.0, "fallback", 0)
+        return Prediction(self.n_max, 0, 0.0, 'fallback', 0)
 
     def predict_many(self, prompts) -> list[int]:
         return [self.n_max] * len(prompts)
@@ -185,35 +203,48 @@ class NMaxPredictor:
 
 def checkpoint_dir(cfg: TimeBillConfig) -> Path:
     """``cfg.predictor_checkpoint`` or ``<cache>/predictor/<backbone>`` (``/`` in hub ids ->
-    ``--``)."""
+    ``--``).
+    """
     if cfg.predictor_checkpoint:
         return Path(cfg.predictor_checkpoint).expanduser()
-    return cache_dir() / "predictor" / cfg.predictor_backbone.replace("/", "--")
+    return cache_dir() / 'predictor' / cfg.predictor_backbone.replace('/', '--')
 
 
 def load_length_predictor(cfg: TimeBillConfig, threads: Optional[int] = None, logger=None):
     """One call for the ROS node and the CLI: the trained predictor, or ``NMaxPredictor`` with a
-    logged reason."""
+    logged reason.
+    """
     say = logger or log.warning
     d = checkpoint_dir(cfg)
-    if not (d / "meta.json").is_file():
-        reason = (f"no trained length predictor at {d} (run `timebill train-predictor`); "
-                  f"using N_max={cfg.n_max}")
+    if not (d / 'meta.json').is_file():
+        reason = (
+            f'no trained length predictor at {d} (run `timebill train-predictor`); '
+            f'using N_max={cfg.n_max}'
+        )
         say(reason)
         return NMaxPredictor(cfg.n_max, reason)
     try:
-        pred = LengthPredictor.load(d, threads=cfg.threads if threads is None else threads,
-                                    device=cfg.predictor_device or cfg.device)
+        pred = LengthPredictor.load(
+            d,
+            threads=cfg.threads if threads is None else threads,
+            device=cfg.predictor_device or cfg.device,
+        )
     except Exception as exc:  # noqa: BLE001 - a broken checkpoint must not take the node down
-        reason = (f"could not load length predictor from {d}: {type(exc).__name__}: {exc}; "
-                  f"using N_max={cfg.n_max}")
+        reason = (
+            f'could not load length predictor from {d}: {type(exc).__name__}: {exc}; '
+            f'using N_max={cfg.n_max}'
+        )
         say(reason)
         return NMaxPredictor(cfg.n_max, reason)
     m = pred.meta
-    if (m.bucket_size, m.num_buckets) != (cfg.bucket_size, cfg.num_buckets) \
-            and m.head == "buckets":
-        say(f"predictor at {d} was trained with B={m.bucket_size}, K={m.num_buckets}; config "
-            f"says B={cfg.bucket_size}, K={cfg.num_buckets}: using the checkpoint's")
+    if (m.bucket_size, m.num_buckets) != (
+        cfg.bucket_size,
+        cfg.num_buckets,
+    ) and m.head == 'buckets':
+        say(
+            f'predictor at {d} was trained with B={m.bucket_size}, K={m.num_buckets}; config '
+            f"says B={cfg.bucket_size}, K={cfg.num_buckets}: using the checkpoint's"
+        )
     if cfg.predictor_max_prompt_tokens != m.max_prompt_tokens:
         m.max_prompt_tokens = cfg.predictor_max_prompt_tokens  # N_p is an inference-time choice
     return pred

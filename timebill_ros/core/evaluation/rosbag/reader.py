@@ -10,12 +10,12 @@ temporary copy (``recovery``).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+import json
+import os
 from pathlib import Path
+import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .convert import to_dict, uuid_hex
@@ -45,12 +45,12 @@ def open_bag(path: str | os.PathLike):
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"bag not found: {path}")
+        raise FileNotFoundError(f'bag not found: {path}')
     mcap = mcap_file(path)
-    no_metadata = path.is_dir() and not (path / "metadata.yaml").exists()
+    no_metadata = path.is_dir() and not (path / 'metadata.yaml').exists()
     needs_repair = mcap is not None and (not mcap_is_complete(mcap) or no_metadata)
     if not needs_repair:
-        target = path if (path.is_file() or (path / "metadata.yaml").exists()) else mcap
+        target = path if (path.is_file() or (path / 'metadata.yaml').exists()) else mcap
         try:
             reader = AnyReader([target])
             reader.open()
@@ -59,7 +59,7 @@ def open_bag(path: str | os.PathLike):
             # recomputes it from the stored text as char and refuses (e.g.
             # service_msgs/ServiceEventInfo in action recordings). The MCAP file itself carries
             # no hashes: read it directly.
-            if "hash mismatch" not in str(exc) or mcap is None or target == mcap:
+            if 'hash mismatch' not in str(exc) or mcap is None or target == mcap:
                 raise
             reader = AnyReader([mcap])
             reader.open()
@@ -68,15 +68,16 @@ def open_bag(path: str | os.PathLike):
         finally:
             reader.close()
         return
-    with tempfile.TemporaryDirectory(prefix="timebill-bag-") as tmp:
+    with tempfile.TemporaryDirectory(prefix='timebill-bag-') as tmp:
         fixed = Path(tmp) / mcap.name
         readable_copy(mcap, fixed)
         with AnyReader([fixed]) as reader:
             yield reader
 
 
-def read_messages(path: str | os.PathLike,
-                  topics: Optional[Sequence[str]] = None) -> Iterator[BagMessage]:
+def read_messages(
+    path: str | os.PathLike, topics: Optional[Sequence[str]] = None
+) -> Iterator[BagMessage]:
     with open_bag(path) as reader:
         conns = [c for c in reader.connections if topics is None or c.topic in topics]
         for conn, ts, raw in reader.messages(connections=conns):
@@ -90,12 +91,12 @@ class RecordedRequest:
     request_id: str
     stamp_ns: int
     prompt: str
-    system_prompt: str = ""
+    system_prompt: str = ''
     budget_s: Optional[float] = None  # relative budget; None: no deadline
     max_new_tokens: int = 0
-    overrun_policy: str = ""
+    overrun_policy: str = ''
     task: Optional[Dict[str, Any]] = None  # references / metric, when the bag came from make-tasks
-    source: str = ""  # msgtype it was read from
+    source: str = ''  # msgtype it was read from
 
 
 def _duration_s(d: Any) -> float:
@@ -104,38 +105,55 @@ def _duration_s(d: Any) -> float:
 
 def _goal_request(goal_id: str, goal: Any, stamp_ns: int, source: str) -> RecordedRequest:
     budget = None
-    if hasattr(goal, "time_budget") and _duration_s(goal.time_budget) > 0:
+    if hasattr(goal, 'time_budget') and _duration_s(goal.time_budget) > 0:
         budget = _duration_s(goal.time_budget)
-    elif hasattr(goal, "deadline") and _duration_s(goal.deadline) > 0:
+    elif hasattr(goal, 'deadline') and _duration_s(goal.deadline) > 0:
         # absolute deadline: from recording time
         budget = max(_duration_s(goal.deadline) - stamp_ns * 1e-9, 0.0)
-    return RecordedRequest(request_id=goal_id, stamp_ns=stamp_ns, prompt=goal.prompt,
-                           system_prompt=getattr(goal, "system_prompt", ""), budget_s=budget,
-                           max_new_tokens=int(getattr(goal, "max_new_tokens", 0)),
-                           overrun_policy=getattr(goal, "overrun_policy", ""), source=source)
+    return RecordedRequest(
+        request_id=goal_id,
+        stamp_ns=stamp_ns,
+        prompt=goal.prompt,
+        system_prompt=getattr(goal, 'system_prompt', ''),
+        budget_s=budget,
+        max_new_tokens=int(getattr(goal, 'max_new_tokens', 0)),
+        overrun_policy=getattr(goal, 'overrun_policy', ''),
+        source=source,
+    )
 
 
 def _extract(m: BagMessage, index: int) -> List[RecordedRequest]:
     msg = m.msg
-    if hasattr(msg, "info") and hasattr(msg, "request") and isinstance(msg.request, list):
+    if hasattr(msg, 'info') and hasattr(msg, 'request') and isinstance(msg.request, list):
         # service event
         if int(msg.info.event_type) not in (REQUEST_SENT, REQUEST_RECEIVED) and not msg.request:
             return []
-        return [_goal_request(uuid_hex(r.goal_id), r.goal, m.stamp_ns, m.msgtype)
-                for r in msg.request if hasattr(r, "goal")]
-    if hasattr(msg, "goal_id") and hasattr(msg, "goal"):  # SendGoal_Request
+        return [
+            _goal_request(uuid_hex(r.goal_id), r.goal, m.stamp_ns, m.msgtype)
+            for r in msg.request
+            if hasattr(r, 'goal')
+        ]
+    if hasattr(msg, 'goal_id') and hasattr(msg, 'goal'):  # SendGoal_Request
         return [_goal_request(uuid_hex(msg.goal_id), msg.goal, m.stamp_ns, m.msgtype)]
-    if hasattr(msg, "prompt") and hasattr(msg, "request_id") and hasattr(msg, "accepted_at"):
+    if hasattr(msg, 'prompt') and hasattr(msg, 'request_id') and hasattr(msg, 'accepted_at'):
         # msg/Request
         budget = None
         if _duration_s(msg.deadline) > 0:
             budget = max(_duration_s(msg.deadline) - _duration_s(msg.accepted_at), 0.0)
-        return [RecordedRequest(request_id=msg.request_id, stamp_ns=m.stamp_ns, prompt=msg.prompt,
-                                system_prompt=msg.system_prompt, budget_s=budget,
-                                max_new_tokens=int(msg.max_new_tokens),
-                                overrun_policy=msg.overrun_policy, source=m.msgtype)]
-    if hasattr(msg, "prompt") and hasattr(msg, "time_budget"):  # a bare Goal
-        return [_goal_request(f"goal-{index:06d}", msg, m.stamp_ns, m.msgtype)]
+        return [
+            RecordedRequest(
+                request_id=msg.request_id,
+                stamp_ns=m.stamp_ns,
+                prompt=msg.prompt,
+                system_prompt=msg.system_prompt,
+                budget_s=budget,
+                max_new_tokens=int(msg.max_new_tokens),
+                overrun_policy=msg.overrun_policy,
+                source=m.msgtype,
+            )
+        ]
+    if hasattr(msg, 'prompt') and hasattr(msg, 'time_budget'):  # a bare Goal
+        return [_goal_request(f'goal-{index:06d}', msg, m.stamp_ns, m.msgtype)]
     return []
 
 
@@ -150,11 +168,12 @@ def read_requests(path: str | os.PathLike) -> List[RecordedRequest]:
     reqs: Dict[str, RecordedRequest] = {}
     tasks: Dict[str, Dict[str, Any]] = {}
     for i, m in enumerate(read_messages(path)):
-        if m.topic == TASK_TOPIC or (m.msgtype == "std_msgs/msg/String"
-                                     and m.topic.endswith("/tasks")):
+        if m.topic == TASK_TOPIC or (
+            m.msgtype == 'std_msgs/msg/String' and m.topic.endswith('/tasks')
+        ):
             try:
                 t = json.loads(m.msg.data)
-                tasks[str(t.get("goal_id") or t.get("id"))] = t
+                tasks[str(t.get('goal_id') or t.get('id'))] = t
             except (ValueError, AttributeError):
                 pass
             continue
@@ -167,7 +186,7 @@ def read_requests(path: str | os.PathLike) -> List[RecordedRequest]:
 
 
 def read_results(path: str | os.PathLike) -> Dict[str, Dict[str, Any]]:
-    """goal id (32 hex) -> {"status": GoalStatus code, "result": dict, "stamp_ns"}.
+    """Goal id (32 hex) -> {"status": GoalStatus code, "result": dict, "stamp_ns"}.
 
     ros2 logs a GetResult request and its response as separate events sharing (client_gid,
     sequence_number); ours holds both in one. Either way they are paired here.
@@ -177,7 +196,7 @@ def read_results(path: str | os.PathLike) -> Dict[str, Dict[str, Any]]:
     out: Dict[str, Dict[str, Any]] = {}
     for m in read_messages(path):
         msg = m.msg
-        if not (m.msgtype.endswith("_GetResult_Event") and hasattr(msg, "info")):
+        if not (m.msgtype.endswith('_GetResult_Event') and hasattr(msg, 'info')):
             continue
         key = (bytes(to_dict(msg.info.client_gid)), int(msg.info.sequence_number))
         if msg.request:
@@ -186,12 +205,17 @@ def read_results(path: str | os.PathLike) -> Dict[str, Dict[str, Any]]:
             responses[key] = (msg.response[0], m.stamp_ns)
         if key in pending and key in responses:
             resp, ns = responses.pop(key)
-            out[pending.pop(key)] = {"status": int(resp.status), "result": to_dict(resp.result),
-                                     "stamp_ns": ns}
+            out[pending.pop(key)] = {
+                'status': int(resp.status),
+                'result': to_dict(resp.result),
+                'stamp_ns': ns,
+            }
     return out
 
 
 def read_estimates(path: str | os.PathLike) -> List[Dict[str, Any]]:
-    return [dict(m.as_dict(), stamp_ns=m.stamp_ns) for m in read_messages(path)
-            if m.msgtype == f"{PKG}/msg/Estimate"]
-
+    return [
+        dict(m.as_dict(), stamp_ns=m.stamp_ns)
+        for m in read_messages(path)
+        if m.msgtype == f'{PKG}/msg/Estimate'
+    ]

@@ -11,18 +11,27 @@ goal bags that ``make-tasks`` hands to ``replay``.
 
 from __future__ import annotations
 
+from functools import lru_cache
 import json
 import os
-import time
-import uuid as uuidlib
-from functools import lru_cache
 from pathlib import Path
+import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+import uuid as uuidlib
 
 from .convert import build_msg, stamp_fields, to_dict, uuid_bytes, uuid_hex
-from .interfaces import (ACTION, DEFAULT_ACTION_NAME, DEFAULT_ESTIMATE_TOPIC, GOAL_STATUS, PKG,
-                         REQUEST_RECEIVED, RESPONSE_SENT, TASK_TOPIC, message_definition,
-                         typestore)
+from .interfaces import (
+    ACTION,
+    DEFAULT_ACTION_NAME,
+    DEFAULT_ESTIMATE_TOPIC,
+    GOAL_STATUS,
+    message_definition,
+    PKG,
+    REQUEST_RECEIVED,
+    RESPONSE_SENT,
+    TASK_TOPIC,
+    typestore,
+)
 
 
 def _ns(stamp_ns: Optional[int]) -> int:
@@ -32,7 +41,7 @@ def _ns(stamp_ns: Optional[int]) -> int:
 
 @lru_cache(maxsize=1)
 def _flushing_mcap_writer():
-    """rosbags' MCAP storage writer, but every record goes to the file at once and is flushed.
+    """Rosbags' MCAP storage writer, but every record goes to the file at once and is flushed.
 
     Messages are written unchunked (valid MCAP); a killed process leaves a file whose complete
     records are all readable (see :func:`recover`). ``close`` writes rosbags' summary and footer.
@@ -49,18 +58,26 @@ def _flushing_mcap_writer():
 
         def add_msgtype(self, connection) -> None:
             is_msg = connection.msgdef.format == sm.MessageDefinitionFormat.MSG
-            fmt = "ros2msg" if is_msg else "ros2idl"
-            self.schemas.append(sm.Schema(len(self.schemas) + 1, connection.msgtype, fmt,
-                                          connection.msgdef.data))
+            fmt = 'ros2msg' if is_msg else 'ros2idl'
+            self.schemas.append(
+                sm.Schema(len(self.schemas) + 1, connection.msgtype, fmt, connection.msgdef.data)
+            )
             sm.write_schema(self.bio, self.schemas[-1])
             self._sync()
 
         def add_connection(self, connection, offered_qos_profiles: str) -> None:
             meta = sm.BytesIO()
-            sm.write_string(meta, "offered_qos_profiles")
+            sm.write_string(meta, 'offered_qos_profiles')
             sm.write_string(meta, offered_qos_profiles)
-            self.channels.append(sm.Channel(connection.id, connection.msgtype, connection.topic,
-                                            connection.ext.serialization_format, meta.getvalue()))
+            self.channels.append(
+                sm.Channel(
+                    connection.id,
+                    connection.msgtype,
+                    connection.topic,
+                    connection.ext.serialization_format,
+                    meta.getvalue(),
+                )
+            )
             self.channel_stats[connection.id] = 0
             sm.write_channel(self.bio, self.channels[-1], self.schemas)
             self._sync()
@@ -83,7 +100,8 @@ def _flushing_mcap_writer():
 
 class BagWriter:
     """A rosbag2 MCAP bag, written message by message, readable up to the last one after a
-    crash."""
+    crash.
+    """
 
     def __init__(self, path: str | os.PathLike, store=None, fsync: bool = False):
         from rosbags.rosbag2 import StoragePlugin, Writer
@@ -108,8 +126,11 @@ class BagWriter:
         key = (topic, msgtype)
         if key not in self._conns:
             self._conns[key] = self._writer.add_connection(
-                topic, msgtype, msgdef=message_definition(self.store, msgtype),
-                rihs01=self.store.hash_rihs01(msgtype))
+                topic,
+                msgtype,
+                msgdef=message_definition(self.store, msgtype),
+                rihs01=self.store.hash_rihs01(msgtype),
+            )
         msg = build_msg(self.store, msgtype, value)
         ns = self._stamp(stamp_ns)
         self._writer.write(self._conns[key], ns, self.store.serialize_cdr(msg, msgtype))
@@ -119,7 +140,7 @@ class BagWriter:
         if self._writer.storage is not None:
             self._writer.close()
 
-    def __enter__(self) -> "BagWriter":
+    def __enter__(self) -> 'BagWriter':
         return self
 
     def __exit__(self, *exc) -> None:
@@ -139,11 +160,17 @@ class BagRecorder:
     Thread-safe: the server's callbacks run on several executor threads.
     """
 
-    def __init__(self, path: str | os.PathLike, action_name: str = DEFAULT_ACTION_NAME,
-                 estimate_topic: str = DEFAULT_ESTIMATE_TOPIC, fsync: bool = False, store=None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        action_name: str = DEFAULT_ACTION_NAME,
+        estimate_topic: str = DEFAULT_ESTIMATE_TOPIC,
+        fsync: bool = False,
+        store=None,
+    ):
         import threading
 
-        self.action_name = action_name.rstrip("/")
+        self.action_name = action_name.rstrip('/')
         self.estimate_topic = estimate_topic
         self._lock = threading.Lock()
         self._seq = 0
@@ -153,67 +180,88 @@ class BagRecorder:
 
     @property
     def goal_topic(self) -> str:
-        return f"{self.action_name}/_action/send_goal/_service_event"
+        return f'{self.action_name}/_action/send_goal/_service_event'
 
     @property
     def result_topic(self) -> str:
-        return f"{self.action_name}/_action/get_result/_service_event"
+        return f'{self.action_name}/_action/get_result/_service_event'
 
     def _info(self, event_type: int, stamp_ns: int) -> Dict[str, Any]:
         self._seq += 1
-        return {"event_type": event_type, "stamp": stamp_fields(stamp_ns),
-                "client_gid": self._gid, "sequence_number": self._seq}
+        return {
+            'event_type': event_type,
+            'stamp': stamp_fields(stamp_ns),
+            'client_gid': self._gid,
+            'sequence_number': self._seq,
+        }
 
-    def record_goal(self, goal_id: Any, goal: Any, stamp_ns: Optional[int] = None,
-                    accepted: bool = True) -> None:
+    def record_goal(
+        self, goal_id: Any, goal: Any, stamp_ns: Optional[int] = None, accepted: bool = True
+    ) -> None:
         """One event holding the SendGoal request (id + goal) and the server's response."""
         ns = _ns(stamp_ns)
         goal = to_dict(goal) if not isinstance(goal, Mapping) else dict(goal)
         with self._lock:
-            self.writer.write(self.goal_topic, f"{PKG}/action/{ACTION}_SendGoal_Event", {
-                "info": self._info(REQUEST_RECEIVED, ns),
-                "request": [{"goal_id": {"uuid": uuid_bytes(goal_id)}, "goal": goal}],
-                "response": [{"accepted": accepted, "stamp": stamp_fields(ns)}],
-            }, ns)
+            self.writer.write(
+                self.goal_topic,
+                f'{PKG}/action/{ACTION}_SendGoal_Event',
+                {
+                    'info': self._info(REQUEST_RECEIVED, ns),
+                    'request': [{'goal_id': {'uuid': uuid_bytes(goal_id)}, 'goal': goal}],
+                    'response': [{'accepted': accepted, 'stamp': stamp_fields(ns)}],
+                },
+                ns,
+            )
 
     def record_estimate(self, estimate: Any, stamp_ns: Optional[int] = None) -> None:
         with self._lock:
-            self.writer.write(self.estimate_topic, f"{PKG}/msg/Estimate", estimate, stamp_ns)
+            self.writer.write(self.estimate_topic, f'{PKG}/msg/Estimate', estimate, stamp_ns)
 
-    def record_result(self, goal_id: Any, result: Any, status: Any = "succeeded",
-                      stamp_ns: Optional[int] = None) -> None:
+    def record_result(
+        self, goal_id: Any, result: Any, status: Any = 'succeeded', stamp_ns: Optional[int] = None
+    ) -> None:
         """One event holding the GetResult request (goal id) and response (status + result)."""
         ns = _ns(stamp_ns)
         code = GOAL_STATUS[status] if isinstance(status, str) else int(status)
         with self._lock:
-            self.writer.write(self.result_topic, f"{PKG}/action/{ACTION}_GetResult_Event", {
-                "info": self._info(RESPONSE_SENT, ns),
-                "request": [{"goal_id": {"uuid": uuid_bytes(goal_id)}}],
-                "response": [{"status": code, "result": result}],
-            }, ns)
+            self.writer.write(
+                self.result_topic,
+                f'{PKG}/action/{ACTION}_GetResult_Event',
+                {
+                    'info': self._info(RESPONSE_SENT, ns),
+                    'request': [{'goal_id': {'uuid': uuid_bytes(goal_id)}}],
+                    'response': [{'status': code, 'result': result}],
+                },
+                ns,
+            )
 
     def record_task(self, task: Mapping[str, Any], stamp_ns: Optional[int] = None) -> None:
         """Benchmark metadata (references, metric) for replay to score against; std_msgs/String
-        JSON."""
+        JSON.
+        """
         with self._lock:
-            self.writer.write(TASK_TOPIC, "std_msgs/msg/String", {"data": json.dumps(dict(task))},
-                              stamp_ns)
+            self.writer.write(
+                TASK_TOPIC, 'std_msgs/msg/String', {'data': json.dumps(dict(task))}, stamp_ns
+            )
 
     def close(self) -> None:
         with self._lock:
             self.writer.close()
 
-    def __enter__(self) -> "BagRecorder":
+    def __enter__(self) -> 'BagRecorder':
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-
-def write_request_bag(path: str | os.PathLike, requests: Sequence[Mapping[str, Any]],
-                      action_name: str = DEFAULT_ACTION_NAME, start_ns: Optional[int] = None,
-                      period_s: float = 0.0) -> Path:
+def write_request_bag(
+    path: str | os.PathLike,
+    requests: Sequence[Mapping[str, Any]],
+    action_name: str = DEFAULT_ACTION_NAME,
+    start_ns: Optional[int] = None,
+    period_s: float = 0.0,
+) -> Path:
     """A bag of goals to replay (``make-tasks``); each request may carry a ``task`` dict to score
     with.
 
@@ -224,9 +272,13 @@ def write_request_bag(path: str | os.PathLike, requests: Sequence[Mapping[str, A
     with BagRecorder(path, action_name=action_name) as rec:
         for i, r in enumerate(requests):
             r = dict(r)
-            task = r.pop("task", None)
-            gid = r.pop("goal_id", None) or uuidlib.uuid5(
-                uuidlib.NAMESPACE_URL, f"timebill-task-{i}-{r.get('prompt', '')[:64]}").hex
+            task = r.pop('task', None)
+            gid = (
+                r.pop('goal_id', None)
+                or uuidlib.uuid5(
+                    uuidlib.NAMESPACE_URL, f'timebill-task-{i}-{r.get("prompt", "")[:64]}'
+                ).hex
+            )
             ns = start + int(i * period_s * 1e9)
             if task is not None:
                 rec.record_task(dict(task, goal_id=uuid_hex(gid)), ns)
