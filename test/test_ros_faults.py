@@ -161,3 +161,43 @@ def test_wrong_model_path_fails_configure_readably_and_frees_nothing_twice(
     finally:
         assert all(code == 0 for code in nodes.stop().values())
         close_client(client)
+
+
+_PLANNER_THAT_LEAVES = """
+import sys
+sys.path.insert(0, {test_dir!r})
+from conftest import make_client
+from test_ros_lifecycle import _wait_decoding
+client = make_client({domain}, 'planner_that_leaves')
+assert client.send_goal('Tell me a long story.', 120.0, max_new_tokens=1900) is None
+assert _wait_decoding(client, min_tokens=5) is not None
+print('decoding', flush=True)
+client.context.shutdown()  # leaves the graph without canceling its goal, as a crashed planner
+"""
+
+
+def test_goal_of_a_client_that_left_is_ended_so_it_cannot_hold_the_queue(
+    tiny_server, tiny_nodes, tiny_domain_id
+):
+    import subprocess
+    import sys
+
+    from timebill_ros.bringup import ros_env
+
+    client = tiny_server
+    whole = client.ask('Tell me a long story.', 120.0, max_new_tokens=1900, timeout_s=180.0)
+    assert whole.status_name in ('succeeded', 'truncated') and whole.tokens_generated > 1000, whole
+    script = _PLANNER_THAT_LEAVES.format(
+        test_dir=os.path.dirname(__file__), domain=tiny_domain_id
+    )
+    env = dict(ros_env(), ROS_DOMAIN_ID=str(tiny_domain_id))
+    planner = subprocess.run(
+        [sys.executable, '-P', '-c', script], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert 'decoding' in planner.stdout, planner.stderr[-2000:]
+    # the orphan is ended as soon as its client leaves: the next goal waits a fraction of the
+    # orphan's whole decode, not all of it
+    after = client.ask('Name a color.', 60.0, max_new_tokens=4, timeout_s=120.0)
+    assert after.status_name == 'succeeded', after
+    assert after.total_s < whole.total_s / 3, (after.total_s, whole.total_s)
+    assert 'planner_that_leaves left the ROS graph' in tiny_nodes.log_tail('timebill_server')

@@ -326,6 +326,7 @@ class TimeBillClient(Node):
             system_prompt=system_prompt,
             max_new_tokens=max_new_tokens,
             overrun_policy=overrun_policy,
+            client_node=self.get_fully_qualified_name(),
         )
         if budget_s is not None:
             goal.time_budget = s_to_duration(budget_s)

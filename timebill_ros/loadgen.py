@@ -63,6 +63,7 @@ class GoalRecord:
     deadline_met: bool = False
     tokens: int = 0
     server_total_s: float = math.nan
+    finished_at_s: float = math.nan  # generator's end, seconds after the server accepted
 
     @property
     def late_at_client(self) -> bool:
@@ -115,7 +116,10 @@ def fire(
         records, sends, results, cancels, stamps = [], {}, {}, [], {}
         for i, g in enumerate(goals):
             goal = TimedInference.Goal(
-                prompt=g.prompt, max_new_tokens=g.max_new_tokens, overrun_policy=g.overrun_policy
+                prompt=g.prompt,
+                max_new_tokens=g.max_new_tokens,
+                overrun_policy=g.overrun_policy,
+                client_node=node.get_fully_qualified_name(),
             )
             goal.time_budget = s_to_duration(g.budget_s)
             t = now()
@@ -162,6 +166,7 @@ def fire(
                         int(res.tokens_generated),
                         res.total_s,
                     )
+                    r.finished_at_s = res.finished_at_s
                     pending.discard(i)
         return records
     finally:

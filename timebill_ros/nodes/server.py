@@ -60,6 +60,7 @@ R = TimedInference.Result
 PEERS = ('timebill_generator', 'timebill_predictor')
 CONFIGURE_TIMEOUT_S = 300.0  # loading a large model can take minutes
 PEER_CHECK_S = 1.0  # how often a configured server checks that its peers are still configured
+CLIENT_CHECK_S = 0.5  # how often goals' client nodes are looked up in the ROS graph
 
 
 @dataclass(eq=False)
@@ -70,6 +71,8 @@ class _Goal:
     stop: Optional[Future] = None  # completed with a reason to abort the goal
     generator_pid: int = 0  # heartbeat pid when the goal was dispatched
     dispatched: bool = False  # handed to the generator
+    client_node: str = ''  # the goal's client, when it named itself
+    client_seen: bool = False  # the client was in the ROS graph once (absence means it left)
 
 
 class TimeBillServer(LifecycleNode):
@@ -85,6 +88,7 @@ class TimeBillServer(LifecycleNode):
         self._beat: Optional[Heartbeat] = None
         self._beat_at = 0.0  # time.monotonic() of the last heartbeat
         self._next_peer_check, self._recovering = 0.0, False
+        self._next_client_check = 0.0
         self._peer_lock = threading.Lock()
         group = ReentrantCallbackGroup()
         self._group = group
@@ -286,6 +290,9 @@ class TimeBillServer(LifecycleNode):
             ).start()
         if not self._goals or self.cfg is None:
             return
+        if time.monotonic() >= self._next_client_check:
+            self._next_client_check = time.monotonic() + CLIENT_CHECK_S
+            self._cancel_orphans()
         silent = time.monotonic() - self._beat_at
         if silent <= self.cfg.peer_timeout_s:
             return
@@ -293,6 +300,24 @@ class TimeBillServer(LifecycleNode):
         for g in list(self._goals.values()):
             if g.dispatched:
                 self._stop(g, f'lost the generator (pid {pid}): no heartbeat for {silent:.1f} s')
+
+    def _cancel_orphans(self) -> None:
+        """End goals whose client node left the ROS graph: a crashed planner's goal holds the queue.
+
+        DDS removes a killed process from the graph when its participant lease runs out (Fast DDS:
+        20 s by default), so this bounds how long an orphan can hold the queue, not its deadline.
+        """
+        watched = [g for g in list(self._goals.values()) if g.client_node]
+        if not watched:
+            return
+        present = {
+            (ns.rstrip('/') + '/' + name) for name, ns in self.get_node_names_and_namespaces()
+        }
+        for g in watched:
+            if g.client_node in present:
+                g.client_seen = True
+            elif g.client_seen:
+                self._stop(g, f'the client {g.client_node} left the ROS graph')
 
     def _recover_peers(self) -> None:
         """A peer that restarted comes up unconfigured: take it to the server's own state."""
@@ -373,6 +398,7 @@ class TimeBillServer(LifecycleNode):
             return self._end(goal_handle, result, rel, R.STATUS_REJECTED, str(exc))
         result.prompt_tokens = len(ids)
         goal = goal_handle.request
+        ctx.client_node = goal.client_node
         request = Request(
             request_id=ctx.request_id,
             accepted_at=s_to_time(ctx.accepted_s),
