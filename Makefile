@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 STAMP := $(VENV)/.stamp-$(shell cat requirements.txt setup.py | md5sum | cut -c1-8)-2
 MODEL_STAMP := $(TIMEBILL_CACHE)/models/SmolLM2-135M-Instruct/config.json
 
-.PHONY: setup venv model ros demo test test-core bench reliability clean
+.PHONY: setup venv model ros demo test colcon-test test-core bench reliability clean
 
 setup: venv model ros
 
@@ -46,6 +46,14 @@ demo: setup
 
 test: setup
 	$(ROS_ENV) && $(VENV)/bin/pytest -q
+
+# The same suite as ctest entries, as a ROS workspace runs it: configure with BUILD_TESTING=ON,
+# `colcon test`, then the per-test counts (test-result exits non-zero on any failure).
+COLCON_PKG := --base-paths $(CURDIR) --packages-select timebill_ros
+colcon-test: setup
+	BUILD_TESTING=ON tools/setup_ros.sh
+	$(ROS_ENV) && $(VENV)/bin/colcon --log-base log test $(COLCON_PKG) \
+		--event-handlers console_direct- && $(VENV)/bin/colcon test-result --verbose --test-result-base build/timebill_ros
 
 test-core: venv model
 	$(VENV)/bin/pytest -q -m "not ros"

@@ -3,6 +3,8 @@
 # Idempotent: installs the Kilted wheels into the venv if missing, repoints the wheels'
 # hard-coded Python include paths (see docs: they name the wheel builder's /opt/python),
 # then runs `colcon build --symlink-install` so Python edits need no rebuild.
+# BUILD_TESTING=ON (as `make colcon-test` sets it) also configures the tests for `colcon test`;
+# the default OFF keeps the build free of test dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -51,6 +53,6 @@ export PATH=$VENV/bin:$PATH
 # colcon must see only this package (not the venv or .cache trees).
 "$VENV/bin/colcon" --log-base log build --symlink-install --base-paths "$ROOT" \
   --packages-select timebill_ros --event-handlers console_direct- \
-  --cmake-args -DPython3_EXECUTABLE="$PY" -DBUILD_TESTING=OFF \
+  --cmake-args -DPython3_EXECUTABLE="$PY" -DBUILD_TESTING="${BUILD_TESTING:-OFF}" \
   -DPython3_NumPy_INCLUDE_DIR="$NP_LINK"
 echo "[setup_ros] built; use: export AMENT_PREFIX_PATH=$VENV; source install/setup.bash"
