@@ -1,4 +1,5 @@
-"""Pure-Python install of the core and CLI (``pip install -e .``).
+"""
+Pure-Python install of the core and CLI (``pip install -e .``).
 
 The ROS interfaces and node executables are built by colcon from CMakeLists.txt /
 package.xml; this file lets the core be used and tested without a ROS build.

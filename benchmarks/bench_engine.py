@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Engine benchmark: decode speed vs HF generate, the cost of DynamicCache's torch.cat, roofline.
+"""
+Engine benchmark: decode speed vs HF generate, the cost of DynamicCache's torch.cat, roofline.
 
 Prints tables and writes ``results/bench_engine.json``. Timings are minima over repeats
 (shared machines are noisy; the minimum is the least disturbed run); the load average at
@@ -122,8 +123,8 @@ def main() -> int:
     print(f'{"prompt":>7} {"engine ms":>10} {"generate ms":>12} {"ratio":>6}')
     for r in rows:
         print(
-            f'{r["prompt_tokens"]:>7} {r["engine_ms_per_token"]:>10.2f} {r["hf_generate_ms_per_token"]:>12.2f} '
-            f'{r["ratio"]:>6.3f}'
+            f'{r["prompt_tokens"]:>7} {r["engine_ms_per_token"]:>10.2f} '
+            f'{r["hf_generate_ms_per_token"]:>12.2f} {r["ratio"]:>6.3f}'
         )
 
     # 2. step time vs KV length, preallocated vs DynamicCache; 3. roofline
@@ -156,15 +157,18 @@ def main() -> int:
     report['kv_bytes_per_token'] = kv_bytes_per_token
     report['step_vs_kv'] = rows
     print(
-        f'\nDecode step vs KV length (copy bandwidth {bw / 1e9:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB, '
+        f'\nDecode step vs KV length (copy bandwidth {bw / 1e9:.1f} GB/s, weights '
+        f'{weight_bytes / 1e6:.0f} MB, '
         f'KV {kv_bytes_per_token / 1e3:.1f} kB/token)'
     )
     print(
-        f'{"kv":>6} {"prealloc ms":>12} {"dynamic ms":>11} {"dyn/pre":>8} {"roofline ms":>12} {"pre/roof":>9}'
+        f'{"kv":>6} {"prealloc ms":>12} {"dynamic ms":>11} '
+        f'{"dyn/pre":>8} {"roofline ms":>12} {"pre/roof":>9}'
     )
     for r in rows:
         print(
-            f'{r["kv_len"]:>6} {r["prealloc_ms"]:>12.2f} {r["dynamic_ms"]:>11.2f} {r["dynamic_over_prealloc"]:>8.3f} '
+            f'{r["kv_len"]:>6} {r["prealloc_ms"]:>12.2f} {r["dynamic_ms"]:>11.2f} '
+            f'{r["dynamic_over_prealloc"]:>8.3f} '
             f'{r["roofline_ms"]:>12.2f} {r["prealloc_over_roofline"]:>9.3f}'
         )
     out = Path(args.out)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""What chunked prefill costs: SmolLM2 prefill time in one pass vs chunks of 128/256/512 tokens.
+"""
+What chunked prefill costs: SmolLM2 prefill time in one pass vs chunks of 128/256/512 tokens.
 
 Chunks are what lets a deadline or a cancel stop a long prefill; this checks they are nearly
 free. Modes are interleaved within each repeat (so machine drift hits all alike); the median
@@ -31,8 +32,11 @@ def prompt_ids(engine: Engine, n: int) -> list:
 
 
 def time_prefill(engine: Engine, ids: list, chunk: int) -> tuple:
-    """(wall s, CPU s of this process): on a shared machine the CPU time shows the work done,
-    the wall time also what the neighbours took.
+    """
+    Return (wall s, CPU s of this process) of one prefill.
+
+    On a shared machine the CPU time shows the work done, the wall time also what the
+    neighbours took.
     """
     c0, t0 = time.process_time(), time.perf_counter()
     engine.prefill(ids, capacity=len(ids) + 1, chunk_tokens=chunk)

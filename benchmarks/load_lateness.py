@@ -1,4 +1,5 @@
-"""Lateness under load: when do answers reach the planner, measured against their deadlines?
+"""
+Lateness under load: when do answers reach the planner, measured against their deadlines.
 
 Why it exists: the request pipeline is being rewritten, and the claim to defend is that an
 answer (or a refusal) reaches the planner before its absolute deadline even when several
@@ -80,11 +81,10 @@ def planner(args) -> int:
     ).split()
     out = Path(args.out) / f'planner{args.worker}.json'
     records: list = []
-    dump = lambda: out.write_text(
-        json.dumps(  # noqa: E731
-            {'module': timebill_ros.__file__, 'records': records}, indent=1
-        )
-    )
+
+    def dump():
+        out.write_text(json.dumps({'module': timebill_ros.__file__, 'records': records}, indent=1))
+
     ctx = Context()
     rclpy.init(context=ctx, domain_id=args.domain, signal_handler_options=SignalHandlerOptions.NO)
     tb = TimeBillClient(f'lateness_planner_{args.worker}', context=ctx)

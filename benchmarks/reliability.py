@@ -1,4 +1,5 @@
-"""Reliability report (issue 7): a soak of many goals against the three real node processes.
+"""
+Reliability report (issue 7): a soak of many goals against the three real node processes.
 
 Brings up generator, predictor and server (``model: tiny`` by default: the queue, the DDS
 paths and the bookkeeping are under test, not the model), fires goals in concurrent waves
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
         f'- hung (no result): {report["hung"]}',
         f'- deadline-miss rate among planned goals: {report["miss_rate_planned"]:.2%}',
         f'- reported deadline met but late at the client: {report["met_but_late_at_client"]}',
-        f'- client latency p50 / p95 / max: {report["latency_p50_s"]:.3f} / {report["latency_p95_s"]:.3f} / '
+        f'- client latency p50 / p95 / max: {report["latency_p50_s"]:.3f} / '
+        f'{report["latency_p95_s"]:.3f} / '
         f'{report["latency_max_s"]:.3f} s',
         '- RSS after warm-up -> end (KiB), growth:',
     ]

@@ -1,4 +1,4 @@
-"""rosbag2 MCAP recording: round trips, crash safety, and bags written the way ``ros2 bag`` writes them."""
+"""rosbag2 MCAP recording: round trips, crash safety, and bags as ``ros2 bag`` writes them."""
 
 import math
 import os
@@ -239,11 +239,8 @@ def test_torn_last_record_is_dropped(tmp_path):
     records = _message_records(data)
     assert len(records) == 5
     last_start, last_end = records[-1]
-    for cut in (
-        last_start + 5,
-        (last_start + last_end) // 2,
-        last_end - 1,
-    ):  # died inside the last record
+    # died inside the last record
+    for cut in (last_start + 5, (last_start + last_end) // 2, last_end - 1):
         torn = tmp_path / f'torn{cut}'
         torn.mkdir()
         (torn / 'torn.mcap').write_bytes(data[:cut])
@@ -257,8 +254,10 @@ def test_torn_last_record_is_dropped(tmp_path):
 
 @pytest.mark.parametrize('storage', ['mcap', 'sqlite3'])
 def test_bag_in_ros2_bag_style_is_read_with_types_from_the_bag(tmp_path, storage):
-    """What `ros2 bag record /timebill/request /timebill/estimate` writes: stock rosbag2 layout, chunked
-    and indexed (or sqlite3), types registered from the .msg text. Read back without our typestore.
+    """
+    Read what `ros2 bag record /timebill/request /timebill/estimate` writes without our typestore.
+
+    Stock rosbag2 layout, chunked and indexed (or sqlite3), types registered from the .msg text.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import get_types_from_msg, get_typestore, Stores
@@ -342,8 +341,11 @@ def test_type_hashes_match_the_ros_build():
 
 
 def test_ros2_action_recording_with_rosidl_hashes_is_read(tmp_path):
-    """`ros2 bag record` of an action: msgdef text from the .msg files (`char[16] client_gid`) but
-    rosidl's hash (char counted as uint8). rosbags alone refuses that directory bag; we read it.
+    """
+    Read a `ros2 bag record` of an action, which rosbags alone refuses.
+
+    The msgdef text comes from the .msg files (`char[16] client_gid`) but the hash is rosidl's
+    (char counted as uint8).
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import get_types_from_msg, get_typestore, Stores
@@ -363,9 +365,8 @@ def test_ros2_action_recording_with_rosidl_hashes_is_read(tmp_path):
             msgdef=B.message_definition(ros_text, event),
             rihs01=ours.hash_rihs01(event),
         )
-        for i, etype in enumerate(
-            (B.REQUEST_SENT, B.REQUEST_RECEIVED)
-        ):  # client and server both log it
+        # client and server both log it
+        for i, etype in enumerate((B.REQUEST_SENT, B.REQUEST_RECEIVED)):
             msg = B.build_msg(
                 ours,
                 event,

@@ -1,4 +1,4 @@
-"""α solver: monotonicity, the budget inequality, brute force agreement, infeasibility reporting."""
+"""α solver: monotonicity, the budget inequality, brute force agreement, infeasibility."""
 
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -82,9 +82,8 @@ def test_verdict_numbers_and_budget_inequality(m, n, n_hat, k, amax, budget):
 )
 def test_budget_made_for_an_alpha_gives_that_alpha_back(m, n, n_hat, k, amax, target):
     """Budgets drawn in the interesting region: exactly the WCET at some α."""
-    assume(
-        wcet_length(n_hat, k, 8192) >= 2 and abs(target - amax) > 1e-6
-    )  # not a rounding coin toss
+    # not a rounding coin toss
+    assume(wcet_length(n_hat, k, 8192) >= 2 and abs(target - amax) > 1e-6)
     v = solve_alpha(m, wcet(m, n, target, n_hat, k), n, n_hat, k=k, alpha_max=amax)
     if target <= amax:
         assert v.status == 'met'
@@ -233,8 +232,10 @@ def test_after_prefill_inequality(m, n, n_hat, k, elapsed, extra):
 
 
 def test_pipeline_plan_budget_from_acceptance_and_elapsed_time(tiny):
-    """The one α chooser (``Pipeline.plan``): budget from acceptance, elapsed time measured, N̂
-    capped by max_new_tokens and by the context.
+    """
+    Check the one α chooser (``Pipeline.plan``).
+
+    Budget from acceptance, elapsed time measured, N̂ capped by max_new_tokens and by the context.
     """
     from timebill_ros.core.config import TimeBillConfig
     from timebill_ros.core.engine import Engine

@@ -1,4 +1,4 @@
-"""Calibration: held-out scoring, keyed profiles that refuse other setups, a real (tiny) run, the CLI."""
+"""Calibration: held-out scoring, keyed profiles refusing other setups, a tiny real run, CLI."""
 
 import json
 import time
@@ -54,7 +54,11 @@ def test_mape_is_computed_on_held_out_points_only():
 
 def test_fit_recovers_known_coefficients_from_noisy_samples():
     rng = np.random.default_rng(3)
-    noisy = lambda t: list(t * (1 + np.abs(0.01 * rng.standard_normal(7))))  # noqa: E731 - load only adds time
+
+    def noisy(t):
+        # load only ever adds time
+        return list(t * (1 + np.abs(0.01 * rng.standard_normal(7))))
+
     pre = [cal.Measurement(n, noisy(TRUE.prefill_s(n))) for n in cal.PREFILL_GRID]
     pre += [cal.Measurement(n, noisy(TRUE.prefill_s(n)), True) for n in cal.PREFILL_HELD_OUT]
     dec = [cal.Measurement(n, noisy(TRUE.decode_step_s(n))) for n in cal.DECODE_GRID]
@@ -131,9 +135,8 @@ def test_default_path_is_keyed_under_the_cache(tmp_path, monkeypatch):
     cal.save_profile(cal.fit_profile(KEY, *synthetic()))
     assert cal.load_profile_for(KEY).key == KEY
     assert cal.load_time_model(TimeBillConfig(), running_key=KEY) is not None
-    assert (
-        cal.load_time_model(TimeBillConfig(), running_key={**KEY, 'model': 'other'}) is None
-    )  # none written
+    # none written
+    assert cal.load_time_model(TimeBillConfig(), running_key={**KEY, 'model': 'other'}) is None
     cfg = TimeBillConfig(profile_path=str(cal.default_profile_path(KEY)))
     with pytest.raises(ProfileMismatchError):
         cal.load_time_model(cfg, running_key={**KEY, 'dtype': 'bfloat16'})
@@ -180,9 +183,8 @@ def test_tiny_real_calibration_and_report(tiny, tmp_path):
         and 'Decode linearity' in md
     )
     assert cal.load_profile(paths['json'], engine.profile_key()).model == prof.model
-    other = Engine(
-        tiny, None, press='none', model_name='tiny-llama'
-    )  # another press: other timings
+    # another press: other timings
+    other = Engine(tiny, None, press='none', model_name='tiny-llama')
     with pytest.raises(ProfileMismatchError, match='press'):
         cal.load_profile(paths['json'], other.profile_key())
 
@@ -197,7 +199,8 @@ def test_chooser_drives_engine_eviction(tiny):
     """The engine asks the chooser after prefill and evicts what the verdict says."""
     engine = Engine(tiny, None, press='snapkv', window_size=8)
     ids = list(np.random.default_rng(0).integers(3, 256, 200))
-    # decode at α = 0 is predicted at 9 s (9 steps × 5 ms × 200 entries): a 5 s budget needs α ≈ 0.45
+    # decode at α = 0 is predicted at 9 s (9 steps × 5 ms × 200 entries):
+    # a 5 s budget needs α ≈ 0.45
     ete = ExecutionTimeModel(a=0.0, b=0.0, c=0.0, p=5e-3, q=0.0)
     from timebill_ros.core.pipeline import FixedLength, Job, Pipeline
 
@@ -230,17 +233,15 @@ def test_cli_quick_smollm2(tmp_path, monkeypatch):
         ['--quick', '--no-progress', '--out', str(tmp_path / 'out'), '--profile', str(prof_path)]
     )
     assert cli.run(args) == 0
-    cfg = cli.load_config(args).replace(
-        profile_path=str(prof_path)
-    )  # the packaged config, as the CLI read it
+    # the packaged config, as the CLI read it
+    cfg = cli.load_config(args).replace(profile_path=str(prof_path))
     outs = sorted(p.name for p in (tmp_path / 'out').iterdir())
     assert outs == [
         f'smollm2-135m-instruct-float32-cpu-t{cfg.threads}-quick.{e}'
         for e in ('json', 'md', 'png')
     ]
-    assert (
-        cal.load_time_model(cfg) == cal.load_profile(prof_path).model
-    )  # key_from_config found it valid
+    # key_from_config found it valid
+    assert cal.load_time_model(cfg) == cal.load_profile(prof_path).model
     with pytest.raises(ProfileMismatchError, match='threads'):
         cal.load_time_model(cfg.replace(threads=cfg.threads + 1))
 

@@ -1,5 +1,8 @@
-"""Chunked prefill: a deadline or cancel can stop it between chunks, and when it runs through it
-leaves what one pass leaves (cache, logits, and the very same SnapKV keep sets).
+"""
+Chunked prefill: a deadline or cancel can stop it between chunks.
+
+When it runs through, it leaves what one pass leaves (cache, logits, and the very same SnapKV
+keep sets).
 """
 
 import json
@@ -21,7 +24,7 @@ def _ids(n, seed=0, vocab=256):
 
 
 def _kept(engine, state, alpha):
-    """The press's keep sets per layer, as ``Engine.evict`` would apply them."""
+    """Return the press's keep sets per layer, as ``Engine.evict`` would apply them."""
     keep = n_keep(state.n_prompt, alpha)
     return [
         engine.press.keep_indices(layer.keys, state.scores[i], keep)
@@ -116,8 +119,10 @@ def test_chunked_prefill_then_decode_matches_generate(tiny):
 
 @pytest.mark.parametrize('hq,hkv,past,n', [(9, 3, 300, 64), (4, 4, 17, 5), (4, 2, 1, 2)])
 def test_chunk_attention_equals_masked_sdpa(hq, hkv, past, n):
-    """The mask-free split (cached part + causal chunk, merged by log-sum-exp) is plain causal
-    attention of the chunk's queries over all keys.
+    """
+    Check that the mask-free split is plain causal attention of the chunk's queries over all keys.
+
+    The split: cached part + causal chunk, merged by log-sum-exp.
     """
     g = torch.Generator().manual_seed(hq + past)
     q = torch.randn(1, hq, n, 16, generator=g)

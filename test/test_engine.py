@@ -59,9 +59,12 @@ def test_preallocated_and_dynamic_cache_agree_after_eviction(tiny):
 
 
 def test_eviction_changes_the_cache_and_positions_stay_original(tiny):
-    """With original position ids, evicting nothing of importance keeps the answer close; with
-    wrong (shortened) positions the model would see a different sequence. Here we check the
-    mechanics: kv_after is exact and decoding after eviction still runs to max_new_tokens.
+    """
+    Check the eviction mechanics: kv_after is exact and decoding afterwards runs to the end.
+
+    With original position ids, evicting nothing of importance keeps the answer close; with
+    wrong (shortened) positions the model would see a different sequence. Here decoding after
+    eviction must still run to max_new_tokens.
     """
     ids = _ids(200, 7)
     engine = Engine(tiny, None, press='snapkv', window_size=16)

@@ -1,4 +1,4 @@
-"""The benchmark: overrun strategies by hand, tasks, the sweep on the real model, reports, and the CLIs."""
+"""The benchmark: overrun strategies by hand, tasks, the sweep on the real model, reports, CLIs."""
 
 import argparse
 import json
@@ -54,9 +54,8 @@ def test_skip_next_by_hand():
 def test_truncate_by_hand():
     out = P.run_truncate(_jobs(), 4.0)
     assert [o.status for o in out] == ['completed', 'truncated', 'completed', 'empty']
-    assert out[1].score == pytest.approx(
-        0.4
-    )  # partial_score(4.0): text of the 2 tokens ready by 4 s
+    # partial_score(4.0): text of the 2 tokens ready by 4 s
+    assert out[1].score == pytest.approx(0.4)
     assert out[1].finish_s == 2.8 and out[3].score == 0.0  # d had no token by the deadline
     assert P.summarize(out)['completion_rate'] == 0.5
 
@@ -138,7 +137,8 @@ def sweep_run(smollm2):
     from timebill_ros.core.time_estimator import ExecutionTimeModel
 
     engine = Engine(*smollm2, press='snapkv')
-    # magnitudes of SmolLM2 on 2 cores (model-and-kv.md); the sweep measures, this only sets budgets and α
+    # magnitudes of SmolLM2 on 2 cores (model-and-kv.md);
+    # the sweep measures, this only sets budgets and α
     model = ExecutionTimeModel(a=1.5e-7, b=1.2e-3, c=0.15, p=1.2e-5, q=0.06)
     tasks = T.build_tasks(T.counter_for(engine), lengths=(256,), kinds=('passkey', 'qa'), seed=0)
     for t in tasks:
@@ -166,11 +166,8 @@ def test_sweep_covers_every_policy_overrun_and_budget(sweep_run):
         (5.0, 'kill'),
         (5.0, 'skip-next'),
     }
-    for pol in (
-        'vanilla',
-        'alpha=0.5',
-        'alpha=0.95',
-    ):  # a longer budget never completes fewer jobs
+    # a longer budget never completes fewer jobs
+    for pol in ('vanilla', 'alpha=0.5', 'alpha=0.95'):
         rates = [
             r['completion_rate']
             for r in sorted(d['table'], key=lambda r: r['budget_s'])
@@ -262,7 +259,7 @@ def _cli(name, argv):
 
 @pytest.fixture(scope='module')
 def cli_config(tmp_path_factory):
-    """A config whose timing profile is written by hand (no calibration) and with no predictor."""
+    """Return a config whose timing profile is written by hand (no calibration), no predictor."""
     from timebill_ros.core import calibration as cal
     from timebill_ros.core.config import TimeBillConfig
     from timebill_ros.core.time_estimator import ExecutionTimeModel
@@ -325,7 +322,7 @@ def test_eval_cli_report_has_every_policy_and_budget(cli_config, tmp_path):
 
 
 def test_replay_offline_of_a_bag_written_the_ros2_way(cli_config, tmp_path):
-    """Stock rosbags writer, chunked MCAP, types from the .msg text: what `ros2 bag record` leaves."""
+    """Read a stock rosbags bag (chunked MCAP, types from the .msg text), as `ros2 bag` writes."""
     import numpy as np
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import get_types_from_msg, get_typestore, Stores
@@ -423,7 +420,7 @@ def test_make_tasks_then_replay_scores_the_answers(cli_config, tmp_path):
 
 
 def test_replay_online_against_the_running_server(ready_server, ros_domain_id, tmp_path):
-    """`timebill replay BAG` from a separate process, as a planner: every goal answered and reported."""
+    """Run `timebill replay BAG` as a separate planner process: every goal answered, reported."""
     import os
     import subprocess
     import sys

@@ -9,7 +9,7 @@ import torch
 
 
 def _planted(length=48, window=4, d=16, targets=(5, 20), hq=4, hkv=2):
-    """Queries in the window point at one key per KV head; every other key is noise."""
+    """Make queries in the window point at one key per KV head; every other key is noise."""
     g = torch.Generator().manual_seed(0)
     key = torch.randn(1, hkv, length, d, generator=g) * 0.1
     query = torch.randn(1, hq, length, d, generator=g) * 0.1
@@ -61,11 +61,11 @@ def test_snapkv_keeps_window_and_exact_count_per_head_in_a_real_prefill(tiny, al
         assert layer.keys.shape[2] == keep  # same count for every head
         for h in range(idx.shape[1]):
             kept = idx[0, h].tolist()
-            # the window is always kept (its most recent entries when fewer than the window are kept)
+            # the window is always kept (its most recent
+            # entries when fewer than the window are kept)
             assert set(range(length - min(window, keep), length)) <= set(kept)
-            assert torch.equal(
-                layer.keys[0, h], before[0, h, kept]
-            )  # the cache holds exactly those
+            # the cache holds exactly those
+            assert torch.equal(layer.keys[0, h], before[0, h, kept])
 
 
 def test_streaming_llm_keeps_sinks_and_recent():
@@ -76,9 +76,8 @@ def test_streaming_llm_keeps_sinks_and_recent():
 
 def test_registry_and_options():
     assert set(PRESSES) == {'none', 'snapkv', 'streaming_llm'}
-    press = get_press(
-        'snapkv', window_size=32, kernel_size=7, n_sink=9
-    )  # n_sink ignored for snapkv
+    # n_sink ignored for snapkv
+    press = get_press('snapkv', window_size=32, kernel_size=7, n_sink=9)
     assert (press.window_size, press.kernel_size) == (32, 7)
     assert get_press('streaming_llm', n_sink=2).n_sink == 2
 
@@ -94,7 +93,10 @@ PASSKEY = '68142'
 
 
 def passkey_prompt(passkey=PASSKEY, reps=40, where=0.5):
-    filler = 'The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. '
+    filler = (
+        'The grass is green. The sky is blue. The sun is yellow. Here we go. '
+        'There and back again. '
+    )
     before = int(reps * where)
     return (
         'There is important info hidden inside a lot of irrelevant text. Find it and memorize it. '
@@ -108,7 +110,10 @@ def passkey_prompt(passkey=PASSKEY, reps=40, where=0.5):
 
 @pytest.mark.slow
 def test_passkey_survives_half_eviction(smollm2):
-    """SmolLM2 reads digits one token each. kvpress's average pooling (kernel 5) drops middle
+    """
+    Keep a passkey's digits at α = 0.5 with max pooling.
+
+    SmolLM2 reads digits one token each. kvpress's average pooling (kernel 5) drops middle
     digits at α = 0.5 on this model; max pooling over 7 keys keeps the whole span.
     """
     model, tok = smollm2

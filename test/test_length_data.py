@@ -1,5 +1,8 @@
-"""Length dataset: prompt mix, fixed hash split, the continuous-batching labeller against plain
-``generate`` (real SmolLM2), resumable label files, and the committed label file itself.
+"""
+Length dataset: prompt mix, fixed hash split, labeller, label files.
+
+The continuous-batching labeller is checked against plain ``generate`` (real SmolLM2), label
+files for resuming, and the committed label file itself.
 """
 
 from collections import Counter
@@ -129,8 +132,11 @@ def test_label_file_is_resumable(tmp_path, prompts, smollm2):
 
 @pytest.mark.slow
 def test_raising_the_cap_relabels_only_the_capped_prompts(tmp_path, prompts, smollm2):
-    """Extending a file from cap 6 to 40 keeps every finished answer as it was and gives the
-    capped ones the lengths a direct labelling at cap 40 gives.
+    """
+    Extend a file from cap 6 to 40: finished answers stay, capped ones get relabelled.
+
+    Every finished answer stays as it was and the capped ones get the lengths a direct labelling
+    at cap 40 gives.
     """
     sel = prompts[:6]
     ext, direct = tmp_path / 'ext.jsonl', tmp_path / 'direct.jsonl'
@@ -174,7 +180,7 @@ def test_clamping_lowers_the_cap_losslessly(tmp_path):
 
 
 def test_committed_label_file():
-    """The shipped labels: enough prompts, every split present, capped exactly at the cap, small."""
+    """Check the shipped labels: enough prompts, every split present, capped at the cap, small."""
     assert DEFAULT_LABEL_FILE.is_file()
     assert DEFAULT_LABEL_FILE.stat().st_size < 2 * 1024 * 1024
     meta = read_meta(DEFAULT_LABEL_FILE)
@@ -188,6 +194,5 @@ def test_committed_label_file():
     splits = Counter(r['split'] for r in recs)
     assert splits['test'] >= 200 and splits['val'] >= 200
     lengths = sorted(r['length'] for r in recs)
-    assert (
-        lengths[len(lengths) // 10] < 40 and lengths[len(lengths) * 9 // 10] > 200
-    )  # lengths really vary
+    # lengths really vary
+    assert lengths[len(lengths) // 10] < 40 and lengths[len(lengths) * 9 // 10] > 200

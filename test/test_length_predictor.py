@@ -1,5 +1,8 @@
-"""Response length predictor: bucket maths, prompt compression, training on a synthetic set where
-the length depends on the prompt, save/load, and the N_max fallback (real MiniLM backbone).
+"""
+Response length predictor: bucket maths, prompt compression, training, save/load, fallback.
+
+Training runs on a synthetic set where the length depends on the prompt; the fallback is
+N_max; the backbone is the real MiniLM.
 """
 
 import logging
@@ -232,9 +235,8 @@ def test_predict_returns_upper_edge_and_latency(synthetic_predictor):
     q = pred.predict('Answer with one word: what colour is a banana?')
     assert q.n_hat <= 32
     ids = pred.backbone.tokenize('Answer with one word: what colour is a banana?')
-    assert (
-        pred.predict(ids).n_hat == q.n_hat
-    )  # ids in the backbone's tokenizer give the same answer
+    # ids in the backbone's tokenizer give the same answer
+    assert pred.predict(ids).n_hat == q.n_hat
 
 
 def test_long_prompt_is_compressed_before_the_backbone(synthetic_predictor):
@@ -257,7 +259,8 @@ def test_save_load_roundtrip_and_config_loader(synthetic_predictor, tmp_path, mo
     prompts = [r['prompt'] for r in recs[:20]]
     assert loaded.predict_many(prompts) == pred.predict_many(prompts)
     assert loaded.predict(prompts[0]).source == 'model'
-    # the predictor follows the configured device; one that is not there is a logged fallback, not a crash
+    # the predictor follows the configured device; one
+    # that is not there is a logged fallback, not a crash
     import torch
 
     if not torch.cuda.is_available():
@@ -315,7 +318,7 @@ def test_prediction_in_the_cap_bucket_means_run_to_n_max(synthetic_predictor):
 
 @pytest.mark.slow
 def test_causal_lm_backbone_by_configuration(smollm2):
-    """The paper's choice: a small causal LM's last-token hidden state, frozen, with a trained head."""
+    """Train the paper's choice: a small causal LM's last-token state, frozen, and a head."""
     from timebill_ros.core.length_predictor import CausalLMBackbone
 
     bb = CausalLMBackbone('smollm2-135m-instruct', loaded=smollm2)
@@ -430,8 +433,11 @@ def test_eval_predictor_cli_writes_report(tmp_path, monkeypatch):
 
 
 def test_feature_layer_view_matches_the_full_model_and_leaves_it_whole():
-    """A middle-layer backbone runs only k layers, gives exactly the full model's state after
-    layer k, and does not cut the shared model (the engine may be using it).
+    """
+    Check that a middle-layer backbone runs only k layers and matches the full model.
+
+    It gives exactly the full model's state after layer k, and does not cut the shared model
+    (the engine may be using it).
     """
     from timebill_ros.core.length_predictor import CausalLMBackbone
     from timebill_ros.core.model import load_model
@@ -491,8 +497,11 @@ def test_feature_layer_is_chosen_on_validation_and_survives_save_load(tmp_path):
 
 
 def test_causal_lm_fine_tunes_only_its_top_layers_and_saves_only_those(tmp_path):
-    """Fine-tuning a causal-LM predictor trains the top layers under the feature and the head;
-    everything below stays the stock model, and the checkpoint holds only what was trained.
+    """
+    Fine-tune only the top layers of a causal-LM predictor, and save only those.
+
+    The top layers under the feature and the head train; everything below stays the stock model,
+    and the checkpoint holds only what was trained.
     """
     from safetensors.torch import load_file
     from timebill_ros.core.length_predictor import CausalLMBackbone

@@ -1,5 +1,7 @@
-"""The request pipeline (core, no ROS): deadlines bound every stage, one owner of the queue, and
-the node, offline replay and the sweep choose the same α and status for the same timings.
+"""
+The request pipeline (core, no ROS): deadlines bound every stage, one owner of the queue.
+
+The node, offline replay and the sweep choose the same α and status for the same timings.
 """
 
 import math
@@ -35,9 +37,8 @@ def test_served_job_reports_what_was_done(engine):
     p = _pipeline(engine)
     out = p.run(Job('a', _ids(100), deadline=time.monotonic() + 60.0, max_new_tokens=8))
     assert out.status == 'succeeded' and out.deadline_met and out.tokens_generated >= 1
-    assert (
-        out.alpha == 0.0 and out.kv_after == out.kv_before == 100
-    )  # a roomy budget evicts nothing
+    # a roomy budget evicts nothing
+    assert out.alpha == 0.0 and out.kv_after == out.kv_before == 100
     assert 0 <= out.prefill_start_s <= out.prefill_end_s <= out.decode_start_s <= out.finished_at_s
     p.close()
 
@@ -45,9 +46,10 @@ def test_served_job_reports_what_was_done(engine):
 def test_queued_job_leaves_the_queue_before_its_deadline_when_it_can_no_longer_finish(engine):
     p = _pipeline(engine)
     hold = threading.Event()
+    # holds the model ~2 s per token
     first = Job(
         'long', _ids(40), deadline=math.inf, max_new_tokens=16, on_token=lambda *a: hold.wait(2.0)
-    )  # holds the model ~2 s per token
+    )
     f1 = p.submit(first)
     time.sleep(0.2)
     deadline = time.monotonic() + 0.9  # needs 0.3 + 0.01 s: admitted, but the model stays busy

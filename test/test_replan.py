@@ -1,5 +1,8 @@
-"""Re-planning during decode (issue 7): when steps run slower than estimated or the answer
-outgrows N̂, the Replanner evicts more mid-decode and the decode carries on (tiny model).
+"""
+Re-planning during decode (tiny model).
+
+When steps run slower than estimated or the answer outgrows N̂, the Replanner evicts more
+mid-decode and the decode carries on.
 """
 
 import math

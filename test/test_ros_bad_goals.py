@@ -1,7 +1,9 @@
-"""Invalid goals end at once with STATUS_REJECTED and a reason a person can act on, and the
-server keeps serving. (A ROS 2 goal response has no reason field, so the server accepts, then
-aborts with the reason in the result; NaN/infinite floats cannot be put in a Duration at all,
-so the typed client refuses them with the same kind of Outcome.).
+"""
+Invalid goals end at once with STATUS_REJECTED and a reason; the server keeps serving.
+
+The reason is one a person can act on. A ROS 2 goal response has no reason field, so the
+server accepts, then aborts with the reason in the result; NaN/infinite floats cannot be put
+in a Duration at all, so the typed client refuses them with the same kind of Outcome.
 """
 
 import math

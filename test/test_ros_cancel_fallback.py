@@ -40,9 +40,8 @@ def test_no_estimate_falls_back_to_n_max_and_meets_deadline(ready_server, timebi
         assert out.predicted_length == 16  # N̂ = N_max, capped by the goal's max_new_tokens
         assert out.timeline['prefill_end'] <= out.timeline['decode_start']
     finally:
-        timebill_nodes.start(
-            ['timebill_predictor']
-        )  # comes up unconfigured; the server configures it
+        # comes up unconfigured; the server configures it
+        timebill_nodes.start(['timebill_predictor'])
         assert client._wait(
             lambda: client.get_state('timebill_predictor', 2.0) == 'active', 120.0
         ), timebill_nodes.log_tail('timebill_predictor')

@@ -1,6 +1,9 @@
-"""Faults (issue 7) against real node processes with the tiny model: /diagnostics read from this
-process, predictor SIGKILL (N_max fallback, then estimates resume after a restart), generator
-SIGKILL mid-decode (goal aborted with a reason, server stays active), wrong model path.
+"""
+Faults against real node processes with the tiny model.
+
+/diagnostics read from this process, predictor SIGKILL (N_max fallback, then estimates resume
+after a restart), generator SIGKILL mid-decode (goal aborted with a reason, server stays
+active), wrong model path.
 """
 
 import os
@@ -14,7 +17,7 @@ pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 
 def _diagnostics(client, want, timeout_s=20.0):
-    """The first DiagnosticArray on /diagnostics for which ``want(statuses by name)`` holds."""
+    """Return the first DiagnosticArray on /diagnostics for which ``want(statuses by name)``."""
     from diagnostic_msgs.msg import DiagnosticArray
 
     seen = []
@@ -38,8 +41,11 @@ def _diagnostics(client, want, timeout_s=20.0):
 
 
 def _restart(nodes, name, ready_text, timeout_s=120.0):
-    """Start ``name`` again and wait for its log to say it is ready: after a SIGKILL, DDS still
-    lists the dead process's endpoints for a while, so "the service is there" proves nothing.
+    """
+    Start ``name`` again and wait for its log to say it is ready.
+
+    After a SIGKILL, DDS still lists the dead process's endpoints for a while, so "the service is
+    there" proves nothing.
     """
     import time
 
@@ -67,7 +73,8 @@ def test_diagnostics_report_misses_estimator_errors_queue_and_model_state(tiny_s
     assert diag['timebill_server: queue']['queue_length'].isdigit()
     model = diag['timebill_server: model']
     assert model['server_state'] == 'active' and model['generator_reachable'] == 'True'
-    # the generator's online recalibration: the tiny model runs far faster than the SmolLM2 fallback
+    # the generator's online recalibration: the tiny
+    # model runs far faster than the SmolLM2 fallback
     # coefficients it starts from, so the drift check must flag it and the scales must drop below 1
     gen = _diagnostics(
         tiny_server,
@@ -87,9 +94,8 @@ def test_predictor_sigkill_falls_back_to_n_max_then_estimates_resume(tiny_server
     tiny_nodes.procs['timebill_predictor'].wait(10)
     out = tiny_server.ask('Name one planet.', 30.0, max_new_tokens=12)
     assert out.status_name == 'succeeded' and out.deadline_met, out.reason
-    assert (
-        out.estimate_fallback and out.predicted_length == 12
-    )  # N̂ = N_max, capped by max_new_tokens
+    # N̂ = N_max, capped by max_new_tokens
+    assert out.estimate_fallback and out.predicted_length == 12
     _restart(tiny_nodes, 'timebill_predictor', 'configured: length predictor')
     for _ in range(60):  # the new process needs a moment to match the server's topics
         out = tiny_server.ask('Name one planet.', 30.0, max_new_tokens=12)
@@ -110,9 +116,8 @@ def test_generator_sigkill_aborts_running_goal_with_reason_and_server_stays_up(
     assert out.status_name == 'aborted' and 'lost the generator' in out.reason, out.reason
     assert out.total_s < out.budget_s  # noticed long before the deadline (the heartbeat stopped)
     assert tiny_nodes.alive()['timebill_server'] is None and client.get_state() == 'active'
-    refused = client.ask(
-        'Name a color.', 8.0, max_new_tokens=4, timeout_s=60.0
-    )  # no generator: a reason
+    # no generator: a reason
+    refused = client.ask('Name a color.', 8.0, max_new_tokens=4, timeout_s=60.0)
     assert refused.status_name in ('aborted', 'killed') and refused.reason, refused
     _restart(tiny_nodes, 'timebill_generator', 'configured: model')
     # the restarted generator comes up unconfigured; the server notices and configures it again.
@@ -133,9 +138,8 @@ def test_wrong_model_path_fails_configure_readably_and_frees_nothing_twice(
 ):
     from timebill_ros.bringup import Bringup
 
-    domain = (
-        201 + tiny_domain_id % 31
-    )  # its own domain: a second timebill_server must not meet the others
+    # its own domain: a second timebill_server must not meet the others
+    domain = (201 + tiny_domain_id % 31)
     client = make_client(domain, 'timebill_bad_model_client')
     nodes = Bringup(
         overrides={'model': '/no/such/model', 'threads': 1}, domain_id=domain, log_dir=tmp_path
@@ -144,9 +148,8 @@ def test_wrong_model_path_fails_configure_readably_and_frees_nothing_twice(
         nodes.start()
         for name in ('timebill_server', 'timebill_generator', 'timebill_predictor'):
             assert client.wait_for_lifecycle(name, timeout_s=60.0), nodes.log_tail(name)
-        assert not client.change_state(
-            'configure'
-        )  # the server's configure drives the whole system
+        # the server's configure drives the whole system
+        assert not client.change_state('configure')
         assert client.get_state() == 'unconfigured'
         assert 'configure failed: model path does not exist: /no/such/model' in nodes.log_tail(
             'timebill_server'

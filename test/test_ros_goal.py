@@ -1,4 +1,5 @@
-"""A planner in another process sends TimedInference goals to the three node processes.
+"""
+A planner in another process sends TimedInference goals to the three node processes.
 
 Real rclpy, real DDS between processes, real SmolLM2. Budgets are generous because the
 2-core test machine is shared: the assertions are about outcomes and stage order, never
@@ -102,7 +103,6 @@ def test_infeasible_budget_is_rejected_at_once_without_prefill(ready_server):
     assert (
         not out.deadline_met and not out.completed and out.tokens_generated == 0 and out.text == ''
     )
-    assert (
-        out.timeline['prefill_end'] == -1.0
-    )  # the hopeless prefill was never started (-1: never)
+    # the hopeless prefill was never started (-1: never)
+    assert out.timeline['prefill_end'] == -1.0
     assert out.total_s < out.budget_s  # ended at once instead of overrunning

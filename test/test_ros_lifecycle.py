@@ -42,9 +42,8 @@ def test_cleanup_and_configure_again(ready_server):
     client = ready_server
     assert client.change_state('deactivate') and client.change_state('cleanup')
     assert client.get_state() == 'unconfigured'
-    assert (
-        client.send_goal(PROMPT, 30.0, timeout_s=2.0).status_name == 'rejected'
-    )  # no action server at all
+    # no action server at all
+    assert client.send_goal(PROMPT, 30.0, timeout_s=2.0).status_name == 'rejected'
     assert client.startup() and client.get_state() == 'active'
     out = client.ask(PROMPT, 90.0, max_new_tokens=4, timeout_s=150.0)
     assert out.status_name == 'succeeded', out.reason

@@ -6,16 +6,15 @@ import sys
 import time
 import uuid
 
+from conftest import close_client, make_client
 import pytest
 
 pytest.importorskip('timebill_ros.action', reason='ROS interfaces not built (run `make ros`)')
 
-from conftest import close_client, make_client  # noqa: E402
-
 
 @pytest.fixture(scope='module')
 def small_checkpoint(tmp_path_factory):
-    """A frozen-MiniLM RLP trained in seconds on part of the committed SmolLM2 labels."""
+    """Train a frozen-MiniLM RLP in seconds on part of the committed SmolLM2 labels."""
     from timebill_ros.core.length_data import DEFAULT_LABEL_FILE, load_labels
 
     tmp = tmp_path_factory.mktemp('rlp')
@@ -64,7 +63,8 @@ def test_predictor_node_publishes_the_trained_estimate(small_checkpoint, tiny_do
     client = make_client(domain, 'timebill_rlp_test_client')
     got = []
     try:
-        node.start()  # a lifecycle node: it loads the predictor when configured (the server does it)
+        # a lifecycle node: it loads the predictor when configured (the server does it)
+        node.start()
         assert client.wait_for_lifecycle('timebill_predictor', 120.0), node.log_tail(spec.name)
         assert client.change_state('configure', 'timebill_predictor', 120.0), node.log_tail(
             spec.name
@@ -86,9 +86,8 @@ def test_predictor_node_publishes_the_trained_estimate(small_checkpoint, tiny_do
         req.deadline = (now + rclpy.duration.Duration(seconds=600)).to_msg()
         end = time.monotonic() + 30
         while not any(e.request_id == rid for e in got) and time.monotonic() < end:
-            pub.publish(
-                req
-            )  # again each second until discovery has matched us; the first estimate counts
+            # again each second until discovery has matched us; the first estimate counts
+            pub.publish(req)
             client._wait(lambda: any(e.request_id == rid for e in got), 1.0)
     finally:
         close_client(client)

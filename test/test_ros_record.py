@@ -1,5 +1,7 @@
-"""The live server records goals, estimates and results to a rosbag2 MCAP bag that reads back
-while it is still being written (a crash loses nothing already written).
+"""
+The live server records goals, estimates and results to a rosbag2 MCAP bag.
+
+The bag reads back while it is still being written (a crash loses nothing already written).
 """
 
 import time
@@ -8,7 +10,11 @@ import pytest
 
 pytest.importorskip('timebill_ros.action', reason='ROS interfaces not built (run `make ros`)')
 
-from timebill_ros.core.evaluation.bags import read_estimates, read_requests, read_results  # noqa: E402
+from timebill_ros.core.evaluation.bags import (  # noqa: E402
+    read_estimates,
+    read_requests,
+    read_results,
+)
 
 
 def test_live_server_records_goal_estimate_and_result(tiny_server, tiny_nodes):

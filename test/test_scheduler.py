@@ -1,5 +1,7 @@
-"""The EDF queue and the admission arithmetic (core, no ROS); the pipeline's use of them is in
-test_pipeline.py.
+"""
+The EDF queue and the admission arithmetic (core, no ROS).
+
+The pipeline's use of them is in test_pipeline.py.
 """
 
 import math
@@ -57,8 +59,7 @@ def test_admission_is_a_lower_bound_with_the_numbers():
 def test_worst_start_is_bounded_by_the_deadlines_ahead():
     run = Running('r', deadline=8.0, expected_end=3.0, worst_end=6.0)
     assert worst_start(0.0, run, [], 0.1) == 6.0  # its planned worst case came first
-    assert (
-        worst_start(0.0, Running('r', 8.0, 3.0, math.inf), [], 0.1) == 8.1
-    )  # else its deadline + 1 step
+    # else its deadline + 1 step
+    assert worst_start(0.0, Running('r', 8.0, 3.0, math.inf), [], 0.1) == 8.1
     assert worst_start(0.0, None, [Pending('q', 9.0, 5)], 0.1) == 9.1
     assert worst_start(12.0, run, [], 0.1) == 12.0

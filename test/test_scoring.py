@@ -44,7 +44,8 @@ def test_rouge_l_hand_computed():
     # Lin (2004): ref "police killed the gunman", cand "police kill the gunman"
     # normalised: [police, killed, gunman] vs [police, kill, gunman] -> LCS 2, P = R = 2/3
     assert s.rouge_l('police kill the gunman', 'police killed the gunman') == pytest.approx(2 / 3)
-    # cand "the gunman kill police": LCS([gunman, kill, police], [police, killed, gunman]) = 1 -> 1/3
+    # cand "the gunman kill police": LCS([gunman, kill,
+    # police], [police, killed, gunman]) = 1 -> 1/3
     assert s.rouge_l('the gunman kill police', 'police killed the gunman') == pytest.approx(1 / 3)
     # P = 3/5 (pred has 5 tokens), R = 3/3 -> F = 2*0.6*1/1.6 = 0.75
     assert s.rouge_l('pat burrell right mark left', 'burrell right left') == pytest.approx(0.75)

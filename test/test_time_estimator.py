@@ -1,4 +1,4 @@
-"""ETE: closed forms against brute-force sums, fits against known coefficients, MAPE, FLOPs counts."""
+"""ETE: closed forms against brute-force sums, fits against known coefficients, MAPE, FLOPs."""
 
 import math
 from types import SimpleNamespace
@@ -100,9 +100,10 @@ def test_fit_recovers_known_coefficients_from_noisy_timings():
     true = ExecutionTimeModel(a=2.5e-7, b=1.2e-3, c=0.30, p=1.0e-5, q=0.060)
     n_pre = np.array([32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096], dtype=float)
     n_dec = np.array([32, 128, 512, 1024, 2048, 3072, 4096, 6144, 8192], dtype=float)
-    noisy = lambda t: np.median(
-        t[:, None] * (1 + 0.005 * rng.standard_normal((t.size, 5))), axis=1
-    )  # noqa: E731
+
+    def noisy(t):
+        return np.median(t[:, None] * (1 + 0.005 * rng.standard_normal((t.size, 5))), axis=1)
+
     fit = fit_model(
         n_pre,
         noisy(np.array([true.prefill_s(x) for x in n_pre])),
@@ -120,7 +121,12 @@ def test_fit_recovers_known_coefficients_from_noisy_timings():
 
 
 def test_relative_fit_keeps_short_prompts_accurate():
-    """With a mismatched shape, absolute least squares sacrifices the short lengths; relative does not."""
+    """
+    Fit relative, not absolute, errors: the short lengths must not be sacrificed.
+
+    With a mismatched shape, absolute least squares sacrifices the short lengths; relative does
+    not.
+    """
     n = np.array([16, 32, 64, 128, 256, 512, 1024, 2048, 4096], dtype=float)
     t = 1e-7 * n**2.2 + 1e-3 * n + 0.02  # not exactly quadratic
     rel = fit_prefill(n, t, relative=True)
@@ -170,9 +176,8 @@ def test_flops_counts_by_hand():
     r = flops_ratios(SMOLLM2_LIKE)
     assert r['prefill_a_over_b'] == pytest.approx(f['prefill_quadratic'] / per_token)
     gpt2_like = SimpleNamespace(**{**vars(SMOLLM2_LIKE), 'model_type': 'gpt2'})
-    assert (
-        flops_coefficients(gpt2_like)['prefill_linear'] < per_token
-    )  # two MLP matrices, not three
+    # two MLP matrices, not three
+    assert flops_coefficients(gpt2_like)['prefill_linear'] < per_token
 
 
 def test_fitted_ratios():

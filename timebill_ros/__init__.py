@@ -1,4 +1,5 @@
-"""timebill_ros: time-budgeted LLM inference for robots (TimeBill, arXiv 2512.21859).
+"""
+timebill_ros: time-budgeted LLM inference for robots (TimeBill, arXiv 2512.21859).
 
 Kept light on purpose: the colcon build installs this file over the rosidl-generated
 package __init__, and the core must import without ROS or torch.

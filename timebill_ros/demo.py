@@ -1,4 +1,5 @@
-"""``make demo``: bring the three nodes up, send goals with different budgets, print a table.
+"""
+``make demo``: bring the three nodes up, send goals with different budgets, print a table.
 
 A planner's view of TimeBill: before each goal it asks ``estimate_budget`` (is this budget
 feasible, and with which α?), then sends the goal and gets an answer before the deadline —
@@ -18,7 +19,7 @@ import time
 
 
 def robot_log(lines: int = 24) -> str:
-    """A long, deterministic sensor log (~1.2k tokens): a long-context prompt, where α matters."""
+    """Make a long, deterministic sensor log (~1.2k tokens): a long prompt, where α matters."""
     out = []
     battery = 96.0
     for i in range(lines):
@@ -42,8 +43,11 @@ LONG_MAX_NEW = (
 
 
 def plan_goals(client):
-    """(label, prompt, budget, max_new_tokens): budgets placed on this machine's predicted WCET range
-    for the long prompt, so the table shows α = 0, 0 < α < α_max, and a budget no α can meet.
+    """
+    Plan (label, prompt, budget, max_new_tokens) goals on this machine's predicted WCET range.
+
+    The budgets are placed for the long prompt so the table shows α = 0, 0 < α < α_max, and a
+    budget no α can meet.
     """
     hi = client.estimate_budget(LONG, 1e4, max_new_tokens=LONG_MAX_NEW)  # α = 0 fits
     lo = client.estimate_budget(LONG, 1e-3, max_new_tokens=LONG_MAX_NEW)  # WCET at α_max
@@ -86,7 +90,8 @@ def run(args) -> int:
         t0 = time.monotonic()
         print(
             f'[demo] starting timebill_generator, timebill_predictor, timebill_server '
-            f'(ROS_DOMAIN_ID={domain}, {runner.params.name}{" + threads:=%d" % args.threads if overrides else ""}, '
+            f'(ROS_DOMAIN_ID={domain}, '
+            f'{runner.params.name}{" + threads:=%d" % args.threads if overrides else ""}, '
             f'logs in {log_dir}) ...',
             flush=True,
         )
@@ -99,8 +104,10 @@ def run(args) -> int:
         for label, prompt, budget, max_new in goals:
             plan = client.estimate_budget(prompt, budget, max_new_tokens=max_new)
             print(
-                f"\n[demo] goal '{label}': budget {budget:g} s, {plan.prompt_tokens if plan else '?'} prompt "
-                f'tokens; plan: {plan.verdict if plan else "no predictor"}, α={plan.alpha if plan else 0:.3f}',
+                f"\n[demo] goal '{label}': budget {budget:g} s, "
+                f"{plan.prompt_tokens if plan else '?'} prompt "
+                f'tokens; plan: {plan.verdict if plan else "no predictor"}, '
+                f'α={plan.alpha if plan else 0:.3f}',
                 flush=True,
             )
             out = client.ask(prompt, budget, max_new_tokens=max_new)
@@ -163,9 +170,10 @@ def print_table(rows) -> None:
     for r in body:
         print(line(r))
     print(
-        "\nplan: the predictor's verdict and α before prefill (estimate_budget); α used: what the generator "
-        'solved after the measured prefill.\nN̂: predicted length (N_max capped by max_new_tokens until a '
-        'length predictor is trained; * = no estimate in time). time: acceptance to result.'
+        "\nplan: the predictor's verdict and α before prefill (estimate_budget); α used: what "
+        'the generator solved after the measured prefill.\nN̂: predicted length (N_max capped '
+        'by max_new_tokens until a length predictor is trained; * = no estimate in time). '
+        'time: acceptance to result.'
     )
 
 

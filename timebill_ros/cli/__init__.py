@@ -1,4 +1,5 @@
-"""``timebill`` console script: one subcommand a module, imported only when used.
+"""
+``timebill`` console script: one subcommand a module, imported only when used.
 
 Each module in this package defines ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -57,7 +58,7 @@ COMMANDS = {
 def add_config_arguments(
     p, config_help: str = 'ROS 2 params YAML (default: the packaged config/timebill.yaml)'
 ):
-    """The flags ``load_config`` reads: one params file, then per-run overrides."""
+    """Add the flags ``load_config`` reads: one params file, then per-run overrides."""
     p.add_argument('--config', help=config_help)
     p.add_argument(
         '--model', help="override the config's model (alias, HF directory, .gguf file or hub id)"
@@ -68,8 +69,11 @@ def add_config_arguments(
 
 
 def load_config(args):
-    """The config a subcommand runs with: ``--config`` (else the packaged YAML), then the
-    ``--model/--dtype/--device/--threads`` flags the subcommand declares.
+    """
+    Build the config a subcommand runs with.
+
+    ``--config`` (else the packaged YAML), then the ``--model/--dtype/--device/--threads`` flags
+    the subcommand declares.
     """
     from timebill_ros.core.config import default_config_path, TimeBillConfig
 

@@ -1,4 +1,5 @@
-"""``timebill calibrate``: profile this machine for the configured model and fit the ETE.
+"""
+``timebill calibrate``: profile this machine for the configured model and fit the ETE.
 
 Writes the keyed profile the engine/nodes load (``<cache>/profiles/…`` or ``profile_path``)
 and a report (JSON, Markdown, PNG) under ``--out``. ``--quick`` is a smoke run: tiny
@@ -125,7 +126,8 @@ def run(args) -> int:
     for part in ('prefill', 'decode'):
         ok = profile.mape[part] <= GOALS[part]
         print(
-            f'{part:7s} held-out MAPE {profile.mape[part]:.3f}%  (fit points {profile.fit_mape[part]:.3f}%; '
+            f'{part:7s} held-out MAPE {profile.mape[part]:.3f}%  (fit points '
+            f'{profile.fit_mape[part]:.3f}%; '
             f'goal <= {GOALS[part]}%: {"met" if ok else "NOT met"})'
         )
     for r, f in profile.flops_ratios.items():
@@ -134,7 +136,8 @@ def run(args) -> int:
     if profile.load_avg:
         busy = max(profile.load_avg) > (os.cpu_count() or 1)
         print(
-            f'1-min load average {" -> ".join(f"{x:.2f}" for x in profile.load_avg)} on {os.cpu_count()} CPUs'
+            f'1-min load average {" -> ".join(f"{x:.2f}" for x in profile.load_avg)} on '
+            f'{os.cpu_count()} CPUs'
             + (': the machine was busy, timings include interference' if busy else '')
         )
     slopes = cal.decode_slopes(profile)
@@ -154,7 +157,8 @@ def run(args) -> int:
             + (
                 ' (saved anyway: --force)'
                 if args.force
-                else f'\nprofile NOT saved to {target}: re-run on a quiet machine, or pass --force to keep it'
+                else f'\nprofile NOT saved to {target}: re-run on a quiet machine, '
+                'or pass --force to keep it'
             ),
             file=sys.stderr,
         )

@@ -1,4 +1,5 @@
-"""``timebill dataset``: build the response-length prompts and label them with the target model.
+"""
+``timebill dataset``: build the response-length prompts and label them with the target model.
 
 Resumable: rerun the same command after an interruption and only missing prompts are labelled.
 """
@@ -22,8 +23,8 @@ def add_arguments(p) -> None:
         '--max-new-tokens',
         type=int,
         default=512,
-        help='label cap; longer answers are stored as capped (raising it on an existing file relabels '
-        'only the capped prompts)',
+        help='label cap; longer answers are stored as capped (raising it on an existing file '
+        'relabels only the capped prompts)',
     )
     p.add_argument(
         '--batch-size', type=int, default=64, help='rows decoded together (continuous batching)'
@@ -41,14 +42,16 @@ def add_arguments(p) -> None:
         '--loop-span',
         type=int,
         default=64,
-        help='stop a row once it repeats one block for this many tokens (labelled capped); 0 = off',
+        help='stop a row once it repeats one block for '
+        'this many tokens (labelled capped); 0 = off',
     )
     p.add_argument(
         '--verify-loops',
         type=int,
         default=0,
         metavar='N',
-        help='after labelling, decode N loop-stopped prompts to the cap to check they do run there',
+        help='after labelling, decode N loop-stopped '
+        'prompts to the cap to check they do run there',
     )
     p.add_argument('--seed', type=int, default=0)
     p.add_argument(

@@ -1,4 +1,5 @@
-"""``timebill eval-predictor``: Table-1-style comparison of length predictors on the fixed test split.
+"""
+``timebill eval-predictor``: Table-1-style comparison of length predictors on the fixed test split.
 
 Methods share one split and one backbone: RLP (fine buckets; frozen backbone + head, and
 fine-tuned), a regression head, ProxyModel-style 5 classes, S3-style 10 classes, and a constant.
@@ -37,7 +38,10 @@ def add_arguments(p) -> None:
     p.add_argument(
         '--finetune-baselines',
         action='store_true',
-        help='also fine-tune the encoder for ProxyModel-5 and S3-10, as their papers do (BERT/DistilBERT)',
+        help=(
+            'also fine-tune the encoder for ProxyModel-5 '
+            'and S3-10, as their papers do (BERT/DistilBERT)'
+        ),
     )
     p.add_argument(
         '--lm-feature-layer',
@@ -133,9 +137,8 @@ def run(args) -> int:
         bb = make_backbone(backbone_name, threads=args.threads)
         probe = LengthPredictor(PredictorMeta(backbone=backbone_name, **base), backbone=bb)
         ids = {s: [probe.prepare(r['prompt'])[0] or [0] for r in by[s]] for s in by}
-        if (
-            layer == 'auto'
-        ):  # the paper's backbone kind, read where it predicts length best (chosen on val)
+        # the paper's backbone kind, read where it predicts length best (chosen on val)
+        if layer == 'auto':
             select_feature_layer(
                 probe, ids['train'], y['train'], ids['val'], y['val'], seed=args.seed, log=_log
             )
@@ -170,7 +173,8 @@ def run(args) -> int:
             extra = {'train_s': info['train_s']}
             if head in COARSE:
                 extra['edges'] = meta.edges
-                # favourable variant: each class predicts its train-set mean instead of its upper edge
+                # favourable variant: each class predicts its
+                # train-set mean instead of its upper edge
                 cls_tr = pred.decode(pred.head(feats['train']))[1]
                 means = []
                 for c in range(len(meta.edges)):
@@ -196,7 +200,8 @@ def run(args) -> int:
         with torch.no_grad():
             n_hat = pred.decode(pred.head(feats['test']))[0]
         add(
-            f'RLP-{args.num_buckets} classifier, frozen {tag}, σ={meta.label_sigma:g} {meta.bucket_decode} (val-selected)',
+            f'RLP-{args.num_buckets} classifier, frozen {tag}, σ={meta.label_sigma:g} '
+            f'{meta.bucket_decode} (val-selected)',
             'rlp',
             n_hat,
             {'train_s': info['train_s']},
@@ -254,7 +259,8 @@ def run(args) -> int:
         )
         n_hat = ft.predict_many([r['prompt'] for r in by['test']])
         add(
-            f'RLP-{args.num_buckets} classifier, fine-tuned MiniLM ({args.finetune_epochs} ep, σ={sel.label_sigma:g} '
+            f'RLP-{args.num_buckets} classifier, fine-tuned MiniLM ({args.finetune_epochs} ep, '
+            f'σ={sel.label_sigma:g} '
             f'{sel.bucket_decode})',
             'rlp',
             n_hat,
@@ -262,7 +268,8 @@ def run(args) -> int:
         )
 
     if args.finetune_baselines and args.finetune_epochs > 0:
-        # the coarse baselines as their papers train them: the whole encoder fine-tuned with the classifier
+        # the coarse baselines as their papers train them:
+        # the whole encoder fine-tuned with the classifier
         for head, label in (
             ('proxy5', 'ProxyModel-style 5 classes'),
             ('s3-10', 'S3-style 10 classes'),
@@ -338,8 +345,10 @@ def run(args) -> int:
             )
             m = ft.meta
             add(
-                f'RLP-{args.num_buckets} classifier, LM {args.lm_backbone} layer {m.feature_layer or "last"}, top '
-                f'{m.finetune_layers} layers fine-tuned ({args.finetune_epochs} ep, σ={m.label_sigma:g} {m.bucket_decode})',
+                f'RLP-{args.num_buckets} classifier, LM {args.lm_backbone} layer '
+                f'{m.feature_layer or "last"}, top '
+                f'{m.finetune_layers} layers fine-tuned ({args.finetune_epochs} ep, '
+                f'σ={m.label_sigma:g} {m.bucket_decode})',
                 'rlp',
                 ft.predict_many([r['prompt'] for r in by['test']]),
                 {'train_s': m.trained.get('train_s')},
@@ -372,8 +381,11 @@ def run(args) -> int:
 
 
 def _trained_once(d: Path, labels: Path, n_train: int, threads: int, train, **same):
-    """A fine-tuned predictor from its cache directory when it was trained on this very label file
-    (and matches ``same``, e.g. the class edges); else ``train()`` it and cache it there.
+    """
+    Train a fine-tuned predictor once per label file, and reuse it from its cache directory.
+
+    The cached one is used when it was trained on this very label file (and matches ``same``,
+    e.g. the class edges); else ``train()`` it and cache it there.
     """
     from timebill_ros.core.length_data import read_meta
     from timebill_ros.core.length_predictor import LengthPredictor
@@ -400,8 +412,11 @@ def fold_of(group: str, k: int) -> int:
 
 
 def cross_validate(tag, feats, y, groups, dim, backbone_name, base, k, seed) -> list[dict]:
-    """Grouped K-fold CV of the heads on frozen features: fold i tests, fold i+1 picks the epoch,
-    the rest trains. One split of ~300 prompts moves MAE by several tokens; K folds give a spread.
+    """
+    Run grouped K-fold CV of the heads on frozen features.
+
+    Fold i tests, fold i+1 picks the epoch, the rest trains. One split of ~300 prompts moves MAE
+    by several tokens; K folds give a spread.
     """
     import numpy as np
     from timebill_ros.cli.train_predictor import set_head
@@ -443,7 +458,10 @@ def cross_validate(tag, feats, y, groups, dim, backbone_name, base, k, seed) -> 
                 backbone=_NoBackbone(dim, meta.feature_layer),
                 head=make_head(dim, meta.out_dim, meta.hidden),
             )
-            ix = lambda m: torch.from_numpy(np.where(m)[0])
+
+            def ix(m):
+                return torch.from_numpy(np.where(m)[0])
+
             train_head(
                 pred,
                 feats[ix(tr)],
@@ -463,7 +481,8 @@ def cross_validate(tag, feats, y, groups, dim, backbone_name, base, k, seed) -> 
             row[m], row[m + '_sd'] = float(np.mean(vals)), float(np.std(vals))
         rows.append(row)
         _log(
-            f'[cv] {tag}: {name:45s} MAE {row["mae"]:6.1f} ± {row["mae_sd"]:.1f}  R2 {row["r2"]:.3f} ± {row["r2_sd"]:.3f}'
+            f'[cv] {tag}: {name:45s} MAE {row["mae"]:6.1f} ± {row["mae_sd"]:.1f}  R2 '
+            f'{row["r2"]:.3f} ± {row["r2_sd"]:.3f}'
         )
     return rows
 
@@ -478,7 +497,11 @@ class _NoBackbone:
 
 
 def latency_table(preds: dict, args, log):
-    """Median predictor latency (with N_p compression) per backbone, and target prefill time, per prompt length."""
+    """
+    Measure predictor latency per backbone against the target's prefill time, per prompt length.
+
+    Medians; the predictor compresses to N_p tokens.
+    """
     from timebill_ros.core.length_data import fanoutqa_questions
     from timebill_ros.core.model import load_model
     import torch
@@ -520,9 +543,12 @@ def table_markdown(rows, lmeta, sizes, lat, cv_rows=(), folds=0) -> str:
     lines = [
         '# Response length predictors (TimeBill Table 1 style)',
         '',
-        f'Target {lmeta.get("model")} (labels: {lmeta.get("decoding")}, cap {lmeta.get("max_new_tokens")} tokens). '
-        f'Split by hash of the underlying question/topic: train {sizes["train"]}, val {sizes["val"]}, test {sizes["test"]}. '
-        "Metrics on test; N̂ for bucket methods is the predicted bucket's upper edge unless noted.",
+        f'Target {lmeta.get("model")} (labels: {lmeta.get("decoding")}, cap '
+        f'{lmeta.get("max_new_tokens")} tokens). '
+        f'Split by hash of the underlying question/topic: train {sizes["train"]}, val '
+        f'{sizes["val"]}, test {sizes["test"]}. '
+        'Metrics on test; '
+        "N̂ for bucket methods is the predicted bucket's upper edge unless noted.",
         '',
         '| method | MAE | RMSE | R² | paper MAE | paper RMSE | paper R² |',
         '|---|---:|---:|---:|---:|---:|---:|',
@@ -530,7 +556,8 @@ def table_markdown(rows, lmeta, sizes, lat, cv_rows=(), folds=0) -> str:
     for r in rows:
         p = PAPER.get(r['paper_key'] or '', (None, None, None))
         lines.append(
-            f'| {r["method"]} | {f(r["mae"])} | {f(r["rmse"])} | {f(r["r2"], 3)} | {f(p[0])} | {f(p[1])} | {f(p[2], 3)} |'
+            f'| {r["method"]} | {f(r["mae"])} | {f(r["rmse"])} | {f(r["r2"], 3)} | {f(p[0])} | '
+            f'{f(p[1])} | {f(p[2], 3)} |'
         )
     lines += [
         '',
@@ -541,7 +568,8 @@ def table_markdown(rows, lmeta, sizes, lat, cv_rows=(), folds=0) -> str:
             '',
             f'## Grouped {folds}-fold cross-validation, frozen backbones (mean ± sd over folds)',
             '',
-            'Every prompt is tested once; folds by hash of the question/topic. Same features for every head.',
+            'Every prompt is tested once; folds by hash of '
+            'the question/topic. Same features for every head.',
             '',
             '| backbone | method | MAE | RMSE | R² |',
             '|---|---|---:|---:|---:|',

@@ -1,4 +1,5 @@
-"""``timebill eval``: the budget × policy benchmark (the paper's Fig. 7 and 8) on this machine.
+"""
+``timebill eval``: the budget × policy benchmark (the paper's Fig. 7 and 8) on this machine.
 
 Builds long-context tasks from the shipped data (or takes them from a request bag), measures
 every policy with one prefill per prompt, and writes results.json, report.md and PNGs.
@@ -21,13 +22,14 @@ import platform
 import sys
 import time
 
-from timebill_ros.cli import add_config_arguments, load_config  # noqa: F401 - make_tasks/replay import it from here
+# make_tasks/replay import it from here
+from timebill_ros.cli import add_config_arguments, load_config  # noqa: F401
 
 QUICK = {'lengths': (1024, 2048), 'per_kind': 1, 'budgets': 5, 'max_new_tokens': 48}
 FULL = {'lengths': (1024, 2048, 4096, 7680), 'per_kind': 2, 'budgets': 8, 'max_new_tokens': 0}
 BUDGET_RULE = (
-    'per length group, evenly spaced from 0.9 × the shortest predicted prefill to 1.5 × the slowest '
-    'predicted vanilla run of max_new_tokens (calibrated profile)'
+    'per length group, evenly spaced from 0.9 × the shortest predicted prefill to '
+    '1.5 × the slowest predicted vanilla run of max_new_tokens (calibrated profile)'
 )
 
 
@@ -114,7 +116,8 @@ def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool =
     dec = sorted({n for n in dec if n < top} | {top})
     dec_held = sorted({n for n in dec_held if n < top} - set(dec))
     log(
-        f'[eval] no timing profile for this setup: calibrating prompt lengths {pre} (held out {pre_held})'
+        f'[eval] no timing profile for this setup: calibrating '
+        f'prompt lengths {pre} (held out {pre_held})'
     )
     prof = cal.calibrate(
         engine,
@@ -151,7 +154,8 @@ def tasks_from_bag(path: str):
         tasks.append(Task.from_dict(t))
     if not tasks:
         raise SystemExit(
-            f'{path} holds no benchmark tasks (no /timebill/tasks metadata): use `timebill make-tasks`'
+            f'{path} holds no benchmark tasks (no '
+            f'/timebill/tasks metadata): use `timebill make-tasks`'
         )
     return tasks
 
@@ -187,7 +191,8 @@ def run(args) -> int:
         for t in tasks:
             t.max_new_tokens = min(t.max_new_tokens, cap)
     log(
-        f'[eval] {len(tasks)} tasks, prompts of {min(t.n_tokens for t in tasks)}–{max(t.n_tokens for t in tasks)} tokens'
+        f'[eval] {len(tasks)} tasks, prompts of '
+        f'{min(t.n_tokens for t in tasks)}–{max(t.n_tokens for t in tasks)} tokens'
     )
 
     time_model, profile_desc = ensure_profile(
@@ -221,7 +226,10 @@ def run(args) -> int:
     results['meta'] = {
         'mode': 'quick' if args.quick else 'full',
         'wall_s': time.monotonic() - t_start,
-        'machine': f'{platform.machine()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at the end',
+        'machine': (
+            f'{platform.machine()}, {os.cpu_count()} CPUs, '
+            f'load avg {os.getloadavg()[0]:.1f} at the end'
+        ),
         'model': cfg.model,
         'dtype': cfg.dtype,
         'threads': cfg.threads,
@@ -239,7 +247,8 @@ def run(args) -> int:
     }
     paths = report.write_report(results, out_dir, plots=not args.no_plots)
     log(
-        f'[eval] done in {(time.monotonic() - t_start) / 60:.1f} min: {paths["markdown"]}, {paths["json"]}'
+        f'[eval] done in {(time.monotonic() - t_start) / 60:.1f} '
+        f'min: {paths["markdown"]}, {paths["json"]}'
     )
     print(paths['markdown'].read_text())
     return 0

@@ -1,4 +1,5 @@
-"""``timebill generate "PROMPT" [--alpha A | --budget S]``: try the engine by hand, no ROS.
+"""
+``timebill generate "PROMPT" [--alpha A | --budget S]``: try the engine by hand, no ROS.
 
 The request runs through the same pipeline as a goal sent to the nodes: with ``--budget`` and
 no ``--alpha``, α is chosen after prefill the TimeBill way, from the calibrated profile
@@ -93,7 +94,8 @@ def run(args) -> int:
     say(f'{out.status}: {out.reason}')
     say(
         f'completed={out.completed} deadline_met={out.deadline_met} alpha={out.alpha:.3f} '
-        f'N̂={out.predicted_length} kv {out.kv_before}->{out.kv_after} tokens={out.tokens_generated} '
+        f'N̂={out.predicted_length} kv {out.kv_before}->{out.kv_after} '
+        f'tokens={out.tokens_generated} '
         f'prefill={out.prefill_s:.3f}s decode={out.decode_s:.3f}s ({per_tok:.1f} ms/token) '
         f'total={out.total_s:.3f}s'
     )

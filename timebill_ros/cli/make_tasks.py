@@ -1,4 +1,5 @@
-"""``timebill make-tasks BAG``: write the benchmark tasks as a request bag to replay.
+"""
+``timebill make-tasks BAG``: write the benchmark tasks as a request bag to replay.
 
 Each task becomes a TimedInference goal (in ros2's action-recording form) plus its references
 and metric on ``/timebill/tasks``, so ``timebill replay BAG`` can score the answers. Budgets:

@@ -1,4 +1,5 @@
-"""``timebill replay BAG``: send every recorded request again, as a planner would, and report.
+"""
+``timebill replay BAG``: send every recorded request again, as a planner would, and report.
 
 Reads goals from a bag written by the server's recorder, by ``timebill make-tasks`` or by
 ``ros2 bag record`` (action recording, or the ``timebill/requests`` topic) — types are taken
@@ -43,7 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         '--policy',
         default='timebill+replan',
-        help='offline only: timebill+replan (what the nodes run, default) | timebill | timebill:k=3 | vanilla | alpha=0.5 | truncate',
+        help=(
+            'offline only: timebill+replan (what the nodes run, default) | timebill | '
+            'timebill:k=3 | vanilla | alpha=0.5 | truncate'
+        ),
     )
     p.add_argument(
         '--budget-scale', type=float, default=1.0, help='multiply every recorded budget'
@@ -108,7 +112,11 @@ class OfflineServer:
         self.pipeline = Pipeline(self.engine, model, cfg, lengths)
 
     def serve(self, req, release: float) -> Dict:
-        """One request released at ``release`` (monotonic): a result dict shaped like TimedInference.Result."""
+        """
+        Serve one request released at ``release`` (monotonic).
+
+        Returns a result dict shaped like TimedInference.Result.
+        """
         from timebill_ros.core.errors import TimeBillError
         from timebill_ros.core.pipeline import Job
 
@@ -165,9 +173,8 @@ class OnlineServer:
     def serve(self, req, release: float) -> Dict:
         budget = req.budget_s
         if budget is not None:
-            budget = max(
-                release + budget - time.monotonic(), 1e-3
-            )  # the release-to-now wait is spent budget
+            # the release-to-now wait is spent budget
+            budget = max(release + budget - time.monotonic(), 1e-3)
         out = self.client.ask(
             req.prompt,
             budget,
@@ -248,7 +255,8 @@ def markdown(report: Dict) -> str:
             else ''
         ),
         f'- statuses: {", ".join(f"{k} {v}" for k, v in sorted(s["statuses"].items()))}',
-        f'- late: {s["late_count"]} (median {s["late_s_median"]:.2f} s, max {s["late_s_max"]:.2f} s past the '
+        f'- late: {s["late_count"]} (median {s["late_s_median"]:.2f} s, max {s["late_s_max"]:.2f} '
+        f's past the '
         'deadline)',
         '',
         '| request | budget (s) | status | α | tokens | total (s) | late (s) | score |',
@@ -256,7 +264,8 @@ def markdown(report: Dict) -> str:
     ]
     for r in report['requests']:
         lines.append(
-            f'| {r["task_id"] or r["request_id"][:12]} | {r["budget_s"] if r["budget_s"] is not None else "–"} '
+            f'| {r["task_id"] or r["request_id"][:12]} | '
+            f'{r["budget_s"] if r["budget_s"] is not None else "–"} '
             f'| {r["status"]} | {r.get("alpha", 0):.2f} | {r.get("tokens_generated", 0)} | '
             f'{r.get("total_s", 0):.2f} | {r["late_s"]:.2f} | '
             f'{"–" if r["score"] is None else format(r["score"], ".2f")} |'
@@ -310,8 +319,9 @@ def run(args) -> int:
             }
             rows.append(row)
             log(
-                f'[replay] {len(rows)}/{len(requests)} {row["task_id"] or req.request_id[:12]}: {row["status"]}, '
-                f'α={row.get("alpha", 0):.2f}, {row.get("total_s", 0):.2f}s of {req.budget_s}s'
+                f'[replay] {len(rows)}/{len(requests)} {row["task_id"] or req.request_id[:12]}: '
+                f'{row["status"]}, α={row.get("alpha", 0):.2f}, '
+                f'{row.get("total_s", 0):.2f}s of {req.budget_s}s'
             )
     finally:
         close = getattr(server, 'close', None)

@@ -1,4 +1,5 @@
-"""``timebill train-predictor``: train the response length predictor from the committed label file.
+"""
+``timebill train-predictor``: train the response length predictor from the committed label file.
 
 ``--if-missing`` makes it a cheap no-op when a checkpoint exists (``make demo`` calls it that way).
 Checkpoints go to ``<cache>/predictor/<backbone>`` (ignored by git), or ``--out``.
@@ -29,8 +30,9 @@ def add_arguments(p) -> None:
         '--mode',
         choices=('frozen', 'finetune'),
         default=None,
-        help='fine-tune the backbone too (MiniLM: all of it; a causal LM: its top --finetune-layers '
-        'under the feature layer), or train a head on a frozen backbone (default: finetune)',
+        help='fine-tune the backbone too (MiniLM: all of it; a causal LM: its top '
+        '--finetune-layers under the feature layer), or train '
+        'a head on a frozen backbone (default: finetune)',
     )
     p.add_argument('--head', choices=('buckets', 'regression', *COARSE), default='buckets')
     p.add_argument(
@@ -42,7 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         '--feature-layer',
         default='auto',
-        help='causal-LM backbones: decoder layer whose last-token state is the feature (0 = last), or '
+        help='causal-LM backbones: decoder layer whose last-token state is the feature (0 = '
+        'last), or '
         "'auto' to choose it on the validation split",
     )
     p.add_argument(
@@ -59,8 +62,11 @@ def add_arguments(p) -> None:
 
 
 def set_head(meta, head: str, records) -> None:
-    """``buckets``/``regression`` as named; a coarse baseline (``proxy5``, ``s3-10``) becomes
-    equal-width classes over the observed label range [0, max length] of ``records``.
+    """
+    Set the head: ``buckets``/``regression`` as named, or a coarse baseline.
+
+    A coarse baseline (``proxy5``, ``s3-10``) becomes equal-width classes over the observed label
+    range [0, max length] of ``records``.
     """
     from timebill_ros.core.length_predictor import equal_width_edges
 
@@ -78,9 +84,8 @@ def run(args) -> int:
     from timebill_ros.core.length_predictor import checkpoint_dir, PredictorMeta, train_predictor
 
     path = args.config or (default_config_path() if default_config_path().is_file() else None)
-    cfg = (
-        TimeBillConfig.from_yaml(path) if path else TimeBillConfig()
-    )  # the nodes read the same file
+    # the nodes read the same file
+    cfg = (TimeBillConfig.from_yaml(path) if path else TimeBillConfig())
     if args.backbone:
         cfg = cfg.replace(predictor_backbone=args.backbone)
     out = Path(args.out) if args.out else checkpoint_dir(cfg)

@@ -1,4 +1,5 @@
-"""The eviction-ratio solver: the least KV eviction that makes the worst case fit the budget.
+"""
+The eviction-ratio solver: the least KV eviction that makes the worst case fit the budget.
 
 Evicting more costs answer quality, so TimeBill picks the *smallest* α whose WCET fits. The
 decode sum is linear in α (see ``time_estimator``), so α* is closed-form; it is clipped to
@@ -44,7 +45,7 @@ class BudgetVerdict:
 
     @property
     def feasible(self) -> bool:
-        """Serving is expected to finish on time (for ``met``: even in the worst case)."""
+        """Tell whether serving should finish on time (for ``met``: even in the worst case)."""
         return self.status in ('met', 'met_at_alpha_max')
 
     @property
@@ -104,15 +105,16 @@ def _solve(
         return verdict(
             'infeasible_prefill',
             alpha_max,
-            f'{fixed_s:.3f} s are spent before decoding (prefill {prefill_s:.3f} s) but the budget is '
-            f'{budget_s:.3f} s: no eviction ratio can help',
+            f'{fixed_s:.3f} s are spent before decoding (prefill {prefill_s:.3f} '
+            f's) but the budget is {budget_s:.3f} s: no eviction ratio can help',
         )
     total0 = fixed_s + model.decode_s(n_prompt, 0.0, n_w)
     if total0 <= budget_s:
         return verdict(
             'met', 0.0, f'no eviction needed: WCET {total0:.3f} s <= budget {budget_s:.3f} s'
         )
-    # seconds the WCET loses per unit of α: (N̂_W − 1) steps, each reading N fewer entries per unit α
+    # seconds the WCET loses per unit of α: (N̂_W − 1)
+    # steps, each reading N fewer entries per unit α
     slope = max(n_w - 1, 0) * model.p * n_prompt
     if slope > 0:
         alpha = (total0 - budget_s) / slope
@@ -125,8 +127,9 @@ def _solve(
     at_max = fixed_s + model.decode_s(n_prompt, alpha_max, n_w)
     expected = fixed_s + model.decode_s(n_prompt, alpha_max, n_exp)
     detail = (
-        f'at α_max={alpha_max:g} the WCET of {n_w} tokens is {at_max:.3f} s > budget {budget_s:.3f} s '
-        f'(before decoding {fixed_s:.3f} s); the predicted {n_exp} tokens need {expected:.3f} s'
+        f'at α_max={alpha_max:g} the WCET of {n_w} tokens is {at_max:.3f} s > budget '
+        f'{budget_s:.3f} s (before decoding {fixed_s:.3f} s); '
+        f'the predicted {n_exp} tokens need {expected:.3f} s'
     )
     if expected <= budget_s:
         return verdict(
@@ -151,7 +154,11 @@ def solve_alpha(
     predict_s: float = 0.0,
     overhead_s: float = 0.0,
 ) -> BudgetVerdict:
-    """Before prefill: the smallest α with predicted max(prefill, predictor) + WCET decode ≤ budget."""
+    """
+    Choose α before prefill: the smallest one that fits the budget.
+
+    The smallest α with predicted max(prefill, predictor) + WCET decode ≤ budget.
+    """
     _validate(budget_s, n_prompt, n_hat, k, n_max, alpha_max)
     prefill = model.prefill_s(n_prompt)
     return _solve(
@@ -180,7 +187,8 @@ def solve_alpha_after_prefill(
     alpha_max: float = 0.95,
     overhead_s: float = 0.0,
 ) -> BudgetVerdict:
-    """After prefill (when α is really chosen): only the decode is predicted; the rest is measured.
+    """
+    After prefill (when α is really chosen): only the decode is predicted; the rest is measured.
 
     ``elapsed_s`` is the time since the request started (prefill, waiting for the predictor…);
     ``overhead_s`` covers what still comes before the first step (eviction, a safety margin).

@@ -41,8 +41,11 @@ class ModelLoadError(TimeBillError):
 
 
 class PrefillStopped(TimeBillError):
-    """A chunked prefill stopped between chunks because ``should_stop`` gave a reason; the caller
-    maps the reason (cancel, deadline, ...) to its own status. ``done_tokens`` were prefilled.
+    """
+    A chunked prefill stopped between chunks because ``should_stop`` gave a reason.
+
+    The caller maps the reason (cancel, deadline, ...) to its own status. ``done_tokens`` were
+    prefilled.
     """
 
     def __init__(self, reason: str, done_tokens: int):

@@ -1,4 +1,5 @@
-"""KV-cache eviction presses, applied once after prefill (TimeBill picks α only then).
+"""
+KV-cache eviction presses, applied once after prefill (TimeBill picks α only then).
 
 Each press is a small dataclass (as in NVIDIA kvpress): it says which prompt entries to keep
 per layer and KV head, given the keys and, if it asks for them, attention scores gathered
@@ -30,7 +31,7 @@ def check_alpha(alpha: float) -> float:
 
 
 def n_keep(length: int, alpha: float) -> int:
-    """Entries kept out of ``length`` at ratio α; at least one, so the model still has a context."""
+    """Count entries kept out of ``length`` at ratio α; at least one, so a context remains."""
     return max(1, min(length, int(round((1.0 - check_alpha(alpha)) * length))))
 
 
@@ -77,9 +78,12 @@ class StreamingLLMPress(Press):
 
 @dataclass
 class SnapKVPress(Press):
-    """SnapKV (Li et al., 2024) as NVIDIA kvpress runs it: the last ``window_size`` queries
-    vote for prompt keys; votes are pooled over ``kernel_size`` neighbours and averaged over the
-    query heads sharing a KV head (GQA). The window itself is always kept.
+    """
+    SnapKV (Li et al., 2024) as NVIDIA kvpress runs it.
+
+    The last ``window_size`` queries vote for prompt keys; votes are pooled over ``kernel_size``
+    neighbours and averaged over the query heads sharing a KV head (GQA). The window itself is
+    always kept.
     """
 
     name: ClassVar[str] = 'snapkv'

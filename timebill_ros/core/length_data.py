@@ -1,4 +1,5 @@
-"""Response-length dataset: prompts from shipped data, labels distilled from the target model.
+"""
+Response-length dataset: prompts from shipped data, labels distilled from the target model.
 
 TimeBill's predictor learns the lengths the *target* model really produces, so the labels come
 from running that model (chat template, greedy, stop at EOS, up to a cap) on a mix of real

@@ -1,4 +1,5 @@
-"""Response length predictor (RLP): a small model that classifies a prompt into length buckets.
+"""
+Response length predictor (RLP): a small model that classifies a prompt into length buckets.
 
 TimeBill's WCET (and hence the eviction ratio α) scales with the predicted response length N̂.
 The implementation lives in :mod:`timebill_ros.core.rlp` (label space, backbones, predictor,

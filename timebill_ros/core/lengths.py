@@ -1,4 +1,5 @@
-"""Where a request's predicted answer length N̂ comes from, as the pipeline sees it.
+"""
+Where a request's predicted answer length N̂ comes from, as the pipeline sees it.
 
 The pipeline calls ``start(job)`` when prefill begins and ``wait(job, until)`` after it; a
 source that has no estimate by ``until`` returns None and the pipeline plans with the cap.

@@ -1,4 +1,5 @@
-"""How a request ended: one record for the node's action result, the CLI and the benchmarks.
+"""
+How a request ended: one record for the node's action result, the CLI and the benchmarks.
 
 Field names match ``TimedInference.Result`` so the nodes copy them by name; times on the
 timeline are seconds since the request was accepted (-1: that stage never happened).
@@ -54,6 +55,6 @@ class Outcome:
         return STATUS_NAMES.index(self.status)
 
     def summary(self) -> dict:
-        """The plain fields (for JSON reports)."""
+        """Return the plain fields (for JSON reports)."""
         skip = ('verdict', 'replans', 'result')
         return {k: v for k, v in self.__dict__.items() if k not in skip}

@@ -1,4 +1,5 @@
-"""Re-planning during decode (issue 7): evict more, mid-answer, when the plan goes wrong.
+"""
+Re-planning during decode (issue 7): evict more, mid-answer, when the plan goes wrong.
 
 TimeBill evicts once, after prefill, for the predicted length N̂ and the estimated step time.
 When the answer outgrows N̂, or steps run slower than the estimate (a hotter machine, a
@@ -30,7 +31,7 @@ from .time_estimator import ExecutionTimeModel
 
 @torch.inference_mode()
 def re_evict(cache, keep: int, n_sink: int = 4) -> int:
-    """Shrink every layer of ``cache`` to ``keep`` entries (sinks + most recent); returns the new length."""
+    """Shrink every layer of ``cache`` to ``keep`` entries (sinks + most recent); return it."""
     layers = list(cache.layers)
     length = int(layers[0].keys.shape[-2])
     keep = max(min(int(keep), length), n_sink + 1)
@@ -48,8 +49,11 @@ def re_evict(cache, keep: int, n_sink: int = 4) -> int:
 def target_kv(
     model: ExecutionTimeModel, seconds_left: float, steps_left: int, slowdown: float
 ) -> float:
-    """The largest KV length at which ``steps_left`` steps (each adding one entry), ``slowdown``
-    times slower than the model says, fit in ``seconds_left``; -inf when even an empty cache cannot.
+    """
+    Find the largest KV length at which the remaining steps fit in ``seconds_left``.
+
+    ``steps_left`` steps (each adding one entry), ``slowdown`` times slower than the model says;
+    -inf when even an empty cache cannot.
     """
     if steps_left <= 0:
         return math.inf
@@ -69,7 +73,11 @@ class ReplanEvent:
 
 @dataclass
 class Replanner:
-    """``on_token`` for ``Engine.decode``: re-solve every ``every`` steps and evict more if needed."""
+    """
+    Re-solve every ``every`` steps and evict more if needed.
+
+    This is the ``on_token`` hook of ``Engine.decode``.
+    """
 
     cache: object
     model: ExecutionTimeModel
@@ -123,7 +131,8 @@ class Replanner:
             return None
         why = (
             f'{"answer outgrew N̂" if tokens >= self.n_hat else "steps slower than estimated"}: '
-            f'{steps_left} steps need {need:.3f} s at {slowdown:.2f}x the estimate, {left:.3f} s left'
+            f'{steps_left} steps need {need:.3f} s at '
+            f'{slowdown:.2f}x the estimate, {left:.3f} s left'
         )
         new = re_evict(self.cache, keep, self.n_sink)
         ev = ReplanEvent(tokens, why, kv, new)

@@ -1,4 +1,5 @@
-"""Admission control and the earliest-deadline-first queue for one model (ROS-free).
+"""
+Admission control and the earliest-deadline-first queue for one model (ROS-free).
 
 One model serves one job at a time (non-preemptive). Jobs wait in an EDF queue: when the
 model frees up, the waiting job with the earliest absolute deadline runs next. Time spent
@@ -8,8 +9,8 @@ Two questions are answered here, both from the time model the pipeline plans wit
 
 - *admission* (a lower bound): can a new job still finish at all, at α_max, behind the work
   certainly ahead of it — the running job's remaining prefill and one step (its answer may end
-  at any step) and the minimum work of every queued job with an earlier deadline? A job is refused only when the model says it is
-  hopeless, and the reason carries the numbers.
+  at any step) and the minimum work of every queued job with an earlier deadline? A job is
+  refused only when the model says it is hopeless, and the reason carries the numbers.
 - *the worst start* (an upper bound): when will a job start at the latest? Every job ahead of
   it ends by its own deadline (plus at most one decode step) under the kill and truncate
   policies, and no later than its planned worst case. A budget is *guaranteed* when the
@@ -41,8 +42,11 @@ class Pending:
 
 @dataclass
 class Running:
-    """The job holding the model: when it ends at the earliest (``expected_end``: remaining prefill
-    and one step) and at the latest (its deadline, or its planned worst case).
+    """
+    The job holding the model, with when it ends at the earliest and at the latest.
+
+    Earliest: ``expected_end``, its remaining prefill and one step. Latest: its deadline, or its
+    planned worst case.
     """
 
     job_id: str
@@ -65,15 +69,18 @@ class Admission:
 
 
 def min_job_s(model: ExecutionTimeModel, n_prompt: int, alpha_max: float) -> float:
-    """The least time a job can take: its prefill and one decode step with α_max evicted."""
+    """Return the least time a job can take: its prefill and one decode step with α_max evicted."""
     return model.prefill_s(n_prompt) + model.decode_step_s(max(n_prompt * (1.0 - alpha_max), 1.0))
 
 
 def worst_start(
     now: float, running: Optional[Running], ahead: Iterable[Pending], step_s: float
 ) -> float:
-    """Upper bound on when a job behind ``running`` and ``ahead`` starts: each of them ends by
-    its deadline plus one decode step (kill/truncate) or by its planned worst case.
+    """
+    Bound when a job behind ``running`` and ``ahead`` starts, from above.
+
+    Each of them ends by its deadline plus one decode step (kill/truncate) or by its planned worst
+    case.
     """
     t = now
     if running is not None:
@@ -92,7 +99,7 @@ def admission(
     running: Optional[Running] = None,
     alpha_max: float = 0.95,
 ) -> Admission:
-    """Can a new job (``n_prompt`` tokens, absolute ``deadline``) still finish, given the queue?"""
+    """Tell whether a new job (``n_prompt`` tokens, absolute ``deadline``) can still finish."""
     ahead = [p for p in queued if p.deadline <= deadline]
     # the running job needs at least one more step, whatever its expected end said
     run_left = max(running.expected_end - now, model.q) if running is not None else 0.0
@@ -121,7 +128,8 @@ class _Entry:
 
 
 class EdfQueue:
-    """Jobs waiting for the model, earliest deadline first (not thread-safe: the pipeline locks).
+    """
+    Jobs waiting for the model, earliest deadline first (not thread-safe: the pipeline locks).
 
     Items need ``request_id``, ``deadline`` and ``n_prompt`` attributes.
     """

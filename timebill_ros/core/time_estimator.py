@@ -1,4 +1,5 @@
-"""Execution-time estimator (ETE): how long prefill and decoding take, before they run.
+"""
+Execution-time estimator (ETE): how long prefill and decoding take, before they run.
 
 TimeBill models prefill as quadratic in the prompt length (attention is N², the rest is
 linear) and one decode step as linear in the KV-cache length. Eviction shrinks the KV cache
@@ -37,7 +38,11 @@ class ExecutionTimeModel:
         return self.p * float(n_kv) + self.q
 
     def decode_s(self, n_prompt: float, alpha: float, n_out: int) -> float:
-        """Time of the ``n_out - 1`` decode steps after a prefill of ``n_prompt`` evicted by ``alpha``."""
+        """
+        Estimate the time of the ``n_out - 1`` decode steps after a prefill of ``n_prompt``.
+
+        The cache was evicted by ``alpha``.
+        """
         return decode_sum_s(
             self.p, self.q, (1.0 - alpha) * float(n_prompt), max(int(n_out) - 1, 0)
         )
@@ -51,7 +56,10 @@ class ExecutionTimeModel:
         n_max: int = 8192,
         predict_s: float = 0.0,
     ) -> float:
-        """Worst-case time of a whole request: prefill (or the predictor, if slower) + decode of N̂_W tokens.
+        """
+        Estimate the worst-case time of a whole request.
+
+        Prefill (or the predictor, if slower) + decode of N̂_W tokens.
 
         The length predictor runs beside prefill, so it only costs time when it finishes later.
         """
@@ -68,7 +76,8 @@ class ExecutionTimeModel:
 
 
 def wcet_length(n_hat: float, k: float = 5.0, n_max: int = 8192) -> int:
-    """N̂_W = min(⌈k·N̂⌉, N_max): the pessimistic answer length the budget must cover.
+    """
+    N̂_W = min(⌈k·N̂⌉, N_max): the pessimistic answer length the budget must cover.
 
     Rounded up so a fractional k never makes the bound shorter than k·N̂.
     """
@@ -83,7 +92,8 @@ def decode_sum_s(p: float, q: float, kv0: float, n_steps: int) -> float:
     return m * (p * kv0 + q) + p * m * (m - 1) / 2.0
 
 
-# ------------------------------------------------------------------------------------------ fitting
+# ------------------------------------------------------------------------------------------
+# fitting
 def _lstsq(design: np.ndarray, t: np.ndarray, relative: bool) -> np.ndarray:
     if relative:  # minimise relative residuals: the budget cares about % error at every length
         w = 1.0 / t
@@ -150,7 +160,8 @@ _UNGATED_MLP = ('gpt2', 'gpt_neox', 'gptj', 'opt', 'bloom', 'falcon', 'phi', 'st
 
 
 def flops_coefficients(config: Any, logits_kept: int = 1) -> dict:
-    """Per-term FLOP counts of a decoder-only transformer, matching the ETE's terms.
+    """
+    Per-term FLOP counts of a decoder-only transformer, matching the ETE's terms.
 
     A fitted coefficient ratio far from its FLOPs ratio (or of the wrong sign) flags a bad fit.
     The prefill quadratic assumes a causal kernel (N²/2 query-key pairs); the constant terms
@@ -195,7 +206,8 @@ def fitted_ratios(model: ExecutionTimeModel) -> dict:
     }
 
 
-# ------------------------------------------------------------------------------ served vs predicted
+# ------------------------------------------------------------------------------
+# served vs predicted
 def served_errors(
     model: ExecutionTimeModel,
     n_prompt: int,
@@ -203,7 +215,8 @@ def served_errors(
     prefill_s: float,
     decode_step_s: Sequence[float],
 ) -> dict:
-    """Estimator error on one served request (from a GenerationResult's recorded timings).
+    """
+    Estimator error on one served request (from a GenerationResult's recorded timings).
 
     Step j (0-based) of the engine's decode list read ``kv_after + j`` cached entries.
     """

@@ -1,4 +1,5 @@
-"""Offline evaluation: tasks, scoring, policies, the budget × policy sweep, reports and bag IO.
+"""
+Offline evaluation: tasks, scoring, policies, the budget × policy sweep, reports and bag IO.
 
 Kept import-light: each submodule pulls in torch / rosbags / matplotlib only when used.
 """

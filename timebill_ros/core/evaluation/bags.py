@@ -1,4 +1,5 @@
-"""rosbag2 (MCAP) recording and reading of TimeBill requests, estimates and results, no ROS needed.
+"""
+rosbag2 (MCAP) recording and reading of TimeBill requests, estimates and results, no ROS needed.
 
 The implementation lives in :mod:`timebill_ros.core.evaluation.rosbag` (interface types, dict
 <-> message conversion, the crash-safe writer and recorder, crash recovery, reading); this

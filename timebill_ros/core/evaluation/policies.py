@@ -1,14 +1,17 @@
-"""Eviction policies and overrun strategies compared by the benchmark (the paper's Fig. 7).
+"""
+Eviction policies and overrun strategies compared by the benchmark (the paper's Fig. 7).
 
 Policies choose the KV eviction ratio α for one request:
 - ``vanilla``      α = 0, killed at the deadline;
 - ``alpha=<a>``    a fixed α (the paper's fixed-ratio baselines);
-- ``truncate``     α = 0, stopped at the deadline and the partial text kept (``generate(max_time=…)``);
+- ``truncate``     α = 0, stopped at the deadline and the partial text kept
+                 (``generate(max_time=…)``);
 - ``timebill``     α from the solver: smallest α whose WCET (k·N̂ tokens) fits the budget.
 
 Overrun strategies decide what a late job does to a sequence of jobs released every T seconds
 (each job's deadline is the next release, as in periodic real-time tasks):
-- ``kill``       the late job is stopped at its deadline: no answer (score 0); the next job starts on time.
+- ``kill``       the late job is stopped at its deadline: no answer (score 0); the next job
+                 starts on time.
 - ``skip-next``  the late job runs to the end and delivers its answer late (scored, but not
                  counted as completed); every job released while it runs is skipped (score 0).
 A job is *completed* when it finished (EOS or max_new_tokens) by its deadline, under both.
@@ -41,7 +44,7 @@ class Policy:
 
     @property
     def overruns(self) -> tuple:
-        """Truncation never overruns (it stops at the deadline), so it has no overrun strategy."""
+        """List the overrun strategies; truncation has none: it stops at the deadline."""
         return ('truncate',) if self.kind == 'truncate' else OVERRUNS
 
     def label(self, overrun: str = '') -> str:
@@ -70,8 +73,10 @@ def timebill(k: float = 5.0, alpha_max: float = 0.95) -> Policy:
 
 
 def timebill_replan(k: float = 5.0, alpha_max: float = 0.95) -> Policy:
-    """TimeBill plus re-planning during decode: evict more when steps run slow or the answer
-    outgrows N̂ (``core/replan.py``), against the paper's one-shot eviction.
+    """
+    Make TimeBill plus re-planning during decode, against the paper's one-shot eviction.
+
+    It evicts more when steps run slow or the answer outgrows N̂ (``core/replan.py``).
     """
     return dataclasses.replace(
         timebill(k, alpha_max), name=timebill(k, alpha_max).name + '+replan', replan=True
@@ -81,8 +86,11 @@ def timebill_replan(k: float = 5.0, alpha_max: float = 0.95) -> Policy:
 def standard_policies(
     k: float = 5.0, alpha_max: float = 0.95, alphas: Sequence[float] = FIXED_ALPHAS
 ) -> List[Policy]:
-    """The issue's line-up: vanilla, fixed α ∈ {0.25, 0.5, 0.75, 0.95}, truncate, TimeBill, and
-    TimeBill with re-planning during decode.
+    """
+    Return the issue's line-up of policies.
+
+    Vanilla, fixed α ∈ {0.25, 0.5, 0.75, 0.95}, truncate, TimeBill, and TimeBill with re-planning
+    during decode.
     """
     return [
         vanilla(),
@@ -166,7 +174,7 @@ def run_kill(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
 
 
 def run_skip_next(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
-    """A late job runs on and is scored; jobs released before it ends are skipped (score 0)."""
+    """Let a late job run on and score it; jobs released before it ends are skipped (score 0)."""
     out: List[JobOutcome] = []
     busy_until = 0.0
     for i, j in enumerate(jobs):
@@ -191,7 +199,7 @@ def run_skip_next(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
 
 
 def run_truncate(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
-    """Decoding stops at the deadline and whatever text is ready is the answer."""
+    """Stop decoding at the deadline; whatever text is ready is the answer."""
     out = []
     for i, j in enumerate(jobs):
         if j.completed and j.finish_s <= budget_s:
@@ -233,7 +241,11 @@ def simulate(jobs: Sequence[Job], budget_s: float, overrun: str) -> List[JobOutc
 
 
 def summarize(outcomes: Sequence[JobOutcome]) -> dict:
-    """Completion rate and average score (the paper's two axes), plus how late the late ones were."""
+    """
+    Score jobs on the paper's two axes: completion rate and average score.
+
+    Plus how late the late ones were.
+    """
     n = len(outcomes)
     late = sorted(o.late_s for o in outcomes if o.late_s > 0)
     counts = {}

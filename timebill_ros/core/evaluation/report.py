@@ -1,4 +1,5 @@
-"""Benchmark reports: JSON for machines, Markdown for people, PNGs in the style of the paper's figures.
+"""
+Benchmark reports: JSON for machines, Markdown for people, PNGs like the paper's figures.
 
 Fig. 7 style: completion rate and average score against the time budget, one line per policy,
 one column per overrun strategy. Fig. 8 style: the same two numbers against TimeBill's
@@ -57,36 +58,40 @@ def markdown(results: dict) -> str:
         lines += [
             f'- mode: **{meta.get("mode", "")}**, wall time {meta.get("wall_s", 0) / 60:.1f} min, '
             f'machine: {meta.get("machine", "")}',
-            f'- model: `{meta.get("model", "")}` ({meta.get("dtype", "")}, {meta.get("threads", "")} threads), '
+            f'- model: `{meta.get("model", "")}` ({meta.get("dtype", "")}, '
+            f'{meta.get("threads", "")} threads), '
             f'press `{meta.get("press", "")}`, greedy decoding',
             f'- timing profile: {meta.get("profile", "")}',
             f'- length predictor: {meta.get("predictor", "")}',
-            f'- tasks: {meta.get("n_tasks", 0)} ({meta.get("kinds", "")}), seed {meta.get("seed", 0)}',
+            f'- tasks: {meta.get("n_tasks", 0)} ({meta.get("kinds", "")}), seed '
+            f'{meta.get("seed", 0)}',
             f'- budgets: {meta.get("budget_rule", "")}',
             '',
         ]
     spread = results.get('timing_spread', {})
     if spread:
         lines += [
-            f'Measurements: {spread.get("prefills")} prefills (one per prompt) and {spread.get("decode_runs")} '
-            f'decode runs (one per prompt and kept-KV length; every budget is judged on these runs). '
-            f'Decode step times within a run varied with a median coefficient of variation of '
-            f'{_num(spread.get("step_time_cv_median"))} (max {_num(spread.get("step_time_cv_max"))}): the '
+            f'Measurements: {spread.get("prefills")} prefills (one per prompt) and '
+            f'{spread.get("decode_runs")} decode runs (one per prompt and kept-KV length; every '
+            f'budget is judged on these runs). Decode step times within a run varied with a '
+            f'median coefficient of variation of {_num(spread.get("step_time_cv_median"))} (max '
+            f'{_num(spread.get("step_time_cv_max"))}): the '
             f'machine is shared, so single timings are noisy.',
             '',
         ]
     lines += [
-        'Completion = finished (EOS or max_new_tokens) by the deadline. Jobs are released every T s in a '
-        'fixed order; Kill stops a late job (score 0), Skip-Next lets it finish (its answer is scored, '
-        'not completed) and skips the jobs released meanwhile; truncate keeps the text ready at the '
-        'deadline. Cells: completion rate / average score.',
+        'Completion = finished (EOS or max_new_tokens) by the deadline. Jobs are released every T '
+        's in a fixed order; Kill stops a late job (score 0), Skip-Next lets it finish (its '
+        'answer is scored, not completed) and skips the jobs released meanwhile; truncate '
+        'keeps the text ready at the deadline. Cells: completion rate / average score.',
         '',
     ]
     for g, d in results.get('groups', {}).items():
         budgets = d['budgets_s']
         toks = d.get('prompt_tokens', [])
         lines += [
-            f'## Prompts of ~{g} tokens ({d["n_prompts"]} prompts, {min(toks)}–{max(toks)} tokens)',
+            f'## Prompts of ~{g} tokens ({d["n_prompts"]} '
+            f'prompts, {min(toks)}–{max(toks)} tokens)',
             '',
         ]
         for ov in ('kill', 'skip-next'):
@@ -118,8 +123,8 @@ def markdown(results: dict) -> str:
                 '',
             ]
         lines += [
-            '### How late were the late jobs (seconds past the deadline; Kill: how long they would '
-            'have run on)',
+            '### How late were the late jobs (seconds past the '
+            'deadline; Kill: how long they would have run on)',
             '',
             '| policy | ' + ' | '.join(f'T={b:g}s' for b in budgets) + ' |',
             '|---|' + '---|' * len(budgets),
@@ -134,7 +139,8 @@ def markdown(results: dict) -> str:
                     cells.append(
                         '–'
                         if not r or not r['late_count']
-                        else f'{r["late_count"]}: med {r["late_s_median"]:.1f}, max {r["late_s_max"]:.1f}'
+                        else f'{r["late_count"]}: med {r["late_s_median"]:.1f}, '
+                        f'max {r["late_s_max"]:.1f}'
                     )
                 label = pol if pol == 'truncate' else f'{pol} / {OVERRUN_TITLES[ov]}'
                 lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
@@ -162,9 +168,10 @@ def markdown(results: dict) -> str:
             if len({tuple(rs['kill']['alphas']) for rs in by_k.values()}) == 1:
                 lines += [
                     '',
-                    'α did not change with k here: the pessimistic length min(k·N̂, max_new_tokens) was '
-                    'already max_new_tokens at the smallest k (N̂ close to, or equal to, the cap — as with '
-                    'the N_max fallback), so every k planned for the same worst case.',
+                    'α did not change with k here: the pessimistic length min(k·N̂, '
+                    'max_new_tokens) was already max_new_tokens at the smallest k (N̂ close to, '
+                    'or equal to, the cap — as with the N_max fallback), '
+                    'so every k planned for the same worst case.',
                 ]
             lines.append('')
     est = results.get('estimator')
@@ -175,9 +182,11 @@ def markdown(results: dict) -> str:
             f'- response length: MAE {_num(est["length_mae"], ".1f")} tokens '
             f'(N̂ capped at max_new_tokens: {_num(est["length_mae_capped"], ".1f")})',
             f'- prefill time MAPE {_num(est["prefill_mape"], ".1f")}%, decode time MAPE '
-            f'{_num(est["decode_mape"], ".1f")}%, end-to-end MAPE {_num(est["total_mape"], ".1f")}% '
+            f'{_num(est["decode_mape"], ".1f")}%, end-to-end MAPE '
+            f'{_num(est["total_mape"], ".1f")}% '
             '(predicted for the length actually generated)',
-            f'- actual end-to-end time within the k=5 WCET: {_pct(est["within_wcet_rate"])} of runs',
+            f'- actual end-to-end time within the k=5 '
+            f'WCET: {_pct(est["within_wcet_rate"])} of runs',
             '',
             '| task | prompt tokens | N̂ | tokens (α=0) | prefill pred / actual (s) |',
             '|---|---|---|---|---|',

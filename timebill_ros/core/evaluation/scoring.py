@@ -1,4 +1,5 @@
-"""Answer scoring: exact match, containment, token F1 and ROUGE-L against reference answers.
+"""
+Answer scoring: exact match, containment, token F1 and ROUGE-L against reference answers.
 
 Normalisation follows SQuAD (lower-case, drop punctuation and English articles, collapse
 whitespace) so that "The pass key is 71432." and "71432" compare on content, not formatting.
@@ -46,7 +47,8 @@ def exact_match(prediction: str, references: Refs) -> float:
 
 
 def contains(prediction: str, references: Refs) -> float:
-    """1.0 when a reference occurs in the prediction as whole tokens ("71432" not in "714321").
+    """
+    1.0 when a reference occurs in the prediction as whole tokens ("71432" not in "714321").
 
     Retrieval tasks (passkey, needle) are judged this way: a chat model wraps the answer in a
     sentence, and what matters is whether it recovered the planted fact.
@@ -75,7 +77,7 @@ def _f1(pred: List[str], ref: List[str]) -> float:
 
 
 def token_f1(prediction: str, references: Refs) -> float:
-    """SQuAD token F1: harmonic mean of bag-of-tokens precision and recall."""
+    """Compute SQuAD token F1: harmonic mean of bag-of-tokens precision and recall."""
     pred = tokens(prediction)
     return max(_f1(pred, tokens(r)) for r in _refs(references))
 
@@ -94,7 +96,11 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def rouge_l(prediction: str, references: Refs, beta: float = 1.0) -> float:
-    """ROUGE-L F-measure (Lin 2004) on normalised tokens; β = 1 weighs precision and recall equally."""
+    """
+    Compute ROUGE-L F-measure (Lin 2004) on normalised tokens.
+
+    β = 1 weighs precision and recall equally.
+    """
     pred = tokens(prediction)
     best = 0.0
     for ref in _refs(references):

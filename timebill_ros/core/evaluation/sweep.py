@@ -1,4 +1,5 @@
-"""The budget × policy benchmark, run so that it fits on two CPU cores.
+"""
+The budget × policy benchmark, run so that it fits on two CPU cores.
 
 Exact savings (shared/notes/evaluation-cost.md), none of which changes a measured outcome:
 - **one prefill per prompt.** Its KV cache and attention scores are the same for every policy
@@ -75,9 +76,8 @@ class PromptResult:
     predictor_source: str
     runs: Dict[int, Run] = field(default_factory=dict)  # kept-KV length -> run
     timebill_alpha: Dict[str, float] = field(default_factory=dict)  # "k|budget" -> alpha
-    replan_runs: Dict[str, Run] = field(
-        default_factory=dict
-    )  # "k|budget" -> run that re-planned to that deadline
+    # "k|budget" -> run that re-planned to that deadline
+    replan_runs: Dict[str, Run] = field(default_factory=dict)
     verdicts: Dict[str, dict] = field(default_factory=dict)
 
 
@@ -86,9 +86,8 @@ class SweepConfig:
     budgets: Dict[str, List[float]]  # group -> budgets (s)
     policies: List[Policy] = field(default_factory=standard_policies)
     ks: Sequence[float] = tuple(range(1, 9))
-    k_budget: Dict[str, float] = field(
-        default_factory=dict
-    )  # group -> budget for the k sweep (default: middle)
+    # group -> budget for the k sweep (default: middle)
+    k_budget: Dict[str, float] = field(default_factory=dict)
     alpha_max: float = 0.95
     n_max: int = 8192
 
@@ -100,7 +99,7 @@ def group_of(task: Task) -> str:
 
 # ------------------------------------------------------------------------------ measuring
 class Sweeper:
-    """Holds the engine, the timing model and the length predictor; measures one prompt at a time."""
+    """Holds the engine, timing model and length predictor; measures one prompt at a time."""
 
     def __init__(
         self,
@@ -141,17 +140,14 @@ class Sweeper:
         ids = eng.encode(task.prompt, task.system_prompt or None)
         job = self._job(task, accepted_at=time.monotonic())
         job.input_ids = ids
-        base = self.pipeline.prefill(
-            job, Outcome(status='')
-        )  # chunked, exactly as the node runs it
+        # chunked, exactly as the node runs it
+        base = self.pipeline.prefill(job, Outcome(status=''))
         t0 = time.monotonic()
-        pred = self.predictor.predict(
-            task.prompt
-        )  # as the predictor node does: text, N̂ capped below
+        # as the predictor node does: text, N̂ capped below
+        pred = self.predictor.predict(task.prompt)
         predict_s = time.monotonic() - t0
-        n_hat = min(
-            float(pred.n_hat), float(task.max_new_tokens)
-        )  # the server caps N̂ the same way
+        # the server caps N̂ the same way
+        n_hat = min(float(pred.n_hat), float(task.max_new_tokens))
         res = PromptResult(
             task=task,
             input_ids=ids,
@@ -175,9 +171,8 @@ class Sweeper:
         for pol in self.cfg.policies:
             if pol.budget_dependent:
                 for b in self.cfg.budgets[group]:
-                    if (
-                        pol.replan
-                    ):  # its run depends on the deadline itself: one real run per budget
+                    # its run depends on the deadline itself: one real run per budget
+                    if pol.replan:
                         res.replan_runs[_key(pol, b)] = self._decode(
                             base,
                             task,
@@ -189,7 +184,6 @@ class Sweeper:
         kb = self.k_budget(group)
         for k in self.cfg.ks:
             run(self.timebill_alpha(res, kb, float(k), self.cfg.alpha_max))
-        del base
         return res
 
     def k_budget(self, group: str) -> float:
@@ -199,9 +193,11 @@ class Sweeper:
         return b[len(b) // 2]
 
     def _decode(self, base, task: Task, alpha: float, replan=None) -> Run:
-        """Decode to the end through the pipeline's decode stage; with ``replan=(res, budget,
-        policy)`` the Replanner steers the run to that budget's deadline (on the clock the jobs
-        are judged on).
+        """
+        Decode to the end through the pipeline's decode stage.
+
+        With ``replan=(res, budget, policy)`` the Replanner steers the run to that budget's
+        deadline (on the clock the jobs are judged on).
         """
         from ..outcome import Outcome
 
@@ -314,7 +310,12 @@ def policy_jobs(
 
 
 def evaluate(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
-    """Completion rate / score per group × policy × overrun × budget, the k sweep, lateness, estimator error."""
+    """
+    Aggregate the runs into what the report shows.
+
+    Completion rate / score per group × policy × overrun × budget, the k sweep, lateness,
+    estimator error.
+    """
     groups: Dict[str, List[PromptResult]] = {}
     for r in results:
         groups.setdefault(group_of(r.task), []).append(r)
@@ -454,7 +455,11 @@ def estimator_errors(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
 
 
 def timing_spread(results: Sequence[PromptResult]) -> dict:
-    """How noisy the measurements were: one run per (prompt, kept length); step times vary within it."""
+    """
+    Report how noisy the measurements were.
+
+    One run per (prompt, kept length); step times vary within it.
+    """
     cvs = []
     for r in results:
         for run in r.runs.values():
@@ -478,7 +483,8 @@ def choose_budgets(
     alpha_max: float = 0.95,
     n_hat: Optional[Callable[[Task], float]] = None,
 ) -> Dict[str, List[float]]:
-    """Per length group, budgets from infeasible to generous, from the calibrated profile.
+    """
+    Per length group, budgets from infeasible to generous, from the calibrated profile.
 
     Low end: 90 % of the shortest predicted prefill (nothing can finish). High end: 1.5 × the
     slowest predicted vanilla run of max_new_tokens (every answer fits, with room for the noise
@@ -518,7 +524,8 @@ def run_sweep(
         r = sweeper.measure(task)
         results.append(r)
         sweeper.log(
-            f'[eval] {i + 1}/{len(tasks)} {task.id}: {r.n_prompt} tokens, prefill {r.prefill_s:.2f}s, '
+            f'[eval] {i + 1}/{len(tasks)} {task.id}: {r.n_prompt} tokens, prefill '
+            f'{r.prefill_s:.2f}s, '
             f'{len(r.runs)} decode runs, N̂={r.n_hat:g}; elapsed {time.monotonic() - t0:.0f}s'
         )
     return sweeper, results, evaluate(sweeper, results)

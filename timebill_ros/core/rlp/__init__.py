@@ -1,4 +1,5 @@
-"""Response length predictor (RLP): the model that predicts N̂, and the data it learns from.
+"""
+Response length predictor (RLP): the model that predicts N̂, and the data it learns from.
 
 TimeBill's WCET scales with the predicted response length, so this package holds everything
 about that prediction, split by concern: the label space (``buckets``), the feature extractors

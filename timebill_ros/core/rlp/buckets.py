@@ -1,4 +1,5 @@
-"""The predictor's label space and records: bucket maths, prompt compression, meta, prediction.
+"""
+The predictor's label space and records: bucket maths, prompt compression, meta, prediction.
 
 Everything here is plain Python (no torch), because the budget, the CLIs and the tests reason
 about buckets and checkpoints without loading a model. The paper predicts N̂ as a class over
@@ -20,8 +21,10 @@ HEADS = ('buckets', 'regression', 'edges')
 
 # --------------------------------------------------------------------------- bucket maths
 def length_to_bucket(n: int, bucket_size: int, num_buckets: int) -> int:
-    """1-based label ⌈N/B⌉, clamped to [1, K]: N = 0 shares bucket 1, N > N_max lands in
-    bucket K.
+    """
+    Map a length N to its 1-based label ⌈N/B⌉, clamped to [1, K].
+
+    N = 0 shares bucket 1, N > N_max lands in bucket K.
     """
     if n < 0:
         raise ValueError(f'length must be >= 0, got {n}')
@@ -36,8 +39,10 @@ def bucket_upper_edge(label: int, bucket_size: int, num_buckets: int) -> int:
 
 
 def edges_to_class(n: int, edges: Sequence[int]) -> int:
-    """0-based class for coarse buckets with ascending upper ``edges`` (last class takes the
-    rest).
+    """
+    Map a length to its 0-based class among coarse buckets with ascending upper ``edges``.
+
+    The last class takes the rest.
     """
     for i, e in enumerate(edges):
         if n <= e:
@@ -46,16 +51,21 @@ def edges_to_class(n: int, edges: Sequence[int]) -> int:
 
 
 def equal_width_edges(n_classes: int, max_len: int) -> list[int]:
-    """Upper edges of ``n_classes`` equal-width buckets over [0, max_len] (S3 / ProxyModel
-    style).
+    """
+    Return the upper edges of ``n_classes`` equal-width buckets over [0, max_len].
+
+    As S3 and ProxyModel bucket lengths.
     """
     return [int(round(max_len * (i + 1) / n_classes)) for i in range(n_classes)]
 
 
 # --------------------------------------------------------------------------- prompt compression
 def compress_ids(ids: Sequence[int], max_tokens: int, head_frac: float = 0.5) -> list[int]:
-    """Keep at most ``max_tokens`` ids: the head (instruction usually first) and the tail (the
-    question or the ask usually last); the middle of a long context says least about length.
+    """
+    Keep at most ``max_tokens`` ids: the head and the tail.
+
+    The instruction usually comes first and the question or the ask last; the middle of a long
+    context says least about length.
     """
     ids = list(ids)
     if max_tokens <= 0:

@@ -1,4 +1,5 @@
-"""Greedy decoding of many prompts at once, to measure how long the target model's answers are.
+"""
+Greedy decoding of many prompts at once, to measure how long the target model's answers are.
 
 The labels must be the lengths the *target* model really produces (chat template, greedy, stop
 at EOS, up to a cap), and labelling thousands of prompts on a CPU is the slow part of building
@@ -15,8 +16,11 @@ from .backbones import chat_ids, left_pad
 
 
 def _prealloc_layer_class():
-    """A cache layer with room to grow, so decoding does not copy the whole cache every step the
-    way ``DynamicCache``'s ``torch.cat`` does (it grows in chunks of 64 columns).
+    """
+    Make a cache layer class with room to grow.
+
+    So decoding does not copy the whole cache every step the way ``DynamicCache``'s ``torch.cat``
+    does (it grows in chunks of 64 columns).
     """
     import torch
     from transformers.cache_utils import DynamicLayer
@@ -50,10 +54,12 @@ def _prealloc_layer_class():
 
 
 def detect_loop(tokens: Sequence[int], span: int = 64, max_period: int = 64) -> bool:
-    """True when the last tokens are one block repeated back to back over >= ``span`` tokens (and
-    at least 3 times). Greedy decoding of a small model practically never leaves such a loop, so
-    the row is stopped and labelled as running to the cap; ``timebill dataset`` checks that claim
-    on a sample of looped prompts (``--verify-loops``).
+    """
+    Tell whether the last tokens are one block repeated back to back.
+
+    Over >= ``span`` tokens and at least 3 times. Greedy decoding of a small model practically
+    never leaves such a loop, so the row is stopped and labelled as running to the cap;
+    ``timebill dataset`` checks that claim on a sample of looped prompts (``--verify-loops``).
     """
     n = len(tokens)
     for p in range(1, max_period + 1):
@@ -67,13 +73,16 @@ def detect_loop(tokens: Sequence[int], span: int = 64, max_period: int = 64) -> 
 
 
 class ContinuousGreedyLabeler:
-    """Greedy decoding of many prompts with a pool of ``batch_size`` rows that is refilled as rows
-    finish (continuous batching), so one looping prompt does not hold a whole batch hostage.
+    """
+    Greedy decoding of many prompts with a pool of ``batch_size`` rows refilled as rows finish.
 
-    Rows are left-aligned to a shared right edge; padding columns are masked and each row keeps its
-    own RoPE positions. Finished rows are dropped and new prompts prefilled and merged whenever at
-    least ``refill_at`` rows are free. Numerically this differs from unbatched greedy only by float
-    summation order, which can flip a near-tied argmax now and then (lengths stay the target's).
+    Continuous batching, so one looping prompt does not hold a whole batch hostage.
+
+    Rows are left-aligned to a shared right edge; padding columns are masked and each row keeps
+    its own RoPE positions. Finished rows are dropped and new prompts prefilled and merged
+    whenever at least ``refill_at`` rows are free. Numerically this differs from unbatched greedy
+    only by float summation order, which can flip a near-tied argmax now and then (lengths stay
+    the target's).
     """
 
     def __init__(
@@ -106,8 +115,8 @@ class ContinuousGreedyLabeler:
     def run(
         self, items: Sequence[tuple[str, list[int]]], on_done: Callable[[str, int, bool], None]
     ) -> None:
-        """Label ``items`` = [(key, prompt_ids)]; call ``on_done(key, n_generated, capped)`` per
-        prompt.
+        """
+        Label ``items`` = [(key, prompt_ids)], calling ``on_done(key, n_generated, capped)``.
 
         ``gen`` counts generated tokens including the pending ``nxt``; a row ends when ``nxt`` is
         EOS (length ``gen - 1``: EOS is not counted) or when ``gen`` reaches the cap
@@ -168,8 +177,10 @@ class ContinuousGreedyLabeler:
                     on_done(key, self.cap, True)
 
     def _merge(self, keys, lens, gen, mask, cache, nxt, keep, new):
-        """Drop finished rows, prefill ``new`` prompts, and right-align everything in fresh buffers
-        (one copy per tensor; columns that are padding for every row are trimmed).
+        """
+        Drop finished rows, prefill ``new`` prompts, and right-align everything in fresh buffers.
+
+        One copy per tensor; columns that are padding for every row are trimmed.
         """
         import torch
         from transformers.cache_utils import Cache

@@ -1,4 +1,5 @@
-"""The label file: one JSONL file of target-model lengths, read, rewritten and re-capped here.
+"""
+The label file: one JSONL file of target-model lengths, read, rewritten and re-capped here.
 
 A label file starts with a header line ``{"_meta": {...}}`` (model, cap, decoding, the command
 that regenerates it) followed by one record per prompt. Reading must survive an interrupted
@@ -32,8 +33,11 @@ REGENERATE_CMD = (
 
 
 def load_labels(path: str | os.PathLike = DEFAULT_LABEL_FILE) -> list[dict]:
-    """Records ``{id, prompt, length, capped, source, template, group, split}``; the header line
-    (``{"_meta": ...}``) is skipped. A torn last line from an interrupted run is ignored.
+    """
+    Load records ``{id, prompt, length, capped, source, template, group, split}``.
+
+    The header line (``{"_meta": ...}``) is skipped. A torn last line from an interrupted run is
+    ignored.
     """
     out = []
     p = Path(path)
@@ -65,7 +69,7 @@ def read_meta(path: str | os.PathLike = DEFAULT_LABEL_FILE) -> dict:
 
 
 def header_line(meta: dict) -> str:
-    """The first line of a label file."""
+    """Write the first line of a label file."""
     return json.dumps({'_meta': meta}) + '\n'
 
 
@@ -79,8 +83,10 @@ def update_meta(path: Path, updates: dict) -> None:
 
 
 def _rewrite(path: Path, meta: dict, recs: Sequence[dict]) -> None:
-    """Replace a label file atomically (header line, then records; the split is derived, not
-    stored).
+    """
+    Replace a label file atomically: header line, then records.
+
+    The split is derived, not stored.
     """
     tmp = path.with_suffix('.tmp')
     with tmp.open('w') as fh:
@@ -93,9 +99,12 @@ def _rewrite(path: Path, meta: dict, recs: Sequence[dict]) -> None:
 
 
 def extend_cap(path: Path, cap: int, log=print) -> int:
-    """Raise the cap of an existing label file: answers that ended before the old cap are final
-    (greedy decoding stops at the same EOS), so only the capped prompts are dropped here, to be
-    labelled again by the caller up to the new cap. Rerunning after an interruption resumes.
+    """
+    Raise the cap of an existing label file, dropping only the capped prompts.
+
+    Answers that ended before the old cap are final (greedy decoding stops at the same EOS), so
+    only the capped prompts are dropped here, to be labelled again by the caller up to the new
+    cap. Rerunning after an interruption resumes.
     """
     meta = read_meta(path)
     old = int(meta.get('max_new_tokens', cap))
@@ -109,15 +118,18 @@ def extend_cap(path: Path, cap: int, log=print) -> int:
     meta.pop('loop_check', None)  # it was measured at the old cap
     _rewrite(path, meta, keep)
     log(
-        f'[dataset] {path}: cap {old} -> {cap}; {len(recs) - len(keep)} capped prompts will be '
-        f'labelled again'
+        f'[dataset] {path}: cap {old} -> {cap}; '
+        f'{len(recs) - len(keep)} capped prompts will be labelled again'
     )
     return len(recs) - len(keep)
 
 
 def clamp_labels(path: Path, cap: int, log=print) -> None:
-    """Lower the cap of an existing label file in place. Lossless under greedy decoding: a prompt
-    that produced N >= cap tokens would have been cut at the cap.
+    """
+    Lower the cap of an existing label file in place.
+
+    Lossless under greedy decoding: a prompt that produced N >= cap tokens would have been cut at
+    the cap.
     """
     meta = read_meta(path)
     old = int(meta.get('max_new_tokens', cap))

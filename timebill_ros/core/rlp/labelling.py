@@ -1,4 +1,5 @@
-"""Labelling runs: decode prompts with the target model and append their lengths to a file.
+"""
+Labelling runs: decode prompts with the target model and append their lengths to a file.
 
 ``timebill dataset`` labels thousands of prompts over hours, so a run must be resumable (ids
 already in the file are skipped, a torn last line is tolerated), show progress in a terminal or
@@ -41,8 +42,11 @@ def label_file(
     loop_span: int = 0,
     log=print,
 ) -> int:
-    """Label ``items`` with the target model, appending to ``out_path`` (JSONL; resumable: ids
-    already in the file are skipped). Returns how many records the file holds afterwards.
+    """
+    Label ``items`` with the target model, appending to ``out_path``.
+
+    JSONL, resumable: ids already in the file are skipped. Returns how many records the file
+    holds afterwards.
     """
     import torch
 
@@ -134,8 +138,11 @@ def verify_loops(
     threads: int = 1,
     log=print,
 ) -> dict:
-    """Decode ``n`` loop-stopped prompts to the cap without loop detection and count how many
-    really ran to the cap; the result is stored in the file's header (``loop_check``).
+    """
+    Check the loop detector on ``n`` loop-stopped prompts.
+
+    Decode them to the cap without loop detection and count how many really ran to the cap; the
+    result is stored in the file's header (``loop_check``).
     """
     from ..model import load_model
 

@@ -1,4 +1,5 @@
-"""Training a predictor from label records: features, validation-set choices, the entry point.
+"""
+Training a predictor from label records: features, validation-set choices, the entry point.
 
 ``train_predictor`` is what ``timebill train-predictor`` calls; this module wires the pieces
 together and owns the choices made on the validation split: which causal-LM layer to read
@@ -16,11 +17,11 @@ from pathlib import Path
 import time
 from typing import Optional, Sequence
 
-from ..config import cache_dir
 from .backbones import make_backbone, make_head
 from .buckets import PredictorMeta
 from .predictor import LengthPredictor
 from .training import decoded_mae, fine_tune, fine_tune_top, train_head
+from ..config import cache_dir
 
 
 def _feature_cache_path(
@@ -49,8 +50,10 @@ def _cached(path: Path, use_cache: bool, compute):
 def frozen_features(
     pred: LengthPredictor, ids: Sequence[Sequence[int]], use_cache: bool = True, log=print
 ):
-    """Backbone features for many prompts, cached on disk: a frozen backbone embeds each prompt
-    once.
+    """
+    Compute backbone features for many prompts, cached on disk.
+
+    A frozen backbone embeds each prompt once.
     """
     import torch
 
@@ -80,8 +83,10 @@ def layer_features(
     use_cache: bool = True,
     log=print,
 ):
-    """Last-token states after every layer of a causal LM, [N, layers + 1, dim], cached on disk:
-    one pass serves the choice of the feature layer.
+    """
+    Compute the last-token states after every layer of a causal LM, [N, layers + 1, dim].
+
+    Cached on disk: one pass serves the choice of the feature layer.
     """
     import torch
 
@@ -118,8 +123,11 @@ def select_feature_layer(
     seed: int = 0,
     log=print,
 ) -> dict:
-    """Pick the causal-LM layer whose last-token state gives the best validation MAE with the
-    predictor's head, then re-point ``pred`` at that layer (a truncated, cheaper backbone).
+    """
+    Pick the causal-LM layer whose last-token state gives the best validation MAE.
+
+    With the predictor's head; then re-point ``pred`` at that layer (a truncated, cheaper
+    backbone).
     """
     import torch
 
@@ -162,8 +170,11 @@ def _fresh_head(pred: LengthPredictor, seed: Optional[int] = None) -> None:
 
 
 def _select_bucket_head(pred, f_tr, y_tr, f_va, y_va, epochs, seed, log) -> dict:
-    """Small validation grid for the fine-bucket head: ordinal label smoothing σ and decoding
-    (argmax as in the paper, or the distribution's median, which minimises absolute error).
+    """
+    Choose label smoothing and decoding of the fine-bucket head on a small validation grid.
+
+    Ordinal label smoothing σ, and decoding by argmax as in the paper or by the distribution's
+    median, which minimises absolute error.
     """
     import copy
 
@@ -184,8 +195,8 @@ def _select_bucket_head(pred, f_tr, y_tr, f_va, y_va, epochs, seed, log) -> dict
     mae, meta.label_sigma, meta.bucket_decode, pred.head, info = best
     info.update(val_mae=mae, label_sigma=meta.label_sigma, bucket_decode=meta.bucket_decode)
     log(
-        f'[train] selected sigma={meta.label_sigma} decode={meta.bucket_decode} '
-        f'(val MAE {mae:.1f})'
+        f'[train] selected sigma={meta.label_sigma} '
+        f'decode={meta.bucket_decode} (val MAE {mae:.1f})'
     )
     return info
 
@@ -204,11 +215,13 @@ def train_predictor(
     finetune_layers: int = 4,
     log=print,
 ):
-    """Train a predictor on label records (``prompt``, ``length``, ``split``): fit on ``train``,
-    pick the epoch on ``val``. ``mode``: ``frozen`` (head on cached features) or ``finetune``;
-    ``select`` also picks label smoothing and decoding of a fine-bucket head on ``val``;
-    ``select_layer`` picks a causal LM's feature layer on ``val``; a causal LM fine-tunes only
-    its top ``finetune_layers`` layers under that feature.
+    """
+    Train a predictor on label records (``prompt``, ``length``, ``split``).
+
+    Fit on ``train``, pick the epoch on ``val``. ``mode``: ``frozen`` (head on cached features)
+    or ``finetune``; ``select`` also picks label smoothing and decoding of a fine-bucket head on
+    ``val``; ``select_layer`` picks a causal LM's feature layer on ``val``; a causal LM
+    fine-tunes only its top ``finetune_layers`` layers under that feature.
     """
     import torch
 

@@ -1,4 +1,5 @@
-"""The length predictor at inference time: backbone + head -> N̂, its checkpoints and fallback.
+"""
+The length predictor at inference time: backbone + head -> N̂, its checkpoints and fallback.
 
 This is what the ROS node, the replay/evaluate CLIs and the server load: ``LengthPredictor``
 (predict, decode, save, load), ``NMaxPredictor`` (the pessimistic fallback when no trained
@@ -17,7 +18,6 @@ from pathlib import Path
 import time
 from typing import Optional, Sequence, Union
 
-from ..config import cache_dir, TimeBillConfig
 from .backbones import make_backbone, make_head, top_layer_prefixes
 from .buckets import (
     bucket_upper_edge,
@@ -27,13 +27,16 @@ from .buckets import (
     Prediction,
     PredictorMeta,
 )
+from ..config import cache_dir, TimeBillConfig
 
 log = logging.getLogger('timebill.length_predictor')
 
 
 class LengthPredictor:
-    """Backbone + head. ``predict(prompt)`` -> ``Prediction``; thread-safe for one caller at a
-    time.
+    """
+    Backbone + head: ``predict(prompt)`` -> ``Prediction``.
+
+    Thread-safe for one caller at a time.
     """
 
     def __init__(self, meta: PredictorMeta, backbone=None, head=None, threads: int = 0):
@@ -59,7 +62,8 @@ class LengthPredictor:
 
     # -- features ---------------------------------------------------------
     def prepare(self, prompt: Union[str, Sequence[int]]) -> tuple[list[int], int]:
-        """Backbone token ids after compression, and the count before it.
+        """
+        Backbone token ids after compression, and the count before it.
 
         A ``str`` is tokenised with the backbone's tokenizer; a sequence of ints is taken as ids
         *in the backbone's tokenizer* (for a causal-LM backbone equal to the target, the
@@ -117,8 +121,10 @@ class LengthPredictor:
     def predict_many(
         self, prompts: Sequence[Union[str, Sequence[int]]], batch_size: int = 32
     ) -> list[int]:
-        """Raw N̂ (bucket upper edges, no censoring): comparable with capped labels, for
-        evaluation.
+        """
+        Return raw N̂ (bucket upper edges, no censoring), for evaluation.
+
+        Comparable with capped labels.
         """
         ids = [self.prepare(p)[0] or [0] for p in prompts]
         feats = self.features(ids, batch_size)
@@ -185,8 +191,10 @@ class LengthPredictor:
 
 
 class NMaxPredictor:
-    """The fallback when no trained predictor exists: always N_max, the safe (pessimistic)
-    bound.
+    """
+    The fallback when no trained predictor exists.
+
+    Always N_max, the safe (pessimistic) bound.
     """
 
     def __init__(self, n_max: int, reason: str = ''):
@@ -202,8 +210,10 @@ class NMaxPredictor:
 
 
 def checkpoint_dir(cfg: TimeBillConfig) -> Path:
-    """``cfg.predictor_checkpoint`` or ``<cache>/predictor/<backbone>`` (``/`` in hub ids ->
-    ``--``).
+    """
+    Return ``cfg.predictor_checkpoint`` or ``<cache>/predictor/<backbone>``.
+
+    ``/`` in hub ids becomes ``--``.
     """
     if cfg.predictor_checkpoint:
         return Path(cfg.predictor_checkpoint).expanduser()
@@ -211,8 +221,10 @@ def checkpoint_dir(cfg: TimeBillConfig) -> Path:
 
 
 def load_length_predictor(cfg: TimeBillConfig, threads: Optional[int] = None, logger=None):
-    """One call for the ROS node and the CLI: the trained predictor, or ``NMaxPredictor`` with a
-    logged reason.
+    """
+    Load the trained predictor, or ``NMaxPredictor`` with a logged reason.
+
+    One call for the ROS node and the CLI.
     """
     say = logger or log.warning
     d = checkpoint_dir(cfg)

@@ -1,4 +1,5 @@
-"""The prompts of the length dataset, and the fixed train/val/test split.
+"""
+The prompts of the length dataset, and the fixed train/val/test split.
 
 TimeBill's predictor must learn a length that depends on the prompt, so the prompts mix real
 questions (``fanoutqa``, ``chatterbot-corpus``; both ship their data in the wheel) with
@@ -31,8 +32,11 @@ def stable_hash(text: str) -> int:
 
 
 def split_of(group: str, val_frac: float = 0.1, test_frac: float = 0.1) -> str:
-    """Fixed split by hash of the *group* (the underlying question/topic), so one question asked
-    through several templates never sits on both sides of the train/test line.
+    """
+    Split by hash of the *group* (the underlying question/topic).
+
+    So one question asked through several templates never sits on both sides of the train/test
+    line.
     """
     u = (stable_hash(group) % 10_000) / 10_000
     if u < test_frac:
@@ -216,7 +220,8 @@ NUM_WORDS = {
 
 @dataclass
 class PromptItem:
-    id: str
+    # `id`, as in the label files
+    id: str  # noqa: A003
     prompt: str
     source: str  # where the base text came from
     template: str  # which instruction family
@@ -228,7 +233,8 @@ class PromptItem:
 
 
 def build_prompts(n_target: int = 3300, seed: int = 0) -> list[PromptItem]:
-    """A deterministic, shuffled mix of ~``n_target`` prompts with widely different answer lengths.
+    """
+    Build a deterministic, shuffled mix of ~``n_target`` prompts with varied answer lengths.
 
     Shares per template family are fixed; the order is shuffled so any prefix of the labelled
     file is a representative sample (useful while labelling is still running).

@@ -1,4 +1,5 @@
-"""Optimisation loops for the length predictor: loss, targets, metrics and the three trainers.
+"""
+Optimisation loops for the length predictor: loss, targets, metrics and the three trainers.
 
 Separate from inference (``predictor``) because only ``timebill train-predictor`` and
 ``eval-predictor`` train, and separate from the orchestration (``pipeline``) because these loops
@@ -92,8 +93,10 @@ def train_head(
     seed: int = 0,
     log=print,
 ) -> dict:
-    """Train only the head on precomputed (frozen-backbone) features; keep the epoch with the
-    best validation MAE of the decoded N̂ (the quantity the budget uses).
+    """
+    Train only the head on precomputed (frozen-backbone) features.
+
+    Keep the epoch with the best validation MAE of the decoded N̂ (the quantity the budget uses).
     """
     import copy
 
@@ -148,8 +151,10 @@ def fine_tune(
     seed: int = 0,
     log=print,
 ) -> dict:
-    """Train backbone and head together (a few epochs; the best epoch by validation MAE is
-    kept).
+    """
+    Train backbone and head together.
+
+    A few epochs; the best epoch by validation MAE is kept.
     """
     import copy
 
@@ -224,10 +229,12 @@ def fine_tune_top(
     seed: int = 0,
     log=print,
 ) -> dict:
-    """Fine-tune a causal-LM predictor the affordable way: the layers below the top
-    ``n_layers`` stay frozen, so their per-token states are computed once and only the top
-    layers and the head train (on CPU ~2 min an epoch for SmolLM2 instead of a full backward
-    pass).
+    """
+    Fine-tune a causal-LM predictor the affordable way.
+
+    The layers below the top ``n_layers`` stay frozen, so their per-token states are computed
+    once and only the top layers and the head train (on CPU ~2 min an epoch for SmolLM2 instead
+    of a full backward pass).
     """
     import copy
 

@@ -1,4 +1,5 @@
-"""rosbag2 (MCAP) recording and reading of TimeBill requests, estimates and results, no ROS needed.
+"""
+rosbag2 (MCAP) recording and reading of TimeBill requests, estimates and results, no ROS needed.
 
 Split by what a caller does with a bag: ``interfaces`` registers the package's message and
 action types the way rosidl names them, ``convert`` turns dicts into messages and back,

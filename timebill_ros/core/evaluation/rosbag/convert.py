@@ -1,4 +1,5 @@
-"""Plain Python <-> ROS messages: building rosbags messages from dicts and reading them back.
+"""
+Plain Python <-> ROS messages: building rosbags messages from dicts and reading them back.
 
 The server records from its callbacks with plain dicts or rclpy messages, and the evaluation
 code wants plain dicts back, whichever library wrote the bag. This module is that conversion,
@@ -31,7 +32,7 @@ _PY = {'bool': bool, 'string': str, 'wstring': str, 'float32': float, 'float64':
 
 
 def to_dict(msg: Any) -> Any:
-    """A rosbags or rclpy message (nested) as plain Python: dicts, lists, numbers, strings."""
+    """Turn a rosbags or rclpy message (nested) into plain dicts, lists, numbers, strings."""
     if dataclasses.is_dataclass(msg) and not isinstance(msg, type):
         # rosbags keeps constants (UPPER_CASE) and __msgtype__ as fields; ROS field names are
         # lower case
@@ -64,8 +65,10 @@ def _time_fields(value: Any) -> Dict[str, int]:
 
 
 def build_msg(store, msgtype: str, value: Any = None):
-    """Make a rosbags message from a (partial) dict or an rclpy message; missing fields get ROS
-    defaults.
+    """
+    Make a rosbags message from a (partial) dict or an rclpy message.
+
+    Missing fields get ROS defaults.
     """
     import numpy as np
 

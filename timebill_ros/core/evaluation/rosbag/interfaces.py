@@ -1,4 +1,5 @@
-"""The package's ROS 2 interfaces as a rosbags typestore, and the names the recordings use.
+"""
+The package's ROS 2 interfaces as a rosbags typestore, and the names the recordings use.
 
 Bags are written with the pure-Python ``rosbags`` library (``rosbag2_py`` is not installable
 here), so the types come from our own interface files: ``msg/*.msg`` and ``action/*.action``
@@ -38,7 +39,7 @@ REQUEST_SENT, REQUEST_RECEIVED, RESPONSE_SENT, RESPONSE_RECEIVED = 0, 1, 2, 3
 
 
 def interface_root() -> Path:
-    """The folder holding ``msg/``, ``action/``: the source tree, else an installed share dir."""
+    """Find the folder with ``msg/``, ``action/``: the source tree, else an installed share dir."""
     # the repository root: rosbag/ -> evaluation/ -> core/ -> timebill_ros/ -> root
     candidates = [Path(__file__).resolve().parents[4]]
     for prefix in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep):
@@ -56,7 +57,8 @@ _FIELD_RE = re.compile(r'^(\s*)([A-Z][A-Za-z0-9_]*)(\s*(?:\[[^\]]*\])?\s+[A-Za-z
 
 
 def _qualify(text: str, local_msgs: Sequence[str]) -> str:
-    """Bare ``Request`` inside an action/srv means ``timebill_ros/msg/Request`` (rosidl's rule).
+    """
+    Bare ``Request`` inside an action/srv means ``timebill_ros/msg/Request`` (rosidl's rule).
 
     rosbags would resolve it next to the owner (``timebill_ros/action/Request``), so spell it out.
     """
@@ -85,7 +87,8 @@ def _split(text: str, parts: int, what: str) -> List[str]:
 
 
 def interface_definitions(root: Optional[Path] = None) -> Dict[str, str]:
-    """Msg text per ROS 2 type name, for every message and action part of the package.
+    """
+    Msg text per ROS 2 type name, for every message and action part of the package.
 
     (Services are left out: rosbags names types only under ``msg/`` and ``action/``, and only
     topics are recorded.)
@@ -119,15 +122,18 @@ def interface_definitions(root: Optional[Path] = None) -> Dict[str, str]:
 
 
 def _type_ref(name: str) -> str:
-    """How a field names a type in msg text: ``pkg/Type`` for messages, in full for action
-    parts.
+    """
+    Name a type as a field does in msg text.
+
+    ``pkg/Type`` for messages, in full for action parts.
     """
     pkg, kind, base = name.split('/')
     return f'{pkg}/{base}' if kind == 'msg' else name
 
 
 def message_definition(store, msgtype: str) -> str:
-    """The ros2msg text rosbag2 stores for a connection: the type, then each dependency once.
+    """
+    Write the ros2msg text rosbag2 stores for a connection: the type, then each dependency once.
 
     rosbags' own generator only handles ``pkg/msg/*`` dependencies; action parts nest
     ``pkg/action/*`` types (a SendGoal event holds the Goal), so this walks the fields itself.
@@ -180,8 +186,10 @@ int64 sequence_number
 
 
 def typestore(root: Optional[Path] = None):
-    """A ROS 2 Kilted typestore with the package's interfaces registered (type hashes as ROS
-    computes them).
+    """
+    Return a ROS 2 Kilted typestore with the package's interfaces registered.
+
+    Type hashes are as ROS computes them.
     """
     from rosbags.typesys import get_types_from_msg, get_typestore, Stores
 

@@ -1,4 +1,5 @@
-"""Reading bags back: messages, and the requests, results and estimates they recorded.
+"""
+Reading bags back: messages, and the requests, results and estimates they recorded.
 
 Reading takes the types from the bag (``AnyReader``), so bags written by other builds or by
 ``ros2 bag record`` are read without our interface files. Requests are recognised by type,
@@ -36,7 +37,8 @@ class BagMessage:
 
 @contextmanager
 def open_bag(path: str | os.PathLike):
-    """An open ``AnyReader`` on a bag directory or .mcap file, types taken from the bag.
+    """
+    Open an ``AnyReader`` on a bag directory or .mcap file, types taken from the bag.
 
     A bag without footer or metadata (writer killed) is read through a repaired temporary copy,
     so a bag still being recorded is never modified.
@@ -158,12 +160,13 @@ def _extract(m: BagMessage, index: int) -> List[RecordedRequest]:
 
 
 def read_requests(path: str | os.PathLike) -> List[RecordedRequest]:
-    """Every recorded request in time order, deduplicated by id (client and server may both
-    log it).
+    """
+    Return every recorded request in time order, deduplicated by id.
 
-    Recognised by type, whatever the topic: ``*_SendGoal_Event`` / ``*_SendGoal_Request`` (ros2
-    action recording or ours), ``timebill_ros/msg/Request`` (the predictor topic), a bare
-    ``*_Goal``. Task metadata on ``/timebill/tasks`` is attached by goal id.
+    Client and server may both log a request. Recognised by type, whatever the topic:
+    ``*_SendGoal_Event`` / ``*_SendGoal_Request`` (ros2 action recording or ours),
+    ``timebill_ros/msg/Request`` (the predictor topic), a bare ``*_Goal``. Task metadata on
+    ``/timebill/tasks`` is attached by goal id.
     """
     reqs: Dict[str, RecordedRequest] = {}
     tasks: Dict[str, Dict[str, Any]] = {}
@@ -186,7 +189,8 @@ def read_requests(path: str | os.PathLike) -> List[RecordedRequest]:
 
 
 def read_results(path: str | os.PathLike) -> Dict[str, Dict[str, Any]]:
-    """Goal id (32 hex) -> {"status": GoalStatus code, "result": dict, "stamp_ns"}.
+    """
+    Goal id (32 hex) -> {"status": GoalStatus code, "result": dict, "stamp_ns"}.
 
     ros2 logs a GetResult request and its response as separate events sharing (client_gid,
     sequence_number); ours holds both in one. Either way they are paired here.

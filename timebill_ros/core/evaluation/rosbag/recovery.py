@@ -1,4 +1,5 @@
-"""Crash recovery for MCAP bags: find the readable prefix of a bag whose writer died.
+"""
+Crash recovery for MCAP bags: find the readable prefix of a bag whose writer died.
 
 The recorder writes every message straight to the file, so a killed server leaves a bag with
 complete records but no summary, footer or ``metadata.yaml``. This module checks whether a file
@@ -19,7 +20,7 @@ MAGIC = b'\x89MCAP0\r\n'
 
 
 def mcap_file(path: Path) -> Optional[Path]:
-    """The bag's one ``.mcap`` file: ``path`` itself, or the only one in the directory."""
+    """Find the bag's one ``.mcap`` file: ``path`` itself, or the only one in the directory."""
     if path.is_file():
         return path if path.suffix == '.mcap' else None
     files = sorted(path.glob('*.mcap'))
@@ -27,7 +28,7 @@ def mcap_file(path: Path) -> Optional[Path]:
 
 
 def mcap_is_complete(path: Path) -> bool:
-    """True when the file ends with an MCAP footer (its writer closed it)."""
+    """Tell whether the file ends with an MCAP footer (its writer closed it)."""
     size = path.stat().st_size
     if size < 8 + 37:
         return False
@@ -77,7 +78,8 @@ def readable_copy(src: Path, dst: Path) -> None:
 
 
 def recover(path: str | os.PathLike) -> Path:
-    """Make a bag whose writer died readable in place (like ``ros2 bag reindex``).
+    """
+    Make a bag whose writer died readable in place (like ``ros2 bag reindex``).
 
     Keeps every complete record, appends a footer and writes ``metadata.yaml``. Returns the bag
     directory. Idempotent: a complete bag is left as it is.

@@ -1,4 +1,5 @@
-"""Recording bags: a crash-safe MCAP writer and the server's goal/estimate/result recorder.
+"""
+Recording bags: a crash-safe MCAP writer and the server's goal/estimate/result recorder.
 
 Goals and results are recorded as ros2 records actions (action introspection, Jazzy+):
 ``<action>/_action/send_goal/_service_event`` and ``.../get_result/_service_event``, so a bag
@@ -41,7 +42,8 @@ def _ns(stamp_ns: Optional[int]) -> int:
 
 @lru_cache(maxsize=1)
 def _flushing_mcap_writer():
-    """Rosbags' MCAP storage writer, but every record goes to the file at once and is flushed.
+    """
+    Rosbags' MCAP storage writer, but every record goes to the file at once and is flushed.
 
     Messages are written unchunked (valid MCAP); a killed process leaves a file whose complete
     records are all readable (see :func:`recover`). ``close`` writes rosbags' summary and footer.
@@ -99,8 +101,10 @@ def _flushing_mcap_writer():
 
 
 class BagWriter:
-    """A rosbag2 MCAP bag, written message by message, readable up to the last one after a
-    crash.
+    """
+    A rosbag2 MCAP bag, written message by message.
+
+    It is readable up to the last message after a crash.
     """
 
     def __init__(self, path: str | os.PathLike, store=None, fsync: bool = False):
@@ -148,10 +152,11 @@ class BagWriter:
 
 
 class BagRecorder:
-    """What the server records: every goal, estimate and result, in ros2's
-    action-introspection form.
+    """
+    What the server records: every goal, estimate and result.
 
-    Call from the server's callbacks with plain dicts (or rclpy messages):
+    In ros2's action-introspection form. Call from the server's callbacks with plain dicts (or
+    rclpy messages):
         rec = BagRecorder(cfg.record_bag)
         rec.record_goal(goal_id, {"prompt": ..., "time_budget": 2.5, ...})   # on acceptance
         rec.record_estimate({"request_id": ..., "predicted_length": ..., ...})
@@ -236,8 +241,10 @@ class BagRecorder:
             )
 
     def record_task(self, task: Mapping[str, Any], stamp_ns: Optional[int] = None) -> None:
-        """Benchmark metadata (references, metric) for replay to score against; std_msgs/String
-        JSON.
+        """
+        Record benchmark metadata (references, metric) for replay to score against.
+
+        As std_msgs/String JSON.
         """
         with self._lock:
             self.writer.write(
@@ -262,11 +269,11 @@ def write_request_bag(
     start_ns: Optional[int] = None,
     period_s: float = 0.0,
 ) -> Path:
-    """A bag of goals to replay (``make-tasks``); each request may carry a ``task`` dict to score
-    with.
+    """
+    Write a bag of goals to replay (``make-tasks``).
 
-    ``period_s`` spaces the goals' timestamps, so ``replay --pace recorded`` releases them
-    periodically.
+    Each request may carry a ``task`` dict to score with. ``period_s`` spaces the goals'
+    timestamps, so ``replay --pace recorded`` releases them periodically.
     """
     start = int(start_ns if start_ns is not None else time.time_ns())
     with BagRecorder(path, action_name=action_name) as rec:
