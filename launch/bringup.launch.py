@@ -1,5 +1,7 @@
-"""Bring up TimeBill: timebill_generator, timebill_predictor and the lifecycle timebill_server,
-which is configured and then activated as soon as it reaches 'inactive'.
+"""
+Bring up TimeBill: timebill_generator, timebill_predictor and the lifecycle timebill_server.
+
+The server is configured and then activated as soon as it reaches 'inactive'.
 
     ros2 launch timebill_ros bringup.launch.py [params_file:=/path/to/timebill.yaml]
 
@@ -10,6 +12,7 @@ starts on machines without launch_ros, and both pass the same parameters file.
 import os
 
 from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, EmitEvent, RegisterEventHandler
 from launch.events import matches_action
 from launch.substitutions import LaunchConfiguration
@@ -18,8 +21,6 @@ from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
 from timebill_ros.bringup import NODES, PACKAGE
-
-from launch import LaunchDescription
 
 
 def generate_launch_description():

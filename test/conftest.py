@@ -1,4 +1,8 @@
-"""Shared fixtures. The real SmolLM2 model is loaded once per session and only by tests that need it."""
+"""
+Shared fixtures.
+
+The real SmolLM2 model is loaded once per session and only by tests that need it.
+"""
 
 import os
 
@@ -35,7 +39,7 @@ def _ros_built() -> bool:
 
 @pytest.fixture(scope='session')
 def ros_domain_id():
-    """A ROS_DOMAIN_ID of this test run only (1..100), so concurrent runs cannot cross-talk."""
+    """Give this test run a ROS_DOMAIN_ID of its own (1..100), so concurrent runs cannot mix."""
     if not _ros_built():
         pytest.skip(
             'ROS interfaces not importable: run through `make test` (builds and sources install/)'
@@ -45,7 +49,7 @@ def ros_domain_id():
 
 @pytest.fixture(scope='session')
 def ros_client(ros_domain_id):
-    """The planner side: a TimeBillClient in this (pytest) process, on its own rclpy context."""
+    """Make the planner side: a TimeBillClient in this (pytest) process, with its own context."""
     import rclpy
     from rclpy.context import Context
     from rclpy.signals import SignalHandlerOptions
@@ -63,13 +67,16 @@ def ros_client(ros_domain_id):
 
 @pytest.fixture(scope='session')
 def timebill_nodes(ros_domain_id, ros_client, tmp_path_factory):
-    """generator, predictor and server as separate processes, server active; stopped at the end,
-    and the suite fails if any node does not exit cleanly.
+    """
+    Run generator, predictor and server as separate processes, the server active.
+
+    They are stopped at the end, and the suite fails if any node does not exit cleanly.
     """
     from timebill_ros.bringup import Bringup
 
     logs = tmp_path_factory.mktemp('ros_logs')
-    # one torch thread: on the shared 2-core CI machine two OpenMP threads were up to 25x slower per
+    # one torch thread: on the shared 2-core CI machine
+    # two OpenMP threads were up to 25x slower per
     # token whenever another process ran, which would make outcomes depend on the neighbours
     bringup = Bringup(overrides={'threads': 1}, domain_id=ros_domain_id, log_dir=logs)
     try:
@@ -95,7 +102,7 @@ def _proc_state(pid: int) -> str:
 
 @pytest.fixture
 def ready_server(timebill_nodes, ros_client):
-    """The shared bringup, with the server active and every node answering (tests may change it)."""
+    """Share the bringup with the server active and every node answering (tests may change it)."""
     if ros_client.get_state(timeout_s=5.0) != 'active':
         assert ros_client.startup(timeout_s=240.0), 'could not re-activate timebill_server'
     dead = {n: c for n, c in timebill_nodes.alive().items() if c is not None}
@@ -105,7 +112,7 @@ def ready_server(timebill_nodes, ros_client):
 
 # ---- a second bringup with the tiny random model (load, faults, hostile goals) ----
 def make_client(domain_id: int, name: str):
-    """A TimeBillClient on its own rclpy context in ``domain_id`` (close with close_client)."""
+    """Make a TimeBillClient with its own rclpy context in ``domain_id`` (see close_client)."""
     import rclpy
     from rclpy.context import Context
     from rclpy.signals import SignalHandlerOptions
@@ -140,8 +147,11 @@ def tiny_client(tiny_domain_id):
 
 @pytest.fixture(scope='session')
 def tiny_nodes(tiny_domain_id, tiny_client, tmp_path_factory):
-    """The three nodes with ``model: tiny`` (random 2-layer Llama, SmolLM2 tokenizer): the whole
-    ROS path at milliseconds per token. The timing model stays the pessimistic SmolLM2 fallback.
+    """
+    Run the three nodes with ``model: tiny`` (random 2-layer Llama, SmolLM2 tokenizer).
+
+    That is the whole ROS path at milliseconds per token. The timing model stays the pessimistic
+    SmolLM2 fallback.
     """
     from timebill_ros.bringup import Bringup
     from timebill_ros.core.model import ensure_tiny_model
@@ -167,7 +177,11 @@ def tiny_nodes(tiny_domain_id, tiny_client, tmp_path_factory):
 
 @pytest.fixture
 def tiny_server(tiny_nodes, tiny_client):
-    """The tiny bringup with every node running and the server active (fault tests restart nodes)."""
+    """
+    Give the tiny bringup with every node running and the server active.
+
+    Fault tests kill nodes: this restarts them.
+    """
     tiny_nodes.start()  # restarts any node a previous test killed
     assert tiny_client.wait_for_generator(120.0), tiny_nodes.log_tail('timebill_generator')
     assert tiny_client.wait_for_estimator(120.0), tiny_nodes.log_tail('timebill_predictor')

@@ -1,5 +1,7 @@
-"""Online recalibration (issue 7): RLS with forgetting follows a synthetic slowdown and its end;
-the drift check fires outside the band and stays quiet inside it.
+"""
+Online recalibration: RLS with forgetting follows a synthetic slowdown and its end.
+
+The drift check fires outside the band and stays quiet inside it.
 """
 
 import random
@@ -52,9 +54,8 @@ def test_without_forgetting_the_old_regime_lingers():
 def test_inside_band_noise_is_not_drift_and_model_waits_for_samples():
     online = OnlineTimeModel(BASE, band=0.3, min_samples=3)
     online.observe_prefill(100, BASE.prefill_s(100) * 3)
-    assert online.model().prefill_s(100) == pytest.approx(
-        BASE.prefill_s(100)
-    )  # one sample: fit unchanged
+    # one sample: fit unchanged
+    assert online.model().prefill_s(100) == pytest.approx(BASE.prefill_s(100))
     assert online.drift() == []
     rng = random.Random(3)
     quiet = OnlineTimeModel(BASE, band=0.3)

@@ -1,10 +1,11 @@
-"""The node list and parameters (one source for the launch file and ``timebill bringup``),
-and the project's own runner for machines without ``launch_ros``.
+"""
+The node list and parameters, and a runner for machines without ``launch_ros``.
 
-``launch/bringup.launch.py`` builds launch_ros actions from ``NODES`` and ``params_args``;
-``Bringup`` starts the same nodes as separate processes with the same ``--ros-args``, drives
-the server's lifecycle to active through the standard lifecycle services, and stops
-everything cleanly (SIGINT, then SIGTERM, then SIGKILL, each process by its own id).
+One source for the launch file and ``timebill bringup``: ``launch/bringup.launch.py`` builds
+launch_ros actions from ``NODES`` and ``params_args``; ``Bringup`` starts the same nodes as
+separate processes with the same ``--ros-args``, drives the server's lifecycle to active
+through the standard lifecycle services, and stops everything cleanly (SIGINT, then SIGTERM,
+then SIGKILL, each process by its own id).
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ SERVER = 'timebill_server'
 
 
 def params_file(path: Optional[str | os.PathLike] = None) -> Path:
-    """The parameters file every node reads (``config/timebill.yaml`` unless given)."""
+    """Return the parameters file every node reads (``config/timebill.yaml`` unless given)."""
     return Path(path).expanduser().resolve() if path else default_config_path()
 
 
 def param_literal(value) -> str:
-    """A value as ``-p name:=value`` expects it (YAML)."""
+    """Write a value as ``-p name:=value`` expects it (YAML)."""
     if isinstance(value, bool):
         return 'true' if value else 'false'
     if isinstance(value, str):
@@ -54,7 +55,7 @@ def param_literal(value) -> str:
 
 
 def params_args(spec: NodeSpec, params: Path, overrides: Mapping[str, object] = ()) -> List[str]:
-    """The ``--ros-args`` for one node: its name, the params file, then overrides."""
+    """Return the ``--ros-args`` for one node: its name, the params file, then overrides."""
     args = ['--ros-args', '-r', f'__node:={spec.name}', '--params-file', str(params)]
     for key, value in dict(overrides).items():
         args += ['-p', f'{key}:={param_literal(value)}']
@@ -63,7 +64,7 @@ def params_args(spec: NodeSpec, params: Path, overrides: Mapping[str, object] = 
 
 # --------------------------------------------------------------------------- environment
 def install_prefix() -> Path:
-    """This package's colcon install prefix (``<repo>/install/timebill_ros``)."""
+    """Return this package's colcon install prefix (``<repo>/install/timebill_ros``)."""
     here = Path(__file__).resolve()
     for root in (here.parents[1], *here.parents):
         candidate = root / 'install' / PACKAGE
@@ -73,8 +74,11 @@ def install_prefix() -> Path:
 
 
 def ros_env(base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """``base`` plus what ``source install/setup.bash`` would add, so nodes import the built
-    interfaces and find their type-support libraries even when nothing was sourced.
+    """
+    Return ``base`` plus what ``source install/setup.bash`` would add.
+
+    So nodes import the built interfaces and find their type-support libraries even when nothing
+    was sourced.
     """
     env = dict(os.environ if base is None else base)
     prefix = install_prefix()
@@ -100,7 +104,7 @@ def ros_env(base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
 
 
 def ros_env_active() -> bool:
-    """True when this process already has the install's libraries and Python path."""
+    """Tell whether this process already has the install's libraries and Python path."""
     want = ros_env()
     have = os.environ
     return all(
@@ -110,8 +114,10 @@ def ros_env_active() -> bool:
 
 
 def reexec_with_ros_env() -> None:
-    """Restart this command with the install environment if it is missing (no-op otherwise):
-    the type-support libraries must be on LD_LIBRARY_PATH before the process starts.
+    """
+    Restart this command with the install environment if it is missing (no-op otherwise).
+
+    The type-support libraries must be on LD_LIBRARY_PATH before the process starts.
     """
     if ros_env_active() or os.environ.get('_TIMEBILL_REEXEC') == '1':
         return
@@ -128,7 +134,8 @@ def reexec_with_ros_env() -> None:
 
 # ------------------------------------------------------------------------------- runner
 class Bringup:
-    """Start the nodes as processes, drive the server to active, stop them cleanly.
+    """
+    Start the nodes as processes, drive the server to active, stop them cleanly.
 
     ``with Bringup(domain_id=42) as b: ...`` brings everything up and always tears it down.
     """
@@ -272,7 +279,8 @@ class Bringup:
         # configure loads every model (the server drives its peers): give it the whole timeout
         if SERVER in self.procs and not client.startup(timeout_s=timeout_s):
             raise RuntimeError(
-                f'could not activate {SERVER} (state: {client.get_state()})\n{self.log_tail(SERVER)}'
+                f'could not activate {SERVER} (state: '
+                f'{client.get_state()})\n{self.log_tail(SERVER)}'
             )
 
     def __enter__(self) -> 'Bringup':

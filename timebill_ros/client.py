@@ -1,4 +1,5 @@
-"""A typed client for planners (in the spirit of nav2_simple_commander's BasicNavigator).
+"""
+A typed client for planners (in the spirit of nav2_simple_commander's BasicNavigator).
 
     from timebill_ros.client import TimeBillClient
     with TimeBillClient() as tb:
@@ -80,12 +81,12 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        """A usable answer arrived in time (complete, or truncated by request)."""
+        """Tell whether a usable answer arrived in time (complete, or truncated by request)."""
         return self.status in (R.STATUS_SUCCEEDED, R.STATUS_TRUNCATED)
 
     @property
     def estimate_overlapped_prefill(self) -> bool:
-        """The predictor's estimate arrived before prefill finished (TimeBill's parallelism)."""
+        """Tell whether the estimate arrived before prefill finished (TimeBill's parallelism)."""
         t = self.timeline
         return 0 <= t.get('estimate_received', -1) <= t.get('prefill_end', -1)
 
@@ -151,7 +152,7 @@ def budget_problem(budget_s: Optional[float]) -> Optional[str]:
 
 
 def text_problem(prompt: str, system_prompt: str = '') -> Optional[str]:
-    """A ROS string cannot carry a NUL byte: the middleware would cut the prompt there."""
+    """Refuse a NUL byte: the middleware would cut a ROS string there."""
     for name, text in (('prompt', prompt), ('system_prompt', system_prompt)):
         if '\x00' in (text or ''):
             return (
@@ -222,15 +223,19 @@ class TimeBillClient(Node):
         )
 
     def wait_for_generator(self, timeout_s: float = 10.0) -> bool:
-        """The generator process is up (its lifecycle services answer; the server configures it)."""
+        """
+        Wait until the generator process is up; the server configures it.
+
+        Its lifecycle services answer.
+        """
         return self.wait_for_lifecycle('timebill_generator', timeout_s)
 
     def wait_for_estimator(self, timeout_s: float = 10.0) -> bool:
-        """The estimate service answers (served by the configured generator)."""
+        """Wait for the estimate service (served by the configured generator)."""
         return self._estimate.wait_for_service(timeout_sec=timeout_s)
 
     def wait_until_ready(self, timeout_s: float = 60.0) -> bool:
-        """True once the server is active and the action and estimate service answer."""
+        """Wait until the server is active and the action and estimate service answer."""
         end = self.now_s() + timeout_s
         ok = self.wait_for_lifecycle(timeout_s=timeout_s)
         ok = ok and self._wait(
@@ -247,7 +252,7 @@ class TimeBillClient(Node):
         return self._lifecycle[key]
 
     def get_state(self, node: Optional[str] = None, timeout_s: float = 5.0) -> str:
-        """The node's lifecycle state label ('unconfigured', 'inactive', 'active', ...), '' if unknown."""
+        """Return the node's lifecycle state label ('inactive', 'active', ...), '' if unknown."""
         client = self._lifecycle_client(GetState, node or self.server, 'get_state')
         if not client.wait_for_service(timeout_sec=timeout_s):
             return ''
@@ -286,7 +291,7 @@ class TimeBillClient(Node):
         max_new_tokens: int = 0,
         timeout_s: float = 10.0,
     ) -> Optional[EstimateBudget.Response]:
-        """What TimeBill would do with this prompt and budget (None if the predictor is down)."""
+        """Ask what TimeBill would do with this prompt and budget (None: predictor down)."""
         problem = budget_problem(budget_s) or text_problem(prompt, system_prompt)
         if problem:
             return EstimateBudget.Response(ok=False, reason=problem)
@@ -313,8 +318,11 @@ class TimeBillClient(Node):
         on_feedback: Optional[Callable[[TimedInference.Feedback], None]] = None,
         timeout_s: float = 10.0,
     ) -> Optional[Outcome]:
-        """Send a goal; None once accepted (then poll is_task_complete / get_result), else the
-        refusal as an Outcome. ``deadline_s`` is absolute ROS time in seconds.
+        """
+        Send a goal; None once accepted, else the refusal as an Outcome.
+
+        Once accepted, poll is_task_complete / get_result. ``deadline_s`` is absolute ROS time in
+        seconds.
         """
         self._goal_handle = self._result_future = self._feedback = None
         self._budget_s = budget_s if budget_s is not None else math.nan

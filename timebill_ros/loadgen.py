@@ -1,4 +1,5 @@
-"""Fire many TimedInference goals at once from one node and record how each ended.
+"""
+Fire many TimedInference goals at once from one node and record how each ended.
 
 Used by the concurrency tests and ``benchmarks/reliability.py``. Every goal is sent without
 waiting for the previous one; the record keeps the client-side time the result arrived, so a
@@ -99,7 +100,7 @@ def fire(
     after_send=None,
     settle_s: float = 1.5,
 ) -> List[GoalRecord]:
-    """Send every goal at once, wait (up to ``timeout_s`` after the last deadline) for all results."""
+    """Send every goal at once; wait for the results until ``timeout_s`` past the last deadline."""
     if executor is None:
         executor = node._executor  # TimeBillClient's own SingleThreadedExecutor
     action = ActionClient(node, TimedInference, ACTION_TIMED_INFERENCE, **ACTION_QOS)
@@ -108,7 +109,8 @@ def fire(
             raise RuntimeError('no timed_inference action server')
         now = lambda: node.get_clock().now().nanoseconds * 1e-9  # noqa: E731
         # wait_for_server means *we* see the server; the server may not see our response readers
-        # yet, and Fast DDS then drops the goal response ("failed to send response (timeout)"), so a
+        # yet, and Fast DDS then drops the goal response
+        # ("failed to send response (timeout)"), so a
         # brand-new client gives discovery a moment before a burst
         settle = now() + settle_s
         while now() < settle:
@@ -123,9 +125,8 @@ def fire(
             )
             goal.time_budget = s_to_duration(g.budget_s)
             t = now()
-            if g.budget_s > 0 and math.isfinite(
-                g.budget_s
-            ):  # the planner's own deadline, as the client sets it
+            # the planner's own deadline, as the client sets it
+            if g.budget_s > 0 and math.isfinite(g.budget_s):
                 goal.deadline = s_to_time(t + g.budget_s)
             records.append(GoalRecord(i, t, t + g.budget_s))
             sends[i] = action.send_goal_async(goal, goal_uuid=UUID(uuid=list(uuid.uuid4().bytes)))
@@ -151,7 +152,8 @@ def fire(
                         pending.discard(i)
                         continue
                     results[i] = handle.get_result_async()
-                    # stamp the arrival in the executor's own order (two results can land in one poll)
+                    # stamp the arrival in the executor's own
+                    # order (two results can land in one poll)
                     results[i].add_done_callback(lambda _f, i=i: stamps.setdefault(i, now()))
                 if i in results and results[i].done():
                     res = results[i].result().result

@@ -1,4 +1,5 @@
-"""``timebill ask "PROMPT" --budget 8``: send one TimedInference goal to running nodes.
+"""
+``timebill ask "PROMPT" --budget 8``: send one TimedInference goal to running nodes.
 
 Streams the answer as it is decoded (feedback), then prints the result: status and reason,
 α, predicted length, WCET, tokens, and the stage timeline that shows the estimate arriving
@@ -58,10 +59,12 @@ def format_outcome(out) -> str:
     lines = [f'status: {out.status_name} — {out.reason}']
     if out.accepted and out.status_name != 'rejected':
         lines += [
-            f'deadline met: {out.deadline_met}   completed: {out.completed}   tokens: {out.tokens_generated}',
+            f'deadline met: {out.deadline_met}   completed: '
+            f'{out.completed}   tokens: {out.tokens_generated}',
             f'α: {out.alpha:.3f}   predicted length: {out.predicted_length}'
             f'{" (N_max fallback)" if out.estimate_fallback else ""}   WCET: {out.wcet_s:.2f} s',
-            f'prefill {out.prefill_s:.2f} s, decode {out.decode_s:.2f} s, total {out.total_s:.2f} s'
+            f'prefill {out.prefill_s:.2f} s, decode '
+            f'{out.decode_s:.2f} s, total {out.total_s:.2f} s'
             f' (budget {out.budget_s:g} s)',
             'timeline (s since acceptance): '
             + ', '.join(
@@ -83,7 +86,8 @@ def run(args) -> int:
     with TimeBillClient('timebill_ask') as tb:
         if not tb.wait_until_ready(args.wait):
             print(
-                f'timebill_server is not ready after {args.wait:g} s (state: {tb.get_state(timeout_s=1.0)!r}); '
+                f'timebill_server is not ready after {args.wait:g} '
+                f's (state: {tb.get_state(timeout_s=1.0)!r}); '
                 'start it with `timebill bringup`',
                 file=sys.stderr,
             )
@@ -92,7 +96,8 @@ def run(args) -> int:
             plan = tb.estimate_budget(args.prompt, args.budget, args.system, args.max_new_tokens)
             if plan is not None:
                 print(
-                    f'plan: ok={plan.ok} feasible={plan.feasible} α={plan.alpha:.3f} N̂={plan.predicted_length} '
+                    f'plan: ok={plan.ok} feasible={plan.feasible} '
+                    f'α={plan.alpha:.3f} N̂={plan.predicted_length} '
                     f'WCET={plan.wcet_at_alpha_s:.2f} s — {plan.reason}'
                 )
         deadline = tb.now_s() + args.deadline_in if args.deadline_in is not None else None

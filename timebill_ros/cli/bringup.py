@@ -1,4 +1,5 @@
-"""``timebill bringup``: start the three nodes as processes and drive the server to active.
+"""
+``timebill bringup``: start the three nodes as processes and drive the server to active.
 
 The same nodes and parameters as ``ros2 launch timebill_ros bringup.launch.py``, for machines
 without launch_ros. Ctrl-C (or SIGTERM) stops every node cleanly.
@@ -104,9 +105,8 @@ def run(args) -> int:
         print(f'[bringup] {exc}', file=sys.stderr)
         code = 1
     finally:
-        signal.signal(
-            signal.SIGINT, signal.SIG_IGN
-        )  # a second Ctrl-C must not orphan the children
+        # a second Ctrl-C must not orphan the children
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         client.close()
         codes = runner.stop()
         rclpy.try_shutdown()

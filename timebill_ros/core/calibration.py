@@ -1,4 +1,5 @@
-"""Calibration: measure this machine, fit the ETE, and keep the result as a keyed profile.
+"""
+Calibration: measure this machine, fit the ETE, and keep the result as a keyed profile.
 
 Timings only hold for the model, dtype, device, thread count and library versions they
 were measured with, so a profile carries that key and is refused for any other engine.
@@ -58,9 +59,12 @@ class Measurement:
 
 
 def summarize(samples: Sequence[float], statistic: str = 'min') -> float:
-    """One number per length. ``min`` by default: on a shared machine interference only ever
-    adds time, so the minimum is the reproducible cost of the work; the median drifts with
-    whatever else runs. Pessimism k, not the statistic, buys the safety margin.
+    """
+    Reduce the repeats to one number per length.
+
+    ``min`` by default: on a shared machine interference only ever adds time, so the minimum is
+    the reproducible cost of the work; the median drifts with whatever else runs. Pessimism k,
+    not the statistic, buys the safety margin.
     """
     if statistic not in STATISTICS:
         raise ValueError(f'statistic must be one of {STATISTICS}, got {statistic!r}')
@@ -85,9 +89,8 @@ class Profile:
     warmup: int = 0
     created: str = ''
     duration_s: float = 0.0
-    load_avg: List[float] = field(
-        default_factory=list
-    )  # 1-min load at start and end: was the machine shared?
+    # 1-min load at start and end: was the machine shared?
+    load_avg: List[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -101,7 +104,8 @@ class Profile:
         version = d.pop('version', None)
         if version != PROFILE_VERSION:
             raise ValueError(
-                f'profile format version {version} is not {PROFILE_VERSION}: re-run `timebill calibrate`'
+                f'profile format version {version} is not '
+                f'{PROFILE_VERSION}: re-run `timebill calibrate`'
             )
         d['model'] = ExecutionTimeModel.from_dict(d['model'])
         d['prefill'] = [Measurement(**m) for m in d['prefill']]
@@ -156,7 +160,8 @@ def _lengths(grid: Sequence[int], held_out: Sequence[int], limit: int, what: str
     both = set(grid) & set(held_out)
     if both:
         raise ValueError(
-            f'{what}: held-out lengths {sorted(both)} are also grid points; a held-out point must be unseen'
+            f'{what}: held-out lengths {sorted(both)} are '
+            f'also grid points; a held-out point must be unseen'
         )
     bad = [n for n in grid + held_out if not 1 <= n <= limit]
     if bad:
@@ -177,7 +182,8 @@ def calibrate(
     progress: bool = True,
     seed: int = 0,
 ) -> Profile:
-    """Time prefill and single decode steps on ``engine``, fit, score on held-out lengths.
+    """
+    Time prefill and single decode steps on ``engine``, fit, score on held-out lengths.
 
     Lengths are visited in a shuffled order, one repeat per pass, so a burst of load from
     elsewhere lands on a few scattered samples instead of biasing one stretch of lengths.
@@ -191,9 +197,8 @@ def calibrate(
     pg, ph = _lengths(prefill_grid, prefill_held_out, limit, 'prefill')
     dg, dh = _lengths(decode_grid, decode_held_out, limit, 'decode')
     rng = random.Random(seed)
-    rounds = min(
-        3, decode_repeats
-    )  # a decode call refills a whole cache: few calls, several steps each
+    # a decode call refills a whole cache: few calls, several steps each
+    rounds = min(3, decode_repeats)
     per_round = [decode_repeats // rounds + (r < decode_repeats % rounds) for r in range(rounds)]
     total = warmup + repeats * (len(pg) + len(ph)) + rounds * (len(dg) + len(dh))
     bar = tqdm(total=total, desc='calibrate', unit='run', disable=not progress, file=sys.stderr)
@@ -202,9 +207,8 @@ def calibrate(
 
     pre: Dict[int, List[float]] = {n: [] for n in pg + ph}
     order = list(pre)
-    if (
-        warmup
-    ):  # first calls pay for lazy init and page faults; later shapes need no warm-up of their own
+    # first calls pay for lazy init and page faults; later shapes need no warm-up of their own
+    if warmup:
         bar.set_postfix_str('warm-up')
         engine.time_prefill(pg[len(pg) // 2], warmup)
         bar.update(warmup)
@@ -247,7 +251,8 @@ def _load1() -> float:
 
 
 def profile_problems(profile: Profile, max_mape: float = 10.0) -> List[str]:
-    """Why this fit should not drive deadlines (empty: none found).
+    """
+    Why this fit should not drive deadlines (empty: none found).
 
     A calibration run on a busy machine produces a wrong-shaped curve; the engine would then
     plan with it for every request, so such a profile is held back instead of saved.
@@ -261,7 +266,8 @@ def profile_problems(profile: Profile, max_mape: float = 10.0) -> List[str]:
     ):
         if not ok:
             out.append(
-                f'coefficient {name} = {value:.3e} has the wrong sign (timings cannot shrink with length)'
+                f'coefficient {name} = {value:.3e} has the '
+                f'wrong sign (timings cannot shrink with length)'
             )
     for part in ('prefill', 'decode'):
         if not profile.mape[part] <= max_mape:  # NaN too: no held-out points, no evidence
@@ -276,7 +282,10 @@ def default_profile_path(key: Mapping[str, str]) -> Path:
         json.dumps({k: str(v) for k, v in key.items()}, sort_keys=True).encode()
     ).hexdigest()[:10]
     model = re.sub(r'[^A-Za-z0-9._-]+', '_', Path(str(key.get('model', 'model'))).name or 'model')
-    name = f'{model}-{key.get("dtype", "")}-{key.get("device", "")}-t{key.get("threads", "")}-{digest}.json'
+    name = (
+        f'{model}-{key.get("dtype", "")}-{key.get("device", "")}-t{key.get("threads", "")}'
+        f'-{digest}.json'
+    )
     return cache_dir() / 'profiles' / re.sub(r'[^A-Za-z0-9._-]+', '_', name)
 
 
@@ -286,14 +295,16 @@ def check_key(
     """Refuse a profile measured for another setup, naming every field that differs."""
     fields = sorted(set(profile_key) | set(running_key))
     diffs = [
-        f'{f}: profile {profile_key.get(f, "<missing>")!r} vs engine {running_key.get(f, "<missing>")!r}'
+        f'{f}: profile {profile_key.get(f, "<missing>")!r} '
+        f'vs engine {running_key.get(f, "<missing>")!r}'
         for f in fields
         if str(profile_key.get(f, '<missing>')) != str(running_key.get(f, '<missing>'))
     ]
     if diffs:
         where = f' {source}' if source else ''
         raise ProfileMismatchError(
-            f'timing profile{where} was measured for a different setup ({"; ".join(diffs)}); its timings do not '
+            f'timing profile{where} was measured for a different '
+            f'setup ({"; ".join(diffs)}); its timings do not '
             f'hold for this engine: run `timebill calibrate` with this configuration'
         )
 
@@ -317,7 +328,7 @@ def load_profile(path: Path | str, running_key: Optional[Mapping[str, str]] = No
 
 
 def load_profile_for(running_key: Mapping[str, str], path: Optional[Path | str] = None) -> Profile:
-    """The profile for this engine: ``path`` (config ``profile_path``) or the keyed default."""
+    """Load this engine's profile: ``path`` (config ``profile_path``) or the keyed default."""
     path = Path(path).expanduser() if path else default_profile_path(running_key)
     if not path.is_file():
         raise FileNotFoundError(
@@ -327,7 +338,8 @@ def load_profile_for(running_key: Mapping[str, str], path: Optional[Path | str] 
 
 
 def key_from_config(cfg) -> Dict[str, str]:
-    """The key ``Engine.from_config(cfg).profile_key()`` will have, without loading the model.
+    """
+    Return the key ``Engine.from_config(cfg).profile_key()`` will have, without the model.
 
     Lets a process that holds no engine (the predictor node) find and check the profile.
     """
@@ -354,7 +366,8 @@ def key_from_config(cfg) -> Dict[str, str]:
 def load_time_model(
     cfg, running_key: Optional[Mapping[str, str]] = None
 ) -> Optional[ExecutionTimeModel]:
-    """The calibrated ETE for ``cfg`` (key-checked), or None when no profile was ever written.
+    """
+    Load the calibrated ETE for ``cfg`` (key-checked); None when no profile was ever written.
 
     A profile that exists but was measured for another setup raises ProfileMismatchError.
     """
@@ -365,22 +378,26 @@ def load_time_model(
     return load_profile(path, key).model
 
 
-# Coefficients fitted to SmolLM2-135M, fp32, on the project's 2-core CPU while it was busy (load ~7,
+# Coefficients fitted to SmolLM2-135M, fp32, on the
+# project's 2-core CPU while it was busy (load ~7,
 # 1 thread): pessimistic on purpose; used only until `timebill calibrate` writes a profile.
 FALLBACK_TIME_MODEL = {'a': 4.9e-7, 'b': 2.7e-3, 'c': 0.08, 'p': 1.15e-5, 'q': 0.10}
 
 
 def time_model_for(cfg, running_key: Optional[Mapping[str, str]] = None, log=print):
-    """(model, source) for every user of a time model: the calibrated, key-checked profile
-    ("profile"), else the built-in pessimistic coefficients ("fallback"), saying why.
+    """
+    Return (model, source) for every user of a time model, saying why.
+
+    The calibrated, key-checked profile ("profile"), else the built-in pessimistic coefficients
+    ("fallback").
     """
     try:
         model = load_time_model(cfg, running_key)
         if model is not None:
             return model, 'profile'
         log(
-            'no timing profile for this setup (run `timebill calibrate`); using built-in SmolLM2/CPU '
-            'coefficients'
+            'no timing profile for this setup (run `timebill '
+            'calibrate`); using built-in SmolLM2/CPU coefficients'
         )
     except Exception as exc:  # noqa: BLE001 - a stale profile must not take a node down
         log(f'timing profile unusable: {exc}; using built-in SmolLM2/CPU coefficients')
@@ -393,7 +410,8 @@ def _errors(ms: Sequence[Measurement], predict, statistic: str):
 
 
 def decode_slopes(profile: Profile) -> Optional[tuple]:
-    """Slope p on the lower and the upper half of the decode grid: equal if the step is linear.
+    """
+    Slope p on the lower and the upper half of the decode grid: equal if the step is linear.
 
     The ETE assumes linearity; a ratio far from 1 says where the linear fit will err.
     """
@@ -444,7 +462,8 @@ def write_plot(profile: Profile, path: Path) -> Path:
         bot.grid(alpha=0.3)
     k = profile.key
     fig.suptitle(
-        f'ETE calibration: {k.get("model")} {k.get("dtype")} {k.get("device")} threads={k.get("threads")}'
+        f'ETE calibration: {k.get("model")} {k.get("dtype")} '
+        f'{k.get("device")} threads={k.get("threads")}'
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -459,8 +478,10 @@ def report_markdown(profile: Profile) -> str:
         '',
         'Key: ' + ', '.join(f'`{f}={v}`' for f, v in k.items()),
         '',
-        f'Statistic per length: **{profile.statistic}** of {profile.repeats} prefill / {profile.decode_repeats} decode '
-        f'samples after {profile.warmup} warm-up; {profile.duration_s:.0f} s in all; 1-min load average '
+        f'Statistic per length: **{profile.statistic}** of '
+        f'{profile.repeats} prefill / {profile.decode_repeats} decode '
+        f'samples after {profile.warmup} warm-up; '
+        f'{profile.duration_s:.0f} s in all; 1-min load average '
         f'{" -> ".join(f"{x:.2f}" for x in profile.load_avg) or "n/a"} on {os.cpu_count()} CPUs.',
         '',
         '| model | coefficients |',
@@ -482,14 +503,16 @@ def report_markdown(profile: Profile) -> str:
         lines += [
             '',
             'FLOPs ratios assume every FLOP costs the same; on CPU attention and small GEMMs run '
-            'less efficiently than the big projections, so a factor of a few is normal, a sign flip '
+            'less efficiently than the big projections, '
+            'so a factor of a few is normal, a sign flip '
             'or orders of magnitude is a bad fit.',
             '',
         ]
     slopes = decode_slopes(profile)
     if slopes:
         lines += [
-            f'Decode linearity: p = {slopes[0]:.3e} s below N_kv = {slopes[2]}, {slopes[1]:.3e} s above '
+            f'Decode linearity: p = {slopes[0]:.3e} s below '
+            f'N_kv = {slopes[2]}, {slopes[1]:.3e} s above '
             f'(ratio {slopes[1] / slopes[0]:.2f}; 1 for a linear step).',
             '',
         ]
@@ -505,7 +528,8 @@ def report_markdown(profile: Profile) -> str:
         ]
         for n, meas, pred, held in _errors(ms, predict, profile.statistic):
             lines.append(
-                f'| {n} | {meas * 1e3:.2f} | {pred * 1e3:.2f} | {(pred - meas) / meas * 100:+.2f} | '
+                f'| {n} | {meas * 1e3:.2f} | {pred * 1e3:.2f} '
+                f'| {(pred - meas) / meas * 100:+.2f} | '
                 f'{"yes" if held else ""} |'
             )
         lines.append('')

@@ -1,4 +1,5 @@
-"""One configuration schema for the core, the CLI and the ROS nodes.
+"""
+One configuration schema for the core, the CLI and the ROS nodes.
 
 The YAML file is in ROS 2 parameter style (``/**: ros__parameters:``) so the same file
 feeds ``launch_ros`` and the project's own runner; the core reads the same keys
@@ -20,7 +21,8 @@ DEFAULT_MODEL = 'smollm2-135m-instruct'
 
 
 def cache_dir() -> Path:
-    """Where converted weights, profiles and checkpoints live (never in git).
+    """
+    Where converted weights, profiles and checkpoints live (never in git).
 
     ``TIMEBILL_CACHE`` overrides; the Makefile points it at the repo's ignored ``.cache/``.
     """
@@ -124,7 +126,7 @@ class TimeBillConfig:
 
 
 def default_config_path() -> Path:
-    """The packaged ``config/timebill.yaml`` (source tree or colcon share dir)."""
+    """Find the packaged ``config/timebill.yaml`` (source tree or colcon share dir)."""
     here = Path(__file__).resolve()
     candidates = [here.parents[2] / 'config' / 'timebill.yaml']
     prefix = os.environ.get('AMENT_PREFIX_PATH', '')

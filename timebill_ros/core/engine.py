@@ -1,4 +1,5 @@
-"""The time-budgeted generation engine: prefill → choose α → evict → decode to a deadline.
+"""
+The time-budgeted generation engine: prefill → choose α → evict → decode to a deadline.
 
 TimeBill chooses the eviction ratio only once the prefill is done (when the predicted
 response length has arrived), so prefill, eviction and decoding are separate calls; ``generate``
@@ -47,8 +48,11 @@ _FLASH_CPU = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cp
 
 
 def _chunk_fast_path(query, key, kwargs) -> bool:
-    """Only for what ``Engine.prefill`` sends while ``_collect.chunk`` is set: one unpadded
-    causal chunk after cached keys, on CPU, no dropout, sliding window or bias.
+    """
+    Attend for what ``Engine.prefill`` sends while ``_collect.chunk`` is set, and nothing else.
+
+    That is one unpadded causal chunk after cached keys, on CPU, no dropout, sliding window or
+    bias.
     """
     return (
         _FLASH_CPU is not None
@@ -64,7 +68,8 @@ def _chunk_fast_path(query, key, kwargs) -> bool:
 
 
 def _chunk_attention(query, key, value, scaling):
-    """Causal attention of a prefill chunk that follows ``past`` cached entries, without a mask.
+    """
+    Causal attention of a prefill chunk that follows ``past`` cached entries, without a mask.
 
     Given a mask, CPU sdpa copies every KV head once per query head (``repeat_kv``) and runs a
     chunk in small query blocks: 35-75 % slower than one pass at 4k tokens. Here the cached
@@ -86,10 +91,12 @@ def _chunk_attention(query, key, value, scaling):
 
 
 def _as_full_query(query, key):
-    """In the last chunk of a chunked prefill the queries cover only that chunk while ``key`` holds
+    """
+    Left-pad the last chunk's queries with zeros to the one-pass layout.
+
+    In the last chunk of a chunked prefill the queries cover only that chunk while ``key`` holds
     the whole prompt; presses read ``query.shape[2]`` as the prompt length and use only the last
-    ``window_size`` rows, so left-pad with zeros to the one-pass layout (the window lies in the
-    chunk: ``Engine._chunk_bounds`` makes sure).
+    ``window_size`` rows (the window lies in the chunk: ``Engine._chunk_bounds`` makes sure).
     """
     missing = key.shape[2] - query.shape[2]
     if missing <= 0:
@@ -103,9 +110,8 @@ def _register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, _attention)
-    AttentionMaskInterface.register(
-        ATTENTION_NAME, sdpa_mask
-    )  # else the causal mask silently vanishes
+    # else the causal mask silently vanishes
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 @dataclass
@@ -182,7 +188,12 @@ class Engine:
         model_name: str = '',
         **press_options,
     ):
-        """``press_options`` (window_size, kernel_size, pooling, n_sink) go to the press that declares them."""
+        """
+        Wrap a model and tokenizer with a KV press.
+
+        ``press_options`` (window_size, kernel_size, pooling, n_sink) go to the press that
+        declares them.
+        """
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.press = press if isinstance(press, Press) else get_press(press, **press_options)
@@ -279,13 +290,17 @@ class Engine:
     def check_length(self, n_prompt: int) -> None:
         if n_prompt >= self.max_context:
             raise PromptTooLongError(
-                f"prompt has {n_prompt} tokens; the model's context is {self.max_context} (no room to answer)"
+                f"prompt has {n_prompt} tokens; the model's "
+                f'context is {self.max_context} (no room to answer)'
             )
 
     # --------------------------------------------------------------- stages
     def _chunk_bounds(self, n: int, chunk_tokens: Optional[int]) -> List[int]:
-        """Chunk starts plus ``n``. The last chunk holds at least the press's observation window
-        (a short tail joins the chunk before), so window scores come from one model call.
+        """
+        Return the chunk starts plus ``n``.
+
+        The last chunk holds at least the press's observation window (a short tail joins the chunk
+        before), so window scores come from one model call.
         """
         if chunk_tokens is None or chunk_tokens == 0:
             return [0, n]
@@ -300,8 +315,11 @@ class Engine:
         return bounds
 
     def _trunk(self):
-        """The decoder without the LM head, for chunks whose logits nobody reads (None if the model
-        has no separate trunk; then ``logits_to_keep=1`` keeps the head to one position).
+        """
+        Return the decoder without the LM head, for chunks whose logits nobody reads.
+
+        None if the model has no separate trunk; then ``logits_to_keep=1`` keeps the head to one
+        position.
         """
         base = getattr(self.model, 'base_model', None)
         return base if base is not None and base is not self.model else None
@@ -316,7 +334,8 @@ class Engine:
         chunk_tokens: Optional[int] = None,
         should_stop: Optional[Callable[[int, float], Optional[str]]] = None,
     ) -> PrefillState:
-        """Run the prompt into a fresh cache, in one pass or in chunks of ``chunk_tokens``.
+        """
+        Run the prompt into a fresh cache, in one pass or in chunks of ``chunk_tokens``.
 
         Chunks let a deadline or cancel stop a long prefill: ``should_stop(done_tokens,
         elapsed_s)`` (seconds since this call began) is asked before every model call; a non-empty
@@ -430,7 +449,8 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, state: PrefillState, request: GenerationRequest) -> GenerationResult:
-        """Decode until EOS, max_new_tokens, the deadline or cancellation.
+        """
+        Decode until EOS, max_new_tokens, the deadline or cancellation.
 
         The loop stops *before* a step whose expected finish (last step's duration) lies past
         the deadline, so an answer is never more than one step late and usually on time.

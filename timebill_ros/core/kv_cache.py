@@ -1,4 +1,5 @@
-"""A KV cache that writes new entries in place instead of re-concatenating the whole cache.
+"""
+A KV cache that writes new entries in place instead of re-concatenating the whole cache.
 
 transformers' ``DynamicLayer.update`` does ``torch.cat([keys, new])`` every token, copying
 the full cache each step; at 8k tokens that copy costs as much as the attention itself.
@@ -94,7 +95,7 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def make_cache(num_layers: int, capacity: int, preallocate: bool = True) -> Cache:
-    """A cache for one request: preallocated (default) or transformers' growing DynamicCache."""
+    """Make a cache for one request: preallocated (default) or transformers' DynamicCache."""
     if preallocate:
         return Cache(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
     return DynamicCache()

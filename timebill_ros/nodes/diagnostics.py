@@ -11,7 +11,7 @@ R = TimedInference.Result
 
 
 class ServedStats:
-    """Running figures over served goals, for ``/diagnostics`` (last ``WINDOW`` goals for errors)."""
+    """Running figures over served goals for ``/diagnostics`` (errors: the last ``WINDOW``)."""
 
     WINDOW = 200
 
@@ -20,9 +20,8 @@ class ServedStats:
 
         self.lock = threading.Lock()
         self.counts = Counter()
-        self.length_err = deque(
-            maxlen=self.WINDOW
-        )  # |N̂ - tokens| over completed answers with an estimate
+        # |N̂ - tokens| over completed answers with an estimate
+        self.length_err = deque(maxlen=self.WINDOW)
         self.model_state = 'unconfigured'
 
     def record(self, result) -> None:
@@ -86,7 +85,8 @@ class ServedStats:
                 if ok
                 else (DiagnosticStatus.ERROR if active else DiagnosticStatus.WARN)
             )
-            model.message = f'server {self.model_state}; generator {"reachable" if generator_ok else "unreachable"}'
+            reach = 'reachable' if generator_ok else 'unreachable'
+            model.message = f'server {self.model_state}; generator {reach}'
             model.values = [
                 kv('server_state', self.model_state),
                 kv('generator_reachable', generator_ok),

@@ -1,4 +1,5 @@
-"""timebill_generator: owns the model, the queue and the time model (a lifecycle node).
+"""
+timebill_generator: owns the model, the queue and the time model (a lifecycle node).
 
 configure loads the model and builds the request pipeline (``core.pipeline``); cleanup frees
 them. Every goal of the internal ``timebill/generate`` action goes through that one pipeline:

@@ -1,4 +1,5 @@
-"""timebill_predictor: predicts each request's answer length beside the prefill (lifecycle).
+"""
+timebill_predictor: predicts each request's answer length beside the prefill (lifecycle).
 
 configure loads the response-length predictor (RLP) and the tokenizer; cleanup frees them.
 The server publishes every dispatched request on ``timebill/requests`` at the moment it hands

@@ -1,4 +1,5 @@
-"""timebill_server: the lifecycle node planners talk to (``timed_inference`` action).
+"""
+timebill_server: the lifecycle node planners talk to (``timed_inference`` action).
 
 Its transitions drive the whole system: configure loads its tokenizer and then configures
 ``timebill_generator`` (the model, the queue) and ``timebill_predictor`` (the length
@@ -191,7 +192,10 @@ class TimeBillServer(LifecycleNode):
         for peer in PEERS:
             state = self._peer_state(peer, timeout_s=min(timeout_s, 10.0))
             if state is None:
-                return f'{peer} is not running (no lifecycle service within {min(timeout_s, 10.0):g} s)'
+                return (
+                    f'{peer} is not running '
+                    f'(no lifecycle service within {min(timeout_s, 10.0):g} s)'
+                )
             if state != wanted:
                 continue  # already there (a restarted server finds its peers configured)
             req = ChangeState.Request()
@@ -231,7 +235,7 @@ class TimeBillServer(LifecycleNode):
         self.stats.model_state = 'unconfigured'
 
     def _start_recording(self, folder: str) -> None:
-        """Record every goal, estimate and result to a rosbag2 MCAP bag (readable after a crash)."""
+        """Record every goal, estimate and result to a rosbag2 MCAP bag, readable after a crash."""
         from pathlib import Path
 
         from timebill_ros.core.evaluation.bags import BagRecorder
@@ -280,7 +284,11 @@ class TimeBillServer(LifecycleNode):
                     )
 
     def _watchdog(self) -> None:
-        """Abort dispatched goals when the generator's heartbeat stops; bring restarted peers back."""
+        """
+        Abort dispatched goals when the generator's heartbeat stops.
+
+        And bring restarted peers back.
+        """
         configured = self.cfg is not None and self._action_server is not None
         if configured and time.monotonic() >= self._next_peer_check and not self._recovering:
             self._next_peer_check = time.monotonic() + PEER_CHECK_S
@@ -302,7 +310,8 @@ class TimeBillServer(LifecycleNode):
                 self._stop(g, f'lost the generator (pid {pid}): no heartbeat for {silent:.1f} s')
 
     def _cancel_orphans(self) -> None:
-        """End goals whose client node left the ROS graph: a crashed planner's goal holds the queue.
+        """
+        End goals whose client node left the ROS graph: a crashed planner's goal holds the queue.
 
         DDS removes a killed process from the graph when its participant lease runs out (Fast DDS:
         20 s by default), so this bounds how long an orphan can hold the queue, not its deadline.
@@ -320,7 +329,7 @@ class TimeBillServer(LifecycleNode):
                 self._stop(g, f'the client {g.client_node} left the ROS graph')
 
     def _recover_peers(self) -> None:
-        """A peer that restarted comes up unconfigured: take it to the server's own state."""
+        """Take a restarted peer, which comes up unconfigured, to the server's own state."""
         if not self._peer_lock.acquire(blocking=False):
             self._recovering = False
             return  # a transition is driving the peers right now
@@ -465,8 +474,8 @@ class TimeBillServer(LifecycleNode):
     def _end(self, goal_handle, result, rel, status: int, reason: str) -> TimedInference.Result:
         log = self.get_logger().warning
         log(
-            f'goal {uuid_hex(goal_handle.goal_id)[:8]} {"rejected" if status == R.STATUS_REJECTED else "aborted"}: '
-            f'{reason}'
+            f'goal {uuid_hex(goal_handle.goal_id)[:8]} '
+            f'{"rejected" if status == R.STATUS_REJECTED else "aborted"}: {reason}'
         )
         result.status, result.reason, result.completed, result.deadline_met = (
             status,

@@ -1,4 +1,5 @@
-"""What makes a TimedInference goal servable, checked before any compute is spent on it.
+"""
+What makes a TimedInference goal servable, checked before any compute is spent on it.
 
 Each refusal is an ``InvalidGoal`` whose message is the reason the planner reads. A ROS string
 cannot carry a NUL byte (the middleware cuts the text there), so the typed client refuses such
@@ -83,7 +84,8 @@ def validate_goal(goal, accepted_s: float, cfg, tokenizer) -> Tuple[float, List[
     overrun = goal.overrun_policy or cfg.overrun_policy
     if overrun not in OVERRUN_POLICIES:
         raise InvalidGoal(
-            f'unknown overrun policy {goal.overrun_policy!r}; use one of {", ".join(OVERRUN_POLICIES)}'
+            f'unknown overrun policy {goal.overrun_policy!r}; '
+            f'use one of {", ".join(OVERRUN_POLICIES)}'
         )
     max_new = int(goal.max_new_tokens) or cfg.max_new_tokens
     if max_new > tokenizer.max_context:
