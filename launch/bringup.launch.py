@@ -26,19 +26,25 @@ from timebill_ros.bringup import NODES, PACKAGE
 def generate_launch_description():
     default_params = os.path.join(get_package_share_directory(PACKAGE), 'config', 'timebill.yaml')
     params = LaunchConfiguration('params_file')
+    namespace = LaunchConfiguration('namespace')
     actions = [
         DeclareLaunchArgument(
             'params_file',
             default_value=default_params,
             description='ROS 2 parameters file for all TimeBill nodes',
-        )
+        ),
+        DeclareLaunchArgument(
+            'namespace',
+            default_value='',
+            description='namespace of this TimeBill system (several systems side by side)',
+        ),
     ]
     for spec in NODES:
         common = {
             'package': PACKAGE,
             'executable': spec.name,
             'name': spec.name,
-            'namespace': '',
+            'namespace': namespace,
             'output': 'screen',
             'parameters': [params],
         }

@@ -111,7 +111,7 @@ def ready_server(timebill_nodes, ros_client):
 
 
 # ---- a second bringup with the tiny random model (load, faults, hostile goals) ----
-def make_client(domain_id: int, name: str):
+def make_client(domain_id: int, name: str, namespace: str = ''):
     """Make a TimeBillClient with its own rclpy context in ``domain_id`` (see close_client)."""
     import rclpy
     from rclpy.context import Context
@@ -122,7 +122,7 @@ def make_client(domain_id: int, name: str):
     rclpy.init(
         context=context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO
     )
-    return TimeBillClient(name, context=context)
+    return TimeBillClient(name, namespace=namespace, context=context)
 
 
 def close_client(client) -> None:

@@ -68,3 +68,16 @@ def test_rls_rejects_bad_samples_and_bad_factor():
     assert r.update(0.0, 1.0) == 1.0 and r.update(1.0, -1.0) == 1.0 and r.n == 0
     with pytest.raises(ValueError):
         OnlineTimeModel(BASE, forgetting=0.0)
+
+
+def test_worst_model_covers_the_slowest_recent_request_the_mean_does_not():
+    rng = random.Random(1)
+    online = OnlineTimeModel(BASE, forgetting=0.95)
+    _serve(online, 1.0, 20, rng)
+    _serve(online, 3.0, 1, rng)  # one request served beside a CPU hog
+    mean, worst = online.model(), online.worst_model()
+    assert mean.decode_step_s(300) < 2.0 * BASE.decode_step_s(300)
+    assert worst.decode_step_s(300) >= 2.7 * BASE.decode_step_s(300)
+    assert worst.prefill_s(300) >= 2.8 * BASE.prefill_s(300)
+    _serve(online, 1.0, 10, rng)  # the hog left ten requests ago: the guarantee relaxes again
+    assert online.worst_model().decode_step_s(300) < 1.3 * BASE.decode_step_s(300)

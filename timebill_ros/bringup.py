@@ -54,9 +54,14 @@ def param_literal(value) -> str:
     return repr(value)
 
 
-def params_args(spec: NodeSpec, params: Path, overrides: Mapping[str, object] = ()) -> List[str]:
+def params_args(
+    spec: NodeSpec, params: Path, overrides: Mapping[str, object] = (), namespace: str = ''
+) -> List[str]:
     """Return the ``--ros-args`` for one node: its name, the params file, then overrides."""
-    args = ['--ros-args', '-r', f'__node:={spec.name}', '--params-file', str(params)]
+    args = ['--ros-args', '-r', f'__node:={spec.name}']
+    if namespace.strip('/'):
+        args += ['-r', f'__ns:=/{namespace.strip("/")}']
+    args += ['--params-file', str(params)]
     for key, value in dict(overrides).items():
         args += ['-p', f'{key}:={param_literal(value)}']
     return args
@@ -148,8 +153,10 @@ class Bringup:
         domain_id: Optional[int] = None,
         log_dir: Optional[str | os.PathLike] = None,
         env: Optional[Mapping[str, str]] = None,
+        namespace: str = '',
     ):
         self.params = params_file(params)
+        self.namespace = namespace
         self.overrides = dict(overrides or {})
         self.nodes = {spec.name: spec for spec in nodes}
         self.domain_id = domain_id
@@ -169,7 +176,7 @@ class Bringup:
             '-P',
             '-m',
             spec.module,
-            *params_args(spec, self.params, self.overrides),
+            *params_args(spec, self.params, self.overrides, self.namespace),
         ]
 
     def start(self, names: Optional[Iterable[str]] = None) -> None:

@@ -248,7 +248,8 @@ class TimeBillClient(Node):
     def _lifecycle_client(self, srv_type, node: str, service: str):
         key = (node, service)
         if key not in self._lifecycle:
-            self._lifecycle[key] = self.create_client(srv_type, f'/{node}/{service}')
+            # relative: a client in namespace robot1 drives /robot1/<node>
+            self._lifecycle[key] = self.create_client(srv_type, f'{node}/{service}')
         return self._lifecycle[key]
 
     def get_state(self, node: Optional[str] = None, timeout_s: float = 5.0) -> str:

@@ -24,6 +24,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         '--estimate', action='store_true', help='ask estimate_budget first and print the plan'
     )
+    p.add_argument('--namespace', default='', help="the TimeBill system's ROS namespace")
     p.add_argument('--quiet', action='store_true', help='no streaming, only the result')
     p.add_argument('--json', action='store_true', help='print the result as JSON')
     p.add_argument(
@@ -59,13 +60,12 @@ def format_outcome(out) -> str:
     lines = [f'status: {out.status_name} — {out.reason}']
     if out.accepted and out.status_name != 'rejected':
         lines += [
-            f'deadline met: {out.deadline_met}   completed: '
-            f'{out.completed}   tokens: {out.tokens_generated}',
+            f'deadline met: {out.deadline_met}   completed: {out.completed}   tokens: '
+            f'{out.tokens_generated}',
             f'α: {out.alpha:.3f}   predicted length: {out.predicted_length}'
             f'{" (N_max fallback)" if out.estimate_fallback else ""}   WCET: {out.wcet_s:.2f} s',
-            f'prefill {out.prefill_s:.2f} s, decode '
-            f'{out.decode_s:.2f} s, total {out.total_s:.2f} s'
-            f' (budget {out.budget_s:g} s)',
+            f'prefill {out.prefill_s:.2f} s, decode {out.decode_s:.2f} '
+            f's, total {out.total_s:.2f} s (budget {out.budget_s:g} s)',
             'timeline (s since acceptance): '
             + ', '.join(
                 f'{k} {v:.3f}' for k, v in sorted(t.items(), key=lambda kv: kv[1]) if v >= 0
@@ -83,11 +83,11 @@ def run(args) -> int:
     if args.budget is None and args.deadline_in is None:
         print('give --budget SECONDS (or --deadline-in SECONDS)', file=sys.stderr)
         return 2
-    with TimeBillClient('timebill_ask') as tb:
+    with TimeBillClient('timebill_ask', namespace=args.namespace) as tb:
         if not tb.wait_until_ready(args.wait):
             print(
-                f'timebill_server is not ready after {args.wait:g} '
-                f's (state: {tb.get_state(timeout_s=1.0)!r}); '
+                f'timebill_server is not ready after {args.wait:g} s (state: '
+                f'{tb.get_state(timeout_s=1.0)!r}); '
                 'start it with `timebill bringup`',
                 file=sys.stderr,
             )
@@ -96,8 +96,8 @@ def run(args) -> int:
             plan = tb.estimate_budget(args.prompt, args.budget, args.system, args.max_new_tokens)
             if plan is not None:
                 print(
-                    f'plan: ok={plan.ok} feasible={plan.feasible} '
-                    f'α={plan.alpha:.3f} N̂={plan.predicted_length} '
+                    f'plan: ok={plan.ok} feasible={plan.feasible} α={plan.alpha:.3f} '
+                    f'N̂={plan.predicted_length} '
                     f'WCET={plan.wcet_at_alpha_s:.2f} s — {plan.reason}'
                 )
         deadline = tb.now_s() + args.deadline_in if args.deadline_in is not None else None

@@ -30,6 +30,11 @@ def add_arguments(p) -> None:
     p.add_argument(
         '--log-dir', help="write each node's output to <dir>/<node>.log instead of this terminal"
     )
+    p.add_argument(
+        '--namespace',
+        default='',
+        help='ROS namespace for the nodes (a second system beside the first, e.g. robot2)',
+    )
     p.add_argument('--no-activate', action='store_true', help='leave timebill_server unconfigured')
     p.add_argument(
         '--timeout', type=float, default=180.0, help='seconds to wait for the nodes to come up'
@@ -70,9 +75,13 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     runner = Bringup(
-        args.params, parse_overrides(args.param), domain_id=args.domain_id, log_dir=args.log_dir
+        args.params,
+        parse_overrides(args.param),
+        domain_id=args.domain_id,
+        log_dir=args.log_dir,
+        namespace=args.namespace,
     )
-    client = TimeBillClient('timebill_bringup')
+    client = TimeBillClient('timebill_bringup', namespace=args.namespace)
     code = 0
     try:
         runner.prepare()

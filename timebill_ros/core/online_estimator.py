@@ -97,6 +97,21 @@ class OnlineTimeModel:
         b = self.base
         return ExecutionTimeModel(a=b.a * sp, b=b.b * sp, c=b.c * sp, p=b.p * sd, q=b.q * sd)
 
+    def worst_model(self) -> ExecutionTimeModel:
+        """
+        Return the fitted model at the slowest scale recent requests were served at.
+
+        A guarantee must hold on the machine as it has been, not on average: a CPU hog beside
+        the node makes single requests several times slower than the running mean says.
+        """
+        scales = []
+        for stage, rls in (('prefill', self.prefill), ('decode', self.decode)):
+            s = rls.s if rls.n >= self.min_samples else 1.0
+            scales.append(max([s, *self._ratios[stage]]))
+        sp, sd = scales
+        b = self.base
+        return ExecutionTimeModel(a=b.a * sp, b=b.b * sp, c=b.c * sp, p=b.p * sd, q=b.q * sd)
+
     def drift(self) -> List[str]:
         """List stages whose recent measured/predicted ratio left the band (empty: none)."""
         out = []

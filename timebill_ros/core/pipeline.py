@@ -164,11 +164,12 @@ class Pipeline:
             alpha_max=amax,
             predict_s=predict_s,
         )
-        # the worst case again, starting when every job ahead has run to its end
+        # the worst case again, starting when every job ahead has run to its end, on the
+        # slowest timings recent requests were served at
         left = now + budget_s - adm.worst_start
         worst = (
             solve_alpha(
-                model,
+                self.online.worst_model(),
                 left,
                 n_prompt,
                 min(n_hat, cap),

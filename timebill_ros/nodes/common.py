@@ -74,12 +74,7 @@ GOAL_THREADS = 128 + 8
 
 
 # --- parameters ---------------------------------------------------------------------------
-def declare_config(node) -> None:
-    """Declare one ROS parameter per TimeBillConfig field, with the dataclass default."""
-    defaults = TimeBillConfig()
-    for f in fields(TimeBillConfig):
-        if not node.has_parameter(f.name):
-            node.declare_parameter(f.name, getattr(defaults, f.name))
+from timebill_ros.nodes.parameters import declare_config  # noqa: E402, F401 - nodes import it here
 
 
 def read_config(node) -> TimeBillConfig:
@@ -176,31 +171,47 @@ class PromptTokenizer:
 
 def run_node(node, num_threads: int = N_THREADS) -> int:
     """
-    Spin ``node`` in a MultiThreadedExecutor until SIGINT/SIGTERM, then release it.
+    Spin ``node`` until SIGINT/SIGTERM, release it, and end the process at once with 0.
 
     Spinning happens in the main thread: an executor left running in a daemon thread at exit
-    can abort the process (see the ROS-from-pip notes).
+    can abort the process (see the ROS-from-pip notes). After the model and the DDS entities
+    are released nothing is left worth the interpreter's slow teardown (seconds with torch
+    loaded, past launch's SIGTERM window on a busy machine), so the process leaves with
+    ``os._exit``; a second signal during the release (a terminal's Ctrl-C reaches launch and
+    the node both) is ignored instead of killing the node half-way with exit code -2.
     """
+    import os
+    import signal
+
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
     executor = MultiThreadedExecutor(num_threads=num_threads)
     executor.add_node(node)
+    code = 0
     try:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except BaseException as exc:  # noqa: BLE001 - say why, then still release
+        print(f'[{node.get_name()}] executor failed: {safe_reason(exc)}', file=sys.stderr)
+        code = 1
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         release = getattr(node, 'release', None)
         if release is not None:
             try:
-                release()
+                release(exiting=True)
             except Exception as exc:  # noqa: BLE001
                 print(f'[{node.get_name()}] release failed: {exc}', file=sys.stderr)
-        executor.shutdown()
+        executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def wait_first(*futures, timeout_s: Optional[float] = None):

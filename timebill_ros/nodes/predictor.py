@@ -86,7 +86,8 @@ class PredictorNode(LifecycleNode):
         self.release()
         return TransitionCallbackReturn.SUCCESS
 
-    def release(self) -> None:
+    def release(self, exiting: bool = False) -> None:
+        """Free the predictor (cleanup, shutdown, SIGINT: ``exiting``, nothing to collect)."""
         pub, sub, srv = self._entities or (None, None, None)
         if pub is not None:
             self.destroy_publisher(pub)
@@ -94,7 +95,8 @@ class PredictorNode(LifecycleNode):
             self.destroy_service(srv)
         self._entities = []
         self.cfg = self.lengths = self.tokenizer = self.time_model = None
-        gc.collect()
+        if not exiting:
+            gc.collect()
 
     # ----------------------------------------------------------------- predicting
     def predict(self, prompt: str, cap: int):

@@ -215,8 +215,8 @@ class TimeBillServer(LifecycleNode):
         fut = client.call_async(GetState.Request())
         return fut.result().current_state.label if wait_first(fut, timeout_s=timeout_s) else None
 
-    def release(self) -> None:
-        """Free everything configure created (main() calls it on SIGINT)."""
+    def release(self, exiting: bool = False) -> None:
+        """Free everything configure created (main() calls it on SIGINT with ``exiting``)."""
         self._active = False
         self._abort_all('the server is shutting down')
         if self._action_server is not None:
@@ -504,6 +504,10 @@ class TimeBillServer(LifecycleNode):
             generator_ok=fresh and beat.state == 'active',
             active=self._active,
         )
+        # /diagnostics is one topic for the whole robot: name the node with its namespace
+        prefix = self.get_fully_qualified_name().lstrip('/')
+        for status in msg.status:
+            status.name = status.name.replace('timebill_server', prefix, 1)
         self._diag_pub.publish(msg)
 
 
