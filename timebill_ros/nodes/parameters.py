@@ -22,7 +22,7 @@ PARAMETERS = {
     'model': ('target LLM: alias, HF directory, .gguf file or hub id', None),
     'dtype': ('activation dtype of the target model: float32 | bfloat16 | float16', None),
     'weights': ('weight format of the target model: fp32 | bf16 | int8 | int4', None),
-    'dense_prefill': ('int4/int8: keep a bf16 copy of the weights for prefill (faster, more memory)',
+    'dense_prefill': ('int4/int8: a bf16 copy of the weights for prefill (faster, more memory)',
                       None),
     'device': ('torch device of the target model: cpu | cuda[:n]', None),
     'threads': ("torch intra-op threads (0: torch's default)", (0, 256)),
