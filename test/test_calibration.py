@@ -190,7 +190,7 @@ def test_tiny_real_calibration_and_report(tiny, tmp_path):
 
 
 def test_key_from_config_matches_the_engine(tiny):
-    cfg = TimeBillConfig(model='tiny-llama', threads=0, press='streaming_llm')
+    cfg = TimeBillConfig(model='tiny-llama', threads=0, press='streaming_llm', weights='fp32')
     engine = Engine(tiny, None, press=cfg.press, model_name=cfg.model)
     assert cal.key_from_config(cfg) == engine.profile_key()
 

@@ -347,6 +347,7 @@ def key_from_config(cfg) -> Dict[str, str]:
     import transformers
 
     from .model import DTYPES
+    from .weights import effective_format
 
     device = str(torch.device(cfg.device))
     if device == 'cuda':  # parameters live on an indexed device
@@ -360,6 +361,7 @@ def key_from_config(cfg) -> Dict[str, str]:
         'transformers': transformers.__version__,
         'press': str(cfg.press),
         'preallocate': 'True',
+        'weights': effective_format(cfg.weights, device),
     }
 
 

@@ -66,12 +66,19 @@ class PreallocatedLayer(DynamicLayer):
         self.keys = self._kbuf[:, :, :n]
         self.values = self._vbuf[:, :, :n]
 
-    def fill_random(self, length: int, like: torch.Tensor) -> None:
-        """Pretend ``length`` entries are cached (values irrelevant to timing), for calibration."""
+    def fill_random(self, length: int, like: torch.Tensor, generator=None) -> None:
+        """
+        Cache ``length`` entries of standard-normal values, for timing decode steps.
+
+        They are written, not just allocated: reading never-written buffers is cheaper than
+        reading a real cache (untouched pages all map to one zero page).
+        """
         if not self.is_initialized:
             self.lazy_initialization(like, like)
         if length > self._kbuf.shape[-2]:
             self._grow(length)
+        self._kbuf[:, :, :length].normal_(generator=generator)
+        self._vbuf[:, :, :length].normal_(generator=generator)
         self.length = length
         self.keys = self._kbuf[:, :, :length]
         self.values = self._vbuf[:, :, :length]

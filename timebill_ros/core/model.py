@@ -139,10 +139,31 @@ def resolve_model_path(spec: str) -> Tuple[str, dict]:
     return spec, {}  # a hub id such as Qwen/Qwen2.5-7B-Instruct (needs a network)
 
 
+def gguf_source(spec: str):
+    """Return the GGUF file a model spec comes from (its Q4 blocks feed int4), or None."""
+    if spec in ('', DEFAULT_MODEL):
+        return _smollm2_gguf()
+    p = Path(spec).expanduser()
+    return p if p.suffix == '.gguf' and p.is_file() else None
+
+
 def load_model(
-    spec: str = DEFAULT_MODEL, dtype: str = 'float32', device: str = 'cpu', threads: int = 0
+    spec: str = DEFAULT_MODEL,
+    dtype: str = 'float32',
+    device: str = 'cpu',
+    threads: int = 0,
+    weights: str = 'fp32',
+    dense_prefill: bool = True,
 ):
-    """Return ``(model, tokenizer)`` in eval mode on ``device``; ModelLoadError with a reason."""
+    """
+    Return ``(model, tokenizer)`` in eval mode on ``device``; raise ModelLoadError with a reason.
+
+    ``weights`` (see ``weights.py``) swaps the Linear layers after loading; the model keeps
+    ``dtype`` for everything else. Loading in bf16 goes through ``from_pretrained(dtype=...)``,
+    which keeps RoPE's inverse frequencies in fp32 (``model.to(bf16)`` would round them).
+    """
+    from .weights import apply_weights, check_format
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,6 +171,10 @@ def load_model(
         torch.set_num_threads(int(threads))
     if dtype not in DTYPES:
         raise ModelLoadError(f'unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}')
+    try:
+        check_format(weights)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
     torch_dtype = getattr(torch, DTYPES[dtype])
     target, extra = resolve_model_path(spec)
     t0 = time.perf_counter()
@@ -162,7 +187,11 @@ def load_model(
         ) from exc
     model.to(device).eval()
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tok.eos_token_id
-    print(f'[timebill] loaded {spec} in {time.perf_counter() - t0:.1f}s', file=sys.stderr)
+    counts = apply_weights(
+        model, weights, gguf_source(spec) if weights == 'int4' else None, dense_prefill
+    )
+    done = f', weights {weights} {counts}' if counts else ''
+    print(f'[timebill] loaded {spec} in {time.perf_counter() - t0:.1f}s{done}', file=sys.stderr)
     return model, tok
 
 

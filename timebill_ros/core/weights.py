@@ -1,0 +1,341 @@
+"""
+Weight formats for the engine's Linear layers: fp32, bf16, int8 and int4.
+
+On a CPU a decode step reads every weight once, so the bytes per weight set the step time
+(fp32 4, bf16 2, int8 1, int4 0.625 with its scales). The model stays in its own dtype
+(fp32 by default: activations, norms, RoPE and the KV cache); only ``nn.Linear`` modules are
+swapped for layers that store the weights compactly and cast activations at their boundary, so
+the rest of the engine never knows which format runs.
+
+int4 is group-32 asymmetric (a scale and a minimum per 32 weights): exactly GGUF Q4_1's block,
+so a Q4_1 GGUF's own blocks are used as they are; other checkpoints are quantised at load time.
+torch's CPU kernel for it is a few-row kernel whose fast path needs bf16 inputs; prefill goes
+through a dense bf16 copy of the same weights when ``dense_prefill`` is on (faster, at 2 bytes
+per weight of extra memory). The output head is int8 per channel in the int4 format.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+WEIGHT_FORMATS = ('fp32', 'bf16', 'int8', 'int4')
+GROUP = 32  # int4 group size: GGUF Q4_1's block
+DENSE_ROWS = 8  # above this many rows an int4 layer with a dense copy uses it
+_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N divisible by 16
+_log = logging.getLogger(__name__)
+_BF16 = torch.bfloat16
+
+# GGUF tensor name (after ``blk.<i>.``) -> HF module path (after ``model.layers.<i>.``).
+_GGUF_NAMES = {
+    'attn_q': 'self_attn.q_proj',
+    'attn_k': 'self_attn.k_proj',
+    'attn_v': 'self_attn.v_proj',
+    'attn_output': 'self_attn.o_proj',
+    'ffn_gate': 'mlp.gate_proj',
+    'ffn_up': 'mlp.up_proj',
+    'ffn_down': 'mlp.down_proj',
+}
+
+
+def check_format(fmt: str) -> str:
+    """Return ``fmt`` if known, else raise with the allowed spellings."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f'weights must be one of {WEIGHT_FORMATS}, got {fmt!r}')
+    return fmt
+
+
+def effective_format(fmt: str, device: str | torch.device = 'cpu') -> str:
+    """
+    Return the format that actually runs on ``device``.
+
+    The int4/int8 kernels used here are CPU kernels; on a GPU the dense bf16 weights with
+    torch's own kernels are the fast path, so a quantised format falls back to bf16 there.
+    """
+    check_format(fmt)
+    if torch.device(device).type != 'cpu' and fmt in ('int8', 'int4'):
+        return 'bf16'
+    return fmt
+
+
+# ----------------------------------------------------------------------------------- layers
+class Bf16Linear(nn.Module):
+    """Dense bf16 weights in a model that computes in another dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer('weight', weight.detach().to(_BF16).contiguous())
+        self.register_buffer('bias', None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(_BF16), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    """Symmetric per-output-channel int8 weights via ``_weight_int8pack_mm``."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        qweight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.register_buffer('qweight', qweight)
+        self.register_buffer('scale', scale.to(_BF16))
+        self.register_buffer('bias', None if bias is None else bias.detach().clone())
+
+    def dequantized(self) -> torch.Tensor:
+        """Return the weights the kernel multiplies with, in fp32."""
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(_BF16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """
+    Group-32 asymmetric int4 weights via torch's CPU int4 kernel (bf16 inside the layer).
+
+    Built from per-group integer codes ``q`` (0..15), scales ``d`` and minima ``m``, weight =
+    d·q + m, as in GGUF Q4_1. With ``dense`` a bf16 copy serves calls of many rows (prefill),
+    where the few-row int4 kernel is slow.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        d: torch.Tensor,
+        m: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        dense: bool = True,
+    ):
+        super().__init__()
+        n, k = q.shape
+        self.in_features, self.out_features = k, n
+        d32, m32 = d.float().reshape(n, k // GROUP), m.float().reshape(n, k // GROUP)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # the kernel computes (q - 8)·scale + zero per group: zero = m + 8·d
+        sz = torch.stack([d32, m32 + 8 * d32], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer('packed', packed)
+        self.register_buffer('scales_zeros', sz.to(_BF16))
+        self.register_buffer('bias', None if bias is None else bias.detach().clone())
+        w = None
+        if dense:
+            w = (q.float().reshape(n, -1, GROUP) * d32[..., None] + m32[..., None]).reshape(n, k)
+            w = w.to(_BF16)
+        self.register_buffer('dense', w)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias=None, dense: bool = True) -> 'Int4Linear':
+        """Quantise float weights per group of 32 the way llama.cpp makes Q4_1."""
+        q, d, m = quantize_q4_1(weight)
+        return cls(q, d, m, bias, dense)
+
+    def dequantized(self) -> torch.Tensor:
+        """Return the weights the int4 kernel multiplies with, in fp32 (bf16 scales)."""
+        eye = torch.eye(self.in_features, dtype=_BF16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.packed, GROUP, self.scales_zeros
+        ).float().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(_BF16)
+        if self.dense is not None and x2.shape[0] > DENSE_ROWS:
+            y = F.linear(x2, self.dense)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.contiguous(), self.packed, GROUP, self.scales_zeros
+            )
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_q4_1(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(q, d, m)``: codes [N, K], fp16 scale/min [N, K/32], as GGUF Q4_1 stores them."""
+    w = weight.detach().float()
+    n, k = w.shape
+    g = w.reshape(n, k // GROUP, GROUP)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    d = ((hi - lo) / 15.0).half()
+    m = lo.half()
+    inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(lo))
+    q = ((g - m.float()[..., None]) * inv[..., None]).round().clamp(0, 15)
+    return q.reshape(n, k).to(torch.uint8), d, m
+
+
+def int4_fits(linear: nn.Linear) -> bool:
+    """Tell whether the CPU int4 kernel takes this shape (K in whole groups, N in 16s)."""
+    n, k = linear.weight.shape
+    return k % GROUP == 0 and n % _INT4_N_MULTIPLE == 0
+
+
+# ------------------------------------------------------------------------------------- GGUF
+def parse_q4_1(raw) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split Q4_1 blocks ([rows, 20·K/32] bytes) into codes [rows, K] and fp16 d, m [rows, K/32].
+
+    A block is 20 bytes: fp16 scale d, fp16 minimum m, then 16 bytes whose low nibbles are
+    elements 0..15 and high nibbles 16..31; element = d·q + m.
+    """
+    import numpy as np
+
+    raw = np.asarray(raw, dtype=np.uint8)
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
+    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m)
+
+
+def read_q4_1(gguf_path: str | Path) -> Dict[str, Tuple[torch.Tensor, ...]]:
+    """Read every Q4_1 tensor of a GGUF file as ``{gguf name: (q, d, m)}``."""
+    return {name: parse_q4_1(raw.numpy()) for name, raw in _q4_1_blocks(Path(gguf_path)).items()}
+
+
+def _q4_1_blocks(path: Path) -> Dict[str, torch.Tensor]:
+    """
+    Return the raw Q4_1 blocks per tensor, cached.
+
+    GGUFReader parses the whole vocabulary first (10 s on a busy 2-core machine); the cached copy
+    loads in a blink.
+    """
+    from .config import cache_dir
+
+    st = path.stat()
+    cached = cache_dir() / 'gguf-q4_1' / f'{path.stem}-{st.st_size}-{int(st.st_mtime)}.pt'
+    if cached.is_file():
+        return torch.load(cached)
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    out = {
+        t.name: torch.from_numpy(np.array(t.data))
+        for t in GGUFReader(str(path)).tensors
+        if t.tensor_type == GGMLQuantizationType.Q4_1
+    }
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + '.tmp')
+    torch.save(out, tmp)
+    tmp.replace(cached)
+    return out
+
+
+def _llama_unpermute(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order for rotary (the inverse of its converter's ``permute``)."""
+    rest = x.shape[1:]
+    return x.reshape(n_head, x.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(x.shape)
+
+
+def _match_rows(name, q, d, m, target: torch.Tensor, cfg) -> Optional[Tuple[torch.Tensor, ...]]:
+    """Put the GGUF rows in the HF order; None unless they reproduce ``target`` exactly."""
+    heads = {
+        'attn_q': cfg.num_attention_heads,
+        'attn_k': getattr(cfg, 'num_key_value_heads', None) or cfg.num_attention_heads,
+    }.get(name.split('.')[-2])
+    candidates = [(q, d, m)]
+    if heads:
+        candidates.append(tuple(_llama_unpermute(t, heads) for t in (q, d, m)))
+    for cq, cd, cm in candidates:
+        n, k = cq.shape
+        w = cq.float().reshape(n, -1, GROUP) * cd.float()[..., None] + cm.float()[..., None]
+        if w.shape[0] == target.shape[0] and torch.equal(w.reshape(n, k), target.float()):
+            return cq, cd, cm
+    return None
+
+
+# ----------------------------------------------------------------------------------- apply
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, attr = path.rpartition('.')
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def apply_weights(
+    model: nn.Module,
+    fmt: str,
+    gguf_path: Optional[str | Path] = None,
+    dense_prefill: bool = True,
+) -> Dict[str, int]:
+    """
+    Swap the decoder's and head's ``nn.Linear`` layers for ``fmt``; return counts per kind.
+
+    int4 takes a Q4_1 GGUF's own blocks where ``gguf_path`` has them and they reproduce the
+    loaded weights exactly (rows matched, zero error), else quantises the loaded weights.
+    """
+    fmt = effective_format(fmt, next(model.parameters()).device)
+    model._timebill_weights = fmt
+    counts: Dict[str, int] = {}
+    if fmt == 'fp32':
+        return counts
+    cfg = model.config.get_text_config(decoder=True)
+    blocks = read_q4_1(gguf_path) if fmt == 'int4' and gguf_path else {}
+    by_hf = {}
+    for name in blocks:
+        parts = name.split('.')  # blk.<i>.<kind>.weight
+        if len(parts) == 4 and parts[0] == 'blk' and parts[2] in _GGUF_NAMES:
+            by_hf[f'layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}'] = name
+    head = model.get_output_embeddings()
+    for path, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear):
+            continue
+        is_head = mod is head
+        w, b = mod.weight.data, mod.bias
+        if fmt == 'bf16' or (fmt == 'int4' and not is_head and not int4_fits(mod)):
+            if w.dtype == _BF16:
+                continue
+            new, kind = Bf16Linear(w, b), 'bf16'
+        elif fmt == 'int8' or is_head:
+            new, kind = Int8Linear(w, b), 'int8'
+        else:
+            src = next((g for h, g in by_hf.items() if path.endswith(h)), None)
+            exact = _match_rows(src, *blocks[src], w, cfg) if src else None
+            if exact is not None:
+                new, kind = Int4Linear(*exact, bias=b, dense=dense_prefill), 'int4 (gguf q4_1)'
+            else:
+                new, kind = Int4Linear.quantize(w, b, dense=dense_prefill), 'int4 (quantised)'
+        _replace(model, path, new)
+        counts[kind] = counts.get(kind, 0) + 1
+    if fmt in ('int8', 'int4'):
+        model.config.tie_word_embeddings = False  # the head is its own module now
+    _log.info('weights %s: %s', fmt, counts)
+    return counts
+
+
+def weight_format(model: nn.Module) -> str:
+    """Return the format ``apply_weights`` gave ``model`` (its dtype's, if never applied)."""
+    fmt = getattr(model, '_timebill_weights', None)
+    if fmt:
+        return fmt
+    return {torch.float32: 'fp32', _BF16: 'bf16'}.get(model.dtype, str(model.dtype))
+
+
+def weight_bytes(model: nn.Module, decode: bool = True) -> int:
+    """
+    Bytes of weights read by one decode step (``decode``) or held in memory (not ``decode``).
+
+    A decode step skips the dense prefill copies and reads one embedding row only.
+    """
+    total, seen = 0, set()
+    emb = model.get_input_embeddings()
+    for mod in model.modules():
+        own = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+        for name, t in own:
+            if t is None or t.data_ptr() in seen:  # a tied head is the embedding
+                continue
+            if decode and (name == 'dense' or mod is emb):
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    if decode and emb is not None:
+        total += emb.weight.shape[1] * emb.weight.element_size()
+    return total
