@@ -39,13 +39,14 @@ def one_run(overrides: dict, domain: int, log_dir: Path) -> dict:
     t0 = time.monotonic()
     for p in procs.values():
         p.send_signal(signal.SIGINT)
-    out = {}
-    for name, p in procs.items():
-        try:
-            code = p.wait(timeout=30.0)
-        except subprocess.TimeoutExpired:
-            code = None
-        out[name] = {'exit_s': time.monotonic() - t0, 'code': code}
+    out, end = {}, t0 + 30.0
+    while len(out) < len(procs) and time.monotonic() < end:
+        for name, p in procs.items():
+            if name not in out and p.poll() is not None:
+                out[name] = {'exit_s': time.monotonic() - t0, 'code': p.returncode}
+        time.sleep(0.005)
+    for name in procs:
+        out.setdefault(name, {'exit_s': float('inf'), 'code': None})
     bringup.stop()  # kills anything left over
     return out
 

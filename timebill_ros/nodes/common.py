@@ -67,6 +67,7 @@ TRANSITIONS = {
     'shutdown': Transition.TRANSITION_UNCONFIGURED_SHUTDOWN,
 }
 
+SPIN_WAKE_S = 0.1  # the main thread checks for signals at least this often
 N_THREADS = 4  # executor threads of a node whose callbacks never block for long
 # Goals held at once by the server and the generator (queued + running); each holds one executor
 # thread while it waits (blocked on an event, not polling), so this also sizes their executors.
@@ -189,8 +190,18 @@ def run_node(node, num_threads: int = N_THREADS) -> int:
     executor = MultiThreadedExecutor(num_threads=num_threads)
     executor.add_node(node)
     code = 0
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Python-level handlers and a bounded wait: a configured node was seen to miss rclpy's own
+    # SIGINT wake-up and sleep in rcl_wait forever; the main thread now runs the handler within
+    # SPIN_WAKE_S whatever a library did to the C-level handler.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
-        executor.spin()
+        while node.context.ok():
+            executor.spin_once(timeout_sec=SPIN_WAKE_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except BaseException as exc:  # noqa: BLE001 - say why, then still release
