@@ -181,7 +181,8 @@ def int4_fits(linear: nn.Linear) -> bool:
 
 # ------------------------------------------------------------------------------------- GGUF
 def parse_q4_1(raw) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split Q4_1 blocks ([rows, 20·K/32] bytes) into codes [rows, K] and fp16 d, m [rows, K/32].
+    """
+    Split Q4_1 blocks ([rows, 20·K/32] bytes) into codes [rows, K] and fp16 d, m [rows, K/32].
 
     A block is 20 bytes: fp16 scale d, fp16 minimum m, then 16 bytes whose low nibbles are
     elements 0..15 and high nibbles 16..31; element = d·q + m.
