@@ -52,7 +52,7 @@ def test_llama_unpermute_inverts_llama_cpp_permute():
 
 
 @pytest.mark.parametrize('rows', [1, 3, 32])
-@pytest.mark.parametrize('dense', [True, False])
+@pytest.mark.parametrize('dense', [None, torch.float32, torch.bfloat16])
 def test_int4_linear_computes_with_its_dequantised_weights(rows, dense):
     g = torch.Generator().manual_seed(rows)
     w, b = torch.randn(48, 96, generator=g) * 0.1, torch.randn(48, generator=g)

@@ -288,7 +288,7 @@ class Engine:
             device=cfg.device,
             threads=cfg.threads,
             weights=cfg.weights,
-            dense_prefill=cfg.dense_prefill,
+            prefill_weights=cfg.prefill_weights,
         )
         engine = cls(
             model,

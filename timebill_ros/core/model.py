@@ -153,7 +153,7 @@ def load_model(
     device: str = 'cpu',
     threads: int = 0,
     weights: str = 'fp32',
-    dense_prefill: bool = True,
+    prefill_weights: str = 'auto',
 ):
     """
     Return ``(model, tokenizer)`` in eval mode on ``device``; raise ModelLoadError with a reason.
@@ -188,7 +188,7 @@ def load_model(
     model.to(device).eval()
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tok.eos_token_id
     counts = apply_weights(
-        model, weights, gguf_source(spec) if weights == 'int4' else None, dense_prefill
+        model, weights, gguf_source(spec) if weights == 'int4' else None, prefill_weights
     )
     done = f', weights {weights} {counts}' if counts else ''
     print(f'[timebill] loaded {spec} in {time.perf_counter() - t0:.1f}s{done}', file=sys.stderr)

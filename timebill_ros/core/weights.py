@@ -10,8 +10,10 @@ the rest of the engine never knows which format runs.
 int4 is group-32 asymmetric (a scale and a minimum per 32 weights): exactly GGUF Q4_1's block,
 so a Q4_1 GGUF's own blocks are used as they are; other checkpoints are quantised at load time.
 torch's CPU kernel for it is a few-row kernel whose fast path needs bf16 inputs; prefill goes
-through a dense bf16 copy of the same weights when ``dense_prefill`` is on (faster, at 2 bytes
-per weight of extra memory). The output head is int8 per channel in the int4 format.
+through a dense copy of the same weights (``prefill_weights``): bf16 where the CPU multiplies
+bf16 natively (AVX512-BF16/AMX: 2 extra bytes per weight), else fp32 (on AVX2 a bf16 GEMM is ~5×
+slower than fp32: 4 extra bytes per weight), or none (the int4 kernel, slower, no extra memory).
+The output head is int8 per channel in the int4 format.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 WEIGHT_FORMATS = ('fp32', 'bf16', 'int8', 'int4')
 GROUP = 32  # int4 group size: GGUF Q4_1's block
 DENSE_ROWS = 8  # above this many rows an int4 layer with a dense copy uses it
+PREFILL_WEIGHTS = ('auto', 'bf16', 'fp32', 'none')
 _INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N divisible by 16
 _log = logging.getLogger(__name__)
 _BF16 = torch.bfloat16
@@ -48,6 +51,16 @@ def check_format(fmt: str) -> str:
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f'weights must be one of {WEIGHT_FORMATS}, got {fmt!r}')
     return fmt
+
+
+def prefill_dtype(choice: str = 'auto') -> Optional[torch.dtype]:
+    """Return the dtype of int4 layers' dense prefill copy for ``choice`` (None: no copy)."""
+    if choice not in PREFILL_WEIGHTS:
+        raise ValueError(f'prefill_weights must be one of {PREFILL_WEIGHTS}, got {choice!r}')
+    if choice == 'auto':
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        choice = 'bf16' if native else 'fp32'
+    return {'bf16': _BF16, 'fp32': torch.float32, 'none': None}[choice]
 
 
 def effective_format(fmt: str, device: str | torch.device = 'cpu') -> str:
@@ -107,8 +120,8 @@ class Int4Linear(nn.Module):
     Group-32 asymmetric int4 weights via torch's CPU int4 kernel (bf16 inside the layer).
 
     Built from per-group integer codes ``q`` (0..15), scales ``d`` and minima ``m``, weight =
-    d·q + m, as in GGUF Q4_1. With ``dense`` a bf16 copy serves calls of many rows (prefill),
-    where the few-row int4 kernel is slow.
+    d·q + m, as in GGUF Q4_1. With ``dense`` (a dtype) a dense copy serves calls of many rows
+    (prefill), where the few-row int4 kernel is slow.
     """
 
     def __init__(
@@ -117,7 +130,7 @@ class Int4Linear(nn.Module):
         d: torch.Tensor,
         m: torch.Tensor,
         bias: Optional[torch.Tensor] = None,
-        dense: bool = True,
+        dense: Optional[torch.dtype] = None,
     ):
         super().__init__()
         n, k = q.shape
@@ -130,13 +143,13 @@ class Int4Linear(nn.Module):
         self.register_buffer('scales_zeros', sz.to(_BF16))
         self.register_buffer('bias', None if bias is None else bias.detach().clone())
         w = None
-        if dense:
+        if dense is not None:
             w = (q.float().reshape(n, -1, GROUP) * d32[..., None] + m32[..., None]).reshape(n, k)
-            w = w.to(_BF16)
+            w = w.to(dense)
         self.register_buffer('dense', w)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, bias=None, dense: bool = True) -> 'Int4Linear':
+    def quantize(cls, weight: torch.Tensor, bias=None, dense=None) -> 'Int4Linear':
         """Quantise float weights per group of 32 the way llama.cpp makes Q4_1."""
         q, d, m = quantize_q4_1(weight)
         return cls(q, d, m, bias, dense)
@@ -149,12 +162,12 @@ class Int4Linear(nn.Module):
         ).float().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(_BF16)
+        x2 = x.reshape(-1, self.in_features)
         if self.dense is not None and x2.shape[0] > DENSE_ROWS:
-            y = F.linear(x2, self.dense)
+            y = F.linear(x2.to(self.dense.dtype), self.dense)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.contiguous(), self.packed, GROUP, self.scales_zeros
+                x2.to(_BF16).contiguous(), self.packed, GROUP, self.scales_zeros
             )
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
@@ -265,7 +278,7 @@ def apply_weights(
     model: nn.Module,
     fmt: str,
     gguf_path: Optional[str | Path] = None,
-    dense_prefill: bool = True,
+    prefill_weights: str = 'auto',
 ) -> Dict[str, int]:
     """
     Swap the decoder's and head's ``nn.Linear`` layers for ``fmt``; return counts per kind.
@@ -274,6 +287,7 @@ def apply_weights(
     loaded weights exactly (rows matched, zero error), else quantises the loaded weights.
     """
     fmt = effective_format(fmt, next(model.parameters()).device)
+    dense = prefill_dtype(prefill_weights)
     model._timebill_weights = fmt
     counts: Dict[str, int] = {}
     if fmt == 'fp32':
@@ -301,9 +315,9 @@ def apply_weights(
             src = next((g for h, g in by_hf.items() if path.endswith(h)), None)
             exact = _match_rows(src, *blocks[src], w, cfg) if src else None
             if exact is not None:
-                new, kind = Int4Linear(*exact, bias=b, dense=dense_prefill), 'int4 (gguf q4_1)'
+                new, kind = Int4Linear(*exact, bias=b, dense=dense), 'int4 (gguf q4_1)'
             else:
-                new, kind = Int4Linear.quantize(w, b, dense=dense_prefill), 'int4 (quantised)'
+                new, kind = Int4Linear.quantize(w, b, dense=dense), 'int4 (quantised)'
         _replace(model, path, new)
         counts[kind] = counts.get(kind, 0) + 1
     if fmt in ('int8', 'int4'):
