@@ -1,179 +1,495 @@
 #!/usr/bin/env python
 """
-Engine benchmark: decode speed vs HF generate, the cost of DynamicCache's torch.cat, roofline.
+Engine benchmark: decode and prefill per weight format, eviction gain, roofline, quality guard.
 
-Prints tables and writes ``results/bench_engine.json``. Timings are minima over repeats
-(shared machines are noisy; the minimum is the least disturbed run); the load average at
-start is recorded beside them.
+Per format (fp32, bf16, int8, int4) and thread count: decode ms/token at KV 128/1k/4k/8k on a
+cache holding a real prompt's entries (one 8k prefill, cropped: causal attention makes the first
+n entries exactly those of an n-token prefill), prefill seconds at 128/1k/4k (chunks of 256 as
+requests run them), the step at 8k ÷ the step after real α = 0.95 SnapKV eviction, and the
+roofline (bytes one step reads ÷ measured read bandwidth). With ``llama-cpp-python`` importable
+the same GGUF runs in llama.cpp beside it as an anchor (optional, benchmark only)::
 
-    .venv/bin/python benchmarks/bench_engine.py [--quick]
+    .venv/bin/pip install llama-cpp-python==0.3.36   # builds from source: several minutes
+
+``--quality`` adds the quality guard (greedy agreement with fp32, long-context task scores),
+``--calibration`` the held-out accuracy of the calibrated time model and its error on real
+prefill + decode runs. Timings are medians of steps (decode) or minima of repeats (prefill); the
+load average is recorded beside each section. Writes ``results/bench_engine.json`` and ``.png``.
+
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--quality] [--calibration]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from pathlib import Path
 import platform
+import statistics
 import time
 
-from timebill_ros.core import kv_cache
+from timebill_ros.core import weights as W
+from timebill_ros.core.config import TimeBillConfig
 from timebill_ros.core.engine import Engine, GenerationRequest
-from timebill_ros.core.model import load_model
+from timebill_ros.core.model import gguf_source, load_model
 import torch
-from transformers.cache_utils import DynamicCache
+
+FORMATS = ('fp32', 'bf16', 'int8', 'int4')
+DECODE_KV = (128, 1024, 4096, 8000)
+PREFILL_N = (128, 1024, 4096)
+CHUNK = TimeBillConfig().prefill_chunk
+INSTALL_HINT = 'pip install llama-cpp-python==0.3.36  (optional anchor; builds from source)'
 
 
-def copy_bandwidth(mb: int = 512, repeats: int = 5) -> float:
-    """Bytes per second moved by a large tensor copy (read + write), the memory roofline."""
-    src = torch.ones(mb * 1024 * 1024 // 4)
-    dst = torch.empty_like(src)
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def wait_for_quiet(limit: float = 1.3, tries: int = 5) -> float:
+    """Wait (up to ``tries`` minutes) for a 1-minute load under ``limit``; return the load."""
+    for _ in range(tries):
+        if load1() <= limit:
+            break
+        print(f'load {load1()} > {limit}: waiting 60 s', flush=True)
+        time.sleep(60)
+    return load1()
+
+
+def read_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second a sum over a large tensor reads: the decode roofline's denominator."""
+    torch.set_num_threads(threads)
+    x = torch.ones(mib * 1024 * 1024 // 4)
     best = float('inf')
     for _ in range(repeats):
         t0 = time.perf_counter()
-        dst.copy_(src)
+        x.sum()
         best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best
+    return x.numel() * 4 / best
 
 
-def decode_vs_generate(engine: Engine, prompt_tokens: int, new_tokens: int, repeats: int):
-    model = engine.model
-    vocab = model.config.vocab_size
-    ids = torch.randint(
-        3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)
-    ).tolist()
-    x = torch.tensor([ids])
-    eos = engine.eos_ids
-    engine.eos_ids = set()  # run to max_new_tokens on both sides
-    ours, hf = [], []
-    try:
-        for _ in range(repeats):
-            r = engine.generate(GenerationRequest(input_ids=ids, max_new_tokens=new_tokens))
-            ours.append((r.token_times[-1] - r.token_times[0]) / (new_tokens - 1))
-            t0 = time.perf_counter()
-            model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            t1 = time.perf_counter()
-            model.generate(
-                x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-            )
-            t2 = time.perf_counter()
-            hf.append(((t2 - t1) - (t1 - t0)) / (new_tokens - 1))
-    finally:
-        engine.eos_ids = eos
-    return min(ours), min(hf)
+def long_prompt(engine: Engine, n: int) -> list:
+    """Return a real prompt of at least ``n`` tokens (a long-context QA task) as token ids."""
+    from timebill_ros.core.evaluation.tasks import counter_for, make_task
+
+    task = make_task('qa', n + 64, counter_for(engine), seed=0)
+    ids = engine.encode(task.prompt, task.system_prompt)
+    assert len(ids) >= n, (len(ids), n)
+    return ids
 
 
 @torch.inference_mode()
-def step_time(engine: Engine, n_kv: int, preallocate: bool, steps: int) -> float:
-    """Per-step decode time at KV length n_kv, growing the cache as real decoding does."""
-    cfg = engine.model.config
-    head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
-    shape = (1, cfg.num_key_value_heads, n_kv, head_dim)
-    if preallocate:
-        cache = kv_cache.make_cache(engine.num_layers, n_kv + steps + 1, preallocate=True)
-        for layer in cache.layers:
-            layer.fill_random(n_kv, torch.zeros(1, shape[1], 1, head_dim))
-    else:
-        cache = DynamicCache()
-        for i in range(engine.num_layers):
-            cache.update(torch.randn(shape), torch.randn(shape), i)
+def decode_steps(engine: Engine, cache, ids, n_kv: int, pos: int, steps: int) -> float:
+    """Return the median step time at ``n_kv`` cached entries (real tokens at real positions)."""
+    for layer in cache.layers:
+        layer.crop(n_kv)
     times = []
-    tok = torch.tensor([[5]])
-    for s in range(steps):
+    x = torch.empty((1, 1), dtype=torch.long)
+    p = torch.empty((1, 1), dtype=torch.long)
+    for s in range(steps + 1):
+        x.fill_(ids[(pos + s) % len(ids)])
+        p.fill_(pos + s)
         t0 = time.perf_counter()
-        engine.model(
-            input_ids=tok, cache=cache, use_cache=True, position_ids=torch.tensor([[n_kv + s]])
-        )
+        logits = engine.model(input_ids=x, cache=cache, use_cache=True, position_ids=p).logits
+        int(torch.argmax(logits[0, -1]))
         times.append(time.perf_counter() - t0)
-    return min(times[1:]) if len(times) > 1 else times[0]
+    for layer in cache.layers:
+        layer.crop(n_kv)
+    return statistics.median(times[1:])
+
+
+def kv_bytes_per_token(model) -> int:
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4  # fp32 KV
+
+
+def bench_format(fmt, ids, threads, bandwidth, steps, repeats, kv_lengths, prefill_lengths):
+    """Measure one weight format (the model is loaded once)."""
+    t0 = time.perf_counter()
+    model, tok = load_model(weights=fmt, threads=max(threads))
+    load_s = time.perf_counter() - t0
+    engine = Engine(model, tok, press='snapkv')
+    row = {
+        'format': fmt,
+        'load_s': load_s,
+        'weight_bytes_per_step': W.weight_bytes(model),
+        'weight_bytes_held': W.weight_bytes(model, decode=False),
+        'threads': {},
+    }
+    n_long = max(kv_lengths)
+    torch.set_num_threads(max(threads))
+    state = engine.prefill(ids[:n_long], capacity=n_long + steps + 8, chunk_tokens=CHUNK)
+    evicted = engine.evict(engine.clone_state(state), 0.95)
+    kvb = kv_bytes_per_token(model)
+    for t in threads:
+        torch.set_num_threads(t)
+        r = {'load_start': load1(), 'decode_ms': {}, 'calib_decode_ms': {}, 'roofline_ms': {}}
+        for n in kv_lengths:
+            r['decode_ms'][n] = 1e3 * decode_steps(engine, state.cache, ids, n, n, steps)
+            r['roofline_ms'][n] = 1e3 * (row['weight_bytes_per_step'] + kvb * n) / bandwidth[t]
+        # what calibration times (a random-filled cache), beside the real cache
+        r['calib_decode_ms'][n_long] = 1e3 * statistics.median(
+            engine.time_decode_step(n_long, steps + 1)[1:]
+        )
+        r['evicted_kv'] = evicted.kv_after
+        r['evicted_ms'] = 1e3 * decode_steps(
+            engine, evicted.cache, ids, evicted.kv_after, n_long, steps
+        )
+        r['eviction_gain'] = r['decode_ms'][n_long] / r['evicted_ms']
+        r['prefill_s'] = {}
+        for n in prefill_lengths:
+            best = min(
+                engine.prefill(ids[:n], capacity=n + 1, chunk_tokens=CHUNK).prefill_s
+                for _ in range(repeats)
+            )
+            r['prefill_s'][n] = best
+        r['load_end'] = load1()
+        row['threads'][t] = r
+        print(
+            f'  {fmt} t={t}: decode ms '
+            + ' '.join(f'{n}:{v:.1f}' for n, v in r['decode_ms'].items())
+            + f' | evicted {r["evicted_ms"]:.1f} (gain {r["eviction_gain"]:.2f}x) | prefill s '
+            + ' '.join(f'{n}:{v:.2f}' for n, v in r['prefill_s'].items())
+            + f' | load {r["load_start"]}->{r["load_end"]}',
+            flush=True,
+        )
+    del state, evicted, engine, model
+    gc.collect()
+    return row
+
+
+def bench_llama_cpp(ids, threads, steps, prefill_repeats, kv_lengths, prefill_lengths):
+    """Measure the same in llama.cpp, on the GGUF the default model comes from."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print(f'llama.cpp anchor skipped (llama_cpp not importable): {INSTALL_HINT}')
+        return None
+    path = gguf_source('')
+    n_long = max(kv_lengths)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_long + steps + 16,
+        n_batch=512,
+        n_threads=max(threads),
+        n_threads_batch=max(threads),
+        flash_attn=False,
+        verbose=False,
+    )
+    row = {'format': 'llama.cpp Q4_1', 'version': llama_cpp.__version__, 'threads': {}}
+
+    def set_threads(t):
+        llama_cpp.llama_set_n_threads(llm.ctx, t, t)
+
+    def step(n_kv, pos):
+        llm.n_tokens = n_kv  # eval() first drops every cached position >= n_tokens
+        times = []
+        for s in range(steps + 1):
+            t0 = time.perf_counter()
+            llm.eval([ids[(pos + s) % len(ids)]])
+            int(llm.scores[llm.n_tokens - 1].argmax())
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    set_threads(max(threads))
+    llm.reset()
+    llm.eval(ids[:n_long])
+    for t in threads:
+        set_threads(t)
+        r = {'load_start': load1(), 'decode_ms': {}, 'prefill_s': {}}
+        for n in sorted(kv_lengths, reverse=True):
+            r['decode_ms'][n] = 1e3 * step(n, n)
+        r['decode_ms'] = dict(sorted(r['decode_ms'].items()))
+        row['threads'][t] = r
+    for t in threads:  # prefill last: it overwrites the long prompt's cache
+        set_threads(t)
+        r = row['threads'][t]
+        for n in prefill_lengths:
+            best = float('inf')
+            for _ in range(prefill_repeats):
+                llm.reset()
+                t0 = time.perf_counter()
+                llm.eval(ids[:n])
+                best = min(best, time.perf_counter() - t0)
+            r['prefill_s'][n] = best
+        r['load_end'] = load1()
+        print(
+            f'  llama.cpp t={t}: decode ms '
+            + ' '.join(f'{n}:{v:.1f}' for n, v in r['decode_ms'].items())
+            + ' | prefill s '
+            + ' '.join(f'{n}:{v:.2f}' for n, v in r['prefill_s'].items()),
+            flush=True,
+        )
+    llm.close() if hasattr(llm, 'close') else None
+    return row
+
+
+# ------------------------------------------------------------------------------ quality guard
+GUARD_PROMPTS = (
+    'What is the capital of France?',
+    'List three uses of a robot arm in a kitchen.',
+    'Explain in two sentences why the sky is blue.',
+    'Write a short haiku about a mobile robot.',
+    'A robot has 4 wheels and loses one. How many wheels does it have left?',
+)
+
+
+def first_divergence(a, b) -> int:
+    """Index of the first differing token; the shorter length if one is a prefix of the other."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b)) if len(a) != len(b) else -1  # -1: identical
+
+
+def quality_guard(formats, new_tokens=64, task_tokens=1024, seeds=(0, 1)):
+    """Greedy agreement with fp32 and α = 0 task scores per format (planted facts included)."""
+    from timebill_ros.core.evaluation.scoring import score
+    from timebill_ros.core.evaluation.tasks import counter_for, make_task
+
+    out, ref_tokens, tasks = {}, None, None
+    for fmt in ('fp32',) + tuple(f for f in formats if f != 'fp32'):
+        model, tok = load_model(weights=fmt, threads=2)
+        engine = Engine(model, tok, press='snapkv')
+        if tasks is None:
+            count = counter_for(engine)
+            tasks = [
+                make_task(k, task_tokens, count, seed=s)
+                for k in ('passkey', 'needle', 'qa')
+                for s in seeds
+            ]
+        gens = [
+            engine.generate(GenerationRequest(prompt=p, max_new_tokens=new_tokens))
+            for p in GUARD_PROMPTS
+        ]
+        toks = [g.token_ids for g in gens]
+        if ref_tokens is None:
+            ref_tokens = toks
+        scores = {}
+        for t in tasks:
+            r = engine.generate(
+                GenerationRequest(
+                    prompt=t.prompt, system_prompt=t.system_prompt, max_new_tokens=t.max_new_tokens
+                )
+            )
+            scores[t.id] = score(t.metric, r.text, t.references)
+        div = [first_divergence(a, b) for a, b in zip(ref_tokens, toks)]
+        out[fmt] = {
+            'first_divergence': div,
+            'identical': sum(d == -1 for d in div),
+            'answers': [g.text for g in gens],
+            'task_scores': scores,
+            'task_mean': statistics.mean(scores.values()),
+        }
+        print(
+            f'  {fmt}: first divergence {div}, task mean {out[fmt]["task_mean"]:.3f} '
+            f'{ {k: round(v, 2) for k, v in scores.items()} }',
+            flush=True,
+        )
+        del engine, model
+        gc.collect()
+    return out
+
+
+# -------------------------------------------------------------------------------- calibration
+def calibration_check(fmt, threads, quick=False):
+    """Calibrate ``fmt``, then compare the fitted model with real prefill + decode runs."""
+    from timebill_ros.core import calibration as cal
+
+    cfg = TimeBillConfig(weights=fmt, threads=threads)
+    engine = Engine.from_config(cfg)
+    load_start = load1()
+    if quick:
+        prof = cal.calibrate(
+            engine,
+            cal.QUICK_PREFILL_GRID,
+            cal.QUICK_DECODE_GRID,
+            cal.QUICK_PREFILL_HELD_OUT,
+            cal.QUICK_DECODE_HELD_OUT,
+            repeats=2,
+            decode_repeats=3,
+            progress=False,
+        )
+    else:
+        prof = cal.calibrate(engine, progress=False)
+    m = prof.model
+    shape = cal.chunked_prefill_fit(prof, CHUNK)
+    res = {
+        'format': fmt,
+        'threads': threads,
+        'key': prof.key,
+        'load': [load_start, load1()],
+        'coefficients': m.to_dict(),
+        'mape_held_out': prof.mape,
+        'mape_fit': prof.fit_mape,
+        'chunk_aware_prefill': shape,
+        'real_runs': [],
+    }
+    print(
+        f'  {fmt} t={threads}: held-out MAPE prefill {prof.mape["prefill"]:.2f} % '
+        f'(chunk-aware {shape["mape_held_out"]:.2f} %), decode {prof.mape["decode"]:.2f} %',
+        flush=True,
+    )
+    steps = 8 if quick else 32
+    for n in (256, 512) if quick else (1024, 4096, 8000):
+        ids = long_prompt(engine, n)[:n]
+        state = engine.prefill(ids, capacity=n + steps + 2, chunk_tokens=CHUNK)
+        eos = engine.eos_ids
+        engine.eos_ids = set()
+        try:
+            r = engine.decode(state, GenerationRequest(input_ids=ids, max_new_tokens=steps + 1))
+        finally:
+            engine.eos_ids = eos
+        dec_pred = sum(m.decode_step_s(n + i) for i in range(len(r.decode_step_s)))
+        run = {
+            'n': n,
+            'prefill_s': state.prefill_s,
+            'prefill_pred_s': m.prefill_s(n),
+            'decode_s': r.decode_s,
+            'decode_pred_s': dec_pred,
+            'steps': len(r.decode_step_s),
+        }
+        run['prefill_err_pct'] = 100 * (run['prefill_pred_s'] / run['prefill_s'] - 1)
+        run['decode_err_pct'] = 100 * (dec_pred / r.decode_s - 1)
+        res['real_runs'].append(run)
+        print(
+            f'    N={n}: prefill {state.prefill_s:.3f} s vs {m.prefill_s(n):.3f} '
+            f'({run["prefill_err_pct"]:+.1f} %), {run["steps"]} decode steps {r.decode_s:.3f} s '
+            f'vs {dec_pred:.3f} ({run["decode_err_pct"]:+.1f} %)',
+            flush=True,
+        )
+    return res
+
+
+# -------------------------------------------------------------------------------------- output
+def markdown(report) -> str:
+    rows = report['formats'] + ([report['llama_cpp']] if report.get('llama_cpp') else [])
+    threads = report['threads']
+    kv = report['decode_kv']
+    pre = report['prefill_n']
+    lines = [
+        '| format | threads | '
+        + ' | '.join(f'decode KV {n}' for n in kv)
+        + ' | '
+        + ' | '.join(f'prefill {n}' for n in pre)
+        + ' | 8k ÷ α=0.95 | load |',
+        '|---|---:|' + '---:|' * (len(kv) + len(pre) + 2),
+    ]
+    for row in rows:
+        for t in threads:
+            r = row['threads'].get(t) or row['threads'].get(str(t))
+            if r is None:
+                continue
+            gain = f'{r["eviction_gain"]:.2f}×' if 'eviction_gain' in r else '–'
+            lines.append(
+                f'| {row["format"]} | {t} | '
+                + ' | '.join(f'{r["decode_ms"][n]:.1f}' for n in kv)
+                + ' | '
+                + ' | '.join(f'{r["prefill_s"][n]:.2f}' for n in pre)
+                + f' | {gain} | {r["load_start"]}–{r["load_end"]} |'
+            )
+    head = ' | '.join(f'KV {n}: measured / roofline ms' for n in kv)
+    lines += ['', f'| format | MB read per step | MB held | {head} |']
+    lines.append('|---|---:|---:|' + '---|' * len(kv))
+    t = max(threads)
+    for row in report['formats']:
+        r = row['threads'][t]
+        lines.append(
+            f'| {row["format"]} | {row["weight_bytes_per_step"] / 1e6:.0f} | '
+            f'{row["weight_bytes_held"] / 1e6:.0f} | '
+            + ' | '.join(
+                f'{r["decode_ms"][n]:.1f} / {r["roofline_ms"][n]:.1f}' for n in kv
+            )
+            + ' |'
+        )
+    return '\n'.join(lines)
+
+
+def plot(report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    t = max(report['threads'])
+    rows = report['formats'] + ([report['llama_cpp']] if report.get('llama_cpp') else [])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in rows:
+        r = row['threads'][t]
+        a.plot(list(r['decode_ms']), list(r['decode_ms'].values()), 'o-', label=row['format'])
+        b.plot(list(r['prefill_s']), list(r['prefill_s'].values()), 'o-', label=row['format'])
+    a.set(xlabel='KV length', ylabel='ms per decode step', title=f'decode, {t} threads')
+    b.set(xlabel='prompt tokens', ylabel='s', title=f'prefill (chunks of {CHUNK}), {t} threads')
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument('--quick', action='store_true')
+    ap.add_argument('--quick', action='store_true', help='short lengths, few repeats')
+    ap.add_argument('--formats', default=','.join(FORMATS))
+    ap.add_argument('--threads', default='1,2')
+    ap.add_argument('--quality', action='store_true', help='add the quality guard')
+    ap.add_argument('--calibration', action='store_true', help='add the calibration check')
+    ap.add_argument('--calibration-format', default=TimeBillConfig().weights)
+    ap.add_argument('--no-speed', action='store_true', help='skip the speed tables')
     ap.add_argument('--out', default='results/bench_engine.json')
-    ap.add_argument('--threads', type=int, default=2)
     args = ap.parse_args()
-    model, tok = load_model(threads=args.threads)
-    engine = Engine(model, tok, press='snapkv')
-    load = os.getloadavg()
-    report = {
-        'machine': platform.processor() or platform.machine(),
-        'threads': torch.get_num_threads(),
-        'loadavg_at_start': load,
-        'torch': torch.__version__,
-    }
-    print(f'threads={torch.get_num_threads()} loadavg={load[0]:.2f}')
-
-    # 1. decode speed: engine at α = 0 vs model.generate
-    rows = []
-    for n in [512] if args.quick else [128, 1024]:
-        ours, hf = decode_vs_generate(engine, n, 32 if args.quick else 64, 2 if args.quick else 3)
-        rows.append(
-            {
-                'prompt_tokens': n,
-                'engine_ms_per_token': 1e3 * ours,
-                'hf_generate_ms_per_token': 1e3 * hf,
-                'ratio': ours / hf,
-            }
-        )
-    report['decode_vs_generate'] = rows
-    print('\nDecode time per token, engine (α=0) vs HF generate')
-    print(f'{"prompt":>7} {"engine ms":>10} {"generate ms":>12} {"ratio":>6}')
-    for r in rows:
-        print(
-            f'{r["prompt_tokens"]:>7} {r["engine_ms_per_token"]:>10.2f} '
-            f'{r["hf_generate_ms_per_token"]:>12.2f} {r["ratio"]:>6.3f}'
-        )
-
-    # 2. step time vs KV length, preallocated vs DynamicCache; 3. roofline
-    bw = copy_bandwidth()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    cfg = model.config
-    head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
-    rows = []
-    lengths = [512, 2048, 4096] if args.quick else [512, 1024, 2048, 4096, 8192]
-    steps = 4 if args.quick else 8
-    for n in lengths:
-        pre = step_time(engine, n, True, steps)
-        dyn = step_time(engine, n, False, steps)
-        bytes_step = weight_bytes + kv_bytes_per_token * n
-        roof = bytes_step / bw
-        rows.append(
-            {
-                'kv_len': n,
-                'prealloc_ms': 1e3 * pre,
-                'dynamic_ms': 1e3 * dyn,
-                'dynamic_over_prealloc': dyn / pre,
-                'bytes_per_step': bytes_step,
-                'roofline_ms': 1e3 * roof,
-                'prealloc_over_roofline': pre / roof,
-            }
-        )
-    report['copy_bandwidth_GBps'] = bw / 1e9
-    report['weight_bytes'] = weight_bytes
-    report['kv_bytes_per_token'] = kv_bytes_per_token
-    report['step_vs_kv'] = rows
-    print(
-        f'\nDecode step vs KV length (copy bandwidth {bw / 1e9:.1f} GB/s, weights '
-        f'{weight_bytes / 1e6:.0f} MB, '
-        f'KV {kv_bytes_per_token / 1e3:.1f} kB/token)'
-    )
-    print(
-        f'{"kv":>6} {"prealloc ms":>12} {"dynamic ms":>11} '
-        f'{"dyn/pre":>8} {"roofline ms":>12} {"pre/roof":>9}'
-    )
-    for r in rows:
-        print(
-            f'{r["kv_len"]:>6} {r["prealloc_ms"]:>12.2f} {r["dynamic_ms"]:>11.2f} '
-            f'{r["dynamic_over_prealloc"]:>8.3f} '
-            f'{r["roofline_ms"]:>12.2f} {r["prealloc_over_roofline"]:>9.3f}'
-        )
+    formats = [W.check_format(f) for f in args.formats.split(',') if f]
+    threads = [int(t) for t in args.threads.split(',')]
+    kv = (128, 512) if args.quick else DECODE_KV
+    pre = (128, 256) if args.quick else PREFILL_N
+    steps, repeats = (4, 1) if args.quick else (12, 2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    report = {
+        'machine': platform.processor() or platform.machine(),
+        'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+        'cpus': os.cpu_count(),
+        'torch': torch.__version__,
+        'threads': threads,
+        'decode_kv': list(kv),
+        'prefill_n': list(pre),
+        'prefill_chunk': CHUNK,
+        'load_at_start': wait_for_quiet(),
+    }
+    print(f'load {report["load_at_start"]}, cpu {report["cpu_capability"]}', flush=True)
+    if not args.no_speed:
+        report['read_bandwidth_GBps'] = {}
+        bw = {}
+        for t in threads:
+            bw[t] = read_bandwidth(t)
+            report['read_bandwidth_GBps'][t] = bw[t] / 1e9
+        print('read bandwidth GB/s', {t: round(v / 1e9, 1) for t, v in bw.items()})
+        probe, tok = load_model(threads=max(threads))
+        ids = long_prompt(Engine(probe, tok, press='none'), max(kv))
+        del probe
+        report['formats'] = []
+        for fmt in formats:
+            report['formats'].append(
+                bench_format(fmt, ids, threads, bw, steps, repeats, kv, pre)
+            )
+        report['llama_cpp'] = bench_llama_cpp(ids, threads, steps, repeats, kv, pre)
+        md = markdown(report)
+        print('\n' + md)
+        report['markdown'] = md
+        plot(report, out.with_suffix('.png'))
+    if args.quality:
+        print('\nquality guard (greedy vs fp32, α = 0 task scores)', flush=True)
+        report['quality'] = quality_guard(formats, new_tokens=32 if args.quick else 64,
+                                          task_tokens=256 if args.quick else 1024)
+    if args.calibration:
+        print('\ncalibration check', flush=True)
+        report['calibration'] = calibration_check(
+            args.calibration_format, max(threads), quick=args.quick
+        )
+    out.write_text(json.dumps(report, indent=1, default=str))
     print(f'\nwrote {out}')
     return 0
 

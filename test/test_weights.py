@@ -157,3 +157,38 @@ def test_decode_timing_reads_a_written_cache(tiny):
         assert layer.keys.shape[2] == 32 and torch.isfinite(layer.keys).all()
         assert layer.keys.abs().sum() > 0 and layer.values.abs().sum() > 0
     assert len(engine.time_decode_step(32, repeats=3)) == 3
+
+
+# ------------------------------------------------------------------- real model (slow)
+@pytest.mark.slow
+def test_int4_uses_the_gguf_blocks_exactly_and_still_answers(smollm2):
+    from timebill_ros.core.evaluation.scoring import score
+    from timebill_ros.core.evaluation.tasks import counter_for, make_task
+    from timebill_ros.core.model import gguf_source, load_model
+
+    ref_model, tok = smollm2
+    cfg = ref_model.config
+    blocks = W.read_q4_1(gguf_source(''))
+    for name, module in (
+        ('blk.3.attn_q.weight', ref_model.model.layers[3].self_attn.q_proj),  # rows permuted
+        ('blk.7.ffn_down.weight', ref_model.model.layers[7].mlp.down_proj),
+    ):
+        assert W._match_rows(name, *blocks[name], module.weight.data, cfg) is not None
+    model, _ = load_model(weights='int4', threads=2)
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert kinds.count('Int4Linear') == 7 * cfg.num_hidden_layers  # all from Q4_1 blocks
+    assert kinds.count('Int8Linear') == 1  # the head
+
+    prompt = 'What is the capital of France?'
+    ref = Engine(ref_model, tok).generate(GenerationRequest(prompt=prompt, max_new_tokens=24))
+    engine = Engine(model, tok)
+    out = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=24))
+    assert out.token_ids[:3] == ref.token_ids[:3]  # greedy agreement does not break at once
+    assert 'Paris' in out.text
+    task = make_task('passkey', 512, counter_for(engine), seed=0)  # a planted fact, α = 0
+    got = engine.generate(
+        GenerationRequest(
+            prompt=task.prompt, system_prompt=task.system_prompt, max_new_tokens=32
+        )
+    )
+    assert score(task.metric, got.text, task.references) == 1.0, got.text

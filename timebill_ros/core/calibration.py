@@ -411,6 +411,45 @@ def _errors(ms: Sequence[Measurement], predict, statistic: str):
     return [(m.n, m.value(statistic), predict(m.n), m.held_out) for m in ms]
 
 
+def chunk_features(n: int, chunk: Optional[int], window: int = 64) -> List[float]:
+    """Return [model calls, tokens, attention pairs] of an ``n``-token prefill in ``chunk``s.
+
+    Splits as ``Engine._chunk_bounds`` does (a tail shorter than ``window`` joins the chunk
+    before). Each call pays a fixed cost (the weights streamed once), each token the GEMMs, and
+    each (query, key) pair attention: chunk·(keys before it) + chunk²/2.
+    """
+    bounds = [0, n] if not chunk else list(range(0, n, chunk)) + [n]
+    while len(bounds) > 2 and bounds[-1] - bounds[-2] < max(window, 1):
+        del bounds[-2]
+    pairs = sum((e - s) * s + (e - s) ** 2 / 2 for s, e in zip(bounds, bounds[1:]))
+    return [float(len(bounds) - 1), float(n), float(pairs)]
+
+
+def chunked_prefill_fit(
+    profile: Profile, chunk: Optional[int], window: int = 64
+) -> Dict[str, Any]:
+    """Fit prefill as c·calls + b·tokens + a·pairs (+ a constant) and score it on held-out points.
+
+    The quadratic a·N² + b·N + c ignores how the prompt is cut into model calls; this
+    shape-aware form follows the chunking requests run with. Reported beside the quadratic.
+    """
+    def rows(held: bool):
+        pts = [(m.n, m.value(profile.statistic)) for m in profile.prefill if m.held_out == held]
+        x = np.array([[1.0] + chunk_features(n, chunk, window) for n, _ in pts]).reshape(-1, 4)
+        return x, np.array([t for _, t in pts])
+
+    xf, yf = rows(False)
+    xh, yh = rows(True)
+    w = 1.0 / np.maximum(yf, 1e-9)  # relative error, as MAPE counts it
+    coef = np.linalg.lstsq(xf * w[:, None], yf * w, rcond=None)[0]
+    return {
+        'chunk': chunk,
+        'coefficients': dict(zip(('const', 'per_call', 'per_token', 'per_pair'), coef.tolist())),
+        'mape_held_out': mape(yh, xh @ coef) if len(yh) else math.nan,
+        'mape_fit': mape(yf, xf @ coef),
+    }
+
+
 def decode_slopes(profile: Profile) -> Optional[tuple]:
     """
     Slope p on the lower and the upper half of the decode grid: equal if the step is linear.
