@@ -412,7 +412,8 @@ def _errors(ms: Sequence[Measurement], predict, statistic: str):
 
 
 def chunk_features(n: int, chunk: Optional[int], window: int = 64) -> List[float]:
-    """Return [model calls, tokens, attention pairs] of an ``n``-token prefill in ``chunk``s.
+    """
+    Return [model calls, tokens, attention pairs] of an ``n``-token prefill in ``chunk``s.
 
     Splits as ``Engine._chunk_bounds`` does (a tail shorter than ``window`` joins the chunk
     before). Each call pays a fixed cost (the weights streamed once), each token the GEMMs, and
@@ -428,7 +429,8 @@ def chunk_features(n: int, chunk: Optional[int], window: int = 64) -> List[float
 def chunked_prefill_fit(
     profile: Profile, chunk: Optional[int], window: int = 64
 ) -> Dict[str, Any]:
-    """Fit prefill as c·calls + b·tokens + a·pairs (+ a constant) and score it on held-out points.
+    """
+    Fit prefill as c·calls + b·tokens + a·pairs (+ a constant) and score it on held-out points.
 
     The quadratic a·N² + b·N + c ignores how the prompt is cut into model calls; this
     shape-aware form follows the chunking requests run with. Reported beside the quadratic.
