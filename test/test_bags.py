@@ -76,6 +76,7 @@ def test_interface_types_follow_rosidl_naming():
         'deadline',
         'max_new_tokens',
         'overrun_policy',
+        'client_node',
     ]
     # a bare `Request` inside Generate.action is the package's msg, as rosidl resolves it
     ((_, (_, ref)),) = store.fielddefs['timebill_ros/action/Generate_Goal'][1]

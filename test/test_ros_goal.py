@@ -49,8 +49,10 @@ def test_goal_returns_real_answer_before_deadline_with_estimate_during_prefill(r
     assert 'prefill' in stages and 'decoding' in stages
     assert stages.index('prefill') < stages.index('decoding')
     counts = [f.tokens_so_far for f in feedback if STAGE_NAMES[f.stage] == 'decoding']
-    assert counts == sorted(counts) and counts[-1] == out.tokens_generated
-    assert feedback[-1].partial_text == out.text
+    # feedback is a stream beside the result, not before it: the last message may still be in
+    # flight when the result arrives, but what came is a prefix of the answer
+    assert counts == sorted(counts) and 0 < counts[-1] <= out.tokens_generated
+    assert out.text.startswith(feedback[-1].partial_text)
 
 
 def test_estimate_budget_service_before_sending(ready_server):

@@ -17,6 +17,7 @@ pipeline's one model thread works.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import astuple
 import gc
 import os
 import sys
@@ -227,9 +228,9 @@ class GeneratorNode(LifecycleNode):
 
     # ---------------------------------------------------------------- heartbeat
     def publish_heartbeat(self) -> None:
-        snap = (
-            self.pipeline.snapshot() if self.pipeline is not None else {'queued': 0, 'running': ''}
-        )
+        pipeline = self.pipeline
+        snap = pipeline.snapshot() if pipeline is not None else {'queued': 0, 'running': ''}
+        model = astuple(pipeline.time_model()) if pipeline is not None else ()
         self._heartbeat.publish(
             Heartbeat(
                 stamp=self.get_clock().now().to_msg(),
@@ -238,6 +239,7 @@ class GeneratorNode(LifecycleNode):
                 error=self.error,
                 queued=snap['queued'],
                 running=snap['running'],
+                time_model=[float(x) for x in model],
             )
         )
 

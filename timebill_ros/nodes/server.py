@@ -31,6 +31,8 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.task import Future
 from timebill_ros.action import Generate, TimedInference
+from timebill_ros.core.scheduler import admission
+from timebill_ros.core.time_estimator import ExecutionTimeModel
 from timebill_ros.msg import Heartbeat, Request
 from timebill_ros.nodes.common import (
     ACTION_GENERATE,
@@ -393,7 +395,10 @@ class TimeBillServer(LifecycleNode):
 
     def _execute(self, goal_handle, ctx: _Goal) -> TimedInference.Result:
         rel = lambda: ros_now_s(self) - ctx.accepted_s  # noqa: E731
-        result = R(estimate_received_s=-1.0)
+        # stages that never happen stay -1 (a refusal by the server starts none of them)
+        never = ('dispatch_at_s', 'prefill_start_s', 'prefill_end_s', 'estimate_received_s',
+                 'decode_start_s')
+        result = R(**{name: -1.0 for name in never})
         cfg = self.cfg
         if cfg is None:
             return self._end(
@@ -418,6 +423,9 @@ class TimeBillServer(LifecycleNode):
             max_new_tokens=max_new,
             overrun_policy=overrun,
         )
+        hopeless = self._hopeless(len(ids), deadline)
+        if hopeless:
+            return self._end(goal_handle, result, rel, R.STATUS_REJECTED, hopeless)
         if not self._generator.server_is_ready():
             why = (
                 self._beat.error
@@ -470,6 +478,23 @@ class TimeBillServer(LifecycleNode):
         else:
             goal_handle.abort()
         return result
+
+    def _hopeless(self, n_prompt: int, deadline: float) -> str:
+        """Say why a goal cannot finish even alone at α_max, by the generator's own time model.
+
+        The generator would refuse it too (its check also counts the goals ahead); answering
+        here saves the refusal two round trips through loaded executors. '' when it may fit or
+        the generator's model is not known (then the generator decides).
+        """
+        beat = self._beat
+        if beat is None or not beat.time_model or self.cfg is None:
+            return ''
+        if time.monotonic() - self._beat_at > self.cfg.peer_timeout_s:
+            return ''
+        model = ExecutionTimeModel(*beat.time_model)
+        now = ros_now_s(self)
+        verdict = admission(model, now, deadline, n_prompt, [], None, self.cfg.alpha_max)
+        return '' if verdict.admit else verdict.reason
 
     def _end(self, goal_handle, result, rel, status: int, reason: str) -> TimedInference.Result:
         log = self.get_logger().warning
