@@ -480,7 +480,8 @@ class TimeBillServer(LifecycleNode):
         return result
 
     def _hopeless(self, n_prompt: int, deadline: float) -> str:
-        """Say why a goal cannot finish even alone at α_max, by the generator's own time model.
+        """
+        Say why a goal cannot finish even alone at α_max, by the generator's own time model.
 
         The generator would refuse it too (its check also counts the goals ahead); answering
         here saves the refusal two round trips through loaded executors. '' when it may fit or
