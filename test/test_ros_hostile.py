@@ -27,7 +27,7 @@ def G(prompt=None, budget=None, **kw):
     """Describe a goal: prompt/budget strategies default to valid values."""
     return st.fixed_dictionaries(
         {
-            'prompt': prompt or ok_prompt,
+            'prompt': prompt if prompt is not None else ok_prompt,
             'budget': budget if budget is not None else ok_budget,
             **{k: (v if isinstance(v, st.SearchStrategy) else st.just(v)) for k, v in kw.items()},
         }
