@@ -59,12 +59,14 @@ def main() -> int:
     )
     ap.add_argument('--domain', type=int, default=78)
     ap.add_argument('--out', default='results/shutdown_time')
+    ap.add_argument('--conditions', default='idle,hog', help='idle, hog or both (comma-separated)')
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = {'threads': 1} | ({'model': args.model} if args.model else {})
     results = {}
-    for label, hogs in (('idle', 0), ('hog', 1)):
+    wanted = args.conditions.split(',')
+    for label, hogs in [(c, 1 if c == 'hog' else 0) for c in wanted]:
         hog = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(hogs)]
         try:
             runs = []

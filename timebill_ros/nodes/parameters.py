@@ -22,8 +22,10 @@ PARAMETERS = {
     'model': ('target LLM: alias, HF directory, .gguf file or hub id', None),
     'dtype': ('activation dtype of the target model: float32 | bfloat16 | float16', None),
     'weights': ('weight format of the target model: fp32 | bf16 | int8 | int4', None),
-    'dense_prefill': ('int4/int8: a bf16 copy of the weights for prefill (faster, more memory)',
-                      None),
+    'prefill_weights': (
+        'int4 prefill weights: auto | bf16 | fp32 | none (dense copy, more memory)',
+        None,
+    ),
     'device': ('torch device of the target model: cpu | cuda[:n]', None),
     'threads': ("torch intra-op threads (0: torch's default)", (0, 256)),
     'max_new_tokens': ('answer length cap for goals that ask for 0', (1, 1 << 20)),
