@@ -1,16 +1,3 @@
-# Copyright 2015 Open Source Robotics Foundation, Inc.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
 """ament_pep257 over the package's Python, as `colcon test` runs it in a ROS workspace."""
 
 from ament_pep257.main import main
@@ -22,4 +9,4 @@ from test_flake8 import PATHS
 @pytest.mark.pep257
 def test_pep257():
     rc = main(argv=PATHS)
-    assert rc == 0, 'Found code style errors / warnings'
+    assert rc == 0, 'ament_pep257 findings: see the output above'
