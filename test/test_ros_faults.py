@@ -162,8 +162,9 @@ def test_wrong_model_path_fails_configure_readably_and_frees_nothing_twice(
         )
         assert all(code is None for code in nodes.alive().values())  # nobody crashed
     finally:
-        assert all(code == 0 for code in nodes.stop().values())
+        codes = nodes.stop()
         close_client(client)
+        assert all(code == 0 for code in codes.values()), codes
 
 
 _PLANNER_THAT_LEAVES = """

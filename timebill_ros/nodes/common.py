@@ -67,6 +67,7 @@ TRANSITIONS = {
     'shutdown': Transition.TRANSITION_UNCONFIGURED_SHUTDOWN,
 }
 
+SHUTDOWN_GRACE_S = 2.0  # a node's teardown after SIGINT never takes longer than this
 SPIN_WAKE_S = 0.1  # the main thread checks for signals at least this often
 N_THREADS = 4  # executor threads of a node whose callbacks never block for long
 # Goals held at once by the server and the generator (queued + running); each holds one executor
@@ -183,6 +184,7 @@ def run_node(node, num_threads: int = N_THREADS) -> int:
     """
     import os
     import signal
+    import threading
 
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -210,6 +212,16 @@ def run_node(node, num_threads: int = N_THREADS) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+
+        def overdue():
+            print(f'[{node.get_name()}] teardown took over {SHUTDOWN_GRACE_S:g} s; leaving now',
+                  file=sys.stderr, flush=True)
+            os._exit(code)
+
+        # whatever hangs in the teardown (a DDS call on a loaded machine), launch's window holds
+        watchdog = threading.Timer(SHUTDOWN_GRACE_S, overdue)
+        watchdog.daemon = True
+        watchdog.start()
         release = getattr(node, 'release', None)
         if release is not None:
             try:
