@@ -164,6 +164,7 @@ def bench_llama_cpp(ids, threads, steps, prefill_repeats, kv_lengths, prefill_le
     """Measure the same in llama.cpp, on the GGUF the default model comes from."""
     try:
         import llama_cpp
+        import numpy as np
     except ImportError:
         print(f'llama.cpp anchor skipped (llama_cpp not importable): {INSTALL_HINT}')
         return None
@@ -189,7 +190,7 @@ def bench_llama_cpp(ids, threads, steps, prefill_repeats, kv_lengths, prefill_le
         for s in range(steps + 1):
             t0 = time.perf_counter()
             llm.eval([ids[(pos + s) % len(ids)]])
-            int(llm.scores[llm.n_tokens - 1].argmax())
+            int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
@@ -197,12 +198,14 @@ def bench_llama_cpp(ids, threads, steps, prefill_repeats, kv_lengths, prefill_le
     llm.reset()
     llm.eval(ids[:n_long])
     for t in threads:
-        set_threads(t)
-        r = {'load_start': load1(), 'decode_ms': {}, 'prefill_s': {}}
-        for n in sorted(kv_lengths, reverse=True):
-            r['decode_ms'][n] = 1e3 * step(n, n)
-        r['decode_ms'] = dict(sorted(r['decode_ms'].items()))
-        row['threads'][t] = r
+        row['threads'][t] = {'load_start': load1(), 'decode_ms': {}, 'prefill_s': {}}
+    # llama.cpp really drops positions >= n: longest first, every thread count at each length
+    for n in sorted(kv_lengths, reverse=True):
+        for t in threads:
+            set_threads(t)
+            row['threads'][t]['decode_ms'][n] = 1e3 * step(n, n)
+    for t in threads:
+        row['threads'][t]['decode_ms'] = dict(sorted(row['threads'][t]['decode_ms'].items()))
     for t in threads:  # prefill last: it overwrites the long prompt's cache
         set_threads(t)
         r = row['threads'][t]
