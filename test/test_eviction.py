@@ -75,7 +75,7 @@ def test_streaming_llm_keeps_sinks_and_recent():
 
 
 def test_registry_and_options():
-    assert set(PRESSES) == {'none', 'snapkv', 'streaming_llm'}
+    assert set(PRESSES) >= {'none', 'snapkv', 'streaming_llm'}  # more in test_presses.py
     # n_sink ignored for snapkv
     press = get_press('snapkv', window_size=32, kernel_size=7, n_sink=9)
     assert (press.window_size, press.kernel_size) == (32, 7)

@@ -435,7 +435,8 @@ class Engine:
                 if len(bounds) > 2:  # explicit positions, so RoPE never depends on cache counting
                     kw['position_ids'] = torch.arange(start, end, device=self.device).unsqueeze(0)
                 if last and self.press.needs_scores:
-                    _collect.press, _collect.scores = self.press, scores
+                    _collect.press = self.press.for_prompt(ids, self.tokenizer)
+                    _collect.scores = scores
                 _collect.chunk = start > 0
                 if last or trunk is None:
                     out = self.model(
@@ -475,9 +476,8 @@ class Engine:
         length = state.kv_before
         keep = n_keep(length, alpha)
         if keep < length:
-            per_layer = []
-            for i, layer in enumerate(state.cache.layers):
-                per_layer.append(self.press.keep_indices(layer.keys, state.scores.get(i), keep))
+            keys = [layer.keys for layer in state.cache.layers]
+            per_layer = self.press.select(keys, state.scores, keep)
             kv_cache.keep_entries(state.cache, per_layer)
         state.scores = {}  # no longer needed; free the memory
         state.alpha, state.kv_after, state.evicted = alpha, keep, True
