@@ -7,7 +7,7 @@ standard-library text, 1k-4k tokens by default). Each candidate is prefilled onc
 press's scores collected in that one pass; it is answered at α = 0 first and kept only if that
 answer is right (the model must be able to answer it before eviction can be blamed). A kept
 task is then evicted from a clone of the prefill for every press × α and answered greedily
-(at most 12 tokens; decoding stops once the extracted answer can no longer change).
+(at most 16 tokens; decoding stops once the extracted answer can no longer change).
 
 Results are cached per task under ``--out`` (``results/press_quality`` by default; ignored by
 git), so an interrupted run continues where it stopped. Writes ``summary.json``, ``table.md``

@@ -34,7 +34,7 @@ from .tasks import _fit, Task
 
 KINDS = ('passkey', 'city', 'colour', 'kv', 'twohop')
 LENGTHS = (1024, 2048, 3072, 4096)
-MAX_NEW_TOKENS = 12
+MAX_NEW_TOKENS = 16
 SYSTEM_PROMPT = 'You answer questions about the given text. Answer briefly, using only the text.'
 INTRO = (
     'There is important information hidden inside a long text. Find it and memorize it. '
