@@ -187,7 +187,7 @@ def test_bad_input_raises_specific_errors(tiny, smollm2):
             engine.generate(GenerationRequest(input_ids=_ids(10), alpha=alpha))
     with pytest.raises(PromptTooLongError, match='context is 1024'):
         engine.generate(GenerationRequest(input_ids=_ids(1100)))
-    with pytest.raises(UnknownPressError, match='known: none, snapkv, streaming_llm'):
+    with pytest.raises(UnknownPressError, match='known: .*snapkv, streaming_llm'):
         Engine(tiny, None, press='h2o')
     with pytest.raises(DeadlinePassedError, match='already passed'):
         engine.generate(GenerationRequest(input_ids=_ids(10), deadline=time.monotonic() - 0.1))
