@@ -46,7 +46,7 @@ class TimeBillConfig:
     max_new_tokens: int = 512
     chat_template: bool = True  # instruct models get their chat template
     # --- eviction ---------------------------------------------------------
-    # question_window leads a 6-task run (docs/QUALITY.md); the default moves when the full run does
+    # question_window leads a 6-task run (docs/QUALITY.md); the default moves after the full run
     press: str = 'snapkv'
     window_size: int = 64
     kernel_size: int = 5
