@@ -315,8 +315,8 @@ def calibration_check(fmt, threads, quick=False):
             decode_repeats=3,
             progress=False,
         )
-    else:
-        prof = cal.calibrate(engine, progress=False)
+    else:  # the grids of `timebill calibrate`, fewer repeats: minutes, not a quarter hour
+        prof = cal.calibrate(engine, repeats=2, decode_repeats=3, progress=False)
     m = prof.model
     shape = cal.chunked_prefill_fit(prof, CHUNK)
     res = {
@@ -438,6 +438,10 @@ def main() -> int:
     ap.add_argument('--quick', action='store_true', help='short lengths, few repeats')
     ap.add_argument('--formats', default=','.join(FORMATS))
     ap.add_argument('--threads', default='1,2')
+    ap.add_argument('--kv', default=','.join(map(str, DECODE_KV)), help='decode KV lengths')
+    ap.add_argument('--prefill', default=','.join(map(str, PREFILL_N)), help='prefill lengths')
+    ap.add_argument('--steps', type=int, default=12, help='decode steps per length')
+    ap.add_argument('--repeats', type=int, default=2, help='prefill repeats (minimum kept)')
     ap.add_argument('--quality', action='store_true', help='add the quality guard')
     ap.add_argument('--calibration', action='store_true', help='add the calibration check')
     ap.add_argument('--calibration-format', default=TimeBillConfig().weights)
@@ -446,9 +450,9 @@ def main() -> int:
     args = ap.parse_args()
     formats = [W.check_format(f) for f in args.formats.split(',') if f]
     threads = [int(t) for t in args.threads.split(',')]
-    kv = (128, 512) if args.quick else DECODE_KV
-    pre = (128, 256) if args.quick else PREFILL_N
-    steps, repeats = (4, 1) if args.quick else (12, 2)
+    kv = (128, 512) if args.quick else tuple(int(n) for n in args.kv.split(','))
+    pre = (128, 256) if args.quick else tuple(int(n) for n in args.prefill.split(','))
+    steps, repeats = (4, 1) if args.quick else (args.steps, args.repeats)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
