@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 OVERRUNS = ('kill', 'skip-next')
 FIXED_ALPHAS = (0.25, 0.5, 0.75, 0.95)
@@ -240,9 +242,51 @@ def simulate(jobs: Sequence[Job], budget_s: float, overrun: str) -> List[JobOutc
         ) from None
 
 
+# ------------------------------------------------------------------------ confidence intervals
+CI_RESAMPLES = 2000
+CI_LEVEL = 0.95
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    stat: Callable = np.mean,
+    n_resamples: int = CI_RESAMPLES,
+    level: float = CI_LEVEL,
+    seed: int = 0,
+) -> Tuple[float, float]:
+    """
+    Percentile bootstrap interval of ``stat`` over jobs: how much a number owes to its prompts.
+
+    ``stat`` is called as ``stat(matrix, axis=1)`` on all resamples at once (numpy reductions
+    work). Under Kill/Skip-Next the jobs of one row are not fully independent (a late job makes
+    Skip-Next skip the next ones), so resampling jobs is the usual approximation, not exact.
+    The fixed seed keeps a report reproducible.
+    """
+    v = np.asarray(values, dtype=float).ravel()
+    n = v.size
+    if n == 0:
+        return (math.nan, math.nan)
+    if n == 1:
+        x = float(stat(v[None, :], axis=1)[0])
+        return (x, x)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    boot = stat(v[idx], axis=1)
+    tail = (1.0 - level) / 2
+    lo, hi = np.quantile(boot, [tail, 1.0 - tail])
+    return (float(lo), float(hi))
+
+
+def outcome_cis(completed: Sequence[float], scores: Sequence[float], seed: int = 0) -> dict:
+    """Return the CIs of completion rate and average score (also for outcomes read from JSON)."""
+    return {
+        'completion_ci': list(bootstrap_ci(completed, seed=seed)),
+        'score_ci': list(bootstrap_ci(scores, seed=seed)),
+    }
+
+
 def summarize(outcomes: Sequence[JobOutcome]) -> dict:
     """
-    Score jobs on the paper's two axes: completion rate and average score.
+    Score jobs on the paper's two axes: completion rate and average score, with bootstrap CIs.
 
     Plus how late the late ones were.
     """
@@ -255,6 +299,7 @@ def summarize(outcomes: Sequence[JobOutcome]) -> dict:
         'jobs': n,
         'completion_rate': sum(o.completed for o in outcomes) / n if n else math.nan,
         'avg_score': sum(o.score for o in outcomes) / n if n else math.nan,
+        **outcome_cis([o.completed for o in outcomes], [o.score for o in outcomes]),
         'statuses': counts,
         'late_count': len(late),
         'late_s_median': late[len(late) // 2] if late else 0.0,

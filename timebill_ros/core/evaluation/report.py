@@ -4,17 +4,32 @@ Benchmark reports: JSON for machines, Markdown for people, PNGs like the paper's
 Fig. 7 style: completion rate and average score against the time budget, one line per policy,
 one column per overrun strategy. Fig. 8 style: the same two numbers against TimeBill's
 pessimism factor k at one budget. Plus lateness of the late jobs and the estimator's error on
-the requests actually served.
+the requests actually served. Every rate and score carries a 95 % percentile-bootstrap CI over
+the prompts, so a reader can tell a real gap from prompt-to-prompt noise.
+
+Re-render a saved run (new CIs, tables and PNGs; results.json is left as measured)::
+
+    python -m timebill_ros.core.evaluation.report results/eval/results.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from .policies import CI_LEVEL, CI_RESAMPLES, outcome_cis
 
 OVERRUN_TITLES = {'kill': 'Kill', 'skip-next': 'Skip-Next'}
+CI_NOTE = (
+    f'Brackets: {100 * CI_LEVEL:.0f} % confidence intervals, a percentile bootstrap over the '
+    f'prompts ({CI_RESAMPLES} resamples of the jobs in a row, fixed seed). Jobs in one row are '
+    'not fully independent (under Skip-Next a late job skips the next ones), so the intervals '
+    'are the usual approximation, not exact.'
+)
 
 
 def _clean(x: Any) -> Any:
@@ -50,8 +65,143 @@ def _num(x: Optional[float], fmt: str = '.2f') -> str:
     return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+# ------------------------------------------------------------------------ confidence intervals
+def add_cis(results: dict) -> dict:
+    """
+    Fill in ``completion_ci`` / ``score_ci`` from stored outcomes where a row lacks them.
+
+    Results written before the CIs existed hold only the per-job outcomes; rows without
+    outcomes (old k sweeps) stay without CIs and are shown as point values.
+    """
+    for d in results.get('groups', {}).values():
+        for row in list(d.get('table', [])) + list(d.get('k_sweep', [])):
+            if 'completion_ci' in row and 'score_ci' in row:
+                continue
+            outs = row.get('outcomes')
+            if outs is None:
+                continue
+            row.update(
+                outcome_cis(
+                    [float(bool(o['completed'])) for o in outs],
+                    [math.nan if o['score'] is None else o['score'] for o in outs],
+                )
+            )
+    return results
+
+
+def _ci(row: dict, key: str) -> Optional[Sequence[float]]:
+    """Return the row's ``key`` interval, or None when absent or undefined (no jobs)."""
+    ci = row.get(key)
+    if not ci or any(_missing(c) for c in ci):
+        return None
+    return ci
+
+
+def _pct_ci(x: Optional[float], ci: Optional[Sequence[float]]) -> str:
+    if _missing(x) or ci is None:
+        return _pct(x)
+    return f'{100 * x:.0f}% [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]'
+
+
+def _num_ci(x: Optional[float], ci: Optional[Sequence[float]]) -> str:
+    if _missing(x) or ci is None:
+        return _num(x)
+    return f'{x:.2f} [{ci[0]:.2f}–{ci[1]:.2f}]'
+
+
+def _cell(row: dict) -> str:
+    """One table cell: ``83% [67–96] / 0.71 [0.55–0.86]`` (completion / score, with CIs)."""
+    return (
+        f'{_pct_ci(row.get("completion_rate"), _ci(row, "completion_ci"))} / '
+        f'{_num_ci(row.get("avg_score"), _ci(row, "score_ci"))}'
+    )
+
+
+def verdict(
+    mean: Optional[float],
+    ci: Optional[Sequence[float]],
+    other_mean: Optional[float],
+    other_ci: Optional[Sequence[float]],
+) -> str:
+    """
+    Return win / loss only when the means differ and the CIs do not overlap, else tie.
+
+    Non-overlap is a conservative test: a tie means "not shown apart", not "equal".
+    """
+    if ci is None or other_ci is None or _missing(mean) or _missing(other_mean):
+        return 'n/a'
+    if mean > other_mean and ci[0] > other_ci[1]:
+        return 'win'
+    if mean < other_mean and ci[1] < other_ci[0]:
+        return 'loss'
+    return 'tie'
+
+
+def _verdict_lines(d: dict) -> List[str]:
+    """Per budget under Kill: each TimeBill variant against the best baseline by average score."""
+    rows = _rows(d['table'], 'kill')
+    tbs = [p for p in rows if p.startswith('timebill')]
+    bases = [p for p in rows if not p.startswith('timebill')]
+    if not tbs or not bases:
+        return []
+    lines = [
+        '### Where TimeBill wins, ties or loses (Kill, average score)',
+        '',
+        'Against the best baseline at each budget (highest average score among the other '
+        'policies, truncate included): win / loss when the means differ and the 95 % CIs do not '
+        'overlap, tie otherwise. Non-overlap is a conservative test and the best of several '
+        'baselines is picked after the fact, so both lean towards "tie".',
+        '',
+        '| budget | best baseline | ' + ' | '.join(tbs) + ' |',
+        '|---|---|' + '---|' * len(tbs),
+    ]
+    tally: Dict[str, Dict[str, int]] = {p: {} for p in tbs}
+    for b in d['budgets_s']:
+        cands = [
+            (rows[p][b], p)
+            for p in bases
+            if b in rows[p] and not _missing(rows[p][b]['avg_score'])
+        ]
+        if not cands:
+            continue
+        base, name = max(cands, key=lambda c: c[0]['avg_score'])
+        cells = []
+        for p in tbs:
+            r = rows[p].get(b)
+            if r is None:
+                cells.append('–')
+                continue
+            v = verdict(
+                r['avg_score'], _ci(r, 'score_ci'), base['avg_score'], _ci(base, 'score_ci')
+            )
+            tally[p][v] = tally[p].get(v, 0) + 1
+            cells.append(f'{v}: {_num_ci(r["avg_score"], _ci(r, "score_ci"))}')
+        lines.append(
+            f'| T={b:g}s | {name}: {_num_ci(base["avg_score"], _ci(base, "score_ci"))} | '
+            + ' | '.join(cells)
+            + ' |'
+        )
+    lines += [
+        '',
+        'Tally: '
+        + '; '.join(
+            f'{p} {", ".join(f"{t.get(v, 0)} {v}" for v in ("win", "tie", "loss"))}'
+            + (f', {t["n/a"]} n/a' if t.get('n/a') else '')
+            for p, t in tally.items()
+        )
+        + '.',
+        '',
+    ]
+    return lines
+
+
 # ------------------------------------------------------------------------------------ markdown
 def markdown(results: dict) -> str:
+    add_cis(results)
     meta = results.get('meta', {})
     lines = ['# TimeBill offline benchmark', '']
     if meta:
@@ -85,6 +235,8 @@ def markdown(results: dict) -> str:
         'answer is scored, not completed) and skips the jobs released meanwhile; truncate '
         'keeps the text ready at the deadline. Cells: completion rate / average score.',
         '',
+        CI_NOTE,
+        '',
     ]
     for g, d in results.get('groups', {}).items():
         budgets = d['budgets_s']
@@ -103,14 +255,10 @@ def markdown(results: dict) -> str:
                 '|---|' + '---|' * len(budgets),
             ]
             for pol, by_b in rows.items():
-                cells = [
-                    f'{_pct(by_b[b]["completion_rate"])} / {_num(by_b[b]["avg_score"])}'
-                    if b in by_b
-                    else '–'
-                    for b in budgets
-                ]
+                cells = [_cell(by_b[b]) if b in by_b else '–' for b in budgets]
                 lines.append(f'| {pol} | ' + ' | '.join(cells) + ' |')
             lines.append('')
+        lines += _verdict_lines(d)
         tb = [
             r for r in d['table'] if r['policy'].startswith('timebill') and r['overrun'] == 'kill'
         ]
@@ -159,10 +307,7 @@ def markdown(results: dict) -> str:
                 a = rs['kill']['alphas']
                 lines.append(
                     f'| {k:g} | {sum(a) / len(a):.2f} | '
-                    + ' | '.join(
-                        f'{_pct(rs[o]["completion_rate"])} / {_num(rs[o]["avg_score"])}'
-                        for o in ('kill', 'skip-next')
-                    )
+                    + ' | '.join(_cell(rs[o]) if o in rs else '–' for o in ('kill', 'skip-next'))
                     + ' |'
                 )
             if len({tuple(rs['kill']['alphas']) for rs in by_k.values()}) == 1:
@@ -201,7 +346,11 @@ def markdown(results: dict) -> str:
         lines.append('')
     figs = results.get('figures', [])
     if figs:
-        lines += ['## Figures', ''] + [f'![{Path(f).stem}]({Path(f).name})' for f in figs] + ['']
+        lines += (
+            ['## Figures', '', 'Error bars and bands: the 95 % bootstrap CIs of the tables.', '']
+            + [f'![{Path(f).stem}]({Path(f).name})' for f in figs]
+            + ['']
+        )
     return '\n'.join(lines)
 
 
@@ -223,22 +372,58 @@ def _style(policy: str):
     return {'color': color, 'marker': marker, 'alpha': 0.85, 'markersize': 5}
 
 
+def _band(rows: Sequence[dict], key: str, ci_key: str, scale: float = 1.0):
+    """Points and their CI bounds (NaN where unknown), scaled for plotting."""
+    ys, lo, hi = [], [], []
+    for r in rows:
+        y = math.nan if _missing(r.get(key)) else scale * r[key]
+        ci = _ci(r, ci_key)
+        ys.append(y)
+        lo.append(math.nan if ci is None else scale * ci[0])
+        hi.append(math.nan if ci is None else scale * ci[1])
+    return ys, lo, hi
+
+
+def _yerr(ys: List[float], lo: List[float], hi: List[float]) -> List[List[float]]:
+    """Errorbar lengths below / above each point (a percentile CI may miss its point slightly)."""
+    return [
+        [max(y - a, 0.0) if not math.isnan(a) else 0.0 for y, a in zip(ys, lo)],
+        [max(b - y, 0.0) if not math.isnan(b) else 0.0 for y, b in zip(ys, hi)],
+    ]
+
+
 def figures(results: dict, out_dir: Path) -> List[Path]:
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
+    add_cis(results)
     paths: List[Path] = []
     for g, d in results.get('groups', {}).items():
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+        budgets = d.get('budgets_s') or [0.0]
+        span = (max(budgets) - min(budgets)) or 1.0
         for col, ov in enumerate(('kill', 'skip-next')):
-            for pol, by_b in _rows(d['table'], ov).items():
+            rows = _rows(d['table'], ov)
+            for i, (pol, by_b) in enumerate(rows.items()):
                 bs = sorted(by_b)
-                axes[0, col].plot(
-                    bs, [100 * by_b[b]['completion_rate'] for b in bs], label=pol, **_style(pol)
-                )
-                axes[1, col].plot(bs, [by_b[b]['avg_score'] for b in bs], label=pol, **_style(pol))
+                # dodge the policies sideways a little so their error bars stay readable
+                xs = [b + (i - (len(rows) - 1) / 2) * 0.006 * span for b in bs]
+                for ax, key, ci_key, scale in (
+                    (axes[0, col], 'completion_rate', 'completion_ci', 100.0),
+                    (axes[1, col], 'avg_score', 'score_ci', 1.0),
+                ):
+                    ys, lo, hi = _band([by_b[b] for b in bs], key, ci_key, scale)
+                    ax.errorbar(
+                        xs,
+                        ys,
+                        yerr=_yerr(ys, lo, hi),
+                        capsize=2,
+                        elinewidth=0.8,
+                        label=pol,
+                        **_style(pol),
+                    )
             axes[0, col].set_title(f'{OVERRUN_TITLES[ov]} — prompts ~{g} tokens')
             axes[0, col].set_ylabel('completion rate (%)')
             axes[1, col].set_ylabel('average score')
@@ -257,15 +442,13 @@ def figures(results: dict, out_dir: Path) -> List[Path]:
             for ov in ('kill', 'skip-next'):
                 rs = sorted((r for r in d['k_sweep'] if r['overrun'] == ov), key=lambda r: r['k'])
                 ks = [r['k'] for r in rs]
-                axes[0].plot(
-                    ks,
-                    [100 * r['completion_rate'] for r in rs],
-                    marker='o',
-                    label=OVERRUN_TITLES[ov],
-                )
-                axes[1].plot(
-                    ks, [r['avg_score'] for r in rs], marker='o', label=OVERRUN_TITLES[ov]
-                )
+                for ax, key, ci_key, scale in (
+                    (axes[0], 'completion_rate', 'completion_ci', 100.0),
+                    (axes[1], 'avg_score', 'score_ci', 1.0),
+                ):
+                    ys, lo, hi = _band(rs, key, ci_key, scale)
+                    (line,) = ax.plot(ks, ys, marker='o', label=OVERRUN_TITLES[ov])
+                    ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
             axes[0].set_ylabel('completion rate (%)')
             axes[1].set_ylabel('average score')
             for ax in axes:
@@ -341,6 +524,7 @@ def write_report(results: dict, out_dir: Path | str, plots: bool = True) -> Dict
     """results.json, report.md and the PNGs in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    add_cis(results)
     paths: Dict[str, Path] = {}
     if plots:
         figs = figures(results, out_dir)
@@ -351,3 +535,48 @@ def write_report(results: dict, out_dir: Path | str, plots: bool = True) -> Dict
     md.write_text(markdown(results))
     paths['markdown'] = md
     return paths
+
+
+def rerender(json_path: Path | str, plots: bool = True) -> Dict[str, Path]:
+    """
+    Write report.md and the PNGs again next to a saved results.json, without rerunning the sweep.
+
+    CIs missing from old files are recomputed from the stored outcomes; the JSON itself is not
+    rewritten, so the measured data stays as it was saved.
+    """
+    json_path = Path(json_path)
+    results = json.loads(json_path.read_text())
+    out_dir = json_path.parent
+    add_cis(results)
+    paths: Dict[str, Path] = {}
+    if plots:
+        figs = figures(results, out_dir)
+        results['figures'] = [str(p) for p in figs]
+        paths.update({p.stem: p for p in figs})
+    else:  # keep links only to figures still there from an earlier render
+        results['figures'] = [
+            f for f in results.get('figures', []) if (out_dir / Path(f).name).is_file()
+        ]
+    md = out_dir / 'report.md'
+    md.write_text(markdown(results))
+    paths['markdown'] = md
+    return paths
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog='python -m timebill_ros.core.evaluation.report',
+        description='Re-render report.md and the PNGs from a saved results.json.',
+    )
+    p.add_argument('results_json', help='results.json written by `timebill eval`')
+    p.add_argument('--no-plots', action='store_true', help='report.md only')
+    args = p.parse_args(argv)
+    if not Path(args.results_json).is_file():
+        p.error(f'no such file: {args.results_json}')
+    for name, path in rerender(args.results_json, plots=not args.no_plots).items():
+        print(f'{name}: {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -346,12 +346,14 @@ def evaluate(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
             pol = timebill(float(k), sweeper.cfg.alpha_max)
             jobs = policy_jobs(sweeper, rs, pol, kb)
             for ov in pol.overruns:
+                k_outcomes = simulate(jobs, kb, ov)
                 ksweep.append(
                     {
                         'k': float(k),
                         'overrun': ov,
                         'budget_s': kb,
-                        **summarize(simulate(jobs, kb, ov)),
+                        **summarize(k_outcomes),
+                        'outcomes': [o.to_dict() for o in k_outcomes],
                         'alphas': [
                             sweeper.timebill_alpha(r, kb, float(k), sweeper.cfg.alpha_max)
                             for r in rs
