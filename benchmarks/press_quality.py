@@ -171,6 +171,32 @@ def summarise(records, labels, alphas) -> dict:
                        max((r['n_tokens'] for r in full), default=0)]}
 
 
+def write_profile(summary, alphas, path: str) -> Path:
+    """Ship the curves as the quality profile the pipeline reads (core/quality.py)."""
+    from timebill_ros.core.quality import QualityCurve, save_curves
+
+    curves = [
+        QualityCurve(
+            press=PRESS_SPECS[label][0],
+            pooling=PRESS_SPECS[label][1].get('pooling', ''),
+            alphas=tuple(alphas),
+            accuracy=tuple(p['accuracy']),
+            model=summary['model'],
+            weights=summary['weights'],
+            n_tasks=summary['n_tasks'],
+            source=f'benchmarks/press_quality.py ({label}, AUC {p["auc"]:.3f})',
+        )
+        for label, p in summary['presses'].items()
+    ]
+    note = (
+        f'exact-match accuracy vs alpha on {summary["n_tasks"]} long-context tasks of '
+        f'{summary["tokens"][0]}-{summary["tokens"][1]} tokens that the model answers at '
+        f'alpha = 0 ({summary["weights"]} weights); regenerate with '
+        f'benchmarks/press_quality.py --write-profile'
+    )
+    return save_curves(curves, path, note)
+
+
 def markdown(summary, alphas) -> str:
     labels = sorted(summary['presses'], key=lambda k: -summary['presses'][k]['auc'])
     head = '| press | ' + ' | '.join(f'α={a:g}' for a in alphas) + ' | AUC |'
@@ -213,8 +239,11 @@ def main() -> int:
     ap.add_argument('--alphas', default=','.join(f'{a:g}' for a in ALPHAS))
     ap.add_argument('--max-new-tokens', type=int, default=lt.MAX_NEW_TOKENS)
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--threads', type=int, help="torch threads (default: the config's)")
     ap.add_argument('--out', default='results/press_quality')
     ap.add_argument('--summary-only', action='store_true', help='tabulate the cached results')
+    ap.add_argument('--write-profile', metavar='PATH',
+                    help='also write the curves as the quality profile (config/...json)')
     args = ap.parse_args()
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     labels = args.presses.split(',')
@@ -226,6 +255,8 @@ def main() -> int:
     t0 = time.time()
     load0 = os.getloadavg()
     cfg = TimeBillConfig()
+    if args.threads:
+        cfg = cfg.replace(threads=args.threads)
     engine = None if args.summary_only else Engine.from_config(cfg)
     tag = '-'.join(map(str, lengths)) + '-' + '-'.join(kinds)
     cand_path = str(out / f'candidates-seed{args.seed}-{tag}.jsonl')
@@ -272,6 +303,8 @@ def main() -> int:
     md = markdown(summary, alphas)
     (out / 'table.md').write_text(md)
     plot(summary, alphas, out / 'accuracy.png')
+    if args.write_profile:
+        print(f'quality profile: {write_profile(summary, alphas, args.write_profile)}')
     print(md)
     print(json.dumps({k: v for k, v in summary.items() if k != 'presses'}, indent=1))
     return 0

@@ -77,6 +77,8 @@ def test_interface_types_follow_rosidl_naming():
         'max_new_tokens',
         'overrun_policy',
         'client_node',
+        'min_quality',
+        'max_alpha',
     ]
     # a bare `Request` inside Generate.action is the package's msg, as rosidl resolves it
     ((_, (_, ref)),) = store.fielddefs['timebill_ros/action/Generate_Goal'][1]
@@ -291,6 +293,8 @@ def test_bag_in_ros2_bag_style_is_read_with_types_from_the_bag(tmp_path, storage
                 input_ids=np.array([1, 2, 3], dtype=np.uint32),
                 max_new_tokens=20 + i,
                 overrun_policy='kill',
+                min_quality=-1.0,
+                max_alpha=-1.0,
             )
             w.write(conn, 1_000 + i, store.serialize_cdr(msg, 'timebill_ros/msg/Request'))
     reqs = B.read_requests(tmp_path / 'ros2bag')

@@ -344,6 +344,8 @@ def test_replay_offline_of_a_bag_written_the_ros2_way(cli_config, tmp_path):
                 input_ids=np.array([], dtype=np.uint32),
                 max_new_tokens=5,
                 overrun_policy='kill',
+                min_quality=-1.0,
+                max_alpha=-1.0,
             )
             w.write(conn, (i + 1) * 10**9, store.serialize_cdr(msg, 'timebill_ros/msg/Request'))
     out = tmp_path / 'report'

@@ -159,7 +159,7 @@ def test_node_replay_and_sweep_choose_the_same_alpha_and_status(engine):
     p = _pipeline(engine, model=model)
     ids = _ids(200)
     # node and offline replay: Pipeline.plan after a measured prefill
-    job = Job('x', ids, deadline=5.0, accepted_at=0.0, max_new_tokens=10, k=1.0)
+    job = Job('x', ids, deadline=5.0, accepted_at=0.0, max_new_tokens=10, k=1.0, min_quality=0.0)
     alpha, verdict = p.plan(job, prefill_s=0.0, n_hat=10, elapsed_s=0.0)
     assert verdict.status == 'met' and 0.0 < alpha < 0.95
     # the sweep, from a prompt result with the same timings

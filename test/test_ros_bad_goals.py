@@ -28,6 +28,8 @@ GOOD = 'Say hello.'
         ({'budget_s': None, 'deadline_in_s': -3.0}, ['deadline', 'past']),
         ({'overrun_policy': 'bogus'}, ['overrun policy', 'bogus', 'kill']),
         ({'prompt': 'robot ' * 9000}, ['tokens', 'context', '8192']),
+        ({'min_quality': 1.5}, ['min_quality', '1.5']),
+        ({'max_alpha': 1.0}, ['max_alpha', '[0, 1)']),
     ],
     ids=[
         'empty',
@@ -40,6 +42,8 @@ GOOD = 'Say hello.'
         'past-deadline',
         'policy',
         'over-context',
+        'min-quality',
+        'max-alpha',
     ],
 )
 def test_bad_goal_is_rejected_with_reason(ready_server, kwargs, words):

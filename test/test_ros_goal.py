@@ -64,7 +64,8 @@ def test_estimate_budget_service_before_sending(ready_server):
 
     tight = ready_server.estimate_budget(PROMPT, budget_s=0.001, max_new_tokens=24)
     assert tight.ok and not tight.feasible and tight.verdict == 'infeasible_prefill'
-    assert tight.alpha == pytest.approx(0.95, abs=1e-6)  # α_max: eviction is all that is left
+    # the most eviction allowed (the default quality floor's limit): all that is left to try
+    assert tight.alpha == pytest.approx(tight.alpha_limit, abs=1e-6) and tight.alpha_limit > 0
 
     empty = ready_server.estimate_budget('  ', budget_s=5.0)
     assert not empty.ok and 'empty' in empty.reason

@@ -60,6 +60,8 @@ class Outcome:
     completed: bool = False
     deadline_met: bool = False
     alpha: float = 0.0
+    expected_quality: float = -1.0  # the press's measured accuracy at alpha (-1: unknown)
+    alpha_limit: float = -1.0  # the most eviction the goal's quality floor allowed
     predicted_length: int = 0
     estimate_fallback: bool = False
     wcet_s: float = 0.0
@@ -115,6 +117,8 @@ class Outcome:
                 'completed',
                 'deadline_met',
                 'alpha',
+                'expected_quality',
+                'alpha_limit',
                 'predicted_length',
                 'estimate_fallback',
                 'wcet_s',
@@ -291,8 +295,10 @@ class TimeBillClient(Node):
         system_prompt: str = '',
         max_new_tokens: int = 0,
         timeout_s: float = 10.0,
+        min_quality: float = -1.0,
+        max_alpha: float = -1.0,
     ) -> Optional[EstimateBudget.Response]:
-        """Ask what TimeBill would do with this prompt and budget (None: predictor down)."""
+        """Ask what TimeBill would do with this prompt and budget (None: generator down)."""
         problem = budget_problem(budget_s) or text_problem(prompt, system_prompt)
         if problem:
             return EstimateBudget.Response(ok=False, reason=problem)
@@ -303,6 +309,8 @@ class TimeBillClient(Node):
             system_prompt=system_prompt,
             time_budget=s_to_duration(budget_s),
             max_new_tokens=max_new_tokens,
+            min_quality=float(min_quality),
+            max_alpha=float(max_alpha),
         )
         future = self._estimate.call_async(req)
         return future.result() if self.spin_until(future, timeout_s) else None
@@ -318,12 +326,15 @@ class TimeBillClient(Node):
         overrun_policy: str = '',
         on_feedback: Optional[Callable[[TimedInference.Feedback], None]] = None,
         timeout_s: float = 10.0,
+        min_quality: float = -1.0,
+        max_alpha: float = -1.0,
     ) -> Optional[Outcome]:
         """
         Send a goal; None once accepted, else the refusal as an Outcome.
 
         Once accepted, poll is_task_complete / get_result. ``deadline_s`` is absolute ROS time in
-        seconds.
+        seconds. ``min_quality`` (-1: the server's default floor, 0: none) and ``max_alpha`` (-1:
+        no cap) bound the eviction the goal accepts.
         """
         self._goal_handle = self._result_future = self._feedback = None
         self._budget_s = budget_s if budget_s is not None else math.nan
@@ -336,6 +347,8 @@ class TimeBillClient(Node):
             max_new_tokens=max_new_tokens,
             overrun_policy=overrun_policy,
             client_node=self.get_fully_qualified_name(),
+            min_quality=float(min_quality),
+            max_alpha=float(max_alpha),
         )
         if budget_s is not None:
             goal.time_budget = s_to_duration(budget_s)
@@ -426,6 +439,8 @@ class TimeBillClient(Node):
         overrun_policy: str = '',
         on_feedback: Optional[Callable[[TimedInference.Feedback], None]] = None,
         timeout_s: Optional[float] = None,
+        min_quality: float = -1.0,
+        max_alpha: float = -1.0,
     ) -> Outcome:
         """Send a goal and wait for its Outcome (``timeout_s`` None: budget + 60 s)."""
         refused = self.send_goal(
@@ -436,6 +451,8 @@ class TimeBillClient(Node):
             max_new_tokens,
             overrun_policy,
             on_feedback,
+            min_quality=min_quality,
+            max_alpha=max_alpha,
         )
         if refused is not None:
             return refused

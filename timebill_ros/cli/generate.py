@@ -22,6 +22,15 @@ def add_arguments(p):
         '--predicted-length', type=int, default=None, help='N̂ to use instead of the predictor'
     )
     p.add_argument('--max-new-tokens', type=int, default=None)
+    p.add_argument(
+        '--min-quality',
+        type=float,
+        default=-1.0,
+        help="expected-accuracy floor with --budget (-1: the config's default, 0: none)",
+    )
+    p.add_argument(
+        '--max-alpha', type=float, default=-1.0, help='most eviction allowed (-1: no cap)'
+    )
     p.add_argument('--overrun', choices=['kill', 'truncate', 'skip-next'], default=None)
     p.add_argument('--press', default=None, help='eviction press (none, snapkv, streaming_llm)')
     p.add_argument('--config', default=None, help='params YAML (default: config/timebill.yaml)')
@@ -80,6 +89,8 @@ def run(args) -> int:
         accepted_at=start,
         max_new_tokens=cfg.max_new_tokens,
         alpha=args.alpha,
+        min_quality=args.min_quality,
+        max_alpha=args.max_alpha,
         on_token=on_token,
     )
     out = pipeline.run(job)
@@ -94,6 +105,7 @@ def run(args) -> int:
     say(f'{out.status}: {out.reason}')
     say(
         f'completed={out.completed} deadline_met={out.deadline_met} alpha={out.alpha:.3f} '
+        f'(limit {out.alpha_limit:.2f}, expected quality {out.expected_quality:.2f}) '
         f'N̂={out.predicted_length} kv {out.kv_before}->{out.kv_after} '
         f'tokens={out.tokens_generated} '
         f'prefill={out.prefill_s:.3f}s decode={out.decode_s:.3f}s ({per_tok:.1f} ms/token) '

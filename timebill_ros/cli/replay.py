@@ -145,6 +145,7 @@ class OfflineServer:
             alpha=None if pol.budget_dependent else pol.alpha,
             k=pol.k,
             replan=pol.replan,
+            min_quality=0.0,  # the paper's policies: no quality floor
         )
         out = self.pipeline.run(job)
         d = out.summary()

@@ -52,6 +52,10 @@ class TimeBillConfig:
     kernel_size: int = 5
     pooling: str = 'avg'  # snapkv vote pooling: avg (kvpress) or max (keeps whole spans)
     n_sink: int = 4  # streaming_llm attention sinks
+    # --- answer quality under eviction (core/quality.py) ----------------------
+    quality_profile: str = ''  # empty: the packaged config/quality_profile.json
+    # default floor: the measured accuracy at this α (no curve: at most this α); >= alpha_max: off
+    quality_floor_alpha: float = 0.5
     # --- time estimator / solver ------------------------------------------
     pessimism_k: float = 5.0
     alpha_max: float = 0.95
@@ -90,6 +94,10 @@ class TimeBillConfig:
             raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
         if not 0.0 <= self.alpha_max < 1.0:
             raise ValueError(f'alpha_max must be in [0, 1), got {self.alpha_max}')
+        if not 0.0 <= self.quality_floor_alpha < 1.0:
+            raise ValueError(
+                f'quality_floor_alpha must be in [0, 1), got {self.quality_floor_alpha}'
+            )
         if self.pessimism_k < 1.0:
             raise ValueError(f'pessimism_k must be >= 1, got {self.pessimism_k}')
         if self.prefill_chunk < 0:

@@ -31,6 +31,8 @@ class Outcome:
     completed: bool = False
     deadline_met: bool = False
     alpha: float = 0.0
+    expected_quality: float = -1.0  # the press's measured accuracy at ``alpha`` (-1: no curve)
+    alpha_limit: float = -1.0  # the most eviction the goal's quality floor allowed
     predicted_length: int = 0
     estimate_fallback: bool = False
     wcet_s: float = 0.0

@@ -34,6 +34,7 @@ from .errors import PrefillStopped
 from .lengths import FixedLength, LengthEstimate, PredictorLength
 from .online_estimator import OnlineTimeModel
 from .outcome import Outcome
+from .quality import curve_for, limit_for, QualityCurve, QualityLimit
 from .scheduler import Admission, admission, EdfQueue, min_job_s, Running
 from .time_estimator import ExecutionTimeModel
 
@@ -60,6 +61,8 @@ class Job:
     alpha: Optional[float] = None  # a fixed eviction ratio; None: the solver's (TimeBill)
     k: Optional[float] = None  # pessimism; None: the config's
     replan: bool = True  # re-plan during decode when behind (never under skip-next)
+    min_quality: float = -1.0  # expected-accuracy floor: -1 the config's default, 0 none
+    max_alpha: float = -1.0  # most eviction the goal allows: -1 no cap beyond the floor
     cancel: threading.Event = field(default_factory=threading.Event)
     on_stage: Optional[Callable[['Job', str], None]] = None  # queued | prefill | decoding
     on_token: Optional[Callable[[int, int, str], None]] = None  # (step, token id, text so far)
@@ -82,6 +85,9 @@ class BudgetEstimate:
     guaranteed: bool  # the worst case fits even if every job ahead runs to its deadline
     n_cap: int
     reason: str
+    limit: Optional[QualityLimit] = None  # the eviction the goal's quality floor allows
+    expected_quality: float = -1.0  # measured accuracy at the verdict's α (-1: no curve)
+    quality_refusal: str = ''  # non-empty: the goal would be refused for its quality floor
 
 
 class Pipeline:
@@ -96,8 +102,11 @@ class Pipeline:
         *,
         learn: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        quality: Optional[QualityCurve] | str = 'config',
     ):
         self.engine, self.cfg, self.clock = engine, cfg, clock
+        # the configured press's accuracy-vs-α curve (None: not measured for this setup)
+        self.quality = curve_for(cfg) if quality == 'config' else quality
         self.lengths = lengths or FixedLength(None, clock=clock)
         self.online = OnlineTimeModel(time_model)
         self.learn = learn
@@ -126,10 +135,25 @@ class Pipeline:
             self.engine.max_context,
         )
 
+    def limit(self, job: Job) -> QualityLimit:
+        """Return the most eviction ``job`` allows: α_max, its quality floor, its own cap."""
+        return limit_for(
+            self.quality,
+            self.cfg.alpha_max,
+            self.cfg.quality_floor_alpha,
+            job.min_quality,
+            job.max_alpha,
+        )
+
+    def expected_quality(self, alpha: float) -> float:
+        return self.quality.at(alpha) if self.quality is not None else -1.0
+
     def latest_start(self, job: Job) -> float:
         if job.overrun == 'skip-next':
             return math.inf  # it runs on past its deadline by choice
-        return job.deadline - min_job_s(self.time_model(), job.n_prompt, self.cfg.alpha_max)
+        return job.deadline - min_job_s(
+            self.time_model(), job.n_prompt, self.limit(job).alpha_limit
+        )
 
     # -------------------------------------------------------------- admission
     def admission(self, n_prompt: int, deadline: float, now: Optional[float] = None) -> Admission:
@@ -148,12 +172,17 @@ class Pipeline:
         max_new_tokens: int = 0,
         predict_s: float = 0.0,
         now: Optional[float] = None,
+        min_quality: float = -1.0,
+        max_alpha: float = -1.0,
     ) -> BudgetEstimate:
         """EstimateBudget: the α a goal would get now, and whether its worst case is guaranteed."""
         now = self.clock() if now is None else now
         model, cap = self.time_model(), self.n_cap(n_prompt, max_new_tokens)
         adm = self.admission(n_prompt, now + budget_s, now)
-        k, amax = self.cfg.pessimism_k, self.cfg.alpha_max
+        limit = limit_for(
+            self.quality, self.cfg.alpha_max, self.cfg.quality_floor_alpha, min_quality, max_alpha
+        )
+        k, amax = self.cfg.pessimism_k, limit.alpha_limit
         verdict = solve_alpha(
             model,
             budget_s,
@@ -181,14 +210,77 @@ class Pipeline:
             if left > 0
             else None
         )
-        guaranteed = adm.admit and worst is not None and worst.guaranteed
-        reason = verdict.reason
-        if verdict.guaranteed and not guaranteed:
+        refusal = limit.problem or self._quality_refusal(
+            limit, verdict, budget_s, n_prompt, min(n_hat, cap), cap, predict_s=predict_s
+        )
+        guaranteed = adm.admit and worst is not None and worst.guaranteed and not refusal
+        reason = refusal or verdict.reason
+        if verdict.guaranteed and not guaranteed and not refusal:
             reason += (
                 f'; not guaranteed: {adm.ahead} goal(s) ahead may hold the model until '
                 f'{adm.worst_start - now:.3f} s from now'
             )
-        return BudgetEstimate(verdict, adm, guaranteed, cap, reason)
+        return BudgetEstimate(
+            verdict,
+            adm,
+            guaranteed,
+            cap,
+            reason,
+            limit,
+            self.expected_quality(verdict.alpha),
+            refusal,
+        )
+
+    def _quality_refusal(
+        self,
+        limit: QualityLimit,
+        verdict: BudgetVerdict,
+        budget_s: float,
+        n_prompt: int,
+        n_hat: int,
+        cap: int,
+        k: Optional[float] = None,
+        predict_s: float = 0.0,
+        prefill_s: Optional[float] = None,
+        elapsed_s: float = 0.0,
+    ) -> str:
+        """
+        Explain why a budget needs more eviction than the quality floor allows ('' if it doesn't).
+
+        Only when the floor is what stops it: at the limit even the predicted length overruns,
+        while more eviction (up to α_max) would fit. A budget that no α can meet is not the
+        floor's doing: it takes the usual way (refused, or killed at the deadline).
+        """
+        amax = self.cfg.alpha_max
+        if verdict.feasible or limit.alpha_limit >= amax:
+            return ''
+        kw = {'k': k if k is not None else self.cfg.pessimism_k, 'n_max': cap, 'alpha_max': amax}
+        if prefill_s is None:
+            wide = solve_alpha(
+                self.time_model(), budget_s, n_prompt, n_hat, predict_s=predict_s, **kw
+            )
+        else:
+            wide = solve_alpha_after_prefill(
+                self.time_model(),
+                budget_s=budget_s,
+                elapsed_s=elapsed_s,
+                n_prompt=n_prompt,
+                n_hat=n_hat,
+                prefill_s=prefill_s,
+                **kw,
+            )
+        if not wide.feasible:
+            return ''
+        need = wide.alpha
+        text = (
+            f'the budget needs more eviction than the quality floor allows: {limit.why}; '
+            f'at α={limit.alpha_limit:.2f} even the predicted {n_hat} tokens take '
+            f'{verdict.expected_total_s:.3f} s > {verdict.budget_s:.3f} s'
+        )
+        text += f'; it would need α={need:.2f}'
+        if self.quality is not None:
+            text += f' (expected accuracy {self.quality.at(need):.2f})'
+        return text + '; raise the budget, shorten the prompt, or lower min_quality'
 
     # ------------------------------------------------------------------ queue
     def submit(self, job: Job) -> Future:
@@ -296,7 +388,8 @@ class Pipeline:
                     continue
             for job, fut in zip(gone, futs):
                 left = job.deadline - self.clock()
-                need = min_job_s(self.time_model(), job.n_prompt, self.cfg.alpha_max)
+                amax = self.limit(job).alpha_limit
+                need = min_job_s(self.time_model(), job.n_prompt, amax)
                 fut.set_result(
                     self._end(
                         job,
@@ -304,7 +397,7 @@ class Pipeline:
                         (
                             f'not started: still queued with '
                             f'{max(left, 0):.3f} s left, but even at '
-                            f'α_max={self.cfg.alpha_max:g} it needs {need:.3f} s (prefill of '
+                            f'α={amax:.2f} it needs {need:.3f} s (prefill of '
                             f'{job.n_prompt} tokens + 1 step); no eviction ratio can help'
                         ),
                     )
@@ -324,7 +417,7 @@ class Pipeline:
                 self._running = Running(
                     job.request_id,
                     job.deadline,
-                    now + min_job_s(model, job.n_prompt, self.cfg.alpha_max),
+                    now + min_job_s(model, job.n_prompt, self.limit(job).alpha_limit),
                     job.deadline if job.overrun != 'skip-next' else math.inf,
                 )
             try:
@@ -365,7 +458,10 @@ class Pipeline:
         job.overrun = job.overrun or cfg.overrun_policy
         model = self.time_model()
         left = job.deadline - clock()
-        need = min_job_s(model, job.n_prompt, cfg.alpha_max)
+        limit = self.limit(job)
+        need = min_job_s(model, job.n_prompt, limit.alpha_limit)
+        out = self._blank(job)
+        out.alpha_limit = limit.alpha_limit if job.alpha is None else float(job.alpha)
         if job.cancel.is_set():
             return self._end(job, 'canceled', 'canceled while queued')
         if job.overrun != 'skip-next' and need > left:
@@ -376,8 +472,8 @@ class Pipeline:
                     f'not started: predicted prefill and one step take {need:.3f} s > '
                     f'{max(left, 0):.3f} s left before the deadline; no eviction ratio can help'
                 ),
+                out,
             )
-        out = self._blank(job)
         if job.on_stage:
             job.on_stage(job, 'prefill')
         self.lengths.start(job)
@@ -394,11 +490,31 @@ class Pipeline:
         else:
             n_hat = cap
         out.estimate_fallback = est is None  # no estimate in time: N̂ = the cap
-        alpha, verdict = self.plan(job, state.prefill_s, n_hat, clock() - job.accepted_at)
+        elapsed = clock() - job.accepted_at
+        alpha, verdict = self.plan(job, state.prefill_s, n_hat, elapsed)
+        refusal = (
+            self._quality_refusal(
+                limit,
+                verdict,
+                job.deadline - job.accepted_at,
+                job.n_prompt,
+                min(n_hat, cap),
+                cap,
+                k=job.k,
+                prefill_s=state.prefill_s,
+                elapsed_s=elapsed,
+            )
+            if verdict is not None
+            else ''
+        )
+        if refusal:
+            out.predicted_length, out.verdict = n_hat, verdict
+            return self._end(job, 'rejected', refusal, out)
         if alpha > 0:
             self.engine.evict(state, alpha)
         job.alpha_used, job.n_hat = alpha, n_hat
         out.alpha, out.predicted_length, out.verdict = alpha, n_hat, verdict
+        out.expected_quality = self.expected_quality(alpha)
         out.wcet_s = verdict.total_s if verdict is not None else 0.0
         with self._cv:
             if self._running is not None:
@@ -415,7 +531,8 @@ class Pipeline:
     def prefill(self, job: Job, out: Outcome):
         """Chunked prefill; stops between chunks on cancel or when the rest cannot finish."""
         model, cfg, clock, n = self.time_model(), self.cfg, self.clock, job.n_prompt
-        step_min = model.decode_step_s(max(n * (1.0 - cfg.alpha_max), 1.0))
+        amax = self.limit(job).alpha_limit
+        step_min = model.decode_step_s(max(n * (1.0 - amax), 1.0))
         full = model.prefill_s(n)
 
         def should_stop(done: int, elapsed: float) -> Optional[str]:
@@ -469,7 +586,7 @@ class Pipeline:
             prefill_s=prefill_s,
             k=job.k if job.k is not None else self.cfg.pessimism_k,
             n_max=cap,
-            alpha_max=self.cfg.alpha_max,
+            alpha_max=self.limit(job).alpha_limit,
         )
         return verdict.alpha, verdict
 
@@ -503,7 +620,7 @@ class Pipeline:
                 n_hat=max(n_hat, 1),
                 n_cap=cap,
                 n_prompt=job.n_prompt,
-                alpha_max=cfg.alpha_max,
+                alpha_max=self.limit(job).alpha_limit,
                 n_sink=cfg.n_sink,
                 then=on_token,
                 clock=clock,
@@ -573,7 +690,11 @@ class Pipeline:
             return f'unknown overrun policy {job.overrun!r}; use kill, truncate or skip-next'
         if math.isnan(job.deadline):
             return 'the deadline is NaN'
-        return ''
+        if not job.min_quality <= 1.0:
+            return f'min_quality {job.min_quality:g} is above 1 (it is an expected accuracy)'
+        if not job.max_alpha < 1.0:
+            return f'max_alpha {job.max_alpha:g} must be below 1 (1 would evict every entry)'
+        return self.limit(job).problem
 
     def _blank(self, job: Job) -> Outcome:
         return Outcome(

@@ -330,6 +330,8 @@ class GeneratorNode(LifecycleNode):
             accepted_at=to_monotonic(time_to_s(req.accepted_at), self),
             max_new_tokens=int(req.max_new_tokens),
             overrun=req.overrun_policy,
+            min_quality=float(req.min_quality),
+            max_alpha=float(req.max_alpha),
             prompt=req.prompt,
             system_prompt=req.system_prompt,
             on_stage=on_stage,
@@ -367,6 +369,13 @@ class GeneratorNode(LifecycleNode):
         if not budget > 0:
             response.ok, response.reason = False, f'time budget must be positive, got {budget:g} s'
             return response
+        if not float(request.min_quality) <= 1.0 or not float(request.max_alpha) < 1.0:
+            response.ok = False
+            response.reason = (
+                f'min_quality must be -1, 0 or in (0, 1] and max_alpha -1 or in [0, 1); got '
+                f'{request.min_quality:g} and {request.max_alpha:g}'
+            )
+            return response
         try:
             ids = self.engine.encode(request.prompt, request.system_prompt or None)
         except Exception as exc:  # noqa: BLE001 - answer with the reason instead of failing
@@ -392,8 +401,13 @@ class GeneratorNode(LifecycleNode):
             n_hat,
             int(request.max_new_tokens),
             predict_s=took,
+            min_quality=float(request.min_quality),
+            max_alpha=float(request.max_alpha),
         )
         v, adm = est.verdict, est.admission
+        if est.limit is not None and est.limit.problem:
+            response.ok, response.reason = False, est.limit.problem
+            return response
         model = pipeline.time_model()
         from timebill_ros.core.time_estimator import wcet_length
 
@@ -405,6 +419,11 @@ class GeneratorNode(LifecycleNode):
         )
         response.alpha, response.wcet_at_alpha_s = v.alpha, v.total_s
         response.verdict, response.feasible = v.status, v.feasible and adm.admit
+        if est.quality_refusal:
+            response.verdict, response.feasible = 'exceeds_quality_floor', False
+        if est.limit is not None:
+            response.alpha_limit, response.quality_floor = est.limit.alpha_limit, est.limit.floor
+        response.expected_quality = est.expected_quality
         response.guaranteed = est.guaranteed
         response.admissible, response.queued_ahead = adm.admit, adm.ahead
         response.queue_ahead_s, response.admission_reason = float(adm.ahead_s), adm.reason

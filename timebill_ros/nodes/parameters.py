@@ -35,6 +35,14 @@ PARAMETERS = {
     'kernel_size': ('SnapKV vote pooling kernel', (1, 255)),
     'pooling': ('SnapKV vote pooling: avg | max', None),
     'n_sink': ('StreamingLLM attention sinks kept', (0, 4096)),
+    'quality_profile': (
+        'accuracy-vs-alpha curves JSON (empty: the packaged config/quality_profile.json)',
+        None,
+    ),
+    'quality_floor_alpha': (
+        "default quality floor: the press's measured accuracy at this alpha (>= alpha_max: off)",
+        (0.0, 0.99),
+    ),
     'pessimism_k': ('WCET pessimism: N_W = min(k * N_hat, N_max)', (1.0, 100.0)),
     'alpha_max': ('largest KV eviction ratio the solver may choose', (0.0, 0.99)),
     'profile_path': (

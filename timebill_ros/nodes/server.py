@@ -422,6 +422,8 @@ class TimeBillServer(LifecycleNode):
             input_ids=ids,
             max_new_tokens=max_new,
             overrun_policy=overrun,
+            min_quality=float(goal.min_quality),
+            max_alpha=float(goal.max_alpha),
         )
         hopeless = self._hopeless(len(ids), deadline)
         if hopeless:

@@ -87,6 +87,14 @@ def validate_goal(goal, accepted_s: float, cfg, tokenizer) -> Tuple[float, List[
             f'unknown overrun policy {goal.overrun_policy!r}; '
             f'use one of {", ".join(OVERRUN_POLICIES)}'
         )
+    q, a = float(goal.min_quality), float(goal.max_alpha)
+    if math.isnan(q) or q > 1.0:
+        raise InvalidGoal(
+            f'min_quality must be -1 (server default), 0 (no floor) or an accuracy in (0, 1], '
+            f'got {q:g}'
+        )
+    if math.isnan(a) or a >= 1.0:
+        raise InvalidGoal(f'max_alpha must be -1 (no cap) or in [0, 1), got {a:g}')
     max_new = int(goal.max_new_tokens) or cfg.max_new_tokens
     if max_new > tokenizer.max_context:
         raise InvalidGoal(

@@ -128,6 +128,7 @@ class Sweeper:
             input_ids=list(getattr(res_or_task, 'input_ids', [0])),
             prompt=task.prompt,
             max_new_tokens=task.max_new_tokens,
+            min_quality=0.0,  # the paper's TimeBill: any α up to α_max, no quality floor
             **kw,
         )
 
