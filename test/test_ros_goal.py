@@ -28,6 +28,10 @@ def test_goal_returns_real_answer_before_deadline_with_estimate_during_prefill(r
     assert out.total_s < out.budget_s
     assert out.text.strip() and out.tokens_generated > 1  # a real model answer, not a stub
     assert any(c.isalpha() for c in out.text)
+    # what the answer is worth: no eviction, so the measured curve's value at α = 0; and the
+    # default quality floor's limit for this press
+    assert out.alpha == 0.0 and out.expected_quality == pytest.approx(1.0)
+    assert 0.0 < out.alpha_limit < 0.95
     # the stages, in seconds since acceptance, in the order TimeBill runs them
     t = out.timeline
     assert (
@@ -61,6 +65,11 @@ def test_estimate_budget_service_before_sending(ready_server):
     assert plan.prompt_tokens > 5 and 1 <= plan.predicted_length <= 24
     assert plan.feasible and plan.guaranteed and plan.alpha == 0.0
     assert plan.wcet_s > 0
+    assert plan.expected_quality == pytest.approx(1.0) and 0.0 < plan.quality_floor <= 1.0
+    free = ready_server.estimate_budget(PROMPT, budget_s=90.0, max_new_tokens=24, min_quality=0.0)
+    assert free.quality_floor == -1.0 and free.alpha_limit == pytest.approx(0.95)
+    unjudged = ready_server.estimate_budget(PROMPT, 90.0, max_new_tokens=24, min_quality=2.0)
+    assert not unjudged.ok and 'min_quality' in unjudged.reason
 
     tight = ready_server.estimate_budget(PROMPT, budget_s=0.001, max_new_tokens=24)
     assert tight.ok and not tight.feasible and tight.verdict == 'infeasible_prefill'
