@@ -4,8 +4,10 @@
 A planner's view of TimeBill: before each goal it asks ``estimate_budget`` (is this budget
 feasible, and with which α?), then sends the goal and gets an answer before the deadline —
 or, for the budget too tight to be feasible, a clean KILLED result at the deadline instead of
-a late one. Everything runs as separate processes on its own ROS_DOMAIN_ID and is stopped at
-the end, also on Ctrl-C.
+a late one. A budget that needs more eviction than the default quality floor allows is
+REJECTED with the numbers; the same budget without a floor (``min_quality=0``) is served at the
+α it needs, with the accuracy the press's measured curve expects there. Everything runs as
+separate processes on its own ROS_DOMAIN_ID and is stopped at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -44,24 +46,27 @@ LONG_MAX_NEW = (
 
 def plan_goals(client):
     """
-    Plan (label, prompt, budget, max_new_tokens) goals on this machine's predicted WCET range.
+    Plan (label, prompt, budget, max_new_tokens, min_quality) goals on this machine's WCET range.
 
-    The budgets are placed for the long prompt so the table shows α = 0, 0 < α < α_max, and a
-    budget no α can meet.
+    The budgets are placed for the long prompt so the table shows α = 0, 0 < α < α_max, the
+    quality floor at work, and a budget no α can meet.
     """
     hi = client.estimate_budget(LONG, 1e4, max_new_tokens=LONG_MAX_NEW)  # α = 0 fits
-    lo = client.estimate_budget(LONG, 1e-3, max_new_tokens=LONG_MAX_NEW)  # WCET at α_max
+    # WCET at α_max (no quality floor)
+    lo = client.estimate_budget(LONG, 1e-3, max_new_tokens=LONG_MAX_NEW, min_quality=0.0)
     if hi is None or lo is None or not hi.ok:
         raise RuntimeError(
             'timebill/estimate_budget did not answer: is timebill_predictor running?'
         )
     w0, w_max = hi.wcet_s, lo.wcet_at_alpha_s
+    tighter = round(w_max + 0.2 * (w0 - w_max), 1)
     return [
-        ('short question', SHORT, 20.0, 64),
-        ('long log, roomy', LONG, round(1.25 * w0, 1), LONG_MAX_NEW),
-        ('long log, tight', LONG, round((w0 + w_max) / 2, 1), LONG_MAX_NEW),
-        ('long log, tighter', LONG, round(w_max + 0.2 * (w0 - w_max), 1), LONG_MAX_NEW),
-        ('too tight (infeasible)', LONG, 0.5, LONG_MAX_NEW),
+        ('short question', SHORT, 20.0, 64, -1.0),
+        ('long log, roomy', LONG, round(1.25 * w0, 1), LONG_MAX_NEW, -1.0),
+        ('long log, tight', LONG, round((w0 + w_max) / 2, 1), LONG_MAX_NEW, -1.0),
+        ('long log, tighter', LONG, tighter, LONG_MAX_NEW, -1.0),
+        ('tighter, no floor', LONG, tighter, LONG_MAX_NEW, 0.0),
+        ('too tight (infeasible)', LONG, 0.5, LONG_MAX_NEW, -1.0),
     ]
 
 
@@ -101,8 +106,10 @@ def run(args) -> int:
             flush=True,
         )
         goals = plan_goals(client)[: args.goals]
-        for label, prompt, budget, max_new in goals:
-            plan = client.estimate_budget(prompt, budget, max_new_tokens=max_new)
+        for label, prompt, budget, max_new, floor in goals:
+            plan = client.estimate_budget(
+                prompt, budget, max_new_tokens=max_new, min_quality=floor
+            )
             print(
                 f"\n[demo] goal '{label}': budget {budget:g} s, "
                 f"{plan.prompt_tokens if plan else '?'} prompt "
@@ -110,7 +117,7 @@ def run(args) -> int:
                 f'α={plan.alpha if plan else 0:.3f}',
                 flush=True,
             )
-            out = client.ask(prompt, budget, max_new_tokens=max_new)
+            out = client.ask(prompt, budget, max_new_tokens=max_new, min_quality=floor)
             answer = ' '.join(out.text.split())
             print(f'[demo]   -> {out.status_name}: {out.reason}', flush=True)
             if answer:
@@ -139,6 +146,7 @@ def print_table(rows) -> None:
         'budget s',
         'plan (before)',
         'α used',
+        'quality',
         'N̂',
         'tokens',
         'time s',
@@ -154,6 +162,7 @@ def print_table(rows) -> None:
                 f'{budget:g}',
                 planned,
                 f'{out.alpha:.3f}',
+                f'{out.expected_quality:.2f}' if out.expected_quality >= 0 else '-',
                 f'{out.predicted_length}{"*" if out.estimate_fallback else ""}',
                 str(out.tokens_generated),
                 f'{out.total_s:.2f}',
@@ -171,8 +180,9 @@ def print_table(rows) -> None:
         print(line(r))
     print(
         "\nplan: the predictor's verdict and α before prefill (estimate_budget); α used: what "
-        'the generator solved after the measured prefill.\nN̂: predicted length (N_max capped '
-        'by max_new_tokens until a length predictor is trained; * = no estimate in time). '
+        "the generator solved after the measured prefill; quality: the accuracy the press's "
+        'measured curve expects at that α (1 = as without eviction).\nN̂: predicted length '
+        '(N_max capped by max_new_tokens until a length predictor is trained; * = no estimate in time). '
         'time: acceptance to result.'
     )
 
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument('--params', help='ROS 2 parameters file (default: config/timebill.yaml)')
     p.add_argument('--domain-id', type=int)
     p.add_argument('--log-dir')
-    p.add_argument('--goals', type=int, default=5, help='send only the first N goals (of 5)')
+    p.add_argument('--goals', type=int, default=6, help='send only the first N goals (of 6)')
     p.add_argument(
         '--threads',
         type=int,
