@@ -182,8 +182,8 @@ def print_table(rows) -> None:
         "\nplan: the predictor's verdict and α before prefill (estimate_budget); α used: what "
         "the generator solved after the measured prefill; quality: the accuracy the press's "
         'measured curve expects at that α (1 = as without eviction).\nN̂: predicted length '
-        '(N_max capped by max_new_tokens until a length predictor is trained; * = no estimate in time). '
-        'time: acceptance to result.'
+        '(N_max capped by max_new_tokens until a length predictor is trained; * = no estimate '
+        'in time). time: acceptance to result.'
     )
 
 
