@@ -4,7 +4,7 @@
 Builds long-context tasks from the shipped data (or takes them from a request bag), measures
 every policy with one prefill per prompt, and writes results.json, report.md and PNGs.
 ``--quick`` (``make eval-quick``): 8 prompts of ~1k–2k tokens, 5 budgets — minutes on 2 cores.
-The full run (``make eval``): 32 prompts of ~1k–7.7k tokens, 8 budgets — about an hour.
+The full run (``make eval``): 48 prompts of ~1k–7.7k tokens, 5 budgets — 1.5–2 hours.
 
 Budgets come from the calibrated timing profile, per prompt-length group: evenly spaced from
 90 % of the shortest predicted prefill (nothing can finish) to 150 % of the slowest predicted
@@ -26,7 +26,7 @@ import time
 from timebill_ros.cli import add_config_arguments, load_config  # noqa: F401
 
 QUICK = {'lengths': (1024, 2048), 'per_kind': 1, 'budgets': 5, 'max_new_tokens': 48}
-FULL = {'lengths': (1024, 2048, 4096, 7680), 'per_kind': 2, 'budgets': 8, 'max_new_tokens': 0}
+FULL = {'lengths': (1024, 2048, 4096, 7680), 'per_kind': 3, 'budgets': 5, 'max_new_tokens': 0}
 BUDGET_RULE = (
     'per length group, evenly spaced from 0.9 × the shortest predicted prefill to '
     '1.5 × the slowest predicted vanilla run of max_new_tokens (calibrated profile)'
