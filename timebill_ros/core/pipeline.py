@@ -541,7 +541,11 @@ class Pipeline:
             if job.overrun == 'skip-next' or done <= 0:
                 return None
             part = model.prefill_s(done)
-            rest = (full - part) * (elapsed / part if part > 0 else 1.0)
+            pace = elapsed / part if part > 0 else 1.0
+            # the measured pace counts in proportion to the prompt it covers: a slow first chunk
+            # (warm-up, a neighbour's burst) must not kill a job the (online) model expects to
+            # fit; a slow machine still shows by the deadline, which each chunk checks
+            rest = (full - part) * (1.0 + (pace - 1.0) * done / n)
             left = job.deadline - clock()
             if rest + step_min > left:
                 return (
