@@ -83,6 +83,8 @@ def long_prompt(engine: Engine, n: int) -> list:
 def decode_steps(engine: Engine, cache, ids, n_kv: int, pos: int, steps: int) -> float:
     """Return the median step time at ``n_kv`` cached entries (real tokens at real positions)."""
     for layer in cache.layers:
+        if layer.get_seq_length() < n_kv:
+            raise ValueError(f'the cache holds {layer.get_seq_length()} entries, not {n_kv}')
         layer.crop(n_kv)
     times = []
     x = torch.empty((1, 1), dtype=torch.long)
@@ -126,16 +128,22 @@ def bench_format(fmt, ids, threads, bandwidth, steps, repeats, kv_lengths, prefi
     for t in threads:
         torch.set_num_threads(t)
         r = {'load_start': load1(), 'decode_ms': {}, 'calib_decode_ms': {}, 'roofline_ms': {}}
-        for n in kv_lengths:
-            r['decode_ms'][n] = 1e3 * decode_steps(engine, state.cache, ids, n, n, steps)
+        # a copy per thread count, longest first: a crop cannot grow the cache back, and the
+        # steps at n only write entries >= n, which the shorter lengths never read
+        cache = engine.clone_state(state).cache
+        for n in sorted(kv_lengths, reverse=True):
+            r['decode_ms'][n] = 1e3 * decode_steps(engine, cache, ids, n, n, steps)
             r['roofline_ms'][n] = 1e3 * (row['weight_bytes_per_step'] + kvb * n) / bandwidth[t]
+        r['decode_ms'] = dict(sorted(r['decode_ms'].items()))
+        r['roofline_ms'] = dict(sorted(r['roofline_ms'].items()))
+        del cache
         # what calibration times (a random-filled cache), beside the real cache
         r['calib_decode_ms'][n_long] = 1e3 * statistics.median(
             engine.time_decode_step(n_long, steps + 1)[1:]
         )
         r['evicted_kv'] = evicted.kv_after
         r['evicted_ms'] = 1e3 * decode_steps(
-            engine, evicted.cache, ids, evicted.kv_after, n_long, steps
+            engine, engine.clone_state(evicted).cache, ids, evicted.kv_after, n_long, steps
         )
         r['eviction_gain'] = r['decode_ms'][n_long] / r['evicted_ms']
         r['prefill_s'] = {}
