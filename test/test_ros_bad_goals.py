@@ -57,6 +57,7 @@ def test_bad_goal_is_rejected_with_reason(ready_server, kwargs, words):
     )
     assert out.status_name == 'rejected', (out.status_name, out.reason)
     assert not out.ok and not out.text and out.tokens_generated == 0
+    assert out.expected_quality == -1.0 and out.alpha_limit == -1.0  # nothing planned: unknown
     reason = out.reason.lower()
     assert all(w.lower() in reason for w in words), out.reason
 

@@ -4,10 +4,13 @@
 A planner's view of TimeBill: before each goal it asks ``estimate_budget`` (is this budget
 feasible, and with which α?), then sends the goal and gets an answer before the deadline —
 or, for the budget too tight to be feasible, a clean KILLED result at the deadline instead of
-a late one. A budget that needs more eviction than the default quality floor allows is
-REJECTED with the numbers; the same budget without a floor (``min_quality=0``) is served at the
-α it needs, with the accuracy the press's measured curve expects there. Everything runs as
-separate processes on its own ROS_DOMAIN_ID and is stopped at the end, also on Ctrl-C.
+a late one. The "tighter" budget is sent twice, with the default quality floor and without
+one (``min_quality=0``): where it needs more eviction than the floor allows, the first is
+REJECTED with the numbers and the second served at the α it needs, with the accuracy the
+press's measured curve expects there (once the generator has learned this machine's speed
+from the first goals, the budget may fit without eviction after all: then both succeed).
+Everything runs as separate processes on its own ROS_DOMAIN_ID and is stopped at the end, also
+on Ctrl-C.
 """
 
 from __future__ import annotations

@@ -398,7 +398,8 @@ class TimeBillServer(LifecycleNode):
         # stages that never happen stay -1 (a refusal by the server starts none of them)
         never = ('dispatch_at_s', 'prefill_start_s', 'prefill_end_s', 'estimate_received_s',
                  'decode_start_s')
-        result = R(**{name: -1.0 for name in never})
+        # a refusal by the server evicts nothing and plans no quality: unknown, not 0
+        result = R(**{name: -1.0 for name in never}, expected_quality=-1.0, alpha_limit=-1.0)
         cfg = self.cfg
         if cfg is None:
             return self._end(
