@@ -109,7 +109,7 @@ def test_timebill_ask_cli_from_a_separate_process(ready_server, ros_domain_id):
 def test_infeasible_budget_is_rejected_at_once_without_prefill(ready_server):
     long_prompt = 'The robot logged an obstacle near the loading dock. ' * 600  # ~6k tokens
     out = ready_server.ask(long_prompt + 'Summarise.', budget_s=3.0, max_new_tokens=16)
-    # admission control (issue 7): refused at acceptance, with the numbers the planner needs
+    # admission control: refused at acceptance, with the numbers the planner needs
     assert out.status_name == 'rejected', out.reason
     assert 'cannot finish even at α_max' in out.reason and 'prefill of 6' in out.reason
     assert (

@@ -183,16 +183,20 @@ class Pipeline:
             self.quality, self.cfg.alpha_max, self.cfg.quality_floor_alpha, min_quality, max_alpha
         )
         k, amax = self.cfg.pessimism_k, limit.alpha_limit
-        verdict = solve_alpha(
-            model,
-            budget_s,
-            n_prompt,
-            min(n_hat, cap),
-            k=k,
-            n_max=cap,
-            alpha_max=amax,
-            predict_s=predict_s,
-        )
+
+        def solve(alpha_max: float) -> BudgetVerdict:
+            return solve_alpha(
+                model,
+                budget_s,
+                n_prompt,
+                min(n_hat, cap),
+                k=k,
+                n_max=cap,
+                alpha_max=alpha_max,
+                predict_s=predict_s,
+            )
+
+        verdict = solve(amax)
         # the worst case again, starting when every job ahead has run to its end, on the
         # slowest timings recent requests were served at
         left = now + budget_s - adm.worst_start
@@ -210,9 +214,7 @@ class Pipeline:
             if left > 0
             else None
         )
-        refusal = limit.problem or self._quality_refusal(
-            limit, verdict, budget_s, n_prompt, min(n_hat, cap), cap, predict_s=predict_s
-        )
+        refusal = limit.problem or self._quality_refusal(limit, verdict, min(n_hat, cap), solve)
         guaranteed = adm.admit and worst is not None and worst.guaranteed and not refusal
         reason = refusal or verdict.reason
         if verdict.guaranteed and not guaranteed and not refusal:
@@ -235,40 +237,20 @@ class Pipeline:
         self,
         limit: QualityLimit,
         verdict: BudgetVerdict,
-        budget_s: float,
-        n_prompt: int,
         n_hat: int,
-        cap: int,
-        k: Optional[float] = None,
-        predict_s: float = 0.0,
-        prefill_s: Optional[float] = None,
-        elapsed_s: float = 0.0,
+        solve: Callable[[float], BudgetVerdict],
     ) -> str:
         """
         Explain why a budget needs more eviction than the quality floor allows ('' if it doesn't).
 
-        Only when the floor is what stops it: at the limit even the predicted length overruns,
-        while more eviction (up to α_max) would fit. A budget that no α can meet is not the
-        floor's doing: it takes the usual way (refused, or killed at the deadline).
+        ``verdict`` is the solver's at the floor's limit, ``solve(alpha_max)`` the same solve with
+        another ceiling. Only when the floor is what stops it: at the limit even the predicted
+        length overruns, while more eviction (up to α_max) would fit. A budget that no α can meet
+        is not the floor's doing: it takes the usual way (refused, or killed at the deadline).
         """
-        amax = self.cfg.alpha_max
-        if verdict.feasible or limit.alpha_limit >= amax:
+        if verdict.feasible or limit.alpha_limit >= self.cfg.alpha_max:
             return ''
-        kw = {'k': k if k is not None else self.cfg.pessimism_k, 'n_max': cap, 'alpha_max': amax}
-        if prefill_s is None:
-            wide = solve_alpha(
-                self.time_model(), budget_s, n_prompt, n_hat, predict_s=predict_s, **kw
-            )
-        else:
-            wide = solve_alpha_after_prefill(
-                self.time_model(),
-                budget_s=budget_s,
-                elapsed_s=elapsed_s,
-                n_prompt=n_prompt,
-                n_hat=n_hat,
-                prefill_s=prefill_s,
-                **kw,
-            )
+        wide = solve(self.cfg.alpha_max)
         if not wide.feasible:
             return ''
         need = wide.alpha
@@ -496,13 +478,8 @@ class Pipeline:
             self._quality_refusal(
                 limit,
                 verdict,
-                job.deadline - job.accepted_at,
-                job.n_prompt,
                 min(n_hat, cap),
-                cap,
-                k=job.k,
-                prefill_s=state.prefill_s,
-                elapsed_s=elapsed,
+                lambda amax: self.plan(job, state.prefill_s, n_hat, elapsed, amax)[1],
             )
             if verdict is not None
             else ''
@@ -570,11 +547,19 @@ class Pipeline:
             self.online.observe_prefill(n, state.prefill_s)
         return state
 
-    def plan(self, job: Job, prefill_s: float, n_hat: int, elapsed_s: float):
+    def plan(
+        self,
+        job: Job,
+        prefill_s: float,
+        n_hat: int,
+        elapsed_s: float,
+        alpha_max: Optional[float] = None,
+    ):
         """
         Choose (α, verdict) for what is left of the budget.
 
-        A fixed ratio, or the least eviction whose worst case fits what is left.
+        A fixed ratio, or the least eviction whose worst case fits what is left, up to
+        ``alpha_max`` (default: what the job's quality floor allows).
         """
         if job.alpha is not None:
             return float(job.alpha), None
@@ -590,7 +575,7 @@ class Pipeline:
             prefill_s=prefill_s,
             k=job.k if job.k is not None else self.cfg.pessimism_k,
             n_max=cap,
-            alpha_max=self.limit(job).alpha_limit,
+            alpha_max=self.limit(job).alpha_limit if alpha_max is None else alpha_max,
         )
         return verdict.alpha, verdict
 

@@ -119,9 +119,6 @@ class QualityLimit:
     why: str
     problem: str = ''  # non-empty: the goal's floor cannot be judged (refuse with this)
 
-    def expected(self, curve: Optional[QualityCurve], alpha: float) -> float:
-        return curve.at(alpha) if curve is not None else -1.0
-
 
 def limit_for(
     curve: Optional[QualityCurve],

@@ -37,7 +37,7 @@ class Policy:
     alpha: float = 0.0  # fixed and truncate
     k: float = 5.0  # timebill
     alpha_max: float = 0.95  # timebill
-    replan: bool = False  # timebill: re-solve during decode and evict more when behind (issue 7)
+    replan: bool = False  # timebill: re-solve during decode and evict more when behind
 
     @property
     def budget_dependent(self) -> bool:
