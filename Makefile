@@ -12,9 +12,9 @@ export TOKENIZERS_PARALLELISM ?= false
 STAMP := $(VENV)/.stamp-$(shell cat requirements.txt setup.py | md5sum | cut -c1-8)-2
 MODEL_STAMP := $(TIMEBILL_CACHE)/models/SmolLM2-135M-Instruct/config.json
 
-.PHONY: setup venv model ros demo test colcon-test test-core bench reliability clean
+.PHONY: setup venv model kernels ros demo test colcon-test test-core bench reliability clean
 
-setup: venv model ros
+setup: venv model kernels ros
 
 venv: $(STAMP)
 $(STAMP): requirements.txt setup.py
@@ -29,6 +29,13 @@ $(STAMP): requirements.txt setup.py
 model: $(MODEL_STAMP)
 $(MODEL_STAMP): | $(STAMP)
 	$(PY) -c "from timebill_ros.core.model import ensure_default_model; ensure_default_model()"
+
+# The engine's AVX2 decode kernels, compiled once into the cache (else on first use, ~1 min).
+KERNELS_STAMP := $(TIMEBILL_CACHE)/kernels/.stamp
+kernels: $(KERNELS_STAMP)
+$(KERNELS_STAMP): timebill_ros/core/kernels/decode_cpu.cpp | $(STAMP)
+	$(PY) -c "from timebill_ros.core import kernels; kernels.load(); print('kernels:', kernels.why_not() or 'built')"
+	@mkdir -p $(dir $@) && touch $@
 
 # colcon build of the interfaces + symlinked Python; reruns only when an input changes.
 ROS_STAMP := install/.stamp-ros

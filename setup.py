@@ -14,6 +14,6 @@ setup(
     python_requires='>=3.10',
     install_requires=['numpy', 'pyyaml'],  # torch/transformers pinned by requirements.txt
     entry_points={'console_scripts': ['timebill = timebill_ros.cli:main']},
-    package_data={'timebill_ros': ['data/*']},
+    package_data={'timebill_ros': ['data/*', 'core/kernels/*.cpp']},
     zip_safe=False,
 )

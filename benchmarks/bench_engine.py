@@ -87,14 +87,9 @@ def decode_steps(engine: Engine, cache, ids, n_kv: int, pos: int, steps: int) ->
             raise ValueError(f'the cache holds {layer.get_seq_length()} entries, not {n_kv}')
         layer.crop(n_kv)
     times = []
-    x = torch.empty((1, 1), dtype=torch.long)
-    p = torch.empty((1, 1), dtype=torch.long)
     for s in range(steps + 1):
-        x.fill_(ids[(pos + s) % len(ids)])
-        p.fill_(pos + s)
         t0 = time.perf_counter()
-        logits = engine.model(input_ids=x, cache=cache, use_cache=True, position_ids=p).logits
-        int(torch.argmax(logits[0, -1]))
+        int(torch.argmax(engine.step(ids[(pos + s) % len(ids)], pos + s, cache)))
         times.append(time.perf_counter() - t0)
     for layer in cache.layers:
         layer.crop(n_kv)

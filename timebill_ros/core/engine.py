@@ -28,6 +28,7 @@ from .errors import (
     PromptTooLongError,
 )
 from .eviction import check_alpha, get_press, n_keep, Press
+from .fast_decode import FastDecoder
 from .weights import weight_format
 
 ATTENTION_NAME = 'timebill_sdpa'
@@ -93,9 +94,28 @@ def _decode_attention(query, key, value, scaling):
     """
     b, hq, _, d = query.shape
     hkv = key.shape[1]
+    kern = _decode_kernels(query, key, value)
+    if kern is not None:
+        scale = scaling if scaling is not None else d**-0.5
+        q = query.reshape(hq, d).contiguous()
+        out = kern.decode_attention(q, key[0], value[0], key.shape[2], scale)
+        return out.reshape(b, 1, hq, d)
     packed = query.reshape(b, hkv, hq // hkv, d)
     out = F.scaled_dot_product_attention(packed, key, value, scale=scaling)
     return out.reshape(b, 1, hq, d)
+
+
+def _decode_kernels(query, key, value):
+    """Return the engine's AVX2 kernels if they take this attention (fp32 CPU, one sequence)."""
+    if query.device.type != 'cpu' or query.dtype != torch.float32 or query.shape[0] != 1:
+        return None
+    if key.dtype != torch.float32 or value.dtype != torch.float32 or query.shape[-1] % 8:
+        return None
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or value.shape[-1] != query.shape[-1]:
+        return None
+    from . import kernels
+
+    return kernels.load()
 
 
 def _chunk_attention(query, key, value, scaling):
@@ -276,6 +296,7 @@ class Engine:
         model.set_attn_implementation(ATTENTION_NAME)
         self.device = next(model.parameters()).device
         self.weights = weight_format(model)
+        self.fast, self.fast_why_not = FastDecoder.for_model(model)
         self.prefill_chunk: Optional[int] = None  # calibration times prefill as requests run it
 
     @classmethod
@@ -532,13 +553,11 @@ class Engine:
         max_new = min(request.max_new_tokens, self.max_context - state.n_prompt)
         deadline = request.deadline if request.deadline is not None else math.inf
         cancel = request.cancel
-        cache, model, dev = state.cache, self.model, self.device
+        cache = state.cache
         tokens: List[int] = []
         times: List[float] = []
         steps: List[float] = []
         pos = state.n_prompt
-        step_ids = torch.empty((1, 1), dtype=torch.long, device=dev)  # refilled every step
-        step_pos = torch.empty((1, 1), dtype=torch.long, device=dev)
         stream = TextStream(self.tokenizer) if request.on_token else None
         tok = select(state.logits)
         tokens.append(tok)
@@ -559,10 +578,7 @@ class Engine:
             if stop:
                 break
             t0 = time.monotonic()
-            step_ids.fill_(tok)
-            step_pos.fill_(pos)
-            out = model(input_ids=step_ids, cache=cache, use_cache=True, position_ids=step_pos)
-            tok = select(out.logits[0, -1])
+            tok = select(self.step(tok, pos, cache))
             t1 = time.monotonic()
             last_step = t1 - t0
             steps.append(last_step)
@@ -595,6 +611,20 @@ class Engine:
             finished_at=finished,
             token_times=times,
         )
+
+    @torch.inference_mode()
+    def step(self, token: int, pos: int, cache) -> torch.Tensor:
+        """
+        One decode step: ``token`` at position ``pos`` appended to ``cache``; the logits [vocab].
+
+        The C++ step (``fast_decode``) where the model and cache allow it, else transformers'.
+        """
+        if self.fast is not None and FastDecoder.takes(cache):
+            return self.fast.step(token, pos, cache)
+        ids = torch.tensor([[token]], device=self.device)
+        at = torch.tensor([[pos]], device=self.device)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, position_ids=at)
+        return out.logits[0, -1]
 
     def generate(
         self,
@@ -647,17 +677,12 @@ class Engine:
         gen = torch.Generator(device=self.device).manual_seed(n_kv)
         for layer in cache.layers:
             layer.fill_random(n_kv, like, generator=gen)
-        ids = torch.tensor([[5]], device=self.device)
-        pos = torch.tensor([[n_kv]], device=self.device)
         out = []
         for _ in range(repeats):
             for layer in cache.layers:
                 layer.crop(n_kv)
             t0 = time.monotonic()
-            logits = self.model(
-                input_ids=ids, cache=cache, use_cache=True, position_ids=pos
-            ).logits
-            int(torch.argmax(logits[0, -1]))
+            int(torch.argmax(self.step(5, n_kv, cache)))
             out.append(time.monotonic() - t0)
         return out
 
@@ -674,4 +699,5 @@ class Engine:
             'press': self.press.name,
             'preallocate': str(self.preallocate),
             'weights': self.weights,
+            'decode_step': 'timebill-avx2' if self.fast is not None else 'transformers',
         }

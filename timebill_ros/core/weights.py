@@ -91,8 +91,26 @@ class Bf16Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _kernels(device: torch.device):
+    """Return the engine's AVX2 decode kernels for ``device``, or None (torch's then)."""
+    if device.type != 'cpu':
+        return None
+    from . import kernels
+
+    return kernels.load()
+
+
+def _few_rows(x2: torch.Tensor) -> bool:
+    return x2.shape[0] <= DENSE_ROWS and x2.dtype == torch.float32
+
+
 class Int8Linear(nn.Module):
-    """Symmetric per-output-channel int8 weights via ``_weight_int8pack_mm``."""
+    """
+    Symmetric per-output-channel int8 weights.
+
+    Few rows (decode) go through the engine's int8 kernel where it runs, else torch's
+    ``_weight_int8pack_mm`` (bf16 activations).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()
@@ -102,26 +120,34 @@ class Int8Linear(nn.Module):
         qweight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
         self.register_buffer('qweight', qweight)
         self.register_buffer('scale', scale.to(_BF16))
+        self.register_buffer('scale32', self.scale.float())
         self.register_buffer('bias', None if bias is None else bias.detach().clone())
+        self._kern = _kernels(w.device) if self.in_features % GROUP == 0 else None
 
     def dequantized(self) -> torch.Tensor:
         """Return the weights the kernel multiplies with, in fp32."""
         return self.qweight.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(_BF16)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale).to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        if self._kern is not None and _few_rows(x2):
+            y = self._kern.q8_linear(x2.contiguous(), self.qweight, self.scale32)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(_BF16), self.qweight, self.scale)
+        y = y.to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
 class Int4Linear(nn.Module):
     """
-    Group-32 asymmetric int4 weights via torch's CPU int4 kernel (bf16 inside the layer).
+    Group-32 asymmetric int4 weights.
 
     Built from per-group integer codes ``q`` (0..15), scales ``d`` and minima ``m``, weight =
-    d·q + m, as in GGUF Q4_1. With ``dense`` (a dtype) a dense copy serves calls of many rows
-    (prefill), where the few-row int4 kernel is slow.
+    d·q + m, as in GGUF Q4_1. Stored as Q4_1 blocks for the engine's AVX2 kernel where it runs
+    (int8 activations, as llama.cpp's Q4_1 × Q8_1), else packed for torch's CPU int4 kernel
+    (bf16 activations). With ``dense`` (a dtype) a dense copy serves calls of many rows
+    (prefill), where a few-row kernel is slow.
     """
 
     def __init__(
@@ -136,11 +162,21 @@ class Int4Linear(nn.Module):
         n, k = q.shape
         self.in_features, self.out_features = k, n
         d32, m32 = d.float().reshape(n, k // GROUP), m.float().reshape(n, k // GROUP)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        # the kernel computes (q - 8)·scale + zero per group: zero = m + 8·d
-        sz = torch.stack([d32, m32 + 8 * d32], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer('packed', packed)
-        self.register_buffer('scales_zeros', sz.to(_BF16))
+        self._kern = _kernels(q.device)
+        if self._kern is not None:
+            g = q.to(torch.uint8).reshape(n, k // GROUP, GROUP)
+            # GGUF's byte order: low nibbles elements 0..15 of a block, high nibbles 16..31
+            blocks = (g[..., : GROUP // 2] | (g[..., GROUP // 2:] << 4)).reshape(n, k // 2)
+            self.register_buffer('q4_blocks', blocks.contiguous())
+            self.register_buffer('q4_d', d32.contiguous())
+            self.register_buffer('q4_m', m32.contiguous())
+            self.packed = self.scales_zeros = None
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            # the kernel computes (q - 8)·scale + zero per group: zero = m + 8·d
+            sz = torch.stack([d32, m32 + 8 * d32], dim=-1).transpose(0, 1).contiguous()
+            self.register_buffer('packed', packed)
+            self.register_buffer('scales_zeros', sz.to(_BF16))
         self.register_buffer('bias', None if bias is None else bias.detach().clone())
         w = None
         if dense is not None:
@@ -155,7 +191,12 @@ class Int4Linear(nn.Module):
         return cls(q, d, m, bias, dense)
 
     def dequantized(self) -> torch.Tensor:
-        """Return the weights the int4 kernel multiplies with, in fp32 (bf16 scales)."""
+        """Return the weights the int4 kernel multiplies with, in fp32."""
+        if self._kern is not None:
+            b = self.q4_blocks.reshape(self.out_features, -1, GROUP // 2)
+            q = torch.cat([b & 0x0F, b >> 4], dim=-1).float()
+            w = q * self.q4_d[..., None] + self.q4_m[..., None]
+            return w.reshape(self.out_features, self.in_features)
         eye = torch.eye(self.in_features, dtype=_BF16)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             eye, self.packed, GROUP, self.scales_zeros
@@ -165,6 +206,8 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.dense is not None and x2.shape[0] > DENSE_ROWS:
             y = F.linear(x2.to(self.dense.dtype), self.dense)
+        elif self._kern is not None and x2.dtype == torch.float32:
+            y = self._kern.q4_1_linear(x2.contiguous(), self.q4_blocks, self.q4_d, self.q4_m)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(_BF16).contiguous(), self.packed, GROUP, self.scales_zeros
