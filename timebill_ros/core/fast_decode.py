@@ -72,7 +72,8 @@ class FastDecoder:
         layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            tensors = [layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data]
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            tensors = [n.weight.data for n in norms]
             for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
                         mlp.up_proj, mlp.down_proj):
                 bias = lin.bias if lin.bias is not None else torch.empty(0)
@@ -107,7 +108,7 @@ class FastDecoder:
         return cls(model), None
 
     def _cos_sin(self, pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """RoPE's cos/sin rows at ``pos``, from the model's own rotary module, in blocks."""
+        """Return the cos/sin rows at ``pos`` from the model's own rotary module (cached blocks)."""
         block = pos // _ROPE_BLOCK
         table = self._rope.get(block)
         if table is None:
