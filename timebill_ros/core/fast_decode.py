@@ -108,7 +108,7 @@ class FastDecoder:
         return cls(model), None
 
     def _cos_sin(self, pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return the cos/sin rows at ``pos`` from the model's own rotary module (cached blocks)."""
+        """Return the cos/sin rows at ``pos`` from the model's rotary module (cached blocks)."""
         block = pos // _ROPE_BLOCK
         table = self._rope.get(block)
         if table is None:
