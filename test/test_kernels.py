@@ -90,6 +90,20 @@ def test_fast_step_takes_an_int4_llama_and_says_why_not_otherwise():
 
 
 @needs_kernels
+def test_profile_key_names_the_decode_step_the_config_will_run():
+    from timebill_ros.core import calibration as cal
+    from timebill_ros.core.config import TimeBillConfig
+
+    for fmt, step in (('int4', 'timebill-avx2'), ('fp32', 'transformers')):
+        cfg = TimeBillConfig(model='tiny', threads=0, press='snapkv', weights=fmt)
+        model = tiny_model(layers=2)
+        W.apply_weights(model, fmt)
+        engine = Engine(model, None, press=cfg.press, model_name=cfg.model)
+        assert engine.profile_key()['decode_step'] == step
+        assert cal.key_from_config(cfg) == engine.profile_key()
+
+
+@needs_kernels
 @pytest.mark.parametrize('alpha', [0.0, 0.5])
 def test_fast_step_follows_the_transformers_step_after_eviction(alpha):
     engine = Engine(_int4_tiny(), None, press='snapkv', chat_template=False)

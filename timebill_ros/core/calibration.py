@@ -346,6 +346,7 @@ def key_from_config(cfg) -> Dict[str, str]:
     import torch
     import transformers
 
+    from .fast_decode import decode_step_name
     from .model import DTYPES
     from .weights import effective_format
 
@@ -362,6 +363,7 @@ def key_from_config(cfg) -> Dict[str, str]:
         'press': str(cfg.press),
         'preallocate': 'True',
         'weights': effective_format(cfg.weights, device),
+        'decode_step': decode_step_name(cfg.model, cfg.weights, device),
     }
 
 

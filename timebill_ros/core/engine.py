@@ -297,6 +297,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.weights = weight_format(model)
         self.fast, self.fast_why_not = FastDecoder.for_model(model)
+        self.decode_step = 'timebill-avx2' if self.fast is not None else 'transformers'
         self.prefill_chunk: Optional[int] = None  # calibration times prefill as requests run it
 
     @classmethod
@@ -699,5 +700,5 @@ class Engine:
             'press': self.press.name,
             'preallocate': str(self.preallocate),
             'weights': self.weights,
-            'decode_step': 'timebill-avx2' if self.fast is not None else 'transformers',
+            'decode_step': self.decode_step,
         }

@@ -58,6 +58,27 @@ def _why_not(model) -> Optional[str]:
     return None
 
 
+def decode_step_name(model: str, weights: str, device: str) -> str:
+    """
+    Name the decode step an engine with these settings runs, reading the model's config only.
+
+    ``timebill-avx2`` or ``transformers``; part of the timing profile's key, so a profile
+    measured with one step is never used to time the other.
+    """
+    from . import kernels
+    from .errors import ModelLoadError
+    from .model import model_type
+    from .weights import effective_format
+
+    if effective_format(weights, device) != 'int4' or kernels.load() is None:
+        return 'transformers'
+    try:
+        fast = model_type(model) in ARCHITECTURES
+    except ModelLoadError:
+        fast = False  # the engine will not load it either; its own error says why
+    return 'timebill-avx2' if fast else 'transformers'
+
+
 class FastDecoder:
     """The C++ one-token step for a model whose weights ``apply_weights`` made int4."""
 

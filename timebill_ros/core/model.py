@@ -139,6 +139,18 @@ def resolve_model_path(spec: str) -> Tuple[str, dict]:
     return spec, {}  # a hub id such as Qwen/Qwen2.5-7B-Instruct (needs a network)
 
 
+def model_type(spec: str) -> str:
+    """Return the ``model_type`` of the model ``spec`` names, from its config only."""
+    from transformers import AutoConfig
+
+    target, extra = resolve_model_path(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(target, **extra)
+    except Exception as exc:  # noqa: BLE001 - surface one readable reason
+        raise ModelLoadError(f'could not read the config of {spec!r}: {exc}') from exc
+    return cfg.get_text_config(decoder=True).model_type
+
+
 def gguf_source(spec: str):
     """Return the GGUF file a model spec comes from (its Q4 blocks feed int4), or None."""
     if spec in ('', DEFAULT_MODEL):

@@ -9,7 +9,8 @@ the rest of the engine never knows which format runs.
 
 int4 is group-32 asymmetric (a scale and a minimum per 32 weights): exactly GGUF Q4_1's block,
 so a Q4_1 GGUF's own blocks are used as they are; other checkpoints are quantised at load time.
-torch's CPU kernel for it is a few-row kernel whose fast path needs bf16 inputs; prefill goes
+Few-row calls (decode) run the engine's AVX2 kernels (``kernels/``, int16 activations) where
+they build, else torch's CPU int4 kernel (fast only with AVX-512 and bf16 inputs); prefill goes
 through a dense copy of the same weights (``prefill_weights``): bf16 where the CPU multiplies
 bf16 natively (AVX512-BF16/AMX: 2 extra bytes per weight), else fp32 (on AVX2 a bf16 GEMM is ~5×
 slower than fp32: 4 extra bytes per weight), or none (the int4 kernel, slower, no extra memory).

@@ -3,8 +3,9 @@ The engine's own CPU decode kernels (``decode_cpu.cpp``), built on first use.
 
 A decode step is one activation row against every weight: on CPUs without AVX-512 torch's int4
 kernel is compute-bound there (its fast path wants AVX-512 and bf16). The C++ file multiplies
-int8-quantised activations with 4- and 8-bit weights by integer multiply-adds, and runs
-one-token attention reading the cache once. It is compiled with the system's C++ compiler the
+int16-quantised activations with 4- and 8-bit weights by integer multiply-adds, runs one-token
+attention reading the cache once, and chains a Llama-family layer stack into one call
+(``fast_decode.py``). It is compiled with the system's C++ compiler the
 first time it is needed (~1 min) into the cache folder; where that cannot happen (no compiler,
 no AVX2/FMA, ``TIMEBILL_KERNELS=0``) ``load()`` returns None and the engine keeps torch's
 kernels, with the reason logged once.
