@@ -300,14 +300,20 @@ def quality_guard(formats, new_tokens=64, task_tokens=1024, seeds=(0, 1)):
 
 
 # -------------------------------------------------------------------------------- calibration
-def calibration_check(fmt, threads, quick=False):
-    """Calibrate ``fmt``, then compare the fitted model with real prefill + decode runs."""
+def calibration_check(fmt, threads, quick=False, profile=None):
+    """
+    Calibrate ``fmt`` (or take ``profile``, a `timebill calibrate` output), then compare.
+
+    The fitted model against real prefill + decode runs of real prompts.
+    """
     from timebill_ros.core import calibration as cal
 
     cfg = TimeBillConfig(weights=fmt, threads=threads)
     engine = Engine.from_config(cfg)
     load_start = load1()
-    if quick:
+    if profile:
+        prof = cal.load_profile(profile, engine.profile_key())
+    elif quick:
         prof = cal.calibrate(
             engine,
             cal.QUICK_PREFILL_GRID,
@@ -448,6 +454,9 @@ def main() -> int:
     ap.add_argument('--quality', action='store_true', help='add the quality guard')
     ap.add_argument('--calibration', action='store_true', help='add the calibration check')
     ap.add_argument('--calibration-format', default=TimeBillConfig().weights)
+    ap.add_argument(
+        '--calibration-profile', help='check this `timebill calibrate` profile, not a new fit'
+    )
     ap.add_argument('--no-speed', action='store_true', help='skip the speed tables')
     ap.add_argument('--out', default='results/bench_engine.json')
     args = ap.parse_args()
@@ -497,7 +506,8 @@ def main() -> int:
     if args.calibration:
         print('\ncalibration check', flush=True)
         report['calibration'] = calibration_check(
-            args.calibration_format, max(threads), quick=args.quick
+            args.calibration_format, max(threads), quick=args.quick,
+            profile=args.calibration_profile,
         )
     out.write_text(json.dumps(report, indent=1, default=str))
     print(f'\nwrote {out}')

@@ -103,7 +103,7 @@ def planner(args) -> int:
             mnt = rng.randint(32, 64)
             cancel = k % 7 == 5
             rec.update(budget_s=budget, max_new_tokens=mnt, cancel=cancel)
-            if rng.random() < 0.5:
+            if rng.random() < args.estimate_share:
                 t = time.time()
                 plan = tb.estimate_budget(prompt, budget, max_new_tokens=mnt)
                 rec['estimate_s'] = time.time() - t
@@ -221,6 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument('--duration', type=float, default=270.0, help='seconds of load per planner')
     ap.add_argument('--goals-per-planner', type=int, default=0, help='0: until --duration')
     ap.add_argument('--domain', type=int, default=77, help='ROS_DOMAIN_ID (never 0)')
+    ap.add_argument(
+        '--estimate-share', type=float, default=0.5, help='share of goals estimated first'
+    )
     ap.add_argument('--out', default='results/load_lateness')
     ap.add_argument('--worker', type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -297,6 +300,8 @@ def main(argv=None) -> int:
             str(args.duration),
             '--goals-per-planner',
             str(args.goals_per_planner),
+            '--estimate-share',
+            str(args.estimate_share),
             '--out',
             str(out),
         ]

@@ -75,6 +75,9 @@ class TimeBillConfig:
         256  # prompt tokens per prefill chunk (deadline/cancel checked between); 0 = one pass
     )
     estimate_slack_s: float = 0.05  # generator waits this long past prefill for an estimate
+    # EstimateBudget says guaranteed only if the worst case ends this long before the deadline:
+    # the result's way back to the planner through loaded processes (measured up to ~0.5 s)
+    guarantee_margin_s: float = 0.5
     peer_timeout_s: float = (
         5.0  # server: no generator heartbeat this long -> abort its goals with a reason
     )
@@ -100,6 +103,8 @@ class TimeBillConfig:
             )
         if self.pessimism_k < 1.0:
             raise ValueError(f'pessimism_k must be >= 1, got {self.pessimism_k}')
+        if self.guarantee_margin_s < 0:
+            raise ValueError(f'guarantee_margin_s must be >= 0, got {self.guarantee_margin_s}')
         if self.prefill_chunk < 0:
             raise ValueError(f'prefill_chunk must be >= 0, got {self.prefill_chunk}')
         for name in ('bucket_size', 'num_buckets', 'window_size', 'kernel_size', 'max_new_tokens'):

@@ -198,8 +198,9 @@ class Pipeline:
 
         verdict = solve(amax)
         # the worst case again, starting when every job ahead has run to its end, on the
-        # slowest timings recent requests were served at
-        left = now + budget_s - adm.worst_start
+        # slowest timings recent requests were served at, ending a margin before the deadline
+        # (the result still has to travel to the planner)
+        left = now + budget_s - adm.worst_start - self.cfg.guarantee_margin_s
         worst = (
             solve_alpha(
                 self.online.worst_model(),

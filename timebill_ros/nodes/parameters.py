@@ -62,6 +62,8 @@ PARAMETERS = {
                          (0.0, 60.0)),
     'peer_timeout_s': ('no generator heartbeat this long: its goals are aborted', (0.1, 3600.0)),
     'heartbeat_s': ('generator heartbeat period', (0.01, 60.0)),
+    'guarantee_margin_s': ('EstimateBudget guarantees only worst cases ending this long before '
+                           'the deadline', (0.0, 60.0)),
     'record_bag': ('rosbag2 folder the server records goals and results to (empty: none)', None),
 }
 
