@@ -129,6 +129,23 @@ def test_estimate_guarantees_only_what_survives_the_jobs_ahead(engine):
     p.close()
 
 
+def test_a_guarantee_leaves_the_result_time_to_reach_the_planner(engine):
+    # the worst case of 100 prompt tokens and N̂_W answer tokens on SLOW, evicting nothing
+    n_w = _pipeline(engine).estimate(100, budget_s=60.0, n_hat=8).verdict.n_wcet
+    worst = SLOW.prefill_s(100) + sum(SLOW.decode_step_s(100 + i) for i in range(n_w))
+    tight = worst + 0.2
+    assert _pipeline(engine, cfg=CFG.replace(guarantee_margin_s=0.0)).estimate(
+        100, budget_s=tight, n_hat=8
+    ).guaranteed
+    est = _pipeline(engine, cfg=CFG.replace(guarantee_margin_s=0.5)).estimate(
+        100, budget_s=tight, n_hat=8
+    )
+    assert est.verdict.status == 'met' and not est.guaranteed  # served on time, not promised
+    assert _pipeline(engine, cfg=CFG.replace(guarantee_margin_s=0.5)).estimate(
+        100, budget_s=worst + 0.6, n_hat=8
+    ).guaranteed
+
+
 def test_skip_next_overrun_skips_the_jobs_that_waited(engine):
     p = _pipeline(engine)
     hold = threading.Event()
