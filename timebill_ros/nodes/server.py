@@ -451,7 +451,17 @@ class TimeBillServer(LifecycleNode):
         send = self._generator.send_goal_async(
             Generate.Goal(request=request), feedback_callback=relay, goal_uuid=goal_handle.goal_id
         )
-        first = wait_first(send, ctx.stop)
+        # the generator ends every goal by its deadline plus a step or a chunk; past that its
+        # request or answer was lost on the way (a DDS reply before discovery settled)
+        grace = self._grace_s()
+        left = lambda: deadline + grace - ros_now_s(self)  # noqa: E731
+        lost = (
+            f'no answer from the generator {grace:.2f} s after the deadline: the request or its '
+            f'answer was lost on the way'
+        )
+        first = wait_first(send, ctx.stop, timeout_s=max(left(), 0.0))
+        if first is None:
+            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, lost)
         if first is ctx.stop:
             return self._end(goal_handle, result, rel, R.STATUS_ABORTED, ctx.stop.result())
         inner = send.result()
@@ -467,7 +477,10 @@ class TimeBillServer(LifecycleNode):
         if goal_handle.is_cancel_requested or ctx.stop.done():
             inner.cancel_goal_async()
         answer = inner.get_result_async()
-        first = wait_first(answer, ctx.stop)
+        first = wait_first(answer, ctx.stop, timeout_s=max(left(), 0.0))
+        if first is None:
+            inner.cancel_goal_async()
+            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, lost)
         if first is ctx.stop:
             return self._end(goal_handle, result, rel, R.STATUS_ABORTED, ctx.stop.result())
         dispatched = result.dispatch_at_s
@@ -481,6 +494,18 @@ class TimeBillServer(LifecycleNode):
         else:
             goal_handle.abort()
         return result
+
+    def _grace_s(self) -> float:
+        """
+        Return how long past a deadline the generator's answer may take: one prefill chunk.
+
+        By the generator's own time model (its heartbeat); at least 0.5 s.
+        """
+        beat, cfg = self._beat, self.cfg
+        if beat is None or not beat.time_model or cfg is None:
+            return 2.0
+        chunk = cfg.prefill_chunk or 256
+        return max(0.5, ExecutionTimeModel(*beat.time_model).prefill_s(chunk))
 
     def _hopeless(self, n_prompt: int, deadline: float) -> str:
         """

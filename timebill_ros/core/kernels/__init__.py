@@ -76,9 +76,16 @@ def _build():
     tag = hashlib.sha1(source + torch.__version__.encode()).hexdigest()[:12]
     build = cache_dir() / 'kernels' / tag
     build.mkdir(parents=True, exist_ok=True)
+    # compile a copy inside the build folder: the same file path whichever copy of the package
+    # imports it (source tree, colcon install), else each path would rebuild the other's
+    copy = build / _SOURCE.name
+    if not copy.is_file() or copy.read_bytes() != source:
+        tmp = copy.with_name(f'{copy.name}.{os.getpid()}.tmp')
+        tmp.write_bytes(source)
+        tmp.replace(copy)
     return load_extension(
         name=f'timebill_decode_cpu_{tag}',
-        sources=[str(_SOURCE)],
+        sources=[str(copy)],
         build_directory=str(build),
         extra_cflags=['-O3', '-mavx2', '-mfma', '-fopenmp'],
         extra_ldflags=['-fopenmp'],
