@@ -151,7 +151,9 @@ def tiny_nodes(tiny_domain_id, tiny_client, tmp_path_factory):
     Run the three nodes with ``model: tiny`` (random 2-layer Llama, SmolLM2 tokenizer).
 
     That is the whole ROS path at milliseconds per token. The timing model stays the pessimistic
-    SmolLM2 fallback.
+    SmolLM2 fallback. fp32 weights: the transformers decode step, ~5 ms per token here, so a
+    900-token goal holds the model for seconds as the queue tests need (the int4 C++ step runs
+    the tiny model 8x faster); the real-model bringup runs the int4 C++ step.
     """
     from timebill_ros.bringup import Bringup
     from timebill_ros.core.model import ensure_tiny_model
@@ -160,7 +162,7 @@ def tiny_nodes(tiny_domain_id, tiny_client, tmp_path_factory):
     logs = tmp_path_factory.mktemp('ros_tiny_logs')
     bags = tmp_path_factory.mktemp('ros_tiny_bags')  # the server records every goal here
     bringup = Bringup(
-        overrides={'threads': 1, 'model': 'tiny', 'record_bag': str(bags)},
+        overrides={'threads': 1, 'model': 'tiny', 'weights': 'fp32', 'record_bag': str(bags)},
         domain_id=tiny_domain_id,
         log_dir=logs,
     )

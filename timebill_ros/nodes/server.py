@@ -453,7 +453,7 @@ class TimeBillServer(LifecycleNode):
         )
         # the generator ends every goal by its deadline plus a step or a chunk; past that its
         # request or answer was lost on the way (a DDS reply before discovery settled)
-        grace = self._grace_s()
+        grace = self._grace_s(len(ids), max_new, overrun)
         left = lambda: deadline + grace - ros_now_s(self)  # noqa: E731
         lost = (
             f'no answer from the generator {grace:.2f} s after the deadline: the request or its '
@@ -495,17 +495,21 @@ class TimeBillServer(LifecycleNode):
             goal_handle.abort()
         return result
 
-    def _grace_s(self) -> float:
+    def _grace_s(self, n_prompt: int, max_new: int, overrun: str) -> float:
         """
-        Return how long past a deadline the generator's answer may take: one prefill chunk.
+        Return how long past a deadline the generator's answer may take.
 
-        By the generator's own time model (its heartbeat); at least 0.5 s.
+        One prefill chunk by the generator's own time model (its heartbeat), at least 0.5 s;
+        under skip-next a late job runs on to its end, so also the whole job's time.
         """
         beat, cfg = self._beat, self.cfg
         if beat is None or not beat.time_model or cfg is None:
-            return 2.0
-        chunk = cfg.prefill_chunk or 256
-        return max(0.5, ExecutionTimeModel(*beat.time_model).prefill_s(chunk))
+            return 2.0 if overrun != 'skip-next' else 600.0
+        model = ExecutionTimeModel(*beat.time_model)
+        grace = max(0.5, model.prefill_s(cfg.prefill_chunk or 256))
+        if overrun == 'skip-next':
+            grace += model.prefill_s(n_prompt) + max_new * model.decode_step_s(n_prompt + max_new)
+        return grace
 
     def _hopeless(self, n_prompt: int, deadline: float) -> str:
         """
