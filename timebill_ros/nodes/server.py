@@ -64,6 +64,9 @@ PEERS = ('timebill_generator', 'timebill_predictor')
 CONFIGURE_TIMEOUT_S = 300.0  # loading a large model can take minutes
 PEER_CHECK_S = 1.0  # how often a configured server checks that its peers are still configured
 CLIENT_CHECK_S = 0.5  # how often goals' client nodes are looked up in the ROS graph
+# a goal's client not in the graph this long after acceptance is taken as gone (DDS announces
+# node names on their own topic, a moment after the goal itself can arrive)
+CLIENT_DISCOVERY_S = 5.0
 
 
 @dataclass(eq=False)
@@ -76,6 +79,7 @@ class _Goal:
     dispatched: bool = False  # handed to the generator
     client_node: str = ''  # the goal's client, when it named itself
     client_seen: bool = False  # the client was in the ROS graph once (absence means it left)
+    accepted_mono: float = 0.0  # time.monotonic() at acceptance
 
 
 class TimeBillServer(LifecycleNode):
@@ -300,7 +304,10 @@ class TimeBillServer(LifecycleNode):
             ).start()
         if not self._goals or self.cfg is None:
             return
-        if time.monotonic() >= self._next_client_check:
+        # clients not seen yet are looked up every tick: a planner can send a goal and crash
+        # within one check period, and an unseen client cannot be noticed leaving
+        unseen = any(g.client_node and not g.client_seen for g in list(self._goals.values()))
+        if unseen or time.monotonic() >= self._next_client_check:
             self._next_client_check = time.monotonic() + CLIENT_CHECK_S
             self._cancel_orphans()
         silent = time.monotonic() - self._beat_at
@@ -324,11 +331,19 @@ class TimeBillServer(LifecycleNode):
         present = {
             (ns.rstrip('/') + '/' + name) for name, ns in self.get_node_names_and_namespaces()
         }
+        now = time.monotonic()
         for g in watched:
             if g.client_node in present:
                 g.client_seen = True
             elif g.client_seen:
                 self._stop(g, f'the client {g.client_node} left the ROS graph')
+            elif g.accepted_mono and now - g.accepted_mono > CLIENT_DISCOVERY_S:
+                self._stop(
+                    g,
+                    f'the client {g.client_node} is not in the ROS graph '
+                    f'{CLIENT_DISCOVERY_S:g} s after its goal was accepted (it left, or the '
+                    f'goal named another node)',
+                )
 
     def _recover_peers(self) -> None:
         """Take a restarted peer, which comes up unconfigured, to the server's own state."""
@@ -362,7 +377,9 @@ class TimeBillServer(LifecycleNode):
     def on_accepted(self, goal_handle) -> None:
         """Stamp the acceptance time (the budget counts from here), then execute."""
         rid = uuid_hex(goal_handle.goal_id)
-        self._goals[rid] = _Goal(rid, ros_now_s(self), stop=Future())
+        self._goals[rid] = _Goal(
+            rid, ros_now_s(self), stop=Future(), accepted_mono=time.monotonic()
+        )
         self._record('record_goal', goal_handle.goal_id, goal_handle.request)
         goal_handle.execute()
 
