@@ -6,8 +6,10 @@ The pipeline's use of them is in test_pipeline.py.
 
 import math
 
+import pytest
 from timebill_ros.core.scheduler import (
     admission,
+    answer_grace_s,
     EdfQueue,
     min_job_s,
     Pending,
@@ -63,3 +65,15 @@ def test_worst_start_is_bounded_by_the_deadlines_ahead():
     assert worst_start(0.0, Running('r', 8.0, 3.0, math.inf), [], 0.1) == 8.1
     assert worst_start(0.0, None, [Pending('q', 9.0, 5)], 0.1) == 9.1
     assert worst_start(12.0, run, [], 0.1) == 12.0
+
+
+def test_an_answer_is_lost_one_chunk_after_the_deadline_or_after_a_whole_late_job():
+    slow = ExecutionTimeModel(a=0.0, b=4e-3, c=0.1, p=1e-5, q=0.02)  # a 256-token chunk: 1.124 s
+    assert answer_grace_s(slow, 256) == pytest.approx(slow.prefill_s(256))
+    assert answer_grace_s(MODEL, 256) == 0.5  # a fast chunk: the answer's way still counts
+    # skip-next: the late job may finish its whole prefill and max_new steps after the deadline
+    whole = slow.prefill_s(1000) + 64 * slow.decode_step_s(1064)
+    late = answer_grace_s(slow, 256, 1000, 64, 'skip-next')
+    assert late == pytest.approx(slow.prefill_s(256) + whole)
+    assert answer_grace_s(slow, 256, 1000, 64, 'truncate') == answer_grace_s(slow, 256)
+    assert answer_grace_s(None, 256) == 2.0 and answer_grace_s(None, 256, overrun='skip-next') > 60

@@ -73,6 +73,28 @@ def min_job_s(model: ExecutionTimeModel, n_prompt: int, alpha_max: float) -> flo
     return model.prefill_s(n_prompt) + model.decode_step_s(max(n_prompt * (1.0 - alpha_max), 1.0))
 
 
+def answer_grace_s(
+    model: Optional[ExecutionTimeModel],
+    chunk: int,
+    n_prompt: int = 0,
+    max_new: int = 0,
+    overrun: str = 'kill',
+) -> float:
+    """
+    Return how long past its deadline a job's answer may still come: later, it was lost.
+
+    A job ends by its deadline plus one decode step or one prefill ``chunk`` (kill, truncate),
+    at least 0.5 s here for the answer's way; under skip-next a late job runs on to its end, so
+    its whole time counts too. Without a time model: 2 s, or 600 s under skip-next.
+    """
+    if model is None:
+        return 600.0 if overrun == 'skip-next' else 2.0
+    grace = max(0.5, model.prefill_s(chunk))
+    if overrun == 'skip-next':
+        grace += model.prefill_s(n_prompt) + max_new * model.decode_step_s(n_prompt + max_new)
+    return grace
+
+
 def worst_start(
     now: float, running: Optional[Running], ahead: Iterable[Pending], step_s: float
 ) -> float:

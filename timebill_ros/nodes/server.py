@@ -31,7 +31,7 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.task import Future
 from timebill_ros.action import Generate, TimedInference
-from timebill_ros.core.scheduler import admission
+from timebill_ros.core.scheduler import admission, answer_grace_s
 from timebill_ros.core.time_estimator import ExecutionTimeModel
 from timebill_ros.msg import Heartbeat, Request
 from timebill_ros.nodes.common import (
@@ -513,20 +513,12 @@ class TimeBillServer(LifecycleNode):
         return result
 
     def _grace_s(self, n_prompt: int, max_new: int, overrun: str) -> float:
-        """
-        Return how long past a deadline the generator's answer may take.
-
-        One prefill chunk by the generator's own time model (its heartbeat), at least 0.5 s;
-        under skip-next a late job runs on to its end, so also the whole job's time.
-        """
+        """Return how long past a deadline the generator's answer may take, by its time model."""
         beat, cfg = self._beat, self.cfg
-        if beat is None or not beat.time_model or cfg is None:
-            return 2.0 if overrun != 'skip-next' else 600.0
-        model = ExecutionTimeModel(*beat.time_model)
-        grace = max(0.5, model.prefill_s(cfg.prefill_chunk or 256))
-        if overrun == 'skip-next':
-            grace += model.prefill_s(n_prompt) + max_new * model.decode_step_s(n_prompt + max_new)
-        return grace
+        known = beat is not None and beat.time_model
+        model = ExecutionTimeModel(*beat.time_model) if known else None
+        chunk = (cfg.prefill_chunk if cfg is not None else 0) or 256
+        return answer_grace_s(model, chunk, n_prompt, max_new, overrun)
 
     def _hopeless(self, n_prompt: int, deadline: float) -> str:
         """
