@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+import sys
 import threading
 from typing import Optional
 
@@ -83,6 +84,10 @@ def _build():
         tmp = copy.with_name(f'{copy.name}.{os.getpid()}.tmp')
         tmp.write_bytes(source)
         tmp.replace(copy)
+    # torch runs `ninja` from PATH: the venv's (requirements.txt) where the system has none
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get('PATH', '').split(os.pathsep):
+        os.environ['PATH'] = os.pathsep.join(filter(None, [os.environ.get('PATH'), bindir]))
     return load_extension(
         name=f'timebill_decode_cpu_{tag}',
         sources=[str(copy)],
