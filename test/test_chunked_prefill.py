@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import timebill_ros
-from timebill_ros.core import engine as engine_mod
+from timebill_ros.core import attention
 from timebill_ros.core.engine import Engine, GenerationRequest
 from timebill_ros.core.errors import InvalidRequestError, PrefillStopped, TimeBillError
 from timebill_ros.core.eviction import n_keep, SnapKVPress
@@ -129,14 +129,14 @@ def test_chunk_attention_equals_masked_sdpa(hq, hkv, past, n):
     k, v = torch.randn(2, 1, hkv, past + n, 16, generator=g)
     mask = torch.ones(n, past + n, dtype=torch.bool).tril(past)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
-    out = engine_mod._chunk_attention(q, k, v, 0.3)  # [1, n, hq, d] as attention layers return
+    out = attention._chunk_attention(q, k, v, 0.3)  # [1, n, hq, d] as attention layers return
     assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
 
 
 def test_chunked_prefill_takes_the_mask_free_path(tiny, monkeypatch):
     calls = []
-    real = engine_mod._chunk_attention
-    monkeypatch.setattr(engine_mod, '_chunk_attention', lambda *a: calls.append(1) or real(*a))
+    real = attention._chunk_attention
+    monkeypatch.setattr(attention, '_chunk_attention', lambda *a: calls.append(1) or real(*a))
     engine = Engine(tiny, None, press='snapkv', window_size=16)
     state = engine.prefill(_ids(200, 9), chunk_tokens=64)
     assert len(calls) == engine.num_layers * (state.chunks - 1)  # every chunk after the first
@@ -179,7 +179,7 @@ def test_should_stop_raises_between_chunks(tiny):
     assert [d for d, _ in seen] == [0, 64, 128]
     assert all(b >= a >= 0 for (_, a), (_, b) in zip(seen, seen[1:]))
     # nothing left switched on for this thread: a later plain forward neither scores nor splits
-    assert engine_mod._collect.press is None and not engine_mod._collect.chunk
+    assert attention.collect.press is None and not attention.collect.chunk
     seen.clear()
     state = engine.prefill(
         _ids(300), chunk_tokens=64, should_stop=lambda done, elapsed: seen.append(done) or ''

@@ -119,7 +119,7 @@ def test_int4_engine_matches_hf_generate_at_alpha_zero(press):
 
 
 def test_packed_decode_attention_equals_gqa_sdpa():
-    from timebill_ros.core.engine import _decode_attention
+    from timebill_ros.core.attention import _decode_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 9, 1, 64, generator=g)

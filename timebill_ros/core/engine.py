@@ -16,9 +16,9 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import kv_cache
+from .attention import ATTENTION_NAME, collect as _collect, register_attention
 from .config import OVERRUN_POLICIES, TimeBillConfig
 from .errors import (
     DeadlinePassedError,
@@ -30,139 +30,6 @@ from .errors import (
 from .eviction import check_alpha, get_press, n_keep, Press
 from .fast_decode import FastDecoder
 from .weights import weight_format
-
-ATTENTION_NAME = 'timebill_sdpa'
-_collect = threading.local()  # the press collecting scores in this thread's prefill, if any
-
-
-def _attention(module, query, key, value, attention_mask, **kwargs):
-    """sdpa, plus (during a scoring prefill) the press's window scores for this layer."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if query.shape[2] == 1 and _decode_fast_path(query, key, kwargs):
-        return _decode_attention(query, key, value, kwargs.get('scaling')), None
-    press = getattr(_collect, 'press', None)
-    if press is not None and query.shape[2] > 1:
-        _collect.scores[module.layer_idx] = press.score(module, _as_full_query(query, key), key)
-    if getattr(_collect, 'chunk', False) and _chunk_fast_path(query, key, kwargs):
-        return _chunk_attention(query, key, value, kwargs.get('scaling')), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-_FLASH_CPU = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
-
-
-def _chunk_fast_path(query, key, kwargs) -> bool:
-    """
-    Attend for what ``Engine.prefill`` sends while ``_collect.chunk`` is set, and nothing else.
-
-    That is one unpadded causal chunk after cached keys, on CPU, no dropout, sliding window or
-    bias.
-    """
-    return (
-        _FLASH_CPU is not None
-        and query.device.type == 'cpu'
-        and query.shape[0] == 1
-        and 1 < query.shape[2] < key.shape[2]
-        and query.shape[1] % key.shape[1] == 0
-        and not kwargs.get('dropout')
-        and kwargs.get('sliding_window') is None
-        and kwargs.get('softcap') is None
-        and kwargs.get('position_bias') is None
-    )
-
-
-def _decode_fast_path(query, key, kwargs) -> bool:
-    """One unpadded sequence, one new token, plain attention to every cached entry."""
-    return (
-        query.shape[0] == 1
-        and query.shape[1] % key.shape[1] == 0
-        and not kwargs.get('dropout')
-        and kwargs.get('sliding_window') is None
-        and kwargs.get('softcap') is None
-        and kwargs.get('position_bias') is None
-    )
-
-
-def _decode_attention(query, key, value, scaling):
-    """
-    One decode step's attention, the query heads of each KV group packed as rows.
-
-    transformers calls sdpa with ``enable_gqa=True`` here, which torch's CPU kernel runs 8-14×
-    slower in bf16 (10-20 % in fp32); as [B, Hkv, Hq/Hkv, D] rows against their own KV head it is
-    one plain sdpa call that reads the cache once. No mask: the one new token sees everything.
-    """
-    b, hq, _, d = query.shape
-    hkv = key.shape[1]
-    kern = _decode_kernels(query, key, value)
-    if kern is not None:
-        scale = scaling if scaling is not None else d**-0.5
-        q = query.reshape(hq, d).contiguous()
-        out = kern.decode_attention(q, key[0], value[0], key.shape[2], scale)
-        return out.reshape(b, 1, hq, d)
-    packed = query.reshape(b, hkv, hq // hkv, d)
-    out = F.scaled_dot_product_attention(packed, key, value, scale=scaling)
-    return out.reshape(b, 1, hq, d)
-
-
-def _decode_kernels(query, key, value):
-    """Return the engine's AVX2 kernels if they take this attention (fp32 CPU, one sequence)."""
-    if query.device.type != 'cpu' or query.dtype != torch.float32 or query.shape[0] != 1:
-        return None
-    if key.dtype != torch.float32 or value.dtype != torch.float32 or query.shape[-1] % 8:
-        return None
-    if key.stride(-1) != 1 or value.stride(-1) != 1 or value.shape[-1] != query.shape[-1]:
-        return None
-    from . import kernels
-
-    return kernels.load()
-
-
-def _chunk_attention(query, key, value, scaling):
-    """
-    Causal attention of a prefill chunk that follows ``past`` cached entries, without a mask.
-
-    Given a mask, CPU sdpa copies every KV head once per query head (``repeat_kv``) and runs a
-    chunk in small query blocks: 35-75 % slower than one pass at 4k tokens. Here the cached
-    part runs unmasked with the query heads of each KV group stacked along the sequence (no
-    copy, big blocks), the chunk's own keys run causal, and the two merge by log-sum-exp.
-    """
-    b, hq, n, d = query.shape
-    hkv = key.shape[1]
-    past = key.shape[2] - n
-    stacked = query.reshape(b, hkv, (hq // hkv) * n, d)
-    o1, l1 = _FLASH_CPU(stacked, key[:, :, :past], value[:, :, :past], scale=scaling)
-    o2, l2 = _FLASH_CPU(query, key[:, :, past:], value[:, :, past:], is_causal=True, scale=scaling)
-    l1 = l1.reshape(b, hq, n, 1)
-    l2 = l2.reshape(b, hq, n, 1)
-    top = torch.maximum(l1, l2)
-    w1, w2 = (l1 - top).exp_(), (l2 - top).exp_()
-    out = (o1.reshape(b, hq, n, -1) * w1 + o2 * w2) / (w1 + w2)
-    return out.to(query.dtype).transpose(1, 2).contiguous()
-
-
-def _as_full_query(query, key):
-    """
-    Left-pad the last chunk's queries with zeros to the one-pass layout.
-
-    In the last chunk of a chunked prefill the queries cover only that chunk while ``key`` holds
-    the whole prompt; presses read ``query.shape[2]`` as the prompt length and use only the last
-    ``window_size`` rows (the window lies in the chunk: ``Engine._chunk_bounds`` makes sure).
-    """
-    missing = key.shape[2] - query.shape[2]
-    if missing <= 0:
-        return query
-    pad = query.new_zeros(query.shape[:2] + (missing, query.shape[3]))
-    return torch.cat([pad, query], dim=2)
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, _attention)
-    # else the causal mask silently vanishes
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 class TextStream:
@@ -292,7 +159,7 @@ class Engine:
         self.eos_ids = set(
             eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
         )
-        _register_attention()  # also for presses without scores: the packed decode attention
+        register_attention()  # also for presses without scores: the packed decode attention
         model.set_attn_implementation(ATTENTION_NAME)
         self.device = next(model.parameters()).device
         self.weights = weight_format(model)
@@ -559,6 +426,7 @@ class Engine:
         times: List[float] = []
         steps: List[float] = []
         pos = state.n_prompt
+        step = self.stepper(cache)
         stream = TextStream(self.tokenizer) if request.on_token else None
         tok = select(state.logits)
         tokens.append(tok)
@@ -579,7 +447,7 @@ class Engine:
             if stop:
                 break
             t0 = time.monotonic()
-            tok = select(self.step(tok, pos, cache))
+            tok = select(step(tok, pos))
             t1 = time.monotonic()
             last_step = t1 - t0
             steps.append(last_step)
@@ -613,19 +481,30 @@ class Engine:
             token_times=times,
         )
 
-    @torch.inference_mode()
-    def step(self, token: int, pos: int, cache) -> torch.Tensor:
+    def stepper(self, cache) -> Callable[[int, int], torch.Tensor]:
         """
-        One decode step: ``token`` at position ``pos`` appended to ``cache``; the logits [vocab].
+        Return ``step(token, pos)`` for ``cache``: one decode step, the logits [vocab].
 
-        The C++ step (``fast_decode``) where the model and cache allow it, else transformers'.
+        Chosen once per decode: the C++ step (``fast_decode``) where the model and cache allow
+        it, else transformers' forward on two reused one-element inputs.
         """
         if self.fast is not None and FastDecoder.takes(cache):
-            return self.fast.step(token, pos, cache)
-        ids = torch.tensor([[token]], device=self.device)
-        at = torch.tensor([[pos]], device=self.device)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, position_ids=at)
-        return out.logits[0, -1]
+            return lambda token, pos: self.fast.step(token, pos, cache)
+        ids = torch.empty((1, 1), dtype=torch.long, device=self.device)
+        at = torch.empty((1, 1), dtype=torch.long, device=self.device)
+
+        def step(token: int, pos: int) -> torch.Tensor:
+            ids.fill_(token)
+            at.fill_(pos)
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, position_ids=at)
+            return out.logits[0, -1]
+
+        return step
+
+    @torch.inference_mode()
+    def step(self, token: int, pos: int, cache) -> torch.Tensor:
+        """One decode step of ``token`` at ``pos`` on ``cache`` (see ``stepper``)."""
+        return self.stepper(cache)(token, pos)
 
     def generate(
         self,

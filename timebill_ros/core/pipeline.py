@@ -184,10 +184,10 @@ class Pipeline:
         )
         k, amax = self.cfg.pessimism_k, limit.alpha_limit
 
-        def solve(alpha_max: float) -> BudgetVerdict:
+        def solve(alpha_max: float, timing=model, budget=budget_s) -> BudgetVerdict:
             return solve_alpha(
-                model,
-                budget_s,
+                timing,
+                budget,
                 n_prompt,
                 min(n_hat, cap),
                 k=k,
@@ -201,20 +201,7 @@ class Pipeline:
         # slowest timings recent requests were served at, ending a margin before the deadline
         # (the result still has to travel to the planner)
         left = now + budget_s - adm.worst_start - self.cfg.guarantee_margin_s
-        worst = (
-            solve_alpha(
-                self.online.worst_model(),
-                left,
-                n_prompt,
-                min(n_hat, cap),
-                k=k,
-                n_max=cap,
-                alpha_max=amax,
-                predict_s=predict_s,
-            )
-            if left > 0
-            else None
-        )
+        worst = solve(amax, self.online.worst_model(), left) if left > 0 else None
         refusal = limit.problem or self._quality_refusal(limit, verdict, min(n_hat, cap), solve)
         guaranteed = adm.admit and worst is not None and worst.guaranteed and not refusal
         reason = refusal or verdict.reason
