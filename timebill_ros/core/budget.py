@@ -153,14 +153,16 @@ def solve_alpha(
     alpha_max: float = 0.95,
     predict_s: float = 0.0,
     overhead_s: float = 0.0,
+    cached: int = 0,
 ) -> BudgetVerdict:
     """
     Choose α before prefill: the smallest one that fits the budget.
 
-    The smallest α with predicted max(prefill, predictor) + WCET decode ≤ budget.
+    The smallest α with predicted max(prefill, predictor) + WCET decode ≤ budget; ``cached``
+    prompt tokens come from the prefix cache.
     """
     _validate(budget_s, n_prompt, n_hat, k, n_max, alpha_max)
-    prefill = model.prefill_s(n_prompt)
+    prefill = model.prefill_s(n_prompt, cached)
     return _solve(
         model,
         budget_s,

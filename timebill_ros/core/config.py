@@ -70,6 +70,12 @@ class TimeBillConfig:
     predictor_device: str = (
         ''  # empty: the target's ``device`` (the paper runs its 0.5B predictor on the GPU)
     )
+    # --- prefix KV cache (core/prefix_cache.py) -------------------------------
+    prefix_cache: bool = True  # reuse the KV of cached prompt prefixes (standing contexts)
+    # memory bound of the cached KV (MB): SmolLM2 fp32 holds 46 KB per token, so 2048 MB keeps
+    # ~45k tokens (five 8k-token scenes); a 7B model's 16-bit KV ~57 KB per token
+    prefix_cache_mb: float = 2048.0
+    prefix_block_tokens: int = 64  # tokens per cached block (the granularity of a hit)
     # --- ROS plumbing -----------------------------------------------------
     prefill_chunk: int = (
         256  # prompt tokens per prefill chunk (deadline/cancel checked between); 0 = one pass
@@ -105,6 +111,10 @@ class TimeBillConfig:
             raise ValueError(f'pessimism_k must be >= 1, got {self.pessimism_k}')
         if self.guarantee_margin_s < 0:
             raise ValueError(f'guarantee_margin_s must be >= 0, got {self.guarantee_margin_s}')
+        if not self.prefix_cache_mb >= 0:
+            raise ValueError(f'prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}')
+        if self.prefix_block_tokens < 1:
+            raise ValueError(f'prefix_block_tokens must be >= 1, got {self.prefix_block_tokens}')
         if self.prefill_chunk < 0:
             raise ValueError(f'prefill_chunk must be >= 0, got {self.prefill_chunk}')
         for name in ('bucket_size', 'num_buckets', 'window_size', 'kernel_size', 'max_new_tokens'):

@@ -29,6 +29,7 @@ from .errors import (
 )
 from .eviction import check_alpha, get_press, n_keep, Press
 from .fast_decode import FastDecoder
+from .prefix_cache import Lease, PrefixCache
 from .weights import weight_format
 
 
@@ -95,6 +96,7 @@ class PrefillState:
     evict_s: float = 0.0
     evicted: bool = False
     chunks: int = 1  # model calls the prefill took
+    cached_tokens: int = 0  # prompt tokens copied from the prefix cache instead of computed
 
     @property
     def n_prompt(self) -> int:
@@ -134,13 +136,14 @@ class Engine:
         chat_template: bool = True,
         preallocate: bool = True,
         model_name: str = '',
+        prefix_cache: Optional[PrefixCache] = None,
         **press_options,
     ):
         """
         Wrap a model and tokenizer with a KV press.
 
         ``press_options`` (window_size, kernel_size, pooling, n_sink) go to the press that
-        declares them.
+        declares them. ``prefix_cache``: reuse the KV of cached prompt prefixes (None: off).
         """
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -166,6 +169,7 @@ class Engine:
         self.fast, self.fast_why_not = FastDecoder.for_model(model)
         self.decode_step = 'timebill-avx2' if self.fast is not None else 'transformers'
         self.prefill_chunk: Optional[int] = None  # calibration times prefill as requests run it
+        self.prefix_cache = prefix_cache
 
     @classmethod
     def from_config(cls, cfg: TimeBillConfig) -> 'Engine':
@@ -191,6 +195,8 @@ class Engine:
             n_sink=cfg.n_sink,
         )
         engine.prefill_chunk = cfg.prefill_chunk or None
+        if cfg.prefix_cache and cfg.prefix_cache_mb > 0:
+            engine.prefix_cache = PrefixCache(cfg.prefix_cache_mb, cfg.prefix_block_tokens)
         return engine
 
     # ------------------------------------------------------------------ input
@@ -212,6 +218,30 @@ class Engine:
             text = f'{system_prompt}\n\n{prompt}' if system_prompt else prompt
             ids = tok(text)['input_ids']
         return list(ids)
+
+    def encode_prefix(self, context: str, system_prompt: Optional[str] = None) -> List[int]:
+        """
+        Token ids a goal whose prompt starts with ``context`` shares with every such goal.
+
+        The chat template wraps the prompt (``<|im_start|>user\\n…<|im_end|>…``), so the ids of
+        ``context`` alone would end in the template's closing tokens, which a goal with a
+        question after the context does not have. Here the template is rendered around a marker
+        and cut there: the ids up to where the context text ends.
+        """
+        if context is None or not str(context).strip():
+            raise EmptyPromptError('context is empty: nothing to prime')
+        tok = self.tokenizer
+        if tok is None:
+            raise InvalidRequestError('this engine has no tokenizer: prime with input_ids')
+        if not (self.chat_template and getattr(tok, 'chat_template', None)):
+            text = f'{system_prompt}\n\n{context}' if system_prompt else context
+            return list(tok(text)['input_ids'])
+        marker = '\u2063TIMEBILL_PRIME_MARK\u2063'
+        msgs = [{'role': 'system', 'content': system_prompt}] if system_prompt else []
+        msgs.append({'role': 'user', 'content': context + marker})
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        head = text[: text.index(marker)]
+        return list(tok(head, add_special_tokens=False)['input_ids'])
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -255,24 +285,74 @@ class Engine:
             )
 
     # --------------------------------------------------------------- stages
-    def _chunk_bounds(self, n: int, chunk_tokens: Optional[int]) -> List[int]:
+    def _chunk_bounds(
+        self, n: int, chunk_tokens: Optional[int], start: int = 0, tail: Optional[int] = None
+    ) -> List[int]:
         """
-        Return the chunk starts plus ``n``.
+        Return the chunk starts (from ``start``, the first token not cached) plus ``n``.
 
-        The last chunk holds at least the press's observation window (a short tail joins the chunk
+        Chunks lie on one grid of absolute positions (multiples of ``chunk_tokens``) whatever was
+        cached, so a warm prefill runs the cold one's chunks past its first. The last chunk holds
+        at least ``tail`` tokens, the press's observation window (a short tail joins the chunk
         before), so window scores come from one model call.
         """
+        if start >= n:
+            return [n]  # all cached (a prime of whole blocks): nothing to compute
         if chunk_tokens is None or chunk_tokens == 0:
-            return [0, n]
+            return [start, n]
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 0:
             raise InvalidRequestError(
                 f'chunk_tokens must be a non-negative integer, got {chunk_tokens!r}'
             )
-        window = int(getattr(self.press, 'window_size', 0) or 0) if self.press.needs_scores else 0
-        bounds = list(range(0, n, chunk_tokens)) + [n]
-        while len(bounds) > 2 and bounds[-1] - bounds[-2] < max(window, 1):
+        if tail is None:
+            tail = self._tail(self.press)
+        first = (start // chunk_tokens + 1) * chunk_tokens
+        bounds = [start] + list(range(first, n, chunk_tokens)) + [n]
+        while len(bounds) > 2 and bounds[-1] - bounds[-2] < max(tail, 1):
             del bounds[-2]
         return bounds
+
+    def _scorer(self, ids: Sequence[int]) -> Press:
+        """The press as it scores this prompt (its window may depend on the prompt)."""
+        return self.press.for_prompt(ids, self.tokenizer)
+
+    def _tail(self, scorer: Press) -> int:
+        """Last prompt tokens a prefill must compute itself: the press reads their queries."""
+        if not self.press.needs_scores:
+            return 1  # the last token's logits
+        return max(int(getattr(scorer, 'window_size', 1) or 1), 1)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one prompt token's keys and values take in the cache (all layers)."""
+        cfg = self.model.config.get_text_config(decoder=True)
+        head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, 'num_key_value_heads', None) or cfg.num_attention_heads
+        elem = torch.finfo(self.model.dtype).bits // 8
+        return 2 * self.num_layers * kv_heads * head_dim * elem
+
+    def reuse_limit(self, ids: Sequence[int]) -> int:
+        """
+        Most prompt tokens a warm prefill may take from the prefix cache (0: no cache).
+
+        The press scores the last ``window`` queries against every key, and queries are not
+        cached: those tokens are recomputed, so the warm path scores, keeps and answers as
+        the cold one.
+        """
+        if self.prefix_cache is None:
+            return 0
+        return max(len(ids) - self._tail(self._scorer(ids)), 0)
+
+    def reusable(self, ids: Sequence[int]) -> int:
+        """Prompt tokens a prefill of ``ids`` would reuse now (a look-up; pins nothing)."""
+        if self.prefix_cache is None:
+            return 0
+        return self.prefix_cache.peek(ids, self.reuse_limit(ids))
+
+    def acquire_prefix(self, ids: Sequence[int]) -> Lease:
+        """Pin the cached prefix a prefill of ``ids`` will reuse (a queued goal's)."""
+        if self.prefix_cache is None:
+            return Lease(None, [])
+        return self.prefix_cache.acquire(ids, self.reuse_limit(ids))
 
     def _trunk(self):
         """
@@ -293,6 +373,8 @@ class Engine:
         *,
         chunk_tokens: Optional[int] = None,
         should_stop: Optional[Callable[[int, float], Optional[str]]] = None,
+        prefix: Optional[Lease] | bool = True,
+        prime: Optional[str] = None,
     ) -> PrefillState:
         """
         Run the prompt into a fresh cache, in one pass or in chunks of ``chunk_tokens``.
@@ -301,45 +383,63 @@ class Engine:
         elapsed_s)`` (seconds since this call began) is asked before every model call; a non-empty
         answer raises ``PrefillStopped(reason, done_tokens)``. Chunked and one-pass prefills give
         the same cache, logits and press scores (up to float rounding).
+
+        With a prefix cache, the longest cached prefix (``prefix``: a lease pinned earlier, True:
+        look it up now, False: cold) is copied in and only the rest is computed; the whole blocks
+        computed here are cached for later goals (also when the prefill stops early). ``prime``
+        (an id) caches ``input_ids`` as a standing context held until released: no logits, no
+        scores.
         """
         ids = list(input_ids)
         if not ids:
             raise EmptyPromptError('input_ids is empty: nothing to answer')
         self.check_length(len(ids))
         t0 = time.monotonic()
-        bounds = self._chunk_bounds(len(ids), chunk_tokens)
+        pc = self.prefix_cache if prefix is not False else None
+        scorer = self._scorer(ids)
+        lease = self._lease(ids, prefix, prime) if pc is not None else None
         cap = capacity or min(self.max_context, len(ids) + 512)
         cache = kv_cache.make_cache(self.num_layers, cap, self.preallocate)
+        start = 0
+        if lease is not None:
+            start = pc.copy_into(lease, cache)
+            lease.release()
+        bounds = self._chunk_bounds(len(ids), chunk_tokens, start, self._tail(scorer))
         x = torch.tensor([ids], device=self.device)
         scores: Dict[int, torch.Tensor] = {}
-        trunk = self._trunk() if len(bounds) > 2 else None
+        trunk = self._trunk() if len(bounds) > 2 or prime is not None else None
+        done = start
+        out = None
         try:
-            for start, end in zip(bounds, bounds[1:]):
+            for begin, end in zip(bounds, bounds[1:]):
                 if should_stop is not None:
-                    reason = should_stop(start, time.monotonic() - t0)
+                    reason = should_stop(begin, time.monotonic() - t0)
                     if reason:
-                        raise PrefillStopped(str(reason), start)
-                last = end == len(ids)
+                        raise PrefillStopped(str(reason), begin)
+                last = end == len(ids) and prime is None
                 kw = {}
-                if len(bounds) > 2:  # explicit positions, so RoPE never depends on cache counting
-                    kw['position_ids'] = torch.arange(start, end, device=self.device).unsqueeze(0)
+                if len(bounds) > 2 or begin > 0:  # explicit positions: RoPE never counts the cache
+                    kw['position_ids'] = torch.arange(begin, end, device=self.device).unsqueeze(0)
                 if last and self.press.needs_scores:
-                    _collect.press = self.press.for_prompt(ids, self.tokenizer)
+                    _collect.press = scorer
                     _collect.scores = scores
-                _collect.chunk = start > 0
+                _collect.chunk = begin > 0
                 if last or trunk is None:
                     out = self.model(
-                        input_ids=x[:, start:end],
+                        input_ids=x[:, begin:end],
                         cache=cache,
                         use_cache=True,
                         logits_to_keep=1,
                         **kw,
                     )
                 else:
-                    trunk(input_ids=x[:, start:end], cache=cache, use_cache=True, **kw)
+                    trunk(input_ids=x[:, begin:end], cache=cache, use_cache=True, **kw)
+                done = end
         finally:
             _collect.press, _collect.chunk = None, False
-        logits = out.logits[0, -1].float()
+            if pc is not None and done > start:
+                pc.insert(ids, cache, done, hold=prime)
+        logits = out.logits[0, -1].float() if out is not None else torch.empty(0)
         dt = time.monotonic() - t0
         return PrefillState(
             input_ids=ids,
@@ -351,7 +451,16 @@ class Engine:
             kv_before=len(ids),
             kv_after=len(ids),
             chunks=len(bounds) - 1,
+            cached_tokens=start,
         )
+
+    def _lease(self, ids: List[int], prefix, prime: Optional[str]) -> Lease:
+        """The cached prefix to reuse now: at least what ``prefix`` pinned, maybe more since."""
+        limit = len(ids) if prime is not None else self.reuse_limit(ids)
+        lease = self.prefix_cache.acquire(ids, limit)
+        if isinstance(prefix, Lease):
+            prefix.release()  # the new lease pins at least its blocks (they were pinned)
+        return lease
 
     @torch.inference_mode()
     def evict(self, state: PrefillState, alpha: float) -> PrefillState:
@@ -516,7 +625,7 @@ class Engine:
         self.check_request(request)
         ids = self._request_ids(request)
         cap = min(self.max_context, len(ids) + request.max_new_tokens + 1)
-        state = self.prefill(ids, capacity=cap, started_at=started)
+        state = self.prefill(ids, capacity=cap, started_at=started, prefix=False)
         alpha = choose_alpha(state) if choose_alpha is not None else (request.alpha or 0.0)
         if alpha > 0:
             self.evict(state, alpha)
@@ -524,19 +633,36 @@ class Engine:
 
     # ---------------------------------------------------------- calibration
     @torch.inference_mode()
-    def time_prefill(self, n_tokens: int, repeats: int = 3) -> List[float]:
+    def time_prefill(self, n_tokens: int, repeats: int = 3, cached: int = 0) -> List[float]:
         """
         Time a prefill of ``n_tokens`` (random ids) as requests run it.
 
-        Wall time, with score collection on, in chunks of ``prefill_chunk`` tokens.
+        Wall time, with score collection on, in chunks of ``prefill_chunk`` tokens. ``cached``:
+        the first that many tokens (rounded down to whole blocks) come from the prefix cache
+        (a private one, so the engine's own cache is neither used nor filled): the warm path.
         """
         vocab = self.model.config.get_text_config(decoder=True).vocab_size
-        g = torch.Generator().manual_seed(n_tokens)
-        out = []
-        for _ in range(repeats):
-            ids = torch.randint(3, vocab, (n_tokens,), generator=g).tolist()
-            state = self.prefill(ids, capacity=n_tokens + 1, chunk_tokens=self.prefill_chunk)
-            out.append(state.prefill_s)
+        g = torch.Generator().manual_seed(n_tokens * 7919 + cached)
+        own, out = self.prefix_cache, []
+        try:
+            for _ in range(repeats):
+                ids = torch.randint(3, vocab, (n_tokens,), generator=g).tolist()
+                if cached > 0:
+                    block = own.block_tokens if own is not None else 64
+                    self.prefix_cache = PrefixCache(
+                        capacity_mb=1e6, block_tokens=min(block, max(cached, 1))
+                    )
+                    self.prefill(ids[:cached], chunk_tokens=self.prefill_chunk, prime='calibrate')
+                    state = self.prefill(
+                        ids, capacity=n_tokens + 1, chunk_tokens=self.prefill_chunk
+                    )
+                else:
+                    state = self.prefill(
+                        ids, capacity=n_tokens + 1, chunk_tokens=self.prefill_chunk, prefix=False
+                    )
+                out.append(state.prefill_s)
+        finally:
+            self.prefix_cache = own
         return out
 
     @torch.inference_mode()

@@ -69,8 +69,8 @@ class OnlineTimeModel:
         }
 
     # ----------------------------------------------------------------- updates
-    def observe_prefill(self, n_prompt: int, seconds: float) -> None:
-        x = self.base.prefill_s(n_prompt)
+    def observe_prefill(self, n_prompt: int, seconds: float, cached: int = 0) -> None:
+        x = self.base.prefill_s(n_prompt, cached)
         if x > 0 and seconds > 0:
             self._ratios['prefill'].append(seconds / x)
             self.prefill.update(x, seconds)
@@ -94,8 +94,7 @@ class OnlineTimeModel:
         """
         sp = self.prefill.s if self.prefill.n >= self.min_samples else 1.0
         sd = self.decode.s if self.decode.n >= self.min_samples else 1.0
-        b = self.base
-        return ExecutionTimeModel(a=b.a * sp, b=b.b * sp, c=b.c * sp, p=b.p * sd, q=b.q * sd)
+        return self.base.scaled(sp, sd)
 
     def worst_model(self) -> ExecutionTimeModel:
         """
@@ -109,8 +108,7 @@ class OnlineTimeModel:
             s = rls.s if rls.n >= self.min_samples else 1.0
             scales.append(max([s, *self._ratios[stage]]))
         sp, sd = scales
-        b = self.base
-        return ExecutionTimeModel(a=b.a * sp, b=b.b * sp, c=b.c * sp, p=b.p * sd, q=b.q * sd)
+        return self.base.scaled(sp, sd)
 
     def drift(self) -> List[str]:
         """List stages whose recent measured/predicted ratio left the band (empty: none)."""

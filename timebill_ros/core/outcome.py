@@ -37,6 +37,8 @@ class Outcome:
     estimate_fallback: bool = False
     wcet_s: float = 0.0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
+    prefill_saved_s: float = 0.0  # prefill seconds the cache saved, by the time model
     tokens_generated: int = 0
     kv_before: int = 0
     kv_after: int = 0

@@ -21,12 +21,13 @@ latest start has passed. ``submit`` returns a ``concurrent.futures.Future`` of t
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 import math
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 from .budget import BudgetVerdict, solve_alpha, solve_alpha_after_prefill
 from .config import TimeBillConfig
@@ -70,6 +71,8 @@ class Job:
     tokens_at_cancel: Optional[int] = None
     alpha_used: float = 0.0
     n_hat: int = 0
+    cached: int = 0  # prompt tokens the prefix cache holds for it (pinned from submit on)
+    lease: Optional[Any] = None  # the pin (core.prefix_cache.Lease)
 
     @property
     def n_prompt(self) -> int:
@@ -88,6 +91,29 @@ class BudgetEstimate:
     limit: Optional[QualityLimit] = None  # the eviction the goal's quality floor allows
     expected_quality: float = -1.0  # measured accuracy at the verdict's α (-1: no curve)
     quality_refusal: str = ''  # non-empty: the goal would be refused for its quality floor
+    cached_tokens: int = 0  # prompt tokens the prefix cache holds now
+    prefill_saved_s: float = 0.0  # the prefill seconds that saves, by the time model
+
+
+@dataclass
+class PrimeResult:
+    """What priming a standing context did."""
+
+    prime_id: str
+    ok: bool
+    reason: str
+    context_tokens: int = 0  # tokens of the context (chat template's head included)
+    cached_tokens: int = 0  # of them, held in the prefix cache now (whole blocks)
+    seconds: float = 0.0  # model time spent priming (0: it was cached already)
+    fit: bool = False  # every whole block fits the memory bound
+
+
+@dataclass(eq=False)
+class _Prime:
+    prime_id: str
+    input_ids: List[int]
+    future: Future
+    seconds: float = 0.0
 
 
 class Pipeline:
@@ -115,6 +141,7 @@ class Pipeline:
         self._futures: Dict[str, Future] = {}
         self._running: Optional[Running] = None
         self._running_job: Optional[Job] = None
+        self._primes: Deque[_Prime] = deque()
         self._threads: List[threading.Thread] = []
         self._closed = False
         self.on_observed: Optional[Callable[[Outcome], None]] = None
@@ -152,16 +179,35 @@ class Pipeline:
         if job.overrun == 'skip-next':
             return math.inf  # it runs on past its deadline by choice
         return job.deadline - min_job_s(
-            self.time_model(), job.n_prompt, self.limit(job).alpha_limit
+            self.time_model(), job.n_prompt, self.limit(job).alpha_limit, job.cached
         )
 
+    @property
+    def prefix_cache(self):
+        """The engine's prefix KV cache (None: off)."""
+        return getattr(self.engine, 'prefix_cache', None)
+
+    def cached_for(self, input_ids: List[int]) -> int:
+        """Prompt tokens of ``input_ids`` a prefill would take from the prefix cache now."""
+        reusable = getattr(self.engine, 'reusable', None)
+        return int(reusable(input_ids)) if reusable is not None else 0
+
     # -------------------------------------------------------------- admission
-    def admission(self, n_prompt: int, deadline: float, now: Optional[float] = None) -> Admission:
+    def admission(
+        self, n_prompt: int, deadline: float, now: Optional[float] = None, cached: int = 0
+    ) -> Admission:
         now = self.clock() if now is None else now
         with self._cv:
             queued, running = self._queue.pending(), self._running
         return admission(
-            self.time_model(), now, deadline, n_prompt, queued, running, self.cfg.alpha_max
+            self.time_model(),
+            now,
+            deadline,
+            n_prompt,
+            queued,
+            running,
+            self.cfg.alpha_max,
+            cached,
         )
 
     def estimate(
@@ -174,11 +220,16 @@ class Pipeline:
         now: Optional[float] = None,
         min_quality: float = -1.0,
         max_alpha: float = -1.0,
+        cached: int = 0,
     ) -> BudgetEstimate:
-        """EstimateBudget: the α a goal would get now, and whether its worst case is guaranteed."""
+        """
+        EstimateBudget: the α a goal would get now, and whether its worst case is guaranteed.
+
+        ``cached``: prompt tokens the prefix cache holds for it (``cached_for``).
+        """
         now = self.clock() if now is None else now
         model, cap = self.time_model(), self.n_cap(n_prompt, max_new_tokens)
-        adm = self.admission(n_prompt, now + budget_s, now)
+        adm = self.admission(n_prompt, now + budget_s, now, cached)
         limit = limit_for(
             self.quality, self.cfg.alpha_max, self.cfg.quality_floor_alpha, min_quality, max_alpha
         )
@@ -194,6 +245,7 @@ class Pipeline:
                 n_max=cap,
                 alpha_max=alpha_max,
                 predict_s=predict_s,
+                cached=cached,
             )
 
         verdict = solve(amax)
@@ -206,10 +258,24 @@ class Pipeline:
         guaranteed = adm.admit and worst is not None and worst.guaranteed and not refusal
         reason = refusal or verdict.reason
         if verdict.guaranteed and not guaranteed and not refusal:
-            reason += (
-                f'; not guaranteed: {adm.ahead} goal(s) ahead may hold the model until '
-                f'{adm.worst_start - now:.3f} s from now'
-            )
+            if adm.ahead and adm.worst_start > now:
+                reason += (
+                    f'; not guaranteed: {adm.ahead} goal(s) ahead may hold the model until '
+                    f'{adm.worst_start - now:.3f} s from now'
+                )
+            elif worst is not None:
+                reason += (
+                    f'; not guaranteed: on the slowest timings recent goals were served at, the '
+                    f'worst case takes {worst.total_s:.3f} s, over the {left:.3f} s left once '
+                    f'{self.cfg.guarantee_margin_s:g} s are kept for the way back'
+                )
+            else:
+                reason += (
+                    f'; not guaranteed: the {self.cfg.guarantee_margin_s:g} s kept for the '
+                    f'way back leave no time'
+                )
+        if cached:
+            reason += f'; {cached} of {n_prompt} prompt tokens are cached'
         return BudgetEstimate(
             verdict,
             adm,
@@ -219,6 +285,8 @@ class Pipeline:
             limit,
             self.expected_quality(verdict.alpha),
             refusal,
+            cached,
+            max(model.prefill_s(n_prompt) - model.prefill_s(n_prompt, cached), 0.0),
         )
 
     def _quality_refusal(
@@ -261,7 +329,9 @@ class Pipeline:
         job.overrun = job.overrun or self.cfg.overrun_policy
         fut: Future = Future()
         problem = self._check(job)
-        adm = None if problem else self.admission(job.n_prompt, job.deadline, now)
+        if not problem:
+            self._pin(job)
+        adm = None if problem else self.admission(job.n_prompt, job.deadline, now, job.cached)
         if problem or not adm.admit:
             fut.set_result(self._end(job, 'rejected', problem or adm.reason))
             return fut
@@ -284,9 +354,153 @@ class Pipeline:
             job.on_stage(job, 'queued')
         return fut
 
+    def _pin(self, job: Job) -> None:
+        """Pin the cached prefix ``job`` will reuse, so the memory bound cannot drop it."""
+        acquire = getattr(self.engine, 'acquire_prefix', None)
+        if acquire is not None and job.lease is None:
+            job.lease = acquire(job.input_ids)
+            job.cached = job.lease.tokens
+
     def run(self, job: Job) -> Outcome:
         """Submit and wait (the CLI and offline replay)."""
         return self.submit(job).result()
+
+    # ---------------------------------------------------------------- priming
+    def prime(self, input_ids: List[int], prime_id: str) -> Future:
+        """
+        Cache a standing context between goals; the future's result is a ``PrimeResult``.
+
+        Priming runs only while no goal is queued, one prefill chunk at a time: a goal that
+        arrives waits at most for the chunk in progress (admission counts it), then priming
+        goes on where it stopped. The cached blocks are held until ``release(prime_id)``.
+        """
+        fut: Future = Future()
+        ids = [int(t) for t in input_ids]
+        pc = self.prefix_cache
+        why = ''
+        if pc is None:
+            why = 'the prefix cache is off (prefix_cache: false or prefix_cache_mb: 0)'
+        elif not ids:
+            why = 'the context has no tokens: nothing to prime'
+        elif len(ids) >= self.engine.max_context:
+            why = (
+                f"the context has {len(ids)} tokens; the model's context is "
+                f'{self.engine.max_context} (no room for a question)'
+            )
+        elif len(ids) < pc.block_tokens:
+            why = (
+                f'the context has {len(ids)} tokens, less than one cached block '
+                f'({pc.block_tokens}): nothing to keep'
+            )
+        if why:
+            fut.set_result(PrimeResult(prime_id, False, why, context_tokens=len(ids)))
+            return fut
+        whole = len(ids) - len(ids) % pc.block_tokens
+        need = self._kv_bytes(whole - pc.peek(ids))
+        free = pc.capacity_bytes - pc.pinned_bytes()
+        if need > free:
+            fut.set_result(
+                PrimeResult(
+                    prime_id,
+                    False,
+                    (
+                        f'does not fit the prefix cache: {whole} tokens need '
+                        f'{need / 2**20:.0f} MB more, {max(free, 0) / 2**20:.0f} MB of '
+                        f'prefix_cache_mb={pc.capacity_bytes / 2**20:.0f} are not held by other '
+                        f'primes or goals; goals with this context are served cold'
+                    ),
+                    context_tokens=len(ids),
+                    cached_tokens=pc.peek(ids),
+                )
+            )
+            return fut
+        with self._cv:
+            if self._closed:
+                fut.set_result(PrimeResult(prime_id, False, 'the pipeline is shutting down'))
+                return fut
+            self._primes.append(_Prime(prime_id, ids[:whole], fut))
+            self._start_threads()
+            self._cv.notify_all()
+        return fut
+
+    def release(self, prime_id: str) -> int:
+        """Stop holding a primed context (a queued prime is dropped); returns blocks released."""
+        with self._cv:
+            for p in list(self._primes):
+                if p.prime_id == prime_id:
+                    self._primes.remove(p)
+                    p.future.set_result(
+                        PrimeResult(prime_id, False, 'released before it was primed')
+                    )
+        pc = self.prefix_cache
+        return pc.release(prime_id) if pc is not None else 0
+
+    def _kv_bytes(self, tokens: int) -> int:
+        per = getattr(self.engine, 'kv_bytes_per_token', None)
+        return int(tokens * per()) if per is not None else 0
+
+    def _prime_step(self, p: _Prime) -> None:
+        """Prime ``p`` on the model thread until done or a goal is queued (a chunk boundary)."""
+        pc, model, clock = self.prefix_cache, self.time_model(), self.clock
+        chunk = self.cfg.prefill_chunk or len(p.input_ids)
+        first: List[int] = []
+
+        def should_stop(done: int, elapsed: float) -> Optional[str]:
+            if not first:
+                first.append(done)
+            with self._cv:
+                if self._closed:
+                    return 'closed'
+                if done > first[0] and len(self._queue):
+                    return 'yield'  # a goal is waiting: it goes first
+                if self._running is not None:  # admission counts the chunk about to run
+                    end = min(done + chunk, len(p.input_ids))
+                    now = clock()
+                    self._running.expected_end = now + model.prefill_s(end, done)
+                    self._running.worst_end = now + 2.0 * self.online.worst_model().prefill_s(
+                        end, done
+                    )
+            return None
+
+        t0 = time.monotonic()
+        try:
+            self.engine.prefill(
+                p.input_ids,
+                capacity=len(p.input_ids),
+                chunk_tokens=self.cfg.prefill_chunk,
+                should_stop=should_stop,
+                prime=p.prime_id,
+            )
+            stopped = ''
+        except PrefillStopped as stop:
+            stopped = stop.reason
+        except Exception as exc:  # noqa: BLE001 - a failed prime must not stop the worker
+            stopped = f'generator error while priming: {exc or type(exc).__name__}'
+        p.seconds += time.monotonic() - t0
+        if stopped == 'yield':
+            with self._cv:
+                self._primes.appendleft(p)  # goes on once the queue is empty again
+            return
+        held = pc.holds().get(p.prime_id, 0)
+        whole = len(p.input_ids)
+        if stopped:
+            result = PrimeResult(p.prime_id, False, stopped, whole, held, p.seconds, False)
+        elif held < whole:
+            result = PrimeResult(
+                p.prime_id,
+                False,
+                (pc.last_refusal or 'the memory bound was reached')
+                + f'; {held} of {whole} tokens are cached, the rest is served cold',
+                whole,
+                held,
+                p.seconds,
+                False,
+            )
+        else:
+            result = PrimeResult(
+                p.prime_id, True, f'{held} tokens cached', whole, held, p.seconds, True
+            )
+        p.future.set_result(result)
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a queued job at once, or stop a running one at its next chunk or step."""
@@ -322,9 +536,13 @@ class Pipeline:
         with self._cv:
             self._closed = True
             queued = self._queue.drain()
+            primes = list(self._primes)
+            self._primes.clear()
             if self._running_job is not None:
                 self._running_job.cancel.set()
             self._cv.notify_all()
+        for p in primes:
+            p.future.set_result(PrimeResult(p.prime_id, False, reason))
         for job in queued:
             fut = self._futures.pop(job.request_id, None)
             if fut is not None:
@@ -332,6 +550,8 @@ class Pipeline:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5.0)
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def _start_threads(self) -> None:
         if not self._threads:
@@ -359,7 +579,7 @@ class Pipeline:
             for job, fut in zip(gone, futs):
                 left = job.deadline - self.clock()
                 amax = self.limit(job).alpha_limit
-                need = min_job_s(self.time_model(), job.n_prompt, amax)
+                need = min_job_s(self.time_model(), job.n_prompt, amax, job.cached)
                 fut.set_result(
                     self._end(
                         job,
@@ -368,7 +588,8 @@ class Pipeline:
                             f'not started: still queued with '
                             f'{max(left, 0):.3f} s left, but even at '
                             f'α={amax:.2f} it needs {need:.3f} s (prefill of '
-                            f'{job.n_prompt} tokens + 1 step); no eviction ratio can help'
+                            f'{job.n_prompt - job.cached} tokens + 1 step); no eviction ratio '
+                            f'can help'
                         ),
                     )
                 )
@@ -376,10 +597,28 @@ class Pipeline:
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not len(self._queue):
+                while not self._closed and not len(self._queue) and not self._primes:
                     self._cv.wait()
                 if self._closed:
                     return
+                if not len(self._queue):  # nothing waits: prime, lowest priority
+                    prime = self._primes.popleft()
+                    self._running = Running(
+                        f'prime:{prime.prime_id}', math.inf, self.clock(), self.clock()
+                    )
+                else:
+                    prime = None
+            if prime is not None:
+                try:
+                    self._prime_step(prime)
+                finally:
+                    with self._cv:
+                        self._running = None
+                        self._cv.notify_all()
+                continue
+            with self._cv:
+                if not len(self._queue):
+                    continue
                 job = self._queue.pop()
                 model = self.time_model()
                 now = self.clock()
@@ -387,7 +626,7 @@ class Pipeline:
                 self._running = Running(
                     job.request_id,
                     job.deadline,
-                    now + min_job_s(model, job.n_prompt, self.limit(job).alpha_limit),
+                    now + min_job_s(model, job.n_prompt, self.limit(job).alpha_limit, job.cached),
                     job.deadline if job.overrun != 'skip-next' else math.inf,
                 )
             try:
@@ -429,7 +668,7 @@ class Pipeline:
         model = self.time_model()
         left = job.deadline - clock()
         limit = self.limit(job)
-        need = min_job_s(model, job.n_prompt, limit.alpha_limit)
+        need = min_job_s(model, job.n_prompt, limit.alpha_limit, job.cached)
         out = self._blank(job)
         out.alpha_limit = limit.alpha_limit if job.alpha is None else float(job.alpha)
         if job.cancel.is_set():
@@ -494,29 +733,47 @@ class Pipeline:
         return self.decode(job, state, out, n_hat, cap)
 
     def prefill(self, job: Job, out: Outcome):
-        """Chunked prefill; stops between chunks on cancel or when the rest cannot finish."""
+        """
+        Chunked prefill; stops between chunks on cancel or when the rest cannot finish.
+
+        A kill needs evidence: the rest is timed at the time model's pace, or at the fastest
+        pace a chunk of this prefill showed if that was faster; a neighbour's burst in the first
+        chunks does not kill a goal that can still make it (a slow machine shows by the
+        deadline, which every chunk checks). The prefix cache's tokens (the first ``done`` seen)
+        are not computed and not timed.
+        """
         model, cfg, clock, n = self.time_model(), self.cfg, self.clock, job.n_prompt
         amax = self.limit(job).alpha_limit
         step_min = model.decode_step_s(max(n * (1.0 - amax), 1.0))
-        full = model.prefill_s(n)
+        seen: List[tuple] = []  # (done, elapsed) at each chunk boundary
 
         def should_stop(done: int, elapsed: float) -> Optional[str]:
             if job.cancel.is_set():
                 return f'canceled during prefill ({done} of {n} prompt tokens done)'
-            if job.overrun == 'skip-next' or done <= 0:
-                return None
-            part = model.prefill_s(done)
-            pace = elapsed / part if part > 0 else 1.0
-            # the measured pace counts in proportion to the prompt it covers: a slow first chunk
-            # (warm-up, a neighbour's burst) must not kill a job the (online) model expects to
-            # fit; a slow machine still shows by the deadline, which each chunk checks
-            rest = (full - part) * (1.0 + (pace - 1.0) * done / n)
+            seen.append((done, elapsed))
+            start = seen[0][0]
             left = job.deadline - clock()
-            if rest + step_min > left:
+            if job.overrun == 'skip-next':
+                return None
+            rest = model.prefill_s(n, done)  # the rest, with what is done as if cached
+            paces = []
+            for (d0, e0), (d1, e1) in zip(seen, seen[1:]):
+                nominal = model.prefill_s(d1, d0) - model.c
+                if nominal > 0 and e1 > e0:
+                    paces.append((e1 - e0) / nominal)
+            if paces:
+                rest *= min(1.0, min(paces))
+            if done > start and rest + step_min > left:
                 return (
-                    f'stopped prefill after {done} of {n} prompt tokens: the rest needs about '
-                    f'{rest:.3f} s + one step {step_min:.3f} s, {max(left, 0):.3f} s left '
-                    f'before the deadline; no eviction ratio can help'
+                    f'stopped prefill after {done} of {n} prompt tokens'
+                    + (f' ({start} cached)' if start else '')
+                    + f': the rest needs at least {rest:.3f} s + one step {step_min:.3f} s, '
+                    f'{max(left, 0):.3f} s left before the deadline; no eviction ratio can help'
+                )
+            if left <= 0:
+                return (
+                    f'stopped prefill at the deadline after {done} of {n} prompt tokens; '
+                    f'no eviction ratio can help'
                 )
             return None
 
@@ -528,11 +785,15 @@ class Pipeline:
             started_at=job.accepted_at,
             chunk_tokens=cfg.prefill_chunk,
             should_stop=should_stop,
+            prefix=job.lease if job.lease is not None else True,
         )
+        job.cached = getattr(state, 'cached_tokens', 0)
         out.prefill_end_s = clock() - job.accepted_at
         out.prefill_s = state.prefill_s
+        out.cached_tokens = job.cached
+        out.prefill_saved_s = max(model.prefill_s(n) - model.prefill_s(n, job.cached), 0.0)
         if self.learn:
-            self.online.observe_prefill(n, state.prefill_s)
+            self.online.observe_prefill(n, state.prefill_s, job.cached)
         return state
 
     def plan(
@@ -554,8 +815,10 @@ class Pipeline:
         if math.isinf(job.deadline):
             return 0.0, None
         cap = self.n_cap(job)
+        # the worst case on the slowest timings recent goals were served at: the WCET a result
+        # reports must cover the steps the generator measures under load, not their mean
         verdict = solve_alpha_after_prefill(
-            self.time_model(),
+            self.online.worst_model(),
             budget_s=job.deadline - job.accepted_at,
             elapsed_s=max(elapsed_s, 0.0),
             n_prompt=job.n_prompt,
@@ -688,6 +951,8 @@ class Pipeline:
     ) -> Outcome:
         out = out or self._blank(job)
         out.status, out.reason = status, reason
+        if job.lease is not None:
+            job.lease.release()
         if status in ('rejected', 'killed', 'canceled', 'aborted') and out.result is None:
             out.alpha, out.kv_after = 0.0, out.kv_before  # nothing was evicted
         accepted = job.accepted_at if job.accepted_at is not None else self.clock()

@@ -33,11 +33,12 @@ from .time_estimator import ExecutionTimeModel
 
 @dataclass(frozen=True)
 class Pending:
-    """A queued job as admission sees it: its absolute deadline and prompt size."""
+    """A queued job as admission sees it: its absolute deadline, prompt size, cached prefix."""
 
     job_id: str
     deadline: float
     n_prompt: int
+    cached: int = 0
 
 
 @dataclass
@@ -68,9 +69,17 @@ class Admission:
     worst_start: float  # the latest this job can start (absolute), from the jobs ahead's deadlines
 
 
-def min_job_s(model: ExecutionTimeModel, n_prompt: int, alpha_max: float) -> float:
-    """Return the least time a job can take: its prefill and one decode step with α_max evicted."""
-    return model.prefill_s(n_prompt) + model.decode_step_s(max(n_prompt * (1.0 - alpha_max), 1.0))
+def min_job_s(
+    model: ExecutionTimeModel, n_prompt: int, alpha_max: float, cached: int = 0
+) -> float:
+    """
+    Return the least time a job can take: its prefill and one decode step with α_max evicted.
+
+    ``cached``: prompt tokens its prefill takes from the prefix cache.
+    """
+    return model.prefill_s(n_prompt, cached) + model.decode_step_s(
+        max(n_prompt * (1.0 - alpha_max), 1.0)
+    )
 
 
 def answer_grace_s(
@@ -120,21 +129,27 @@ def admission(
     queued: Iterable[Pending],
     running: Optional[Running] = None,
     alpha_max: float = 0.95,
+    cached: int = 0,
 ) -> Admission:
-    """Tell whether a new job (``n_prompt`` tokens, absolute ``deadline``) can still finish."""
+    """
+    Tell whether a new job (``n_prompt`` tokens, absolute ``deadline``) can still finish.
+
+    ``cached``: its prompt tokens the prefix cache holds (pinned for it).
+    """
     ahead = [p for p in queued if p.deadline <= deadline]
     # the running job needs at least one more step, whatever its expected end said
     run_left = max(running.expected_end - now, model.q) if running is not None else 0.0
-    ahead_s = run_left + sum(min_job_s(model, p.n_prompt, alpha_max) for p in ahead)
-    own = min_job_s(model, n_prompt, alpha_max)
+    ahead_s = run_left + sum(min_job_s(model, p.n_prompt, alpha_max, p.cached) for p in ahead)
+    own = min_job_s(model, n_prompt, alpha_max, cached)
     left = deadline - now
     n_ahead = len(ahead) + (running is not None)
     start = worst_start(now, running, ahead, model.decode_step_s(n_prompt))
     if ahead_s + own <= left:
         return Admission(True, '', n_ahead, ahead_s, own, left, start)
+    what = f'{n_prompt} tokens' if not cached else f'{n_prompt - cached} new tokens'
     why = (
         f'cannot finish even at α_max={alpha_max:g}: {left:.3f} s left before the deadline, '
-        f'but this goal needs at least {own:.3f} s (prefill of {n_prompt} tokens + 1 step)'
+        f'but this goal needs at least {own:.3f} s (prefill of {what} + 1 step)'
     )
     if n_ahead:
         why += f' and {n_ahead} goal(s) ahead of it need about {ahead_s:.3f} s'
@@ -192,7 +207,12 @@ class EdfQueue:
         return min((latest_start(e.item) for e in self._heap), default=math.inf)
 
     def pending(self) -> List[Pending]:
-        return [Pending(e.item.request_id, e.item.deadline, e.item.n_prompt) for e in self._heap]
+        return [
+            Pending(
+                e.item.request_id, e.item.deadline, e.item.n_prompt, getattr(e.item, 'cached', 0)
+            )
+            for e in self._heap
+        ]
 
     def order(self) -> List[str]:
         return [e.item.request_id for e in sorted(self._heap)]

@@ -22,17 +22,44 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ExecutionTimeModel:
-    """Fitted coefficients, in seconds: prefill ``a·N² + b·N + c``, decode step ``p·N_kv + q``."""
+    """
+    Fitted coefficients, in seconds: prefill ``a·N² + b·N + c``, decode step ``p·N_kv + q``.
+
+    With a prefix cache, ``n`` new tokens after ``m`` cached ones cost ``a·n² + b·n + c + d·n·m
+    + e·m``: each new query attends to the ``m`` cached keys (``d``; a causal pass counts N²/2
+    pairs in ``a``, so in theory d = 2a) and the cached entries are copied into the request's
+    cache (``e``). A profile without a warm fit gets d = 2a, e = 0 (``from_dict``).
+    """
 
     a: float
     b: float
     c: float
     p: float
     q: float
+    d: float = math.nan  # nan: 2a
+    e: float = 0.0
 
-    def prefill_s(self, n_prompt: float) -> float:
-        n = float(n_prompt)
-        return self.a * n * n + self.b * n + self.c
+    def __post_init__(self):
+        if math.isnan(self.d):
+            object.__setattr__(self, 'd', 2.0 * self.a)
+
+    def prefill_s(self, n_prompt: float, cached: float = 0.0) -> float:
+        """Prefill of an ``n_prompt``-token prompt whose first ``cached`` tokens are cached."""
+        m = min(max(float(cached), 0.0), float(n_prompt))
+        n = float(n_prompt) - m
+        return self.a * n * n + self.b * n + self.c + self.d * n * m + self.e * m
+
+    def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> 'ExecutionTimeModel':
+        """The same shape with prefill and decode times multiplied (online recalibration)."""
+        return ExecutionTimeModel(
+            a=self.a * prefill,
+            b=self.b * prefill,
+            c=self.c * prefill,
+            p=self.p * decode,
+            q=self.q * decode,
+            d=self.d * prefill,
+            e=self.e * prefill,
+        )
 
     def decode_step_s(self, n_kv: float) -> float:
         return self.p * float(n_kv) + self.q
@@ -55,6 +82,7 @@ class ExecutionTimeModel:
         k: float = 5.0,
         n_max: int = 8192,
         predict_s: float = 0.0,
+        cached: float = 0.0,
     ) -> float:
         """
         Estimate the worst-case time of a whole request.
@@ -63,7 +91,7 @@ class ExecutionTimeModel:
 
         The length predictor runs beside prefill, so it only costs time when it finishes later.
         """
-        return max(self.prefill_s(n_prompt), float(predict_s)) + self.decode_s(
+        return max(self.prefill_s(n_prompt, cached), float(predict_s)) + self.decode_s(
             n_prompt, alpha, wcet_length(n_hat, k, n_max)
         )
 
@@ -72,7 +100,8 @@ class ExecutionTimeModel:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> 'ExecutionTimeModel':
-        return cls(**{k: float(d[k]) for k in ('a', 'b', 'c', 'p', 'q')})
+        extra = {k: float(d[k]) for k in ('d', 'e') if d.get(k) is not None}
+        return cls(**{k: float(d[k]) for k in ('a', 'b', 'c', 'p', 'q')}, **extra)
 
 
 def wcet_length(n_hat: float, k: float = 5.0, n_max: int = 8192) -> int:
@@ -133,6 +162,37 @@ def fit_decode(
     n, t = _check_xy(n_kv, t, 2, 'decode fit')
     p, q = _lstsq(np.stack([n, np.ones_like(n)], axis=1), t, relative)
     return float(p), float(q)
+
+
+def fit_prefill_cached(
+    base: ExecutionTimeModel,
+    n_prompt: Sequence[float],
+    cached: Sequence[float],
+    t: Sequence[float],
+    relative: bool = True,
+) -> tuple[float, float]:
+    """
+    Least-squares (d, e) of the warm prefill, the cold coefficients (a, b, c) held fixed.
+
+    t − (a·n² + b·n + c) = d·n·m + e·m, with n new tokens after m cached ones.
+    """
+    big_n = np.asarray(n_prompt, dtype=float)
+    m = np.asarray(cached, dtype=float)
+    t = np.asarray(t, dtype=float)
+    if not (big_n.shape == m.shape == t.shape) or big_n.ndim != 1:
+        raise ValueError('warm prefill fit: lengths, cached lengths and times must match')
+    if np.unique(m).size < 2 or np.any(m <= 0) or np.any(m >= big_n):
+        raise ValueError('warm prefill fit: needs >= 2 distinct cached lengths, 0 < m < N')
+    if np.any(t <= 0) or not np.all(np.isfinite(t)):
+        raise ValueError('warm prefill fit: times must be positive and finite')
+    n = big_n - m
+    resid = t - (base.a * n * n + base.b * n + base.c)
+    design = np.stack([n * m, m], axis=1)
+    if relative:
+        w = 1.0 / t
+        design, resid = design * w[:, None], resid * w
+    (d, e), *_ = np.linalg.lstsq(design, resid, rcond=None)
+    return float(d), float(e)
 
 
 def fit_model(
