@@ -223,7 +223,7 @@ class Engine:
         """
         Token ids a goal whose prompt starts with ``context`` shares with every such goal.
 
-        The chat template wraps the prompt (``<|im_start|>user\\n…<|im_end|>…``), so the ids of
+        The chat template wraps the prompt (a user turn and its closing tokens), so the ids of
         ``context`` alone would end in the template's closing tokens, which a goal with a
         question after the context does not have. Here the template is rendered around a marker
         and cut there: the ids up to where the context text ends.
@@ -313,7 +313,7 @@ class Engine:
         return bounds
 
     def _scorer(self, ids: Sequence[int]) -> Press:
-        """The press as it scores this prompt (its window may depend on the prompt)."""
+        """Return the press as it scores this prompt (its window may depend on the prompt)."""
         return self.press.for_prompt(ids, self.tokenizer)
 
     def _tail(self, scorer: Press) -> int:
@@ -455,7 +455,7 @@ class Engine:
         )
 
     def _lease(self, ids: List[int], prefix, prime: Optional[str]) -> Lease:
-        """The cached prefix to reuse now: at least what ``prefix`` pinned, maybe more since."""
+        """Pin the cached prefix to reuse now: at least what ``prefix`` pinned, maybe more."""
         limit = len(ids) if prime is not None else self.reuse_limit(ids)
         lease = self.prefix_cache.acquire(ids, limit)
         if isinstance(prefix, Lease):

@@ -184,7 +184,7 @@ class Pipeline:
 
     @property
     def prefix_cache(self):
-        """The engine's prefix KV cache (None: off)."""
+        """Return the engine's prefix KV cache (None: off)."""
         return getattr(self.engine, 'prefix_cache', None)
 
     def cached_for(self, input_ids: List[int]) -> int:

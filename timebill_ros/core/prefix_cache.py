@@ -202,7 +202,9 @@ class PrefixCache:
             self._touch(chain)
             return len(chain) * bt
 
-    def _new_block(self, key: bytes, parent: Optional[bytes], start: int, layers) -> Optional[Block]:
+    def _new_block(
+        self, key: bytes, parent: Optional[bytes], start: int, layers
+    ) -> Optional[Block]:
         bt = self.block_tokens
         nbytes = sum(
             (la.keys[0, :, start:start + bt].numel() + la.values[0, :, start:start + bt].numel())

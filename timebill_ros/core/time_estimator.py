@@ -50,7 +50,7 @@ class ExecutionTimeModel:
         return self.a * n * n + self.b * n + self.c + self.d * n * m + self.e * m
 
     def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> 'ExecutionTimeModel':
-        """The same shape with prefill and decode times multiplied (online recalibration)."""
+        """Return the same shape, prefill and decode times multiplied (online recalibration)."""
         return ExecutionTimeModel(
             a=self.a * prefill,
             b=self.b * prefill,
