@@ -117,7 +117,9 @@ def bench_format(fmt, ids, threads, bandwidth, steps, repeats, kv_lengths, prefi
     }
     n_long = max(kv_lengths)
     torch.set_num_threads(max(threads))
-    state = engine.prefill(ids[:n_long], capacity=n_long + steps + 8, chunk_tokens=CHUNK)
+    state = engine.prefill(
+        ids[:n_long], capacity=n_long + steps + 8, chunk_tokens=CHUNK, prefix=False
+    )
     evicted = engine.evict(engine.clone_state(state), 0.95)
     kvb = kv_bytes_per_token(model)
     for t in threads:
@@ -144,7 +146,7 @@ def bench_format(fmt, ids, threads, bandwidth, steps, repeats, kv_lengths, prefi
         r['prefill_s'] = {}
         for n in prefill_lengths:
             best = min(
-                engine.prefill(ids[:n], capacity=n + 1, chunk_tokens=CHUNK).prefill_s
+                engine.prefill(ids[:n], capacity=n + 1, chunk_tokens=CHUNK, prefix=False).prefill_s
                 for _ in range(repeats)
             )
             r['prefill_s'][n] = best
@@ -347,7 +349,7 @@ def calibration_check(fmt, threads, quick=False, profile=None):
     steps = 8 if quick else 32
     for n in (256, 512) if quick else (1024, 4096, 8000):
         ids = long_prompt(engine, n)[:n]
-        state = engine.prefill(ids, capacity=n + steps + 2, chunk_tokens=CHUNK)
+        state = engine.prefill(ids, capacity=n + steps + 2, chunk_tokens=CHUNK, prefix=False)
         eos = engine.eos_ids
         engine.eos_ids = set()
         try:

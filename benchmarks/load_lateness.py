@@ -18,6 +18,17 @@ written to JSON; a Markdown table of lateness (arrival - deadline) per status is
 with node thread counts and RSS idle and under load.
 
     python -P benchmarks/load_lateness.py --planners 2 --hog 1 --duration 270
+
+With ``--scenes S --fresh F`` the first ``planners - F`` planners share ``S`` standing contexts
+(licence text of ~1.5-3k words with planted locker codes, the same for every planner), prime
+them at start (``TimeBillClient.prime``) and then ask short questions about them, so their
+goals reuse the prefix cache; the last ``F`` planners send fresh prompts as above. The report
+adds prefix-cache hits, kills in prefill that EstimateBudget had called feasible (false kills),
+how often the measured time exceeded the result's own ``wcet_s``, and how often the length
+estimate arrived after prefill.
+
+    python -P benchmarks/load_lateness.py --planners 3 --scenes 2 --fresh 1 --hog 1 \\
+        --duration 420 --estimate-share 1.0
 """
 
 from __future__ import annotations
@@ -57,6 +68,18 @@ def proc_status(pid: int) -> dict:
     return out
 
 
+def scene(index: int, words: list) -> tuple:
+    """Return standing context ``index`` (text, {locker: code}): the same in every planner."""
+    rng = random.Random(5000 + index)
+    n = rng.randint(1500, 3000)
+    start = rng.randrange(len(words) - n)
+    chunk = words[start:start + n]
+    codes = {k: rng.randint(10000, 99999) for k in range(1, 9)}
+    for k, code in codes.items():
+        chunk.insert(rng.randrange(len(chunk)), f'The code of locker {k} is {code}.')
+    return f'Scene {index}. ' + ' '.join(chunk), codes
+
+
 def long_prompt(rng: random.Random, words: list) -> tuple:
     n = rng.randint(300, 3000)
     start = rng.randrange(len(words) - n)
@@ -83,22 +106,52 @@ def planner(args) -> int:
     records: list = []
 
     def dump():
-        out.write_text(json.dumps({'module': timebill_ros.__file__, 'records': records}, indent=1))
+        out.write_text(
+            json.dumps(
+                {'module': timebill_ros.__file__, 'records': records, 'primes': primes}, indent=1
+            )
+        )
 
     ctx = Context()
     rclpy.init(context=ctx, domain_id=args.domain, signal_handler_options=SignalHandlerOptions.NO)
     tb = TimeBillClient(f'lateness_planner_{args.worker}', context=ctx)
+    sharing = args.scenes > 0 and args.worker < args.planners - args.fresh
+    scenes = [scene(i, words) for i in range(args.scenes)] if sharing else []
+    primes: list = []
     try:
         if hasattr(tb, 'wait_until_ready') and not tb.wait_until_ready(120.0):
             print(f'planner {args.worker}: server not ready', file=sys.stderr)
         time.sleep(1.5)  # let DDS discovery settle before the first goal
+        if sharing and hasattr(tb, 'prime'):  # each sharing planner primes one scene
+            t = time.time()
+            got = tb.prime(scenes[args.worker % len(scenes)][0], timeout_s=300.0)
+            primes.append(
+                {
+                    'scene': args.worker % len(scenes),
+                    'wall_s': time.time() - t,
+                    **{
+                        f: getattr(got, f, None)
+                        for f in ('ok', 'reason', 'context_tokens', 'cached_tokens', 'seconds')
+                    },
+                }
+            )
         end, k = time.time() + args.duration, 0
         while time.time() < end and (not args.goals_per_planner or k < args.goals_per_planner):
-            rec = {'planner': args.worker, 'k': k, 'kind': 'long' if k % 2 == 0 else 'short'}
-            if rec['kind'] == 'long':
-                prompt, rec['words'], rec['passkey'] = long_prompt(rng, words)
+            if sharing:
+                rec = {'planner': args.worker, 'k': k, 'kind': 'scene'}
+                rec['scene'] = (args.worker + k) % len(scenes)
+                text, codes = scenes[rec['scene']]
+                locker = rng.choice(sorted(codes))
+                rec['passkey'] = codes[locker]
+                prompt = (
+                    text + f'\n\nWhat is the code of locker {locker}? Answer with the number.'
+                )
             else:
-                prompt = rng.choice(SHORT)
+                rec = {'planner': args.worker, 'k': k, 'kind': 'long' if k % 2 == 0 else 'short'}
+                if rec['kind'] == 'long':
+                    prompt, rec['words'], rec['passkey'] = long_prompt(rng, words)
+                else:
+                    prompt = rng.choice(SHORT)
             budget = round(math.exp(rng.uniform(math.log(0.5), math.log(20.0))), 3)
             mnt = rng.randint(32, 64)
             cancel = k % 7 == 5
@@ -146,8 +199,12 @@ def planner(args) -> int:
                 alpha=float(o.alpha),
                 tokens=int(o.tokens_generated),
                 prompt_tokens=int(o.prompt_tokens),
+                cached_tokens=int(getattr(o, 'cached_tokens', 0)),
                 deadline_met=bool(o.deadline_met),
                 server_total_s=float(o.total_s),
+                prefill_s=float(o.prefill_s),
+                wcet_s=float(o.wcet_s),
+                timeline=dict(getattr(o, 'timeline', {}) or {}),
             )
             dump()
             k += 1
@@ -191,6 +248,7 @@ def report(records: list, mem: dict) -> str:
         lines.append(f'{label} (estimate) answers served on time: {len(ok)}/{len(f)}')
     met_late = [r for r in records if r.get('deadline_met') and r.get('lateness_s', 0) > 0]
     lines.append(f'deadline_met=true but arrived late at client: {len(met_late)}')
+    lines += cache_lines(records)
     c = [r for r in records if 'cancel_sent_s' in r and 'arrival_s' in r]
     d = [r['arrival_s'] - r['cancel_sent_s'] for r in c]
     lines.append(
@@ -211,6 +269,46 @@ def report(records: list, mem: dict) -> str:
     return '\n'.join(lines)
 
 
+def cache_lines(records: list) -> list:
+    """Prefix-cache hits, false kills, measured time over wcet_s, estimates after prefill."""
+    served = [r for r in records if r['status'] in OK and not r['cancel']]
+    out = []
+    for kind in sorted({r['kind'] for r in records}):
+        rs = [r for r in records if r['kind'] == kind and 'prompt_tokens' in r]
+        hit = [r for r in rs if r.get('cached_tokens', 0) > 0]
+        pre = [r['prefill_s'] for r in rs if r.get('prefill_s', 0) > 0]
+        g = [r for r in rs if not r['cancel'] and (r.get('estimate') or {}).get('guaranteed')]
+        ok = [r for r in g if r['status'] in OK and r.get('lateness_s', 1) <= 0]
+        out.append(
+            f'{kind}: {len(rs)} goals, prefix-cache hits {len(hit)}, prefill median '
+            f'{pct(pre, 0.5):.2f} s (max {pct(pre, 1):.2f}), guaranteed on time '
+            f'{len(ok)}/{len(g)}'
+        )
+    false_kills = [
+        r
+        for r in records
+        if r['status'] == 'killed'
+        and 'stopped prefill' in r.get('reason', '')
+        and (r.get('estimate') or {}).get('feasible')
+    ]
+    out.append(f'kills in prefill of goals EstimateBudget called feasible: {len(false_kills)}')
+    for r in false_kills[:5]:
+        out.append(f'  - budget {r["budget_s"]} s: {r["reason"][:160]}')
+    over = [
+        r['server_total_s'] / r['wcet_s']
+        for r in served
+        if r.get('wcet_s', 0) > 0 and r['server_total_s'] > r['wcet_s']
+    ]
+    out.append(
+        f'measured total > the result\'s wcet_s: {len(over)}/{len(served)} served'
+        + (f', worst {max(over):.2f}x' if over else '')
+    )
+    t = [r.get('timeline') or {} for r in served]
+    after = [x for x in t if not 0 <= x.get('estimate_received', -1) <= x.get('prefill_end', -1)]
+    out.append(f'length estimate after prefill (or never): {len(after)}/{len(t)} served')
+    return out
+
+
 # --------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
@@ -225,6 +323,12 @@ def main(argv=None) -> int:
         '--estimate-share', type=float, default=0.5, help='share of goals estimated first'
     )
     ap.add_argument('--out', default='results/load_lateness')
+    ap.add_argument(
+        '--scenes', type=int, default=0, help='standing contexts shared by the sharing planners'
+    )
+    ap.add_argument(
+        '--fresh', type=int, default=1, help='with --scenes: planners that send fresh prompts'
+    )
     ap.add_argument('--worker', type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.domain == 0:
@@ -304,6 +408,12 @@ def main(argv=None) -> int:
             str(args.estimate_share),
             '--out',
             str(out),
+            '--planners',
+            str(args.planners),
+            '--scenes',
+            str(args.scenes),
+            '--fresh',
+            str(args.fresh),
         ]
         planners = [
             subprocess.Popen([*cmd, '--worker', str(i)], env=env) for i in range(args.planners)
@@ -329,11 +439,12 @@ def main(argv=None) -> int:
         tb.close()
         rclpy.try_shutdown(context=ctx)
         print(f'node exit codes: {codes}', flush=True)
-    modules = set()
+    modules, primes = set(), []
     for f in sorted(out.glob('planner*.json')):
         data = json.loads(f.read_text())
         modules.add(data['module'])
         records += data['records']
+        primes += data.get('primes', [])
     text = report(records, mem)
     summary = {
         'args': vars(args),
@@ -341,11 +452,14 @@ def main(argv=None) -> int:
         'planner_modules': sorted(modules),
         'node_exit_codes': codes,
         'memory': mem,
+        'primes': primes,
         'records': records,
     }
     (out / 'load_lateness.json').write_text(json.dumps(summary, indent=1))
     (out / 'report.md').write_text(text + '\n')
     print(f'planners import: {sorted(modules)}')
+    for pr in primes:
+        print(f'primed scene {pr["scene"]}: {pr}')
     print(text)
     print(f'\nJSON: {out / "load_lateness.json"}')
     return 0
