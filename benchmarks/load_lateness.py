@@ -27,7 +27,7 @@ adds prefix-cache hits, kills in prefill that EstimateBudget had called feasible
 how often the measured time exceeded the result's own ``wcet_s``, and how often the length
 estimate arrived after prefill.
 
-    python -P benchmarks/load_lateness.py --planners 3 --scenes 2 --fresh 1 --hog 1 \\
+    python -P benchmarks/load_lateness.py --planners 3 --scenes 2 --fresh 1 --hog 1
         --duration 420 --estimate-share 1.0
 """
 
@@ -300,7 +300,7 @@ def cache_lines(records: list) -> list:
         if r.get('wcet_s', 0) > 0 and r['server_total_s'] > r['wcet_s']
     ]
     out.append(
-        f'measured total > the result\'s wcet_s: {len(over)}/{len(served)} served'
+        f"measured total > the result's wcet_s: {len(over)}/{len(served)} served"
         + (f', worst {max(over):.2f}x' if over else '')
     )
     t = [r.get('timeline') or {} for r in served]
