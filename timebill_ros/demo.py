@@ -1,16 +1,16 @@
 """
-``make demo``: bring the three nodes up, send goals with different budgets, print a table.
+``make demo``: bring the three nodes up, ask one robot scene several questions, print a table.
 
-A planner's view of TimeBill: before each goal it asks ``estimate_budget`` (is this budget
-feasible, and with which α?), then sends the goal and gets an answer before the deadline —
-or, for the budget too tight to be feasible, a clean KILLED result at the deadline instead of
-a late one. The "tighter" budget is sent twice, with the default quality floor and without
-one (``min_quality=0``): where it needs more eviction than the floor allows, the first is
-REJECTED with the numbers and the second served at the α it needs, with the accuracy the
-press's measured curve expects there (once the generator has learned this machine's speed
-from the first goals, the budget may fit without eviction after all: then both succeed).
-Everything runs as separate processes on its own ROS_DOMAIN_ID and is stopped at the end, also
-on Ctrl-C.
+A planner's view of TimeBill: the robot's standing context (a sensor log of ~2k tokens) is
+asked one question cold — its prefill is paid once and cached — then more questions warm,
+whose prefill computes only the question (the table shows prefill seconds and cached tokens).
+Before each goal the planner asks ``estimate_budget`` (feasible? which α? how much is cached?)
+and gets an answer before the deadline. The warm budgets are placed between the worst case at
+α_max and at α = 0, so they bind: TimeBill evicts (α > 0), the same budget with the default
+quality floor is REJECTED with the numbers, and one budget no α can meet ends at once with the
+reason. Then a second scene is primed ahead of time (``TimeBillClient.prime``) and its first
+question is already warm. Everything runs as separate processes on its own ROS_DOMAIN_ID and is
+stopped at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import tempfile
 import time
 
 
-def robot_log(lines: int = 24) -> str:
-    """Make a long, deterministic sensor log (~1.2k tokens): a long prompt, where α matters."""
+def robot_log(lines: int = 40, seed: int = 0) -> str:
+    """Make a long, deterministic sensor log (~2k tokens): a standing context, where α matters."""
     out = []
-    battery = 96.0
+    battery = 96.0 - seed
     for i in range(lines):
         battery -= 1.6 + (i % 3) * 0.6
         out.append(
@@ -34,43 +34,63 @@ def robot_log(lines: int = 24) -> str:
             f'{(i * 37) % 360} deg; battery {battery:.1f}%; wheel odometry {i * 0.9:.1f} m; '
             f'status {"DOCKING" if i % 17 == 0 else "PATROL"}'
         )
-    return '\n'.join(out)
+    return f'Robot {seed + 1} sensor log:\n' + '\n'.join(out)
 
 
-SHORT = 'Name three things a delivery robot should check before crossing a road.'
-LONG = (
-    robot_log()
-    + '\n\nFrom the log above: at what time did the battery first drop below 70%? Answer briefly.'
+SCENE = robot_log()
+SCENE2 = robot_log(seed=1)
+QUESTIONS = (
+    'From the log above: at what time did the battery first drop below 70%? Answer briefly.',
+    'From the log above: what was the status at t=42.5 s? Answer with one word.',
+    'From the log above: how far had the wheels travelled at t=20.0 s? Answer briefly.',
+    'From the log above: list the times when the status was DOCKING.',
+    'From the log above: what was the nearest obstacle at t=5.0 s? Answer briefly.',
+    'From the log above: what was the battery level at the end of the log?',
 )
-LONG_MAX_NEW = (
-    256  # N̂ = N_max capped here: the WCET plans for 256 tokens, answers usually stop far sooner
-)
+MAX_NEW = 256  # N̂ = N_max capped here: the WCET plans for 256 tokens, answers stop far sooner
+
+
+def ask_scene(scene: str, i: int) -> str:
+    """Return the scene followed by question ``i``: the prompt a planner sends."""
+    return f'{scene}\n\n{QUESTIONS[i % len(QUESTIONS)]}'
 
 
 def plan_goals(client):
     """
     Plan (label, prompt, budget, max_new_tokens, min_quality) goals on this machine's WCET range.
 
-    The budgets are placed for the long prompt so the table shows α = 0, 0 < α < α_max, the
-    quality floor at work, and a budget no α can meet.
+    Roomy budgets for the cold and the first warm question; then, for a warm question, budgets
+    between its worst case at α_max and at α = 0 (asked of ``estimate_budget`` once the scene is
+    cached), so the table shows 0 < α, the quality floor at work, and a budget no α can meet.
     """
-    hi = client.estimate_budget(LONG, 1e4, max_new_tokens=LONG_MAX_NEW)  # α = 0 fits
-    # WCET at α_max (no quality floor)
-    lo = client.estimate_budget(LONG, 1e-3, max_new_tokens=LONG_MAX_NEW, min_quality=0.0)
-    if hi is None or lo is None or not hi.ok:
+    roomy = client.estimate_budget(ask_scene(SCENE, 0), 1e4, max_new_tokens=MAX_NEW)
+    if roomy is None or not roomy.ok:
         raise RuntimeError(
             'timebill/estimate_budget did not answer: is timebill_predictor running?'
         )
-    w0, w_max = hi.wcet_s, lo.wcet_at_alpha_s
-    tighter = round(w_max + 0.2 * (w0 - w_max), 1)
+    big = round(1.5 * roomy.wcet_s + 5.0, 1)
     return [
-        ('short question', SHORT, 20.0, 64, -1.0),
-        ('long log, roomy', LONG, round(1.25 * w0, 1), LONG_MAX_NEW, -1.0),
-        ('long log, tight', LONG, round((w0 + w_max) / 2, 1), LONG_MAX_NEW, -1.0),
-        ('long log, tighter', LONG, tighter, LONG_MAX_NEW, -1.0),
-        ('tighter, no floor', LONG, tighter, LONG_MAX_NEW, 0.0),
-        ('too tight (infeasible)', LONG, 0.5, LONG_MAX_NEW, -1.0),
+        ('scene, 1st question (cold)', ask_scene(SCENE, 0), big, MAX_NEW, -1.0),
+        ('scene, 2nd question (warm)', ask_scene(SCENE, 1), big, MAX_NEW, -1.0),
+        # placed by binding_budgets() once the scene is cached:
+        ('warm, budget binds', ask_scene(SCENE, 2), 'bind', MAX_NEW, 0.0),
+        ('warm, same, quality floor', ask_scene(SCENE, 3), 'tighter', MAX_NEW, -1.0),
+        ('warm, tighter, no floor', ask_scene(SCENE, 3), 'tighter', MAX_NEW, 0.0),
+        ('warm, too tight', ask_scene(SCENE, 4), 'infeasible', MAX_NEW, -1.0),
+        ('2nd scene, primed', ask_scene(SCENE2, 5), big, MAX_NEW, -1.0),
     ]
+
+
+def binding_budgets(client, prompt: str) -> dict:
+    """Budgets for a warm question: between its worst case at α_max and at α = 0."""
+    hi = client.estimate_budget(prompt, 1e4, max_new_tokens=MAX_NEW)
+    lo = client.estimate_budget(prompt, 1e-3, max_new_tokens=MAX_NEW, min_quality=0.0)
+    w0, w_max = hi.wcet_s, lo.wcet_at_alpha_s
+    return {
+        'bind': round((w0 + w_max) / 2, 2),
+        'tighter': round(w_max + 0.15 * (w0 - w_max), 2),
+        'infeasible': 0.02,  # below the warm prefill and one step: refused at once
+    }
 
 
 def _interrupt(signum, frame):
@@ -109,7 +129,20 @@ def run(args) -> int:
             flush=True,
         )
         goals = plan_goals(client)[: args.goals]
+        placed: dict = {}
         for label, prompt, budget, max_new, floor in goals:
+            if isinstance(budget, str):
+                placed = placed or binding_budgets(client, prompt)
+                budget = placed[budget]
+            if 'primed' in label:
+                t = time.monotonic()
+                got = client.prime(SCENE2, timeout_s=300.0)
+                print(
+                    f'\n[demo] primed the 2nd scene ahead of its goals: {got.cached_tokens} of '
+                    f'{got.context_tokens} tokens cached in {got.seconds:.2f} s '
+                    f'({time.monotonic() - t:.2f} s at the planner): {got.reason}',
+                    flush=True,
+                )
             plan = client.estimate_budget(
                 prompt, budget, max_new_tokens=max_new, min_quality=floor
             )
@@ -117,7 +150,7 @@ def run(args) -> int:
                 f"\n[demo] goal '{label}': budget {budget:g} s, "
                 f"{plan.prompt_tokens if plan else '?'} prompt "
                 f'tokens; plan: {plan.verdict if plan else "no predictor"}, '
-                f'α={plan.alpha if plan else 0:.3f}',
+                f'α={plan.alpha if plan else 0:.3f}, cached {getattr(plan, "cached_tokens", 0)}',
                 flush=True,
             )
             out = client.ask(prompt, budget, max_new_tokens=max_new, min_quality=floor)
@@ -148,6 +181,8 @@ def print_table(rows) -> None:
         'goal',
         'budget s',
         'plan (before)',
+        'cached',
+        'prefill s',
         'α used',
         'quality',
         'N̂',
@@ -164,6 +199,8 @@ def print_table(rows) -> None:
                 label,
                 f'{budget:g}',
                 planned,
+                f'{getattr(out, "cached_tokens", 0)}/{out.prompt_tokens}',
+                f'{out.prefill_s:.2f}' if out.prefill_s > 0 else '-',
                 f'{out.alpha:.3f}',
                 f'{out.expected_quality:.2f}' if out.expected_quality >= 0 else '-',
                 f'{out.predicted_length}{"*" if out.estimate_fallback else ""}',
@@ -182,8 +219,9 @@ def print_table(rows) -> None:
     for r in body:
         print(line(r))
     print(
-        "\nplan: the predictor's verdict and α before prefill (estimate_budget); α used: what "
-        "the generator solved after the measured prefill; quality: the accuracy the press's "
+        "\nplan: the predictor's verdict and α before prefill (estimate_budget); cached: prompt "
+        'tokens taken from the prefix cache (the scene, after its first question or a prime); '
+        "α used: what the generator solved after the measured prefill; quality: the press's "
         'measured curve expects at that α (1 = as without eviction).\nN̂: predicted length '
         '(N_max capped by max_new_tokens until a length predictor is trained; * = no estimate '
         'in time). time: acceptance to result.'
@@ -195,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument('--params', help='ROS 2 parameters file (default: config/timebill.yaml)')
     p.add_argument('--domain-id', type=int)
     p.add_argument('--log-dir')
-    p.add_argument('--goals', type=int, default=6, help='send only the first N goals (of 6)')
+    p.add_argument('--goals', type=int, default=7, help='send only the first N goals (of 7)')
     p.add_argument(
         '--threads',
         type=int,
