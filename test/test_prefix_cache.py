@@ -223,3 +223,54 @@ def test_real_model_warm_answer_is_the_cold_one(smollm2):
         warm = engine.prefill(ids, chunk_tokens=256)
         assert warm.cached_tokens >= len(ids_ctx) - 128
         assert _answer(engine, warm, alpha, ids) == _answer(engine, cold, alpha, ids)
+
+
+class _LateLength:
+    """A length source whose estimate arrives once ``tokens`` answer tokens exist."""
+
+    deferrable = True
+
+    def __init__(self, n_hat, tokens, seen):
+        self.n_hat, self.tokens, self.seen = n_hat, tokens, seen
+
+    def start(self, job):
+        pass
+
+    def wait(self, job, until):
+        from timebill_ros.core.lengths import LengthEstimate
+
+        if len(self.seen) < self.tokens:
+            time.sleep(max(until - time.monotonic(), 0.0))
+            return None
+        return LengthEstimate(self.n_hat, False, time.monotonic(), 0.1)
+
+
+def test_a_late_estimate_sets_alpha_during_decoding_without_waiting(tiny):
+    engine = _engine(tiny, 'snapkv')
+    # decode steps of 2 ms/entry-free model: a 0.6 s budget after a 0.05 s prefill needs eviction
+    model = ExecutionTimeModel(a=0.0, b=1e-5, c=0.01, p=2e-4, q=0.001)
+    cfg = TimeBillConfig(prefill_chunk=CHUNK, max_new_tokens=40, window_size=16)
+    ids = _ids(400, 11)
+    seen = []
+    p = Pipeline(engine, model, cfg, _LateLength(8, 3, seen), learn=False)
+    job = Job(
+        'late',
+        ids,
+        deadline=time.monotonic() + 3.0,
+        max_new_tokens=40,
+        on_token=lambda step, tok, text: seen.append(time.monotonic()),
+    )
+    out = p.run(job)
+    assert out.status == 'succeeded', out.reason
+    assert not out.estimate_fallback and out.estimate_received_s > out.prefill_end_s
+    assert out.decode_start_s < out.estimate_received_s  # decoding did not wait for it
+    assert out.predicted_length == 8 and 0 < out.alpha < 0.95
+    # prompt entries were evicted, every generated token kept
+    assert out.kv_after == round((1 - out.alpha) * len(ids))
+    assert out.result.kv_after == out.kv_after
+    # the same goal with the estimate on time chooses an α for the same N̂
+    p2 = Pipeline(engine, model, cfg, FixedLength(8), learn=False)
+    on_time = p2.run(Job('now', ids, deadline=time.monotonic() + 3.0, max_new_tokens=40))
+    assert on_time.predicted_length == 8 and on_time.alpha > 0
+    p.close()
+    p2.close()

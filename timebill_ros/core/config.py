@@ -81,6 +81,9 @@ class TimeBillConfig:
         256  # prompt tokens per prefill chunk (deadline/cancel checked between); 0 = one pass
     )
     estimate_slack_s: float = 0.05  # generator waits this long past prefill for an estimate
+    # a later estimate: decoding starts with nothing evicted and α is chosen when it arrives, or
+    # after this long (at most a quarter of the time left) with N̂ = the cap; 0: plan at once
+    estimate_defer_s: float = 1.0
     # EstimateBudget says guaranteed only if the worst case ends this long before the deadline:
     # the result's way back to the planner through loaded processes (measured up to ~0.5 s)
     guarantee_margin_s: float = 0.5
@@ -115,6 +118,8 @@ class TimeBillConfig:
             raise ValueError(f'prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}')
         if self.prefix_block_tokens < 1:
             raise ValueError(f'prefix_block_tokens must be >= 1, got {self.prefix_block_tokens}')
+        if not self.estimate_defer_s >= 0:
+            raise ValueError(f'estimate_defer_s must be >= 0, got {self.estimate_defer_s}')
         if self.prefill_chunk < 0:
             raise ValueError(f'prefill_chunk must be >= 0, got {self.prefill_chunk}')
         for name in ('bucket_size', 'num_buckets', 'window_size', 'kernel_size', 'max_new_tokens'):

@@ -437,7 +437,8 @@ class Engine:
                 done = end
         finally:
             _collect.press, _collect.chunk = None, False
-            if pc is not None and done > start:
+            # a prime holds its blocks also when all of them were cached already (done == start)
+            if pc is not None and (done > start or prime is not None):
                 pc.insert(ids, cache, done, hold=prime)
         logits = out.logits[0, -1].float() if out is not None else torch.empty(0)
         dt = time.monotonic() - t0
@@ -464,7 +465,12 @@ class Engine:
 
     @torch.inference_mode()
     def evict(self, state: PrefillState, alpha: float) -> PrefillState:
-        """Keep round((1 − α)·L) prompt entries per layer and head, chosen by the press."""
+        """
+        Keep round((1 − α)·L) prompt entries per layer and head, chosen by the press.
+
+        Also once decoding has begun (α chosen on a late length estimate): the entries of the
+        tokens generated since prefill are all kept.
+        """
         alpha = check_alpha(alpha)
         if state.evicted:
             raise RuntimeError(
@@ -474,8 +480,15 @@ class Engine:
         length = state.kv_before
         keep = n_keep(length, alpha)
         if keep < length:
-            keys = [layer.keys for layer in state.cache.layers]
+            keys = [layer.keys[:, :, :length] for layer in state.cache.layers]
             per_layer = self.press.select(keys, state.scores, keep)
+            live = int(state.cache.layers[0].keys.shape[-2])
+            if live > length:  # decoding started (a late estimate): generated tokens all stay
+                new = torch.arange(length, live, device=per_layer[0].device)
+                per_layer = [
+                    torch.cat([idx, new.expand(*idx.shape[:2], live - length)], dim=-1)
+                    for idx in per_layer
+                ]
             kv_cache.keep_entries(state.cache, per_layer)
         state.scores = {}  # no longer needed; free the memory
         state.alpha, state.kv_after, state.evicted = alpha, keep, True

@@ -28,6 +28,8 @@ class LengthEstimate:
 class FixedLength:
     """A known N̂ (tests, the sweep's shared prediction)."""
 
+    deferrable = False  # known at once or never
+
     def __init__(self, n_hat: Optional[int], prediction_s: float = 0.0, clock=time.monotonic):
         self.n_hat, self.prediction_s, self.clock = n_hat, prediction_s, clock
 
@@ -42,6 +44,8 @@ class FixedLength:
 
 class PredictorLength:
     """The response-length predictor run beside prefill on its own thread (offline use)."""
+
+    deferrable = True  # a late prediction still arrives: α may wait for it while decoding
 
     def __init__(self, predictor, clock=time.monotonic):
         from concurrent.futures import ThreadPoolExecutor
@@ -58,14 +62,20 @@ class PredictorLength:
 
     def start(self, job: 'Job') -> None:
         self._futures[job.request_id] = self._pool.submit(self._predict, job.prompt)
+        while len(self._futures) > 256:  # jobs that ended before asking for theirs
+            self._futures.pop(next(iter(self._futures)))
 
     def wait(self, job: 'Job', until: float) -> Optional[LengthEstimate]:
-        fut = self._futures.pop(job.request_id, None)
+        fut = self._futures.get(job.request_id)
         if fut is None:
             return None
         try:
             est = fut.result(timeout=max(until - self.clock(), 0.0))
-        except Exception:  # noqa: BLE001 - late or failed: the caller plans with the cap
+        except TimeoutError:  # late: asked again later (the caller may defer α)
             return None
+        except Exception:  # noqa: BLE001 - failed: the caller plans with the cap
+            self._futures.pop(job.request_id, None)
+            return None
+        self._futures.pop(job.request_id, None)
         est.received_at = self.clock()
         return est

@@ -693,6 +693,8 @@ class Pipeline:
             return self._end(job, status, stop.reason, out)
         est = self.lengths.wait(job, clock() + cfg.estimate_slack_s)
         cap = self.n_cap(job)
+        if est is None and self._can_defer(job):
+            return self._decode_deferred(job, state, out, cap)
         if est is not None:  # a fallback predictor's estimate is the cap itself
             n_hat = cap if est.fallback else min(int(est.n_hat), cap)
             out.estimate_received_s = est.received_at - job.accepted_at
@@ -731,6 +733,64 @@ class Pipeline:
                         self._running.worst_end, job.accepted_at + verdict.total_s
                     )
         return self.decode(job, state, out, n_hat, cap)
+
+    def _can_defer(self, job: Job) -> bool:
+        """Whether α may wait for a late length estimate while decoding starts (TimeBill plan)."""
+        return (
+            self.cfg.estimate_defer_s > 0
+            and job.alpha is None
+            and job.overrun != 'skip-next'
+            and not math.isinf(job.deadline)
+            and getattr(self.lengths, 'deferrable', False)
+        )
+
+    def _decode_deferred(self, job: Job, state, out: Outcome, cap: int) -> Outcome:
+        """
+        Decode at once while the length estimate is late; choose α when it arrives.
+
+        A warm prefill can end before the length predictor answers. Waiting for it would put the
+        prediction on the critical path, and planning with N̂ = the cap evicts more than needed.
+        Instead decoding starts with nothing evicted (the press's prefill scores are kept), and
+        the first step after the estimate arrives solves α for the time left and evicts prompt
+        entries with the press (every generated token stays). Without an estimate within
+        ``estimate_defer_s`` (at most a quarter of the time left) α is solved for the cap, as an
+        on-time fallback would have. Decoding stops before the deadline meanwhile, as always;
+        the re-planner watches the steps from the start.
+        """
+        clock, cfg = self.clock, self.cfg
+        now = clock()
+        decide_by = now + min(cfg.estimate_defer_s, 0.25 * max(job.deadline - now, 0.0))
+        out.estimate_fallback = True
+        out.predicted_length, out.alpha_limit = cap, self.limit(job).alpha_limit
+        job.n_hat = cap
+        pending = [True]
+
+        def decide(step: int, replan) -> None:
+            est = self.lengths.wait(job, clock())  # never blocks
+            if est is None and clock() < decide_by:
+                return
+            pending[0] = False
+            n_hat = cap if est is None or est.fallback else min(int(est.n_hat), cap)
+            if est is not None:
+                out.estimate_received_s = est.received_at - job.accepted_at
+                out.estimate_fallback = False
+            alpha, verdict = self.plan(job, state.prefill_s, n_hat, clock() - job.accepted_at)
+            if alpha > 0:
+                self.engine.evict(state, alpha)  # keeps the tokens generated so far
+            job.alpha_used, job.n_hat = alpha, n_hat
+            out.alpha, out.predicted_length, out.verdict = alpha, n_hat, verdict
+            out.expected_quality = self.expected_quality(alpha)
+            out.wcet_s = verdict.total_s if verdict is not None else 0.0
+            if replan is not None:
+                replan.n_hat = max(n_hat, 1)
+
+        def late(step: int, token_id: int, text: str, then, replan) -> None:
+            if pending[0]:
+                decide(step, replan)
+            then(step, token_id, text)
+
+        out.expected_quality = self.expected_quality(0.0)
+        return self.decode(job, state, out, cap, cap, late=late)
 
     def prefill(self, job: Job, out: Outcome):
         """
@@ -831,13 +891,21 @@ class Pipeline:
         return verdict.alpha, verdict
 
     def decode(
-        self, job: Job, state, out: Outcome, n_hat: int, cap: int, stop_at_deadline: bool = True
+        self,
+        job: Job,
+        state,
+        out: Outcome,
+        n_hat: int,
+        cap: int,
+        stop_at_deadline: bool = True,
+        late: Optional[Callable] = None,
     ) -> Outcome:
         """
         Decode to EOS, max_new_tokens, the deadline or a cancel.
 
         ``stop_at_deadline=False`` (the sweep, which judges every budget from one run's token
-        times) runs on to the end, still re-planning toward the deadline.
+        times) runs on to the end, still re-planning toward the deadline. ``late(step, token,
+        text, then, replanner)``: the deferred α decision, called before every token's hooks.
         """
         from .engine import GenerationRequest
         from .replan import Replanner
@@ -865,6 +933,10 @@ class Pipeline:
                 then=on_token,
                 clock=clock,
             )
+        hook = replan or on_token
+        if late is not None:
+            inner = hook
+            hook = lambda step, tok, text: late(step, tok, text, inner, replan)  # noqa: E731
         out.decode_start_s = clock() - job.accepted_at
         if job.on_stage:
             job.on_stage(job, 'decoding')
@@ -875,7 +947,7 @@ class Pipeline:
                 max_new_tokens=job.max_new_tokens or cfg.max_new_tokens,
                 deadline=deadline if stop_at_deadline else None,
                 overrun='truncate' if skip_next else job.overrun,
-                on_token=replan or on_token,
+                on_token=hook,
                 cancel=job.cancel,
             ),
         )
