@@ -7,6 +7,10 @@ A typed client for planners (in the spirit of nav2_simple_commander's BasicNavig
         plan = tb.estimate_budget("Is the corridor clear?", budget_s=5)   # before committing
         out = tb.ask("Is the corridor clear?", budget_s=5, on_feedback=print)
         print(out.status_name, out.text, out.deadline_met)
+        primed = tb.prime(scene_text)   # a standing context, prefilled once (prefix KV cache)
+        out = tb.ask(scene_text + " Is the corridor clear?", budget_s=5)
+        print(out.cached_tokens, out.prefill_saved_s)
+        tb.release(primed.prime_id)
 
 Every way a goal can end comes back as one ``Outcome``, including goals the server refused
 (``accepted = False``) or that were invalid (``status == STATUS_REJECTED`` with a reason), so
@@ -35,9 +39,11 @@ from timebill_ros.nodes.common import (
     s_to_duration,
     s_to_time,
     SERVICE_ESTIMATE_BUDGET,
+    SERVICE_PRIME,
+    SERVICE_RELEASE_PRIME,
     TRANSITIONS,
 )
-from timebill_ros.srv import EstimateBudget
+from timebill_ros.srv import EstimateBudget, Prime, ReleasePrime
 from unique_identifier_msgs.msg import UUID
 
 R = TimedInference.Result
@@ -70,6 +76,8 @@ class Outcome:
     kv_before: int = 0
     kv_after: int = 0
     prefill_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens taken from the generator's prefix cache
+    prefill_saved_s: float = 0.0  # prefill seconds that saved, by the time model
     decode_s: float = 0.0
     total_s: float = 0.0
     timeline: dict = field(default_factory=dict)  # stage -> seconds since acceptance
@@ -127,6 +135,8 @@ class Outcome:
                 'kv_before',
                 'kv_after',
                 'prefill_s',
+                'cached_tokens',
+                'prefill_saved_s',
                 'decode_s',
                 'total_s',
             )
@@ -140,6 +150,29 @@ class Outcome:
             **simple,
             **kw,
         )
+
+
+@dataclass
+class Primed:
+    """What priming a standing context did (see srv/Prime.srv)."""
+
+    ok: bool
+    reason: str
+    prime_id: str = ''
+    context_tokens: int = 0  # tokens of the context (the chat template's head included)
+    cached_tokens: int = 0  # of them, held in the prefix cache now
+    seconds: float = 0.0  # model time spent priming (0: it was cached already)
+    fit: bool = False  # every whole block fits the memory bound
+    cache_mb_held: float = 0.0  # MB the generator's prefix cache holds now (all contexts)
+
+
+@dataclass
+class Released:
+    """What releasing a primed context did (see srv/ReleasePrime.srv)."""
+
+    ok: bool
+    reason: str
+    released_blocks: int = 0
 
 
 def budget_problem(budget_s: Optional[float]) -> Optional[str]:
@@ -185,6 +218,8 @@ class TimeBillClient(Node):
         self._executor.add_node(self)
         self._action = ActionClient(self, TimedInference, ACTION_TIMED_INFERENCE, **ACTION_QOS)
         self._estimate = self.create_client(EstimateBudget, SERVICE_ESTIMATE_BUDGET)
+        self._prime = self.create_client(Prime, SERVICE_PRIME)
+        self._release = self.create_client(ReleasePrime, SERVICE_RELEASE_PRIME)
         self._lifecycle: dict = {}
         self._goal_handle = None
         self._result_future = None
@@ -314,6 +349,87 @@ class TimeBillClient(Node):
         )
         future = self._estimate.call_async(req)
         return future.result() if self.spin_until(future, timeout_s) else None
+
+    def prime(
+        self,
+        context: str,
+        system_prompt: str = '',
+        prime_id: str = '',
+        timeout_s: float = 120.0,
+        wait_s: float = 10.0,
+    ) -> Primed:
+        """
+        Load a standing context into the generator's prefix KV cache and hold it there.
+
+        Goals whose prompt starts with ``context`` (same ``system_prompt``) then prefill only
+        the rest. The generator primes between goals, a prefill chunk at a time; this waits up to
+        ``timeout_s`` (0: until done) and says how far it got. ``prime_id`` '' lets the
+        generator name it (a hash of the tokens): keep ``Primed.prime_id`` to ``release`` it.
+        ``wait_s``: how long to wait for the service to appear.
+        """
+        problem = text_problem('', system_prompt)
+        if not problem and '\x00' in (context or ''):
+            problem = (
+                f'context contains a NUL byte at character {context.index(chr(0))}: a ROS '
+                f'string would silently end there; remove it'
+            )
+        if not problem and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, (int, float))
+            or not timeout_s >= 0
+            or math.isinf(timeout_s)
+        ):
+            problem = f'timeout_s must be a finite number of seconds >= 0, got {timeout_s!r}'
+        if problem:
+            return Primed(False, problem, prime_id)
+        if not self._prime.wait_for_service(timeout_sec=wait_s):
+            return Primed(
+                False,
+                f'no {SERVICE_PRIME} service within {wait_s:g} s (is timebill_generator '
+                f'configured?)',
+                prime_id,
+            )
+        req = Prime.Request(
+            context=context,
+            system_prompt=system_prompt,
+            prime_id=prime_id,
+            timeout_s=float(timeout_s),
+        )
+        future = self._prime.call_async(req)
+        # the generator answers by timeout_s; the margin covers the way there and back
+        if not self.spin_until(future, timeout_s + 30.0 if timeout_s > 0 else None):
+            self._prime.remove_pending_request(future)
+            return Primed(
+                False, f'no answer from {SERVICE_PRIME} within {timeout_s + 30:g} s', prime_id
+            )
+        r = future.result()
+        return Primed(
+            ok=bool(r.ok),
+            reason=r.reason,
+            prime_id=r.prime_id,
+            context_tokens=int(r.context_tokens),
+            cached_tokens=int(r.cached_tokens),
+            seconds=float(r.seconds),
+            fit=bool(r.fit),
+            cache_mb_held=float(r.cache_mb_held),
+        )
+
+    def release(self, prime_id: str, timeout_s: float = 10.0) -> Released:
+        """Stop holding a primed context (its blocks stay cached until room is needed)."""
+        if not self._release.wait_for_service(timeout_sec=timeout_s):
+            return Released(
+                False,
+                f'no {SERVICE_RELEASE_PRIME} service within {timeout_s:g} s (is '
+                f'timebill_generator configured?)',
+            )
+        future = self._release.call_async(ReleasePrime.Request(prime_id=prime_id))
+        if not self.spin_until(future, timeout_s):
+            self._release.remove_pending_request(future)
+            return Released(
+                False, f'no answer from {SERVICE_RELEASE_PRIME} within {timeout_s:g} s'
+            )
+        r = future.result()
+        return Released(bool(r.ok), r.reason, int(r.released_blocks))
 
     # -------------------------------------------------------------------- goals
     def send_goal(

@@ -24,6 +24,10 @@ COMMANDS = {
         'timebill_ros.cli.ask',
         'send one time-budgeted goal to the running nodes and stream the answer',
     ),
+    'prime': (
+        'timebill_ros.cli.prime',
+        "load a standing context into the generator's prefix KV cache (or --release it)",
+    ),
     'calibrate': (
         'timebill_ros.cli.calibrate',
         'profile prefill/decode timings and fit the execution-time estimator',

@@ -27,8 +27,11 @@ ACTION_GENERATE = 'timebill/generate'  # internal: server -> generator
 TOPIC_REQUESTS = 'timebill/requests'  # server -> predictor, published with the generate goal
 TOPIC_ESTIMATES = 'timebill/estimates'  # predictor -> generator (and anyone recording)
 TOPIC_HEARTBEAT = 'timebill/heartbeat'  # generator -> server: alive (pid), lifecycle state, queue
+TOPIC_PREFILL_PLANS = 'timebill/prefill_plans'  # generator -> predictor: cached length per goal
 SERVICE_ESTIMATE_BUDGET = 'timebill/estimate_budget'  # planner-facing, on timebill_generator
 SERVICE_PREDICT_LENGTH = 'timebill/predict_length'  # generator -> predictor (EstimateBudget)
+SERVICE_PRIME = 'timebill/prime'  # planner-facing, on timebill_generator: prefix cache priming
+SERVICE_RELEASE_PRIME = 'timebill/release_prime'  # planner-facing, on timebill_generator
 
 # Requests and estimates must not be lost (a lost estimate costs a pessimistic N_max plan), but a
 # restarted node must not act on stale ones: reliable, volatile.

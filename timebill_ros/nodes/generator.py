@@ -8,6 +8,13 @@ admission, the EDF queue, chunked prefill while the predictor's ``Estimate`` arr
 pipeline holds the queue and the online-recalibrated time model, this node also answers
 ``timebill/estimate_budget``: the same model, the same queue, the same answer a goal gets.
 
+The engine keeps a prefix KV cache (``core.prefix_cache``): a goal whose prompt starts with a
+cached context prefills only the rest. This node serves ``timebill/prime`` and
+``timebill/release_prime`` (load a standing context ahead of its goals, and let it go), and
+publishes on ``timebill/prefill_plans`` the cached length of every goal it admits, so the
+predictor's WCET prices the prefill this node will really run. The cache lives in this process:
+it starts empty on configure, and cleanup frees it.
+
 A heartbeat (pid, lifecycle state, last configure error, queue) goes out every
 ``heartbeat_s`` from a timer, also during a long prefill: the server calls the generator lost
 only when the heartbeat stops. An execute callback waits on its goal's future (an event) while the
@@ -17,8 +24,11 @@ pipeline's one model thread works.
 from __future__ import annotations
 
 from collections import OrderedDict
+import concurrent.futures
 from dataclasses import astuple
 import gc
+import hashlib
+import math
 import os
 import sys
 import threading
@@ -31,7 +41,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from timebill_ros.action import Generate
 from timebill_ros.core.calibration import time_model_for
 from timebill_ros.core.pipeline import Job, LengthEstimate, Pipeline
-from timebill_ros.msg import Estimate, Heartbeat
+from timebill_ros.msg import Estimate, Heartbeat, PrefillPlan
 from timebill_ros.nodes.common import (
     ACTION_GENERATE,
     ACTION_QOS,
@@ -47,15 +57,18 @@ from timebill_ros.nodes.common import (
     safe_reason,
     SERVICE_ESTIMATE_BUDGET,
     SERVICE_PREDICT_LENGTH,
+    SERVICE_PRIME,
+    SERVICE_RELEASE_PRIME,
     time_to_s,
     to_monotonic,
     to_result,
     TOPIC_ESTIMATES,
     TOPIC_HEARTBEAT,
+    TOPIC_PREFILL_PLANS,
     uuid_hex,
     wait_first,
 )
-from timebill_ros.srv import EstimateBudget, PredictLength
+from timebill_ros.srv import EstimateBudget, PredictLength, Prime, ReleasePrime
 
 R = Generate.Result
 F = Generate.Feedback
@@ -63,6 +76,13 @@ STAGES = {'queued': F.STAGE_QUEUED, 'prefill': F.STAGE_PREFILL, 'decoding': F.ST
 KEEP_ESTIMATES = 256
 FEEDBACK_PERIOD_S = 0.05  # at most this often a partial-text feedback while decoding
 PREDICT_TIMEOUT_S = 2.0  # EstimateBudget: without N̂ by then, plan with the cap (as a goal would)
+NOT_ACTIVE = 'the generator is {state}, not active: activate timebill_server first'
+
+
+def prime_id_for(ids) -> str:
+    """Name a primed context by its token ids: the same context gets the same id."""
+    digest = hashlib.sha1(b''.join(int(t).to_bytes(4, 'little') for t in ids)).hexdigest()
+    return f'p{digest[:12]}'
 
 
 class TopicLengths:
@@ -128,6 +148,7 @@ class GeneratorNode(LifecycleNode):
         self._predict = self.create_client(
             PredictLength, SERVICE_PREDICT_LENGTH, callback_group=self._group
         )
+        self._plans = None  # PrefillPlan publisher, while configured
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -177,11 +198,29 @@ class GeneratorNode(LifecycleNode):
                 self.on_estimate_budget,
                 callback_group=self._group,
             ),
+            self.create_service(
+                Prime, SERVICE_PRIME, self.on_prime, callback_group=self._group
+            ),
+            self.create_service(
+                ReleasePrime,
+                SERVICE_RELEASE_PRIME,
+                self.on_release_prime,
+                callback_group=self._group,
+            ),
         ]
+        self._plans = self.create_publisher(PrefillPlan, TOPIC_PREFILL_PLANS, CHANNEL_QOS)
         self.state_label = 'inactive'
         self.get_logger().info(
             f'configured: model {self.cfg.model}, press {self.cfg.press}, '
             f'timing model from {source}'
+        )
+        pc = self.engine.prefix_cache
+        self.get_logger().info(
+            f'prefix cache: starts empty in this process (pid {os.getpid()}), bound '
+            f'{pc.capacity_bytes / 2**20:.0f} MB, blocks of {pc.block_tokens} tokens'
+            if pc is not None
+            else 'prefix cache: off (prefix_cache: false or prefix_cache_mb: 0); every goal '
+            'prefills cold'
         )
         return TransitionCallbackReturn.SUCCESS
 
@@ -214,6 +253,9 @@ class GeneratorNode(LifecycleNode):
         for entity in self._entities:
             entity.destroy() if isinstance(entity, ActionServer) else self._destroy(entity)
         self._entities = []
+        plans, self._plans = self._plans, None
+        if plans is not None:
+            self.destroy_publisher(plans)
         self.engine = self.cfg = None
         if not exiting:
             gc.collect()
@@ -281,9 +323,41 @@ class GeneratorNode(LifecycleNode):
             KeyValue(key=k, value=f'{v:.4g}' if isinstance(v, float) else str(v))
             for k, v in values.items()
         ]
-        msg = DiagnosticArray(status=[st])
+        msg = DiagnosticArray(status=[st, self._prefix_status()])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(msg)
+
+    def _prefix_status(self):
+        """Describe the prefix cache for /diagnostics: hits, tokens reused, MB held, drops."""
+        from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+        engine = self.engine
+        pc = getattr(engine, 'prefix_cache', None) if engine is not None else None
+        st = DiagnosticStatus(
+            name=f'{self.get_fully_qualified_name().lstrip("/")}: prefix cache',
+            hardware_id='timebill',
+            level=DiagnosticStatus.OK,
+        )
+        if pc is None:
+            st.message = 'off (prefix_cache: false or prefix_cache_mb: 0)'
+            st.values = [KeyValue(key='prefix_cache', value='off')]
+            return st
+        v = pc.summary()
+        st.message = (
+            f"{v['prefix_hits']} hits of {v['prefix_lookups']} lookups, "
+            f"{v['prefix_tokens_reused']} tokens reused; {v['prefix_blocks']} blocks, "
+            f"{v['prefix_mb_held']:.1f} of {v['prefix_mb_bound']:.0f} MB held, "
+            f"{v['prefix_primed']} primed context(s), {v['prefix_blocks_dropped']} blocks dropped"
+        )
+        if pc.last_refusal:
+            st.message += f'; last refused: {pc.last_refusal}'
+        st.values = [
+            KeyValue(key=k, value=f'{x:.4g}' if isinstance(x, float) else str(x))
+            for k, x in v.items()
+        ]
+        if pc.last_refusal:
+            st.values.append(KeyValue(key='prefix_last_refusal', value=pc.last_refusal))
+        return st
 
     # -------------------------------------------------------------------- goals
     def on_goal(self, goal: Generate.Goal) -> GoalResponse:
@@ -339,7 +413,9 @@ class GeneratorNode(LifecycleNode):
         )
         if goal_handle.is_cancel_requested:
             job.cancel.set()
-        outcome = pipeline.submit(job).result()  # this thread waits; the model thread works
+        future = pipeline.submit(job)  # admitted: the cached prefix is pinned, job.cached known
+        self._publish_plan(job, pipeline)
+        outcome = future.result()  # this thread waits; the model thread works
         if outcome.decode_start_s >= 0:  # the last tokens' feedback, before the result
             feedback.stage, feedback.partial_text = F.STAGE_DECODING, outcome.text
             job.tokens = outcome.tokens_generated
@@ -350,6 +426,23 @@ class GeneratorNode(LifecycleNode):
         else:
             goal_handle.succeed()
         return result
+
+    def _publish_plan(self, job: Job, pipeline) -> None:
+        """Tell the predictor the cached length this goal's prefill will really have."""
+        plans = self._plans
+        if plans is None:
+            return
+        try:
+            plans.publish(
+                PrefillPlan(
+                    request_id=job.request_id,
+                    prompt_tokens=job.n_prompt,
+                    cached_tokens=int(job.cached),
+                    prefill_s=float(pipeline.time_model().prefill_s(job.n_prompt, job.cached)),
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - a lost plan costs the predictor cached = 0
+            self.get_logger().warning(f'prefill plan not published: {safe_reason(exc)}')
 
     def _feedback(self, goal_handle, feedback, job: Job, deadline_s: float) -> None:
         feedback.tokens_so_far = job.tokens
@@ -390,6 +483,7 @@ class GeneratorNode(LifecycleNode):
             )
             return response
         asked_at = time.monotonic()
+        cached = pipeline.cached_for(ids)  # what the prefix cache holds for it now
         cap = pipeline.n_cap(n_prompt, int(request.max_new_tokens))
         n_hat, fallback, took = cap, True, 0.0
         got = self._predict_length(request.prompt, cap)
@@ -403,8 +497,10 @@ class GeneratorNode(LifecycleNode):
             predict_s=took,
             min_quality=float(request.min_quality),
             max_alpha=float(request.max_alpha),
+            cached=cached,
         )
         v, adm = est.verdict, est.admission
+        response.cached_tokens, response.prefill_saved_s = est.cached_tokens, est.prefill_saved_s
         if est.limit is not None and est.limit.problem:
             response.ok, response.reason = False, est.limit.problem
             return response
@@ -415,7 +511,7 @@ class GeneratorNode(LifecycleNode):
         response.predicted_length, response.fallback = n_hat, fallback
         response.n_hat_w = wcet_length(n_hat, self.cfg.pessimism_k, cap)
         response.wcet_s = model.wcet_s(
-            n_prompt, 0.0, n_hat, self.cfg.pessimism_k, cap, predict_s=took
+            n_prompt, 0.0, n_hat, self.cfg.pessimism_k, cap, predict_s=took, cached=cached
         )
         response.alpha, response.wcet_at_alpha_s = v.alpha, v.total_s
         response.verdict, response.feasible = v.status, v.feasible and adm.admit
@@ -427,6 +523,69 @@ class GeneratorNode(LifecycleNode):
         response.guaranteed = est.guaranteed
         response.admissible, response.queued_ahead = adm.admit, adm.ahead
         response.queue_ahead_s, response.admission_reason = float(adm.ahead_s), adm.reason
+        return response
+
+    # ----------------------------------------------------------------- priming
+    def on_prime(self, request, response):
+        """Prime a standing context into the prefix cache; wait for it (or ``timeout_s``)."""
+        pipeline, engine = self.pipeline, self.engine
+        response.prime_id = request.prime_id
+        if pipeline is None or engine is None:
+            response.reason = NOT_ACTIVE.format(state='not configured')
+            return response
+        if not self._active:
+            response.reason = NOT_ACTIVE.format(state=self.state_label)
+            return response
+        timeout = float(request.timeout_s)
+        if math.isnan(timeout) or timeout < 0:
+            response.reason = f'timeout_s must be >= 0 (0: wait until done), got {timeout:g}'
+            return response
+        try:
+            ids = engine.encode_prefix(request.context, request.system_prompt or None)
+        except Exception as exc:  # noqa: BLE001 - answer with the reason instead of failing
+            response.reason = safe_reason(exc)
+            return response
+        response.prime_id = prime_id = request.prime_id or prime_id_for(ids)
+        response.context_tokens = len(ids)
+        future = pipeline.prime(ids, prime_id)
+        done, _ = concurrent.futures.wait(
+            [future], timeout=timeout if 0 < timeout < math.inf else None
+        )
+        pc = engine.prefix_cache
+        if future in done:
+            got = future.result()
+            response.ok, response.reason, response.fit = got.ok, got.reason, got.fit
+            response.context_tokens = got.context_tokens or len(ids)
+            response.cached_tokens, response.seconds = got.cached_tokens, got.seconds
+        else:
+            response.cached_tokens = pc.holds().get(prime_id, 0) if pc is not None else 0
+            response.reason = (
+                f'still priming after {timeout:g} s ({response.cached_tokens} of {len(ids)} '
+                f'tokens cached so far); it goes on between goals, release {prime_id!r} to stop it'
+            )
+        response.cache_mb_held = pc.bytes_held / 2**20 if pc is not None else 0.0
+        self.get_logger().info(f'prime {prime_id}: {response.reason}')
+        return response
+
+    def on_release_prime(self, request, response):
+        """Stop holding a primed context; its blocks stay cached until room is needed."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            response.reason = NOT_ACTIVE.format(state='not configured')
+            return response
+        if not request.prime_id:
+            response.reason = 'prime_id is empty: say which primed context to release'
+            return response
+        pc = pipeline.prefix_cache
+        held = pc is not None and request.prime_id in pc.holds()
+        response.released_blocks = n = pipeline.release(request.prime_id)
+        response.ok = held or n > 0
+        response.reason = (
+            f'released {n} block(s) of {request.prime_id!r}; they stay cached until room is needed'
+            if response.ok
+            else f'nothing is held under {request.prime_id!r} (never primed, already released, '
+            f'or released before it was primed)'
+        )
         return response
 
     def _predict_length(self, prompt: str, cap: int):

@@ -7,13 +7,22 @@ the goal to the generator; this node answers with an ``Estimate`` on ``timebill/
 while the generator is still queued or in prefill (TimeBill runs the RLP in parallel with
 prefill). It also serves ``timebill/predict_length`` for the generator's EstimateBudget.
 Until a trained length predictor exists, N̂ = the answer cap: the documented fallback.
+
+The Estimate's WCET prices the prefill the generator will really run: when the generator
+admits a goal it publishes the goal's cached prompt length (its prefix cache) on
+``timebill/prefill_plans``. An estimate whose plan has not arrived yet is held back for at
+most ``PLAN_WAIT_S`` (without holding a thread), then goes out with ``cached_tokens = 0``.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
 import gc
 import sys
+import threading
 import time
+from typing import Optional
 
 import rclpy
 from rclpy.callback_groups import ReentrantCallbackGroup
@@ -21,7 +30,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from timebill_ros.core.calibration import time_model_for
 from timebill_ros.core.pipeline import answer_cap
 from timebill_ros.core.time_estimator import wcet_length
-from timebill_ros.msg import Estimate, Request
+from timebill_ros.msg import Estimate, PrefillPlan, Request
 from timebill_ros.nodes.common import (
     CHANNEL_QOS,
     declare_config,
@@ -33,9 +42,73 @@ from timebill_ros.nodes.common import (
     SERVICE_PREDICT_LENGTH,
     time_to_s,
     TOPIC_ESTIMATES,
+    TOPIC_PREFILL_PLANS,
     TOPIC_REQUESTS,
 )
 from timebill_ros.srv import PredictLength
+
+KEEP_PLANS = 256  # prefill plans kept by request id (a plan may arrive before its request)
+PLAN_WAIT_S = 0.2  # an estimate waits at most this long for its goal's prefill plan
+SWEEP_S = 0.05  # how often estimates whose plan is overdue are sent with cached = 0
+
+
+@dataclass
+class _Held:
+    """An estimate computed before its goal's prefill plan arrived."""
+
+    req: Request
+    n_hat: int
+    bucket: int
+    fallback: bool
+    took: float
+    cap: int
+    until: float  # time.monotonic() after which it goes out without a plan
+
+
+class PrefillPlans:
+    """
+    The generator's ``PrefillPlan`` per request id, and the estimates waiting for one.
+
+    Thread-safe. ``take`` returns the plan, or parks the estimate; a plan that arrives later
+    hands its parked estimate back from ``put``; ``overdue`` hands back those whose wait is up.
+    """
+
+    def __init__(self, keep: int = KEEP_PLANS):
+        self._lock = threading.Lock()
+        self._plans: 'OrderedDict[str, PrefillPlan]' = OrderedDict()
+        self._held: 'OrderedDict[str, _Held]' = OrderedDict()
+        self._keep = keep
+
+    def put(self, plan: PrefillPlan) -> Optional[_Held]:
+        with self._lock:
+            held = self._held.pop(plan.request_id, None)
+            if held is None:
+                self._plans[plan.request_id] = plan
+                while len(self._plans) > self._keep:
+                    self._plans.popitem(last=False)
+            return held
+
+    def take(self, held: _Held) -> Optional[PrefillPlan]:
+        """Return the request's plan if it is here (removed), else park ``held`` and None."""
+        with self._lock:
+            plan = self._plans.pop(held.req.request_id, None)
+            if plan is None:
+                self._held[held.req.request_id] = held
+                while len(self._held) > self._keep:
+                    self._held.popitem(last=False)
+            return plan
+
+    def overdue(self, now: float) -> list:
+        with self._lock:
+            late = [h for h in self._held.values() if h.until <= now]
+            for h in late:
+                del self._held[h.req.request_id]
+            return late
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+            self._held.clear()
 
 
 class PredictorNode(LifecycleNode):
@@ -45,6 +118,8 @@ class PredictorNode(LifecycleNode):
         self.cfg = self.lengths = self.tokenizer = self.time_model = None
         self._entities: list = []
         self._group = ReentrantCallbackGroup()
+        self._plans = PrefillPlans()
+        self.create_timer(SWEEP_S, self._send_overdue, callback_group=self._group)
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -71,6 +146,13 @@ class PredictorNode(LifecycleNode):
                 self.on_predict_length,
                 callback_group=self._group,
             ),
+            self.create_subscription(
+                PrefillPlan,
+                TOPIC_PREFILL_PLANS,
+                self.on_plan,
+                CHANNEL_QOS,
+                callback_group=self._group,
+            ),
         ]
         fallback = getattr(self.lengths, 'meta', None) is None
         self.get_logger().info(
@@ -88,12 +170,14 @@ class PredictorNode(LifecycleNode):
 
     def release(self, exiting: bool = False) -> None:
         """Free the predictor (cleanup, shutdown, SIGINT: ``exiting``, nothing to collect)."""
-        pub, sub, srv = self._entities or (None, None, None)
+        pub, sub, srv, plans = self._entities or (None, None, None, None)
         if pub is not None:
             self.destroy_publisher(pub)
             self.destroy_subscription(sub)
             self.destroy_service(srv)
+            self.destroy_subscription(plans)
         self._entities = []
+        self._plans.clear()
         self.cfg = self.lengths = self.tokenizer = self.time_model = None
         if not exiting:
             gc.collect()
@@ -116,22 +200,46 @@ class PredictorNode(LifecycleNode):
             cfg.n_max, req.max_new_tokens or cfg.max_new_tokens, n, self.tokenizer.max_context
         )
         n_hat, bucket, fallback, took = self.predict(req.prompt, cap)
-        wcet = self.time_model.wcet_s(n, 0.0, n_hat, cfg.pessimism_k, cap, predict_s=took)
+        held = _Held(req, n_hat, bucket, fallback, took, cap, time.monotonic() + PLAN_WAIT_S)
+        plan = self._plans.take(held)
+        if plan is not None:
+            self._publish(held, plan)
+        # else: parked until its plan arrives (on_plan) or PLAN_WAIT_S is up (_send_overdue)
+
+    def on_plan(self, plan: PrefillPlan) -> None:
+        held = self._plans.put(plan)
+        if held is not None:
+            self._publish(held, plan)
+
+    def _send_overdue(self) -> None:
+        for held in self._plans.overdue(time.monotonic()):
+            self._publish(held, None)
+
+    def _publish(self, held: _Held, plan: Optional[PrefillPlan]) -> None:
+        """Send the estimate; its WCET with the plan's cached prompt length (0: no plan)."""
+        cfg, model = self.cfg, self.time_model
         pub = self._entities[0] if self._entities else None
-        if pub is not None:
-            pub.publish(
-                Estimate(
-                    request_id=req.request_id,
-                    stamp=self.get_clock().now().to_msg(),
-                    prompt_tokens=n,
-                    predicted_length=n_hat,
-                    predicted_bucket=bucket,
-                    n_hat_w=wcet_length(n_hat, cfg.pessimism_k, cap),
-                    fallback=fallback,
-                    wcet_s=wcet,
-                    prediction_s=took,
-                )
+        if pub is None or cfg is None or model is None:
+            return
+        n = len(held.req.input_ids)
+        cached = min(int(plan.cached_tokens), n) if plan is not None else 0
+        wcet = model.wcet_s(
+            n, 0.0, held.n_hat, cfg.pessimism_k, held.cap, predict_s=held.took, cached=cached
+        )
+        pub.publish(
+            Estimate(
+                request_id=held.req.request_id,
+                stamp=self.get_clock().now().to_msg(),
+                prompt_tokens=n,
+                predicted_length=held.n_hat,
+                predicted_bucket=held.bucket,
+                n_hat_w=wcet_length(held.n_hat, cfg.pessimism_k, held.cap),
+                fallback=held.fallback,
+                wcet_s=wcet,
+                cached_tokens=cached,
+                prediction_s=held.took,
             )
+        )
 
     def on_predict_length(self, request, response):
         if self.lengths is None:

@@ -527,6 +527,12 @@ class TimeBillServer(LifecycleNode):
         The generator would refuse it too (its check also counts the goals ahead); answering
         here saves the refusal two round trips through loaded executors. '' when it may fit or
         the generator's model is not known (then the generator decides).
+
+        The server does not know what the generator's prefix cache holds, so this is a true
+        lower bound only in the best case: every prompt token but the last cached
+        (``cached = n_prompt - 1``), and also nothing cached, in case the time model prices
+        copying cached tokens above computing them. A goal is refused here only when it cannot
+        finish either way; the generator, which knows the cache, decides exactly.
         """
         beat = self._beat
         if beat is None or not beat.time_model or self.cfg is None:
@@ -535,8 +541,20 @@ class TimeBillServer(LifecycleNode):
             return ''
         model = ExecutionTimeModel(*beat.time_model)
         now = ros_now_s(self)
-        verdict = admission(model, now, deadline, n_prompt, [], None, self.cfg.alpha_max)
-        return '' if verdict.admit else verdict.reason
+        best = max(n_prompt - 1, 0)
+        verdicts = [
+            admission(model, now, deadline, n_prompt, [], None, self.cfg.alpha_max, cached=c)
+            for c in (0, best)
+        ]
+        if any(v.admit for v in verdicts):
+            return ''
+        cold, warm = verdicts
+        if not best:
+            return cold.reason
+        return (
+            f'{cold.reason}; even with {best} of its {n_prompt} tokens cached it would need '
+            f'{warm.own_s:.3f} s'
+        )
 
     def _end(self, goal_handle, result, rel, status: int, reason: str) -> TimedInference.Result:
         log = self.get_logger().warning
