@@ -274,3 +274,30 @@ def test_a_late_estimate_sets_alpha_during_decoding_without_waiting(tiny):
     assert on_time.predicted_length == 8 and on_time.alpha > 0
     p.close()
     p2.close()
+
+
+def test_a_prime_released_while_it_runs_holds_nothing(tiny):
+    engine = _engine(tiny, 'snapkv', mb=256)
+    p = Pipeline(engine, SLOW, TimeBillConfig(prefill_chunk=CHUNK), FixedLength(4), learn=False)
+    started = threading.Event()
+    real_prefill = engine.prefill
+
+    def slow_prime(*args, **kw):
+        inner = kw['should_stop']
+
+        def should_stop(done, elapsed):
+            started.set()
+            time.sleep(0.2)
+            return inner(done, elapsed)
+
+        kw['should_stop'] = should_stop
+        return real_prefill(*args, **kw)
+
+    engine.prefill = slow_prime
+    fut = p.prime(_ids(640, 12), 'gone')
+    assert started.wait(10)
+    p.release('gone')
+    res = fut.result(timeout=60)
+    assert not res.ok and 'released' in res.reason
+    assert engine.prefix_cache.holds() == {}  # its blocks may stay cached, but none is held
+    p.close()

@@ -142,6 +142,7 @@ class Pipeline:
         self._running: Optional[Running] = None
         self._running_job: Optional[Job] = None
         self._primes: Deque[_Prime] = deque()
+        self._released: set = set()  # primes released while their chunks ran
         self._threads: List[threading.Thread] = []
         self._closed = False
         self.on_observed: Optional[Callable[[Outcome], None]] = None
@@ -426,6 +427,9 @@ class Pipeline:
     def release(self, prime_id: str) -> int:
         """Stop holding a primed context (a queued prime is dropped); returns blocks released."""
         with self._cv:
+            running = self._running is not None and self._running.job_id == f'prime:{prime_id}'
+            if running:  # its last chunk would hold the blocks again: released when it stops
+                self._released.add(prime_id)
             for p in list(self._primes):
                 if p.prime_id == prime_id:
                     self._primes.remove(p)
@@ -477,10 +481,17 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a failed prime must not stop the worker
             stopped = f'generator error while priming: {exc or type(exc).__name__}'
         p.seconds += time.monotonic() - t0
-        if stopped == 'yield':
-            with self._cv:
+        with self._cv:
+            released = p.prime_id in self._released
+            self._released.discard(p.prime_id)
+            if stopped == 'yield' and not released:
                 self._primes.appendleft(p)  # goes on once the queue is empty again
-            return
+                return
+        if released:
+            pc.release(p.prime_id)
+            stopped = 'released while it was being primed'
+            if p.future.done():
+                return
         held = pc.holds().get(p.prime_id, 0)
         whole = len(p.input_ids)
         if stopped:

@@ -88,6 +88,8 @@ def prime_id_for(ids) -> str:
 class TopicLengths:
     """N̂ from the predictor's ``Estimate`` messages, as a pipeline length source."""
 
+    deferrable = True  # a late estimate still arrives: α may wait for it while decoding starts
+
     def __init__(self):
         self._cv = threading.Condition()
         self._got: 'OrderedDict[str, LengthEstimate]' = OrderedDict()
