@@ -179,7 +179,11 @@ def test_admission_and_estimate_count_the_cached_prefix(tiny):
     assert warm.cached_tokens == cached and warm.prefill_saved_s == pytest.approx(
         SLOW.prefill_s(len(ids)) - SLOW.prefill_s(len(ids), cached)
     )
-    out = p.run(Job('w', ids, deadline=time.monotonic() + 0.5, max_new_tokens=4))
+    # served within a budget its cold prefill alone would overrun (0.98 s)
+    assert not p.admission(len(ids), time.monotonic() + 0.95).admit
+    out = p.run(
+        Job('w', ids, deadline=time.monotonic() + 0.95, max_new_tokens=4, min_quality=0.0)
+    )
     assert out.status == 'succeeded' and out.cached_tokens == cached, out.reason
     p.close()
 

@@ -129,11 +129,9 @@ def run(args) -> int:
             flush=True,
         )
         goals = plan_goals(client)[: args.goals]
-        placed: dict = {}
         for label, prompt, budget, max_new, floor in goals:
-            if isinstance(budget, str):
-                placed = placed or binding_budgets(client, prompt)
-                budget = placed[budget]
+            if isinstance(budget, str):  # placed for this prompt, on the model as it is now
+                budget = binding_budgets(client, prompt)[budget]
             if 'primed' in label:
                 t = time.monotonic()
                 got = client.prime(SCENE2, timeout_s=300.0)

@@ -235,8 +235,10 @@ class Pipeline:
             self.quality, self.cfg.alpha_max, self.cfg.quality_floor_alpha, min_quality, max_alpha
         )
         k, amax = self.cfg.pessimism_k, limit.alpha_limit
+        # the α a goal would get: the generator plans on the slowest recent timings (``plan``)
+        worst_model = self.online.worst_model()
 
-        def solve(alpha_max: float, timing=model, budget=budget_s) -> BudgetVerdict:
+        def solve(alpha_max: float, timing=worst_model, budget=budget_s) -> BudgetVerdict:
             return solve_alpha(
                 timing,
                 budget,
@@ -254,7 +256,7 @@ class Pipeline:
         # slowest timings recent requests were served at, ending a margin before the deadline
         # (the result still has to travel to the planner)
         left = now + budget_s - adm.worst_start - self.cfg.guarantee_margin_s
-        worst = solve(amax, self.online.worst_model(), left) if left > 0 else None
+        worst = solve(amax, worst_model, left) if left > 0 else None
         refusal = limit.problem or self._quality_refusal(limit, verdict, min(n_hat, cap), solve)
         guaranteed = adm.admit and worst is not None and worst.guaranteed and not refusal
         reason = refusal or verdict.reason
