@@ -305,3 +305,21 @@ def test_a_prime_released_while_it_runs_holds_nothing(tiny):
     assert not res.ok and 'released' in res.reason
     assert engine.prefix_cache.holds() == {}  # its blocks may stay cached, but none is held
     p.close()
+
+
+def test_warm_prefills_off_the_model_do_not_skew_cold_predictions():
+    from timebill_ros.core.online_estimator import OnlineTimeModel
+
+    base = ExecutionTimeModel(a=1e-7, b=1e-3, c=0.05, p=1e-5, q=0.02)
+    online = OnlineTimeModel(base)
+    for _ in range(30):  # warm prefills 3x slower than the warm form says, cold ones as modelled
+        online.observe_prefill(4000, 3.0 * base.prefill_s(4000, 3900), cached=3900)
+        online.observe_prefill(1000, base.prefill_s(1000))
+    m = online.model()
+    assert m.prefill_s(4000) == pytest.approx(base.prefill_s(4000), rel=0.02)
+    assert m.prefill_s(4000, 3900) == pytest.approx(3.0 * base.prefill_s(4000, 3900), rel=0.05)
+    assert online.worst_model().prefill_s(4000, 3900) >= m.prefill_s(4000, 3900)
+    # the heartbeat's flat tuple rebuilds the same model on the server
+    from dataclasses import astuple
+
+    assert ExecutionTimeModel(*astuple(m)) == m

@@ -61,16 +61,33 @@ class OnlineTimeModel:
         self.base = base
         self.prefill = ScalarRls(lam=forgetting)
         self.decode = ScalarRls(lam=forgetting)
+        self.warm = ScalarRls(lam=forgetting)  # warm prefills (prefix cache) on top of ``prefill``
         self.band = band
         self.min_samples = min_samples
         self._ratios: dict[str, Deque[float]] = {
             'prefill': deque(maxlen=window),
             'decode': deque(maxlen=window),
+            'warm': deque(maxlen=window),
         }
 
     # ----------------------------------------------------------------- updates
+    def _scale(self, rls: ScalarRls) -> float:
+        return rls.s if rls.n >= self.min_samples else 1.0
+
     def observe_prefill(self, n_prompt: int, seconds: float, cached: int = 0) -> None:
-        x = self.base.prefill_s(n_prompt, cached)
+        """
+        One served prefill; a warm one (``cached`` > 0) teaches the warm scale only.
+
+        Warm prefills are timed against the cold-scaled model, so the warm scale says how far
+        the warm form is off on this machine, and cold predictions keep their own scale.
+        """
+        if cached > 0:
+            x = self.base.scaled(self._scale(self.prefill)).prefill_s(n_prompt, cached)
+            if x > 0 and seconds > 0:
+                self._ratios['warm'].append(seconds / x)
+                self.warm.update(x, seconds)
+            return
+        x = self.base.prefill_s(n_prompt)
         if x > 0 and seconds > 0:
             self._ratios['prefill'].append(seconds / x)
             self.prefill.update(x, seconds)
@@ -92,9 +109,9 @@ class OnlineTimeModel:
 
         The fit itself until ``min_samples`` requests per stage have been seen.
         """
-        sp = self.prefill.s if self.prefill.n >= self.min_samples else 1.0
-        sd = self.decode.s if self.decode.n >= self.min_samples else 1.0
-        return self.base.scaled(sp, sd)
+        return self.base.scaled(
+            self._scale(self.prefill), self._scale(self.decode), self._scale(self.warm)
+        )
 
     def worst_model(self) -> ExecutionTimeModel:
         """
@@ -104,11 +121,9 @@ class OnlineTimeModel:
         the node makes single requests several times slower than the running mean says.
         """
         scales = []
-        for stage, rls in (('prefill', self.prefill), ('decode', self.decode)):
-            s = rls.s if rls.n >= self.min_samples else 1.0
-            scales.append(max([s, *self._ratios[stage]]))
-        sp, sd = scales
-        return self.base.scaled(sp, sd)
+        for stage, rls in (('prefill', self.prefill), ('decode', self.decode), ('warm', self.warm)):
+            scales.append(max([self._scale(rls), *self._ratios[stage]]))
+        return self.base.scaled(*scales)
 
     def drift(self) -> List[str]:
         """List stages whose recent measured/predicted ratio left the band (empty: none)."""
@@ -122,7 +137,7 @@ class OnlineTimeModel:
                 out.append(
                     f'{stage} drift: measured times are {med:.2f}x the fitted model over the last '
                     f'{len(ratios)} requests (band {lo:.2f}-{hi:.2f}x); online scale now '
-                    f'{(self.prefill if stage == "prefill" else self.decode).s:.2f}x'
+                    f'{getattr(self, stage).s:.2f}x'
                 )
         return out
 
@@ -132,6 +147,8 @@ class OnlineTimeModel:
             'prefill_scale': self.prefill.s,
             'decode_scale': self.decode.s,
             'prefill_samples': self.prefill.n,
+            'warm_prefill_scale': self.warm.s,
+            'warm_prefill_samples': self.warm.n,
             'decode_samples': self.decode.n,
             'prefill_ratio_median': med(self._ratios['prefill']),
             'decode_ratio_median': med(self._ratios['decode']),

@@ -28,7 +28,9 @@ class ExecutionTimeModel:
     With a prefix cache, ``n`` new tokens after ``m`` cached ones cost ``a·n² + b·n + c + d·n·m
     + e·m``: each new query attends to the ``m`` cached keys (``d``; a causal pass counts N²/2
     pairs in ``a``, so in theory d = 2a) and the cached entries are copied into the request's
-    cache (``e``). A profile without a warm fit gets d = 2a, e = 0 (``from_dict``).
+    cache (``e``). A profile without a warm fit gets d = 2a, e = 0 (``from_dict``). ``w``
+    multiplies a warm prefill's time: the online recalibration learns it apart from the cold
+    prefill's scale, so a warm form that is off cannot make cold predictions pessimistic.
     """
 
     a: float
@@ -38,6 +40,7 @@ class ExecutionTimeModel:
     q: float
     d: float = math.nan  # nan: 2a
     e: float = 0.0
+    w: float = 1.0
 
     def __post_init__(self):
         if math.isnan(self.d):
@@ -47,9 +50,14 @@ class ExecutionTimeModel:
         """Prefill of an ``n_prompt``-token prompt whose first ``cached`` tokens are cached."""
         m = min(max(float(cached), 0.0), float(n_prompt))
         n = float(n_prompt) - m
-        return self.a * n * n + self.b * n + self.c + self.d * n * m + self.e * m
+        cold = self.a * n * n + self.b * n + self.c
+        if m <= 0:
+            return cold
+        return self.w * (cold + self.d * n * m + self.e * m)
 
-    def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> 'ExecutionTimeModel':
+    def scaled(
+        self, prefill: float = 1.0, decode: float = 1.0, warm: float = 1.0
+    ) -> 'ExecutionTimeModel':
         """Return the same shape, prefill and decode times multiplied (online recalibration)."""
         return ExecutionTimeModel(
             a=self.a * prefill,
@@ -59,6 +67,7 @@ class ExecutionTimeModel:
             q=self.q * decode,
             d=self.d * prefill,
             e=self.e * prefill,
+            w=self.w * warm,
         )
 
     def decode_step_s(self, n_kv: float) -> float:
@@ -100,7 +109,7 @@ class ExecutionTimeModel:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> 'ExecutionTimeModel':
-        extra = {k: float(d[k]) for k in ('d', 'e') if d.get(k) is not None}
+        extra = {k: float(d[k]) for k in ('d', 'e', 'w') if d.get(k) is not None}
         return cls(**{k: float(d[k]) for k in ('a', 'b', 'c', 'p', 'q')}, **extra)
 
 
