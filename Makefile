@@ -67,6 +67,7 @@ test-core: venv model
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_prefix.py
 
 reliability: setup
 	$(ROS_ENV) && $(PY) -P benchmarks/reliability.py --goals 500 --out results/reliability

@@ -1,6 +1,7 @@
 """Calibration: held-out scoring, keyed profiles refusing other setups, a tiny real run, CLI."""
 
 import json
+import math
 import time
 
 import numpy as np
@@ -258,3 +259,172 @@ def test_a_bad_fit_is_named():
     pre += [cal.Measurement(n, [1e-3 * n + 0.3], True) for n in (128, 1536)]
     probs = cal.profile_problems(cal.fit_profile(KEY, pre, synthetic()[1]), max_mape=1e9)
     assert any(p.startswith('coefficient a =') for p in probs)
+
+
+# ---------------------------------------------------------------- warm prefill (prefix cache)
+WARM_TRUE = ExecutionTimeModel(a=2.5e-7, b=1.2e-3, c=0.30, p=1.0e-5, q=0.060, d=4.0e-7, e=3.0e-5)
+
+
+def synthetic_warm(model=WARM_TRUE, held_off_by=0.05):
+    """Exact warm timings on the grid; held-out points off by a known fraction."""
+    warm = [cal.Measurement(n, [model.prefill_s(n, m)] * 3, False, m) for n, m in cal.WARM_GRID]
+    warm += [
+        cal.Measurement(n, [model.prefill_s(n, m) * (1 + held_off_by)] * 3, True, m)
+        for n, m in cal.WARM_HELD_OUT
+    ]
+    return warm
+
+
+def test_warm_grid_is_whole_blocks_inside_the_reuse_limit():
+    for n, m in cal.WARM_GRID + cal.WARM_HELD_OUT:
+        assert m % 64 == 0 and 0 < m <= n - 64, (n, m)
+    assert not set(cal.WARM_GRID) & set(cal.WARM_HELD_OUT)
+    assert {n for n, _ in cal.WARM_GRID} == {512, 1024, 2048, 4096}
+    assert len({m for _, m in cal.QUICK_WARM_GRID}) >= 2
+
+
+def test_warm_fit_recovers_known_d_e_and_scores_held_out_only():
+    pre, dec = synthetic((0.0, 0.0))
+    prof = cal.fit_profile(KEY, pre, dec, warm=synthetic_warm())
+    assert prof.model.a == pytest.approx(WARM_TRUE.a, rel=1e-6)
+    assert prof.model.d == pytest.approx(WARM_TRUE.d, rel=1e-6)
+    assert prof.model.e == pytest.approx(WARM_TRUE.e, rel=1e-5)
+    assert prof.mape['warm'] == pytest.approx(100 * 0.05 / 1.05)
+    assert prof.fit_mape['warm'] == pytest.approx(0, abs=1e-6) and prof.warm_note == ''
+    # without warm points: the profile says nothing about them and d = 2a
+    cold = cal.fit_profile(KEY, pre, dec)
+    assert 'warm' not in cold.mape and cold.model.d == 2 * cold.model.a and cold.model.e == 0
+
+
+def test_warm_fit_from_noisy_samples():
+    rng = np.random.default_rng(5)
+    pre, dec = synthetic((0.0, 0.0))
+    warm = [
+        cal.Measurement(
+            w.n, list(w.samples[0] * (1 + np.abs(0.01 * rng.standard_normal(5)))), w.held_out,
+            w.cached,
+        )
+        for w in synthetic_warm(held_off_by=0.0)
+    ]
+    prof = cal.fit_profile(KEY, pre, dec, warm=warm)
+    assert prof.model.d == pytest.approx(WARM_TRUE.d, rel=0.05)
+    assert prof.mape['warm'] < 1.0
+    # the copy-in is a few percent of a warm prefill: e is looser, but positive and close
+    assert prof.model.e == pytest.approx(WARM_TRUE.e, rel=0.5)
+
+
+def test_a_negative_warm_term_is_clamped_to_zero():
+    pre, dec = synthetic((0.0, 0.0))
+    # cached tokens make the prefill faster than the cold fit says: e would come out < 0
+    faster = ExecutionTimeModel(**{**WARM_TRUE.to_dict(), 'e': -2e-5})
+    prof = cal.fit_profile(KEY, pre, dec, warm=synthetic_warm(faster, 0.0))
+    assert prof.model.e == 0.0 and prof.model.d > 0
+    assert 'e = 0' in prof.warm_note and 'd fitted alone' in prof.warm_note
+
+
+def test_profile_round_trip_keeps_d_e_and_warm_points(tmp_path):
+    pre, dec = synthetic()
+    prof = cal.fit_profile(KEY, pre, dec, warm=synthetic_warm())
+    path = cal.save_profile(prof, tmp_path / 'p.json')
+    doc = json.loads(path.read_text())
+    assert doc['model']['d'] == prof.model.d and doc['model']['e'] == prof.model.e
+    back = cal.load_profile(path, KEY)
+    assert back.model == prof.model and back.model.e == pytest.approx(WARM_TRUE.e, rel=1e-5)
+    assert back.warm == prof.warm and back.mape == prof.mape
+    assert [(w.n, w.cached) for w in back.warm if w.held_out] == list(cal.WARM_HELD_OUT)
+    assert cal.load_time_model(
+        TimeBillConfig(profile_path=str(path)), running_key=KEY
+    ).prefill_s(4096, 3968) == pytest.approx(WARM_TRUE.prefill_s(4096, 3968), rel=1e-5)
+
+
+def test_a_profile_without_d_e_gets_d_2a(tmp_path):
+    """A profile written before the prefix cache (no d, e, warm, cached) still loads."""
+    prof = cal.fit_profile(KEY, *synthetic())
+    doc = prof.to_dict()
+    for k in ('d', 'e'):
+        del doc['model'][k]
+    for k in ('warm', 'warm_note'):
+        del doc[k]
+    for m in doc['prefill'] + doc['decode']:
+        del m['cached']
+    path = tmp_path / 'old.json'
+    path.write_text(json.dumps(doc))
+    back = cal.load_profile(path, KEY)
+    assert back.model.d == 2 * back.model.a and back.model.e == 0.0
+    assert back.warm == [] and cal.profile_problems(back, max_mape=20) == []
+    assert back.model.prefill_s(1024, 512) == pytest.approx(
+        back.model.a * 512**2 + back.model.b * 512 + back.model.c + 2 * back.model.a * 512 * 512
+    )
+
+
+def test_a_bad_warm_fit_is_named():
+    pre, dec = synthetic((0.0, 0.0))
+    prof = cal.fit_profile(KEY, pre, dec, warm=synthetic_warm(held_off_by=0.3))
+    probs = cal.profile_problems(prof, max_mape=10.0)
+    assert len(probs) == 1 and probs[0].startswith('warm held-out MAPE 23.08%')
+
+
+def test_warm_points_are_checked_before_any_timing(tiny):
+    engine = Engine(tiny, None, press='snapkv', window_size=8)
+    kw = {
+        'prefill_grid': cal.QUICK_PREFILL_GRID,
+        'prefill_held_out': cal.QUICK_PREFILL_HELD_OUT,
+        'decode_grid': cal.QUICK_DECODE_GRID,
+        'decode_held_out': cal.QUICK_DECODE_HELD_OUT,
+        'progress': False,
+    }
+    for grid, held, match in (
+        ([(256, 100), (256, 128)], [], 'whole 64-token blocks'),
+        ([(256, 64), (256, 252)], [], 'at most N - 8'),
+        ([(256, 64), (256, 128)], [(256, 128)], 'also grid points'),
+        ([(256, 64), (512, 64)], [], 'two distinct cached lengths'),
+        ([(256, 64), (4096, 128)], [], "model's context"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cal.calibrate(engine, warm_grid=grid, warm_held_out=held, **kw)
+
+
+def test_tiny_real_warm_calibration_and_report(tiny, tmp_path):
+    engine = Engine(tiny, None, press='snapkv', window_size=8, model_name='tiny-llama')
+    prof = cal.calibrate(
+        engine,
+        cal.QUICK_PREFILL_GRID,
+        cal.QUICK_DECODE_GRID,
+        cal.QUICK_PREFILL_HELD_OUT,
+        cal.QUICK_DECODE_HELD_OUT,
+        repeats=2,
+        decode_repeats=3,
+        progress=False,
+        warm_grid=cal.QUICK_WARM_GRID,
+        warm_held_out=cal.QUICK_WARM_HELD_OUT,
+    )
+    assert engine.prefix_cache is None  # the private cache is gone again
+    assert [(w.n, w.cached, w.held_out) for w in prof.warm] == sorted(
+        [(n, m, False) for n, m in cal.QUICK_WARM_GRID]
+        + [(n, m, True) for n, m in cal.QUICK_WARM_HELD_OUT]
+    )
+    assert all(len(w.samples) == 2 and min(w.samples) > 0 for w in prof.warm)
+    assert prof.model.d >= 0 and prof.model.e >= 0 and math.isfinite(prof.mape['warm'])
+    held = [w for w in prof.warm if w.held_out]
+    assert prof.mape['warm'] == pytest.approx(
+        mape([min(w.samples) for w in held], [prof.model.prefill_s(w.n, w.cached) for w in held])
+    )
+    paths = cal.write_report(prof, tmp_path, stem='tiny-warm')
+    assert paths['png'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    md = paths['md'].read_text()
+    assert '## warm prefill (prefix cache)' in md and '| warm prefill |' in md
+    assert cal.load_profile(paths['json'], engine.profile_key()).model == prof.model
+
+
+def test_cli_parses_warm_pairs():
+    import argparse
+
+    from timebill_ros.cli import calibrate as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(['--warm-grid', '512:256, 1024:896', '--warm-held-out', '768:640'])
+    assert args.warm_grid == [(512, 256), (1024, 896)] and args.warm_held_out == [(768, 640)]
+    assert parser.parse_args(['--no-warm']).no_warm
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--warm-grid', '512'])

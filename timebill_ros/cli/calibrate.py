@@ -4,6 +4,8 @@
 Writes the keyed profile the engine/nodes load (``<cache>/profiles/…`` or ``profile_path``)
 and a report (JSON, Markdown, PNG) under ``--out``. ``--quick`` is a smoke run: tiny
 grids in seconds; it does not overwrite the real profile unless ``--profile`` says so.
+Besides cold prefills and decode steps it times warm prefills (the first m of N prompt tokens
+from the prefix cache) and fits their (d, e); ``--no-warm`` skips them (d = 2a, e = 0).
 """
 
 from __future__ import annotations
@@ -30,6 +32,24 @@ def _ints(text: str):
     return values
 
 
+def _pairs(text: str):
+    """``N:m,N:m`` → [(N, m), …]: warm prefills of N tokens, the first m cached."""
+    out = []
+    for item in (x for x in text.replace(' ', '').split(',') if x):
+        n, sep, m = item.partition(':')
+        try:
+            if not sep:
+                raise ValueError
+            out.append((int(n), int(m)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f'expected comma-separated N:m pairs (N prompt tokens, m cached), got {text!r}'
+            ) from None
+    if not out:
+        raise argparse.ArgumentTypeError('empty list')
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument(
@@ -48,7 +68,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar='N,N,...',
         help='KV lengths to score on (not fitted)',
     )
-    p.add_argument('--repeats', type=int, help='timed prefills per length (default 5; --quick 2)')
+    p.add_argument(
+        '--warm-grid',
+        type=_pairs,
+        metavar='N:m,...',
+        help='warm prefills to fit (d, e) on: N prompt tokens, the first m (whole 64-token '
+        'blocks) cached (default: N in 512,1024,2048,4096 x m in N/2, N-128)',
+    )
+    p.add_argument(
+        '--warm-held-out',
+        type=_pairs,
+        metavar='N:m,...',
+        help='warm prefills to score on (not fitted)',
+    )
+    p.add_argument(
+        '--no-warm', action='store_true', help='no warm prefills (the profile keeps d = 2a, e = 0)'
+    )
+    p.add_argument(
+        '--repeats',
+        type=int,
+        help='timed prefills per length (default 5; --quick 2)',
+    )
+    p.add_argument(
+        '--warm-repeats',
+        type=int,
+        help='timed warm prefills per (N, m) (default: --repeats, at most 3)',
+    )
     p.add_argument(
         '--decode-repeats',
         type=int,
@@ -99,6 +144,12 @@ def run(args) -> int:
         'decode_grid': args.decode_grid or (cal.QUICK_DECODE_GRID if q else cal.DECODE_GRID),
         'decode_held_out': args.decode_held_out
         or (cal.QUICK_DECODE_HELD_OUT if q else cal.DECODE_HELD_OUT),
+        'warm_grid': ()
+        if args.no_warm
+        else args.warm_grid or (cal.QUICK_WARM_GRID if q else cal.WARM_GRID),
+        'warm_held_out': ()
+        if args.no_warm
+        else args.warm_held_out or (cal.QUICK_WARM_HELD_OUT if q else cal.WARM_HELD_OUT),
     }
     engine = Engine.from_config(cfg)
     profile = cal.calibrate(
@@ -106,6 +157,7 @@ def run(args) -> int:
         **grids,
         repeats=args.repeats or (2 if q else 5),
         decode_repeats=args.decode_repeats or (3 if q else 9),
+        warm_repeats=args.warm_repeats,
         warmup=args.warmup,
         statistic=args.statistic,
         progress=not args.no_progress,
@@ -123,6 +175,11 @@ def run(args) -> int:
     m = profile.model
     print(f'prefill t = {m.a:.4e}·N² + {m.b:.4e}·N + {m.c:.4e}  s')
     print(f'decode  t = {m.p:.4e}·N_kv + {m.q:.4e}  s')
+    if profile.warm:
+        print(
+            f'warm    t = prefill(n) + {m.d:.4e}·n·m + {m.e:.4e}·m  s  (n = N - m new after m '
+            f'cached; d = {m.d / (2 * m.a) if m.a else float("nan"):.2f} x 2a)'
+        )
     for part in ('prefill', 'decode'):
         ok = profile.mape[part] <= GOALS[part]
         print(
@@ -130,6 +187,14 @@ def run(args) -> int:
             f'{profile.fit_mape[part]:.3f}%; '
             f'goal <= {GOALS[part]}%: {"met" if ok else "NOT met"})'
         )
+    if profile.warm:
+        print(
+            f'warm    held-out MAPE {profile.mape["warm"]:.3f}%  (fit points '
+            f'{profile.fit_mape["warm"]:.3f}%; {sum(not w.held_out for w in profile.warm)} '
+            f'fit + {sum(w.held_out for w in profile.warm)} held-out (N, m) points)'
+        )
+        if profile.warm_note:
+            print(f'warm fit: {profile.warm_note}')
     for r, f in profile.flops_ratios.items():
         g = profile.fitted_ratios[r]
         print(f'{r}: FLOPs {f:.3e}  fitted {g:.3e}  (x{g / f:.2f})')

@@ -4,11 +4,15 @@ Calibration: measure this machine, fit the ETE, and keep the result as a keyed p
 Timings only hold for the model, dtype, device, thread count and library versions they
 were measured with, so a profile carries that key and is refused for any other engine.
 Accuracy is judged on held-out lengths only: the fit points say nothing about interpolation.
+
+With a prefix cache a goal copies its cached prefix and computes only the rest: the warm
+prefill of N tokens whose first m are cached is timed on a grid of (N, m) and fitted as
+``a·n² + b·n + c + d·n·m + e·m`` (n = N − m) with the cold (a, b, c) held fixed.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 import hashlib
 import json
 import math
@@ -18,7 +22,7 @@ import random
 import re
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,6 +32,7 @@ from .time_estimator import (
     ExecutionTimeModel,
     fit_decode,
     fit_prefill,
+    fit_prefill_cached,
     fitted_ratios,
     flops_ratios,
     mape,
@@ -46,6 +51,17 @@ QUICK_PREFILL_GRID = (16, 32, 64, 128)
 QUICK_PREFILL_HELD_OUT = (48, 96)
 QUICK_DECODE_GRID = (16, 64, 128, 256)
 QUICK_DECODE_HELD_OUT = (96, 192)
+# Warm prefill (prefix cache): (N, m) = N prompt tokens, the first m (whole 64-token blocks)
+# cached. m = N/2 (many new tokens attend to the cached ones: d) and m = N − 128 (a question
+# after a standing context: the copy-in and the press's window scores over every cached key, e).
+# The cached prefixes are one random sequence primed once; at most WARM_REPEATS passes: ~2 min
+# on 2 quiet cores (4 min at 2 passes, 1 thread, on a shared 2-core machine where a cold 4k
+# prefill took 73 s), half of it the (4096, 2048) point.
+WARM_GRID = tuple((n, m) for n in (512, 1024, 2048, 4096) for m in (n // 2, n - 128))
+WARM_HELD_OUT = ((768, 640), (1536, 768), (3072, 2944))
+QUICK_WARM_GRID = ((192, 64), (256, 128))
+QUICK_WARM_HELD_OUT = ((256, 64),)
+WARM_REPEATS = 3
 
 
 @dataclass
@@ -53,6 +69,7 @@ class Measurement:
     n: int  # prompt length (prefill) or KV length (decode)
     samples: List[float]  # seconds, warm-up runs excluded
     held_out: bool = False
+    cached: int = 0  # warm prefill: prompt tokens copied from the prefix cache (0: cold)
 
     def value(self, statistic: str = 'min') -> float:
         return summarize(self.samples, statistic)
@@ -91,6 +108,9 @@ class Profile:
     duration_s: float = 0.0
     # 1-min load at start and end: was the machine shared?
     load_avg: List[float] = field(default_factory=list)
+    # warm prefills (prefix cache), fitted as d, e in ``model``; empty: not measured (d = 2a)
+    warm: List[Measurement] = field(default_factory=list)
+    warm_note: str = ''  # how (d, e) came about when the plain least squares was not kept
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -110,6 +130,7 @@ class Profile:
         d['model'] = ExecutionTimeModel.from_dict(d['model'])
         d['prefill'] = [Measurement(**m) for m in d['prefill']]
         d['decode'] = [Measurement(**m) for m in d['decode']]
+        d['warm'] = [Measurement(**m) for m in d.get('warm') or []]
         return cls(**d)
 
 
@@ -120,15 +141,59 @@ def _split(ms: Sequence[Measurement], statistic: str):
     return (np.array(fit, dtype=float).reshape(-1, 2), np.array(held, dtype=float).reshape(-1, 2))
 
 
+def _warm_split(ms: Sequence[Measurement], statistic: str):
+    def rows(held: bool):
+        pts = [(m.n, m.cached, m.value(statistic)) for m in ms if m.held_out == held]
+        return np.array(pts, dtype=float).reshape(-1, 3)
+
+    return rows(False), rows(True)
+
+
+def fit_warm(base: ExecutionTimeModel, points: np.ndarray) -> Tuple[float, float, str]:
+    """
+    Return (d, e, note): the warm terms on top of ``base``, both >= 0.
+
+    ``points`` rows are (N, m, seconds). The least squares of ``fit_prefill_cached`` is kept
+    when both terms come out >= 0; a negative one means its effect is below the noise (the
+    copy-in, e·m, is a few percent of a warm prefill), so it is set to 0 and the other refitted
+    alone (relative residuals, as everywhere), and ``note`` says so.
+    """
+    big_n, m, t = points[:, 0], points[:, 1], points[:, 2]
+    d0, e0 = fit_prefill_cached(base, big_n, m, t)
+    if d0 >= 0 and e0 >= 0:
+        return d0, e0, ''
+    n = big_n - m
+    resid = (t - (base.a * n * n + base.b * n + base.c)) / t
+    best = None
+    for name, column in (('d', n * m / t), ('e', m / t)):
+        coef = max(float(column @ resid / (column @ column)), 0.0)
+        err = float(np.sum((resid - coef * column) ** 2))
+        if best is None or err < best[2]:
+            best = (name, coef, err)
+    name, coef, _ = best
+    d, e = (coef, 0.0) if name == 'd' else (0.0, coef)
+    other = 'e' if name == 'd' else 'd'
+    return d, e, (
+        f'least squares gave d = {d0:.3e}, e = {e0:.3e}: {other} = 0 (below the noise), '
+        f'{name} fitted alone'
+    )
+
+
 def fit_profile(
     key: Mapping[str, str],
     prefill: Sequence[Measurement],
     decode: Sequence[Measurement],
     statistic: str = 'min',
     config: Any = None,
+    warm: Sequence[Measurement] = (),
     **extra,
 ) -> Profile:
-    """Fit on the grid points, score on the held-out points (NaN when there are none)."""
+    """
+    Fit on the grid points, score on the held-out points (NaN when there are none).
+
+    ``warm`` (measurements with ``cached`` > 0): the warm prefill's (d, e) on top of the cold
+    (a, b, c), scored the same way; without them d = 2a, e = 0 (``ExecutionTimeModel``).
+    """
     pf, ph = _split(prefill, statistic)
     df, dh = _split(decode, statistic)
     a, b, c = fit_prefill(pf[:, 0], pf[:, 1])
@@ -138,17 +203,35 @@ def fit_profile(
     def score(points: np.ndarray, predict) -> float:
         return mape(points[:, 1], [predict(n) for n in points[:, 0]]) if len(points) else math.nan
 
+    scores = {'prefill': score(ph, model.prefill_s), 'decode': score(dh, model.decode_step_s)}
+    fit_scores = {
+        'prefill': score(pf, model.prefill_s), 'decode': score(df, model.decode_step_s)
+    }
+    note = ''
+    if warm:
+        wf, wh = _warm_split(warm, statistic)
+        d, e, note = fit_warm(model, wf)
+        model = replace(model, d=d, e=e)
+
+        def warm_score(points: np.ndarray) -> float:
+            if not len(points):
+                return math.nan
+            return mape(points[:, 2], [model.prefill_s(n, m) for n, m, _ in points])
+
+        scores['warm'], fit_scores['warm'] = warm_score(wh), warm_score(wf)
     return Profile(
         key={k: str(v) for k, v in key.items()},
         model=model,
         statistic=statistic,
         prefill=list(prefill),
         decode=list(decode),
-        mape={'prefill': score(ph, model.prefill_s), 'decode': score(dh, model.decode_step_s)},
-        fit_mape={'prefill': score(pf, model.prefill_s), 'decode': score(df, model.decode_step_s)},
+        mape=scores,
+        fit_mape=fit_scores,
         flops_ratios=flops_ratios(config) if config is not None else {},
         fitted_ratios=fitted_ratios(model),
         created=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+        warm=list(warm),
+        warm_note=note,
         **extra,
     )
 
@@ -169,6 +252,43 @@ def _lengths(grid: Sequence[int], held_out: Sequence[int], limit: int, what: str
     return grid, held_out
 
 
+def _warm_points(
+    grid: Sequence[Sequence[int]],
+    held_out: Sequence[Sequence[int]],
+    limit: int,
+    block: int,
+    tail: int,
+) -> Tuple[list, list]:
+    """
+    Check the warm (N, m) points; return them sorted, as tuples.
+
+    m must be whole cache blocks (a hit is whole blocks) and leave the last ``tail`` tokens (the
+    press's observation window, always recomputed) to compute; the fit needs two cached lengths.
+    """
+    grid = sorted({(int(n), int(m)) for n, m in grid})
+    held_out = sorted({(int(n), int(m)) for n, m in held_out})
+    if not grid and not held_out:
+        return [], []
+    both = set(grid) & set(held_out)
+    if both:
+        raise ValueError(
+            f'warm prefill: held-out points {sorted(both)} are also grid points; '
+            'a held-out point must be unseen'
+        )
+    bad = [(n, m) for n, m in grid + held_out if not 1 <= n <= limit]
+    if bad:
+        raise ValueError(f"warm prefill: N of {bad} outside 1..{limit} (the model's context)")
+    bad = [(n, m) for n, m in grid + held_out if m <= 0 or m % block or m > n - tail]
+    if bad:
+        raise ValueError(
+            f'warm prefill: cached lengths of {bad} must be whole {block}-token blocks, > 0 '
+            f'and at most N - {tail} (the press recomputes the last {tail} tokens)'
+        )
+    if len({m for _, m in grid}) < 2:
+        raise ValueError('warm prefill: the grid needs at least two distinct cached lengths')
+    return grid, held_out
+
+
 def calibrate(
     engine,
     prefill_grid: Sequence[int] = PREFILL_GRID,
@@ -181,26 +301,37 @@ def calibrate(
     statistic: str = 'min',
     progress: bool = True,
     seed: int = 0,
+    warm_grid: Sequence[Sequence[int]] = (),
+    warm_held_out: Sequence[Sequence[int]] = (),
+    warm_repeats: Optional[int] = None,
 ) -> Profile:
     """
     Time prefill and single decode steps on ``engine``, fit, score on held-out lengths.
 
     Lengths are visited in a shuffled order, one repeat per pass, so a burst of load from
     elsewhere lands on a few scattered samples instead of biasing one stretch of lengths.
+    ``warm_grid``/``warm_held_out``: (N, m) points of the warm prefill (prefix cache), timed
+    ``warm_repeats`` times each (default min(repeats, WARM_REPEATS)) and fitted as (d, e)
+    (``WARM_GRID``; empty: not measured, d = 2a).
     """
     from tqdm.auto import tqdm
 
     summarize([1.0], statistic)  # validate before spending minutes
-    if repeats < 1 or decode_repeats < 1 or warmup < 0:
-        raise ValueError('repeats and decode_repeats must be >= 1, warmup >= 0')
+    if warm_repeats is None:
+        warm_repeats = min(repeats, WARM_REPEATS)
+    if repeats < 1 or decode_repeats < 1 or warm_repeats < 1 or warmup < 0:
+        raise ValueError('repeats, decode_repeats and warm_repeats must be >= 1, warmup >= 0')
     limit = int(engine.max_context) - 1  # a decode step at KV length n needs position n
     pg, ph = _lengths(prefill_grid, prefill_held_out, limit, 'prefill')
     dg, dh = _lengths(decode_grid, decode_held_out, limit, 'decode')
+    block = engine.prefix_cache.block_tokens if engine.prefix_cache is not None else 64
+    wg, wh = _warm_points(warm_grid, warm_held_out, limit, block, _recomputed_tail(engine))
     rng = random.Random(seed)
     # a decode call refills a whole cache: few calls, several steps each
     rounds = min(3, decode_repeats)
     per_round = [decode_repeats // rounds + (r < decode_repeats % rounds) for r in range(rounds)]
     total = warmup + repeats * (len(pg) + len(ph)) + rounds * (len(dg) + len(dh))
+    total += (1 + warm_repeats * (len(wg) + len(wh))) if wg else 0
     bar = tqdm(total=total, desc='calibrate', unit='run', disable=not progress, file=sys.stderr)
     t_start = time.monotonic()
     load_start = _load1()
@@ -226,6 +357,7 @@ def calibrate(
             bar.set_postfix_str(f'decode N_kv={n}')
             dec[n].extend(engine.time_decode_step(n, warmup + per_round[r])[warmup:])
             bar.update()
+    warm = _time_warm(engine, wg, wh, warm_repeats, rng, bar, block, seed) if wg else []
     bar.close()
 
     held_p, held_d = set(ph), set(dh)
@@ -235,12 +367,69 @@ def calibrate(
         [Measurement(n, dec[n], n in held_d) for n in sorted(dec)],
         statistic=statistic,
         config=engine.model.config,
+        warm=warm,
         repeats=repeats,
         decode_repeats=decode_repeats,
         warmup=warmup,
         duration_s=time.monotonic() - t_start,
         load_avg=[load_start, _load1()],
     )
+
+
+def _recomputed_tail(engine) -> int:
+    """Last prompt tokens a warm prefill always computes (the press reads their queries)."""
+    if not engine.press.needs_scores:
+        return 1
+    return max(int(getattr(engine.press, 'window_size', 1) or 1), 1)
+
+
+def _time_warm(engine, grid, held_out, repeats, rng, bar, block, seed) -> List[Measurement]:
+    """
+    Time warm prefills: N tokens whose first m come from a prefix cache.
+
+    As requests run them (chunks of ``prefill_chunk``, scores on). One random sequence is primed
+    once into a private cache (the engine's own is neither read nor filled); each sample is its
+    first m tokens and a fresh random tail, so exactly m tokens are found cached (the tail's
+    blocks, cached by every prefill, never match again and are dropped least recently used).
+    ``Engine.time_prefill(cached=)`` primes afresh for every sample, which at m = 3968 costs more
+    than the sample itself.
+    """
+    import torch
+
+    from .prefix_cache import PrefixCache
+
+    points = grid + held_out
+    vocab = engine.model.config.get_text_config(decoder=True).vocab_size
+    g = torch.Generator().manual_seed(seed + 7919)
+    top = max(m for _, m in points)
+    span = max(n - m for n, m in points)
+    mb = (top + 2 * span + 4 * block) * engine.kv_bytes_per_token() / 2**20
+    master = torch.randint(3, vocab, (top,), generator=g).tolist()
+    samples: Dict[tuple, List[float]] = {p: [] for p in points}
+    own = engine.prefix_cache
+    engine.prefix_cache = PrefixCache(capacity_mb=mb, block_tokens=block)
+    try:
+        bar.set_postfix_str(f'prime {top} tokens')
+        engine.prefill(master, chunk_tokens=engine.prefill_chunk, prime='calibrate-warm')
+        bar.update()
+        order = list(points)
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for n, m in order:
+                bar.set_postfix_str(f'warm prefill N={n} m={m}')
+                ids = master[:m] + torch.randint(3, vocab, (n - m,), generator=g).tolist()
+                state = engine.prefill(ids, capacity=n + 1, chunk_tokens=engine.prefill_chunk)
+                if state.cached_tokens != m:
+                    raise RuntimeError(
+                        f'warm prefill N={n}: {state.cached_tokens} tokens came from the '
+                        f'prefix cache, not {m}'
+                    )
+                samples[n, m].append(state.prefill_s)
+                bar.update()
+    finally:
+        engine.prefix_cache = own
+    held = set(held_out)
+    return [Measurement(n, samples[n, m], (n, m) in held, m) for n, m in sorted(samples)]
 
 
 def _load1() -> float:
@@ -269,9 +458,11 @@ def profile_problems(profile: Profile, max_mape: float = 10.0) -> List[str]:
                 f'coefficient {name} = {value:.3e} has the '
                 f'wrong sign (timings cannot shrink with length)'
             )
-    for part in ('prefill', 'decode'):
-        if not profile.mape[part] <= max_mape:  # NaN too: no held-out points, no evidence
-            out.append(f'{part} held-out MAPE {profile.mape[part]:.2f}% exceeds {max_mape}%')
+    parts = ('prefill', 'decode') + (('warm',) if profile.warm else ())
+    for part in parts:
+        value = profile.mape.get(part, math.nan)
+        if not value <= max_mape:  # NaN too: no held-out points, no evidence
+            out.append(f'{part} held-out MAPE {value:.2f}% exceeds {max_mape}%')
     return out
 
 
@@ -475,8 +666,9 @@ def write_plot(profile: Profile, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     m = profile.model
+    cols = 3 if profile.warm else 2
     fig, axes = plt.subplots(
-        2, 2, figsize=(11, 7), sharex='col', gridspec_kw={'height_ratios': [3, 1.3]}
+        2, cols, figsize=(5.5 * cols, 7), sharex='col', gridspec_kw={'height_ratios': [3, 1.3]}
     )
     for col, (name, ms, predict, xlabel, unit, scale) in enumerate(
         (
@@ -505,6 +697,8 @@ def write_plot(profile: Profile, path: Path) -> Path:
         bot.set_ylabel('fit error (%)')
         bot.set_xlabel(xlabel)
         bot.grid(alpha=0.3)
+    if profile.warm:
+        _plot_warm(profile, axes[0, 2], axes[1, 2])
     k = profile.key
     fig.suptitle(
         f'ETE calibration: {k.get("model")} {k.get("dtype")} '
@@ -516,6 +710,51 @@ def write_plot(profile: Profile, path: Path) -> Path:
     return path
 
 
+def _warm_errors(profile: Profile):
+    m = profile.model
+    return [
+        (w.n, w.cached, w.value(profile.statistic), m.prefill_s(w.n, w.cached), w.held_out)
+        for w in profile.warm
+    ]
+
+
+def _plot_warm(profile: Profile, top, bot) -> None:
+    """Warm prefill panel: measured points, the fit along m = N/2 and m = N − 128, cold."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    m = profile.model
+    rows = _warm_errors(profile)
+    xs = np.linspace(256, max(r[0] for r in rows) * 1.02, 200)
+    top.plot(xs, [m.prefill_s(x) for x in xs], '--', color='gray', lw=1, label='cold fit')
+    for frac, style, label in (
+        (lambda x: x / 2, '-', 'fit, m = N/2'),
+        (lambda x: x - 128, ':', 'fit, m = N − 128'),
+    ):
+        top.plot(xs, [m.prefill_s(x, frac(x)) for x in xs], style, color='tab:blue', lw=1.2,
+                 label=label)
+    for held, style, label in (
+        (False, {'marker': 'o', 'color': 'tab:blue', 'ls': ''}, 'fit points'),
+        (True, {'marker': 'x', 'color': 'tab:red', 'ls': '', 'ms': 9, 'mew': 2}, 'held out'),
+    ):
+        sel = [r for r in rows if r[4] == held]
+        if sel:
+            top.plot([r[0] for r in sel], [r[2] for r in sel], label=label, **style)
+            bot.plot([r[0] for r in sel], [(r[3] - r[2]) / r[2] * 100 for r in sel], **style)
+    top.set_yscale('log')
+    top.yaxis.set_major_formatter(FormatStrFormatter('%g'))
+    top.yaxis.set_minor_formatter(FormatStrFormatter('%g'))
+    top.set_title(
+        f'warm prefill (prefix cache): held-out MAPE {profile.mape.get("warm", math.nan):.2f}%'
+    )
+    top.set_ylabel(f'{profile.statistic} time (s, log)')
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3, which='both')
+    bot.axhline(0, color='gray', lw=0.8)
+    bot.set_ylabel('fit error (%)')
+    bot.set_xlabel('prompt length N (m of it cached)')
+    bot.grid(alpha=0.3)
+
+
 def report_markdown(profile: Profile) -> str:
     m, k = profile.model, profile.key
     lines = [
@@ -525,7 +764,8 @@ def report_markdown(profile: Profile) -> str:
         '',
         f'Statistic per length: **{profile.statistic}** of '
         f'{profile.repeats} prefill / {profile.decode_repeats} decode '
-        f'samples after {profile.warmup} warm-up; '
+        + (f'/ {min(len(w.samples) for w in profile.warm)} warm prefill ' if profile.warm else '')
+        + f'samples after {profile.warmup} warm-up; '
         f'{profile.duration_s:.0f} s in all; 1-min load average '
         f'{" -> ".join(f"{x:.2f}" for x in profile.load_avg) or "n/a"} on {os.cpu_count()} CPUs.',
         '',
@@ -533,13 +773,30 @@ def report_markdown(profile: Profile) -> str:
         '|---|---|',
         f'| prefill t = a·N² + b·N + c | a = {m.a:.4e} s, b = {m.b:.4e} s, c = {m.c:.4e} s |',
         f'| decode step t = p·N_kv + q | p = {m.p:.4e} s, q = {m.q:.4e} s |',
+    ]
+    if profile.warm:
+        lines.append(
+            f'| warm prefill, m of N cached, n = N − m: a·n² + b·n + c + d·n·m + e·m '
+            f'| d = {m.d:.4e} s ({m.d / (2 * m.a) if m.a else math.nan:.2f} × 2a), '
+            f'e = {m.e:.4e} s |'
+        )
+    else:
+        lines.append(f'| warm prefill (not measured) | d = 2a = {m.d:.4e} s, e = {m.e:.4e} s |')
+    lines += [
         '',
         '| MAPE (%) | held-out | fit points |',
         '|---|---|---|',
         f'| prefill | {profile.mape["prefill"]:.3f} | {profile.fit_mape["prefill"]:.3f} |',
         f'| decode step | {profile.mape["decode"]:.3f} | {profile.fit_mape["decode"]:.3f} |',
-        '',
     ]
+    if profile.warm:
+        lines.append(
+            f'| warm prefill | {profile.mape.get("warm", math.nan):.3f} '
+            f'| {profile.fit_mape.get("warm", math.nan):.3f} |'
+        )
+    lines.append('')
+    if profile.warm_note:
+        lines += [f'Warm fit: {profile.warm_note}.', '']
     if profile.flops_ratios:
         lines += ['| ratio (1/token) | FLOPs | fitted | fitted / FLOPs |', '|---|---|---|---|']
         for r in ('prefill_a_over_b', 'decode_p_over_q'):
@@ -576,6 +833,20 @@ def report_markdown(profile: Profile) -> str:
                 f'| {n} | {meas * 1e3:.2f} | {pred * 1e3:.2f} '
                 f'| {(pred - meas) / meas * 100:+.2f} | '
                 f'{"yes" if held else ""} |'
+            )
+        lines.append('')
+    if profile.warm:
+        lines += [
+            '## warm prefill (prefix cache)',
+            '',
+            '| N | cached m | computed N − m | measured (ms) | fitted (ms) | error (%) '
+            '| held out |',
+            '|---|---|---|---|---|---|---|',
+        ]
+        for n, cached, meas, pred, held in _warm_errors(profile):
+            lines.append(
+                f'| {n} | {cached} | {n - cached} | {meas * 1e3:.2f} | {pred * 1e3:.2f} '
+                f'| {(pred - meas) / meas * 100:+.2f} | {"yes" if held else ""} |'
             )
         lines.append('')
     return '\n'.join(lines)
