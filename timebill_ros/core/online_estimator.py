@@ -121,8 +121,8 @@ class OnlineTimeModel:
         the node makes single requests several times slower than the running mean says.
         """
         scales = []
-        for stage, rls in (('prefill', self.prefill), ('decode', self.decode), ('warm', self.warm)):
-            scales.append(max([self._scale(rls), *self._ratios[stage]]))
+        for stage in ('prefill', 'decode', 'warm'):
+            scales.append(max([self._scale(getattr(self, stage)), *self._ratios[stage]]))
         return self.base.scaled(*scales)
 
     def drift(self) -> List[str]:
