@@ -60,6 +60,13 @@ PARAMETERS = {
                       (0, 1 << 20)),
     'estimate_slack_s': ('how long the generator waits past prefill for a length estimate',
                          (0.0, 60.0)),
+    'estimate_defer_s': ('still no estimate: decode at alpha 0 and choose alpha when it '
+                         'arrives, or after this long with N-hat = the cap (0: plan at once)',
+                         (0.0, 60.0)),
+    'prefix_cache': ('reuse the KV of cached prompt prefixes (standing contexts)', None),
+    'prefix_cache_mb': ('memory bound of the prefix KV cache in MB (0: off)', (0.0, 1e7)),
+    'prefix_block_tokens': ('tokens per cached block: the granularity of a prefix hit',
+                            (1, 1 << 16)),
     'peer_timeout_s': ('no generator heartbeat this long: its goals are aborted', (0.1, 3600.0)),
     'heartbeat_s': ('generator heartbeat period', (0.01, 60.0)),
     'guarantee_margin_s': ('EstimateBudget guarantees only worst cases ending this long before '
