@@ -126,26 +126,31 @@ def test_hash_chain_keys_name_the_whole_prefix():
     assert block_keys(a[:100], 32) == ka[:3]  # a partial block is never a key
 
 
-def test_priming_yields_to_a_goal_with_a_deadline(tiny):
-    engine = _engine(tiny, 'snapkv', mb=256)
-    cfg = TimeBillConfig(prefill_chunk=CHUNK, max_new_tokens=4, window_size=16)
-    p = Pipeline(engine, SLOW, cfg, FixedLength(4), learn=False)
-    started, release = threading.Event(), threading.Event()
+def _slow_primes(engine, started, pause):
+    """Make every prime chunk of ``engine`` set ``started`` and ``pause()`` before it runs."""
     real_prefill = engine.prefill
 
-    def slow_prime(*args, **kw):  # each prime chunk waits, so a goal arrives mid-prime
+    def slow_prime(*args, **kw):
         if kw.get('prime'):
             inner = kw['should_stop']
 
             def should_stop(done, elapsed):
                 started.set()
-                release.wait(0.3)
+                pause()
                 return inner(done, elapsed)
 
             kw['should_stop'] = should_stop
         return real_prefill(*args, **kw)
 
     engine.prefill = slow_prime
+
+
+def test_priming_yields_to_a_goal_with_a_deadline(tiny):
+    engine = _engine(tiny, 'snapkv', mb=256)
+    cfg = TimeBillConfig(prefill_chunk=CHUNK, max_new_tokens=4, window_size=16)
+    p = Pipeline(engine, SLOW, cfg, FixedLength(4), learn=False)
+    started, release = threading.Event(), threading.Event()
+    _slow_primes(engine, started, lambda: release.wait(0.3))  # a goal arrives mid-prime
     context = _ids(800, 7)
     fut = p.prime(context, 'scene')
     assert started.wait(10)
@@ -284,20 +289,7 @@ def test_a_prime_released_while_it_runs_holds_nothing(tiny):
     engine = _engine(tiny, 'snapkv', mb=256)
     p = Pipeline(engine, SLOW, TimeBillConfig(prefill_chunk=CHUNK), FixedLength(4), learn=False)
     started = threading.Event()
-    real_prefill = engine.prefill
-
-    def slow_prime(*args, **kw):
-        inner = kw['should_stop']
-
-        def should_stop(done, elapsed):
-            started.set()
-            time.sleep(0.2)
-            return inner(done, elapsed)
-
-        kw['should_stop'] = should_stop
-        return real_prefill(*args, **kw)
-
-    engine.prefill = slow_prime
+    _slow_primes(engine, started, lambda: time.sleep(0.2))
     fut = p.prime(_ids(640, 12), 'gone')
     assert started.wait(10)
     p.release('gone')
