@@ -391,8 +391,8 @@ def _time_warm(engine, grid, held_out, repeats, rng, bar, block, seed) -> List[M
     once into a private cache (the engine's own is neither read nor filled); each sample is its
     first m tokens and a fresh random tail, so exactly m tokens are found cached (the tail's
     blocks, cached by every prefill, never match again and are dropped least recently used).
-    ``Engine.time_prefill(cached=)`` primes afresh for every sample, which at m = 3968 costs more
-    than the sample itself.
+    Priming once matters: priming afresh for every sample would cost more than the sample at
+    m = 3968.
     """
     import torch
 

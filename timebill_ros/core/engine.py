@@ -646,36 +646,22 @@ class Engine:
 
     # ---------------------------------------------------------- calibration
     @torch.inference_mode()
-    def time_prefill(self, n_tokens: int, repeats: int = 3, cached: int = 0) -> List[float]:
+    def time_prefill(self, n_tokens: int, repeats: int = 3) -> List[float]:
         """
-        Time a prefill of ``n_tokens`` (random ids) as requests run it.
+        Time a cold prefill of ``n_tokens`` (random ids) as requests run it.
 
-        Wall time, with score collection on, in chunks of ``prefill_chunk`` tokens. ``cached``:
-        the first that many tokens (rounded down to whole blocks) come from the prefix cache
-        (a private one, so the engine's own cache is neither used nor filled): the warm path.
+        Wall time, with score collection on, in chunks of ``prefill_chunk`` tokens; the prefix
+        cache is neither used nor filled (``calibration`` times warm prefills itself).
         """
         vocab = self.model.config.get_text_config(decoder=True).vocab_size
-        g = torch.Generator().manual_seed(n_tokens * 7919 + cached)
-        own, out = self.prefix_cache, []
-        try:
-            for _ in range(repeats):
-                ids = torch.randint(3, vocab, (n_tokens,), generator=g).tolist()
-                if cached > 0:
-                    block = own.block_tokens if own is not None else 64
-                    self.prefix_cache = PrefixCache(
-                        capacity_mb=1e6, block_tokens=min(block, max(cached, 1))
-                    )
-                    self.prefill(ids[:cached], chunk_tokens=self.prefill_chunk, prime='calibrate')
-                    state = self.prefill(
-                        ids, capacity=n_tokens + 1, chunk_tokens=self.prefill_chunk
-                    )
-                else:
-                    state = self.prefill(
-                        ids, capacity=n_tokens + 1, chunk_tokens=self.prefill_chunk, prefix=False
-                    )
-                out.append(state.prefill_s)
-        finally:
-            self.prefix_cache = own
+        g = torch.Generator().manual_seed(n_tokens)
+        out = []
+        for _ in range(repeats):
+            ids = torch.randint(3, vocab, (n_tokens,), generator=g).tolist()
+            state = self.prefill(
+                ids, capacity=n_tokens + 1, chunk_tokens=self.prefill_chunk, prefix=False
+            )
+            out.append(state.prefill_s)
         return out
 
     @torch.inference_mode()
