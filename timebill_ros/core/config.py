@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 # How a goal that cannot finish by its deadline ends: kill (stopped, no text), truncate (the text
 # so far), skip-next (it runs on; goals that waited meanwhile are skipped). The one spelling.
-OVERRUN_POLICIES = ('kill', 'truncate', 'skip-next')
+OVERRUN_POLICIES = ('kill', 'truncate', 'close', 'skip-next')
 DEFAULT_MODEL = 'smollm2-135m-instruct'
 
 

@@ -30,6 +30,7 @@ from .errors import (
 from .eviction import check_alpha, get_press, n_keep, Press
 from .fast_decode import FastDecoder
 from .prefix_cache import Lease, PrefixCache
+from .structured import Compiled, GrammarError, Grammars
 from .weights import weight_format
 
 
@@ -78,6 +79,9 @@ class GenerationRequest:
     seed: Optional[int] = None
     on_token: Optional[Callable[[int, int, str], None]] = None  # (step, token_id, text_so_far)
     cancel: Optional[threading.Event] = None
+    json_schema: str = ''  # the answer must validate against this JSON schema (text)
+    grammar: str = ''  # or match this Lark grammar
+    compiled: Optional[Compiled] = None  # either, compiled already (Engine.compile_grammar)
 
 
 @dataclass
@@ -109,7 +113,7 @@ class GenerationResult:
     token_ids: List[int]
     completed: bool
     deadline_met: bool
-    stop_reason: str  # eos | max_new_tokens | deadline | cancelled
+    stop_reason: str  # eos | max_new_tokens | deadline | cancelled | closed (a close ended it)
     alpha: float
     kv_before: int
     kv_after: int
@@ -121,6 +125,9 @@ class GenerationResult:
     started_at: float
     finished_at: float
     token_times: List[float] = field(default_factory=list)  # monotonic time each token was ready
+    valid: Optional[bool] = None  # a structured answer's text is whole and matches (None: free)
+    closed_at: Optional[int] = None  # tokens generated when closing began (overrun close)
+    mask_s: float = 0.0  # time spent masking logits with the grammar
 
     @property
     def decode_s(self) -> float:
@@ -170,6 +177,7 @@ class Engine:
         self.decode_step = 'timebill-avx2' if self.fast is not None else 'transformers'
         self.prefill_chunk: Optional[int] = None  # calibration times prefill as requests run it
         self.prefix_cache = prefix_cache
+        self._grammars: Optional[Grammars] = None
 
     @classmethod
     def from_config(cls, cfg: TimeBillConfig) -> 'Engine':
@@ -195,6 +203,7 @@ class Engine:
             n_sink=cfg.n_sink,
         )
         engine.prefill_chunk = cfg.prefill_chunk or None
+        engine.grammars.warm()  # llguidance's token trie: seconds once here, not in a goal
         if cfg.prefix_cache and cfg.prefix_cache_mb > 0:
             engine.prefix_cache = PrefixCache(cfg.prefix_cache_mb, cfg.prefix_block_tokens)
         return engine
@@ -242,6 +251,20 @@ class Engine:
         text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         head = text[: text.index(marker)]
         return list(tok(head, add_special_tokens=False)['input_ids'])
+
+    @property
+    def grammars(self) -> Grammars:
+        """Return the grammar compiler for this tokenizer and vocabulary (built on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise GrammarError('structured answers need the tokenizer')
+            cfg = self.model.config.get_text_config(decoder=True)
+            self._grammars = Grammars(self.tokenizer, cfg.vocab_size, sorted(self.eos_ids))
+        return self._grammars
+
+    def compile_grammar(self, json_schema: str = '', grammar: str = '') -> Optional[Compiled]:
+        """Compile a goal's schema or grammar; ``GrammarError`` says why one does not."""
+        return self.grammars.compile_grammar(json_schema, grammar)
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -535,11 +558,17 @@ class Engine:
         Decode until EOS, max_new_tokens, the deadline or cancellation.
 
         The loop stops *before* a step whose expected finish (last step's duration) lies past
-        the deadline, so an answer is never more than one step late and usually on time.
+        the deadline, so an answer is never more than one step late and usually on time. With
+        a schema or grammar every step's logits are masked to what it allows, and the answer
+        ends the moment it is complete. Under overrun ``close`` the decoder starts closing the
+        structure when the time left covers only the steps that needs (``structured``).
         """
         if not state.evicted:
             state.alpha, state.kv_after = 0.0, state.kv_before
         select = self._sampler(request)
+        compiled = request.compiled or self.compile_grammar(request.json_schema, request.grammar)
+        grammar = self.grammars.constraint(compiled) if compiled is not None else None
+        closes = grammar is not None and request.overrun == 'close'
         max_new = min(request.max_new_tokens, self.max_context - state.n_prompt)
         deadline = request.deadline if request.deadline is not None else math.inf
         cancel = request.cancel
@@ -547,19 +576,32 @@ class Engine:
         tokens: List[int] = []
         times: List[float] = []
         steps: List[float] = []
+        masking = [0.0]
         pos = state.n_prompt
         step = self.stepper(cache)
         stream = TextStream(self.tokenizer) if request.on_token else None
-        tok = select(state.logits)
+
+        def choose(logits: torch.Tensor) -> int:
+            if grammar is None:
+                return select(logits)
+            t0 = time.monotonic()
+            grammar.mask(logits)
+            masking[0] += time.monotonic() - t0
+            tok = select(logits)
+            grammar.accept(tok)
+            return tok
+
+        tok = choose(state.logits.clone() if grammar is not None else state.logits)
         tokens.append(tok)
         times.append(time.monotonic())
         if request.on_token:
             request.on_token(0, tok, stream.add(tok))
         stop = None
-        last_step = 0.0
+        closed_at = None
+        last_step = slow = 0.0
         while stop is None:
-            if tok in self.eos_ids:
-                stop = 'eos'
+            if tok in self.eos_ids or (grammar is not None and grammar.done):
+                stop = 'closed' if closed_at is not None else 'eos'
             elif len(tokens) >= max_new:
                 stop = 'max_new_tokens'
             elif cancel is not None and cancel.is_set():
@@ -568,10 +610,17 @@ class Engine:
                 stop = 'deadline'
             if stop:
                 break
+            if closes and closed_at is None:
+                need = (compiled.close_tokens + 1) * slow
+                room = max_new - len(tokens)
+                if time.monotonic() + need > deadline or room <= compiled.close_tokens:
+                    grammar.closing, closed_at = True, len(tokens)
             t0 = time.monotonic()
-            tok = select(step(tok, pos))
+            tok = choose(step(tok, pos))
             t1 = time.monotonic()
             last_step = t1 - t0
+            # a close plans on the recent worst token period (hooks included), decaying
+            slow = max(slow * 0.9, t1 - times[-1])
             steps.append(last_step)
             pos += 1
             tokens.append(tok)
@@ -580,9 +629,13 @@ class Engine:
                 request.on_token(len(tokens) - 1, tok, stream.add(tok))
         finished = time.monotonic()
         completed = stop in ('eos', 'max_new_tokens')
+        if grammar is not None and stop == 'max_new_tokens' and not grammar.valid:
+            completed = False  # the cap cut a structured answer: not an answer
         deadline_met = completed and finished <= deadline
         text = self.decode_text(tokens)
-        if not completed and (stop == 'cancelled' or request.overrun == 'kill'):
+        if not completed and stop != 'closed' and (
+            stop == 'cancelled' or request.overrun == 'kill'
+        ):
             text = ''
         return GenerationResult(
             text=text,
@@ -601,6 +654,9 @@ class Engine:
             started_at=state.started_at,
             finished_at=finished,
             token_times=times,
+            valid=(grammar.valid and bool(text)) if grammar is not None else None,
+            closed_at=closed_at,
+            mask_s=masking[0],
         )
 
     def stepper(self, cache) -> Callable[[int, int], torch.Tensor]:
@@ -636,6 +692,8 @@ class Engine:
         """Prefill, pick α (fixed, or by ``choose_alpha`` once prefill is done), evict, decode."""
         started = time.monotonic()
         self.check_request(request)
+        if request.compiled is None:  # a bad schema fails before any compute
+            request.compiled = self.compile_grammar(request.json_schema, request.grammar)
         ids = self._request_ids(request)
         cap = min(self.max_context, len(ids) + request.max_new_tokens + 1)
         state = self.prefill(ids, capacity=cap, started_at=started, prefix=False)

@@ -30,6 +30,8 @@ class Outcome:
     text: str = ''
     completed: bool = False
     deadline_met: bool = False
+    valid: bool = False  # the text is a whole answer: matches the goal's schema, or completed
+    structured: bool = False  # the goal had a JSON schema or grammar
     alpha: float = 0.0
     expected_quality: float = -1.0  # the press's measured accuracy at ``alpha`` (-1: no curve)
     alpha_limit: float = -1.0  # the most eviction the goal's quality floor allowed

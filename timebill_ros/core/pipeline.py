@@ -30,13 +30,14 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from .budget import BudgetVerdict, solve_alpha, solve_alpha_after_prefill
-from .config import TimeBillConfig
+from .config import OVERRUN_POLICIES, TimeBillConfig
 from .errors import PrefillStopped
 from .lengths import FixedLength, LengthEstimate, PredictorLength
 from .online_estimator import OnlineTimeModel
 from .outcome import Outcome
 from .quality import curve_for, limit_for, QualityCurve, QualityLimit
 from .scheduler import Admission, admission, EdfQueue, min_job_s, Running
+from .structured import GrammarError
 from .time_estimator import ExecutionTimeModel
 
 MAX_PENDING = 128  # jobs held at once (queued + running); more are refused ("queue full")
@@ -55,7 +56,7 @@ class Job:
     input_ids: List[int]
     deadline: float = math.inf
     max_new_tokens: int = 0  # 0: the config's default
-    overrun: str = ''  # '' = config default; kill | truncate | skip-next
+    overrun: str = ''  # '' = config default; kill | truncate | close | skip-next
     prompt: str = ''
     system_prompt: str = ''
     accepted_at: Optional[float] = None
@@ -73,10 +74,20 @@ class Job:
     n_hat: int = 0
     cached: int = 0  # prompt tokens the prefix cache holds for it (pinned from submit on)
     lease: Optional[Any] = None  # the pin (core.prefix_cache.Lease)
+    json_schema: str = ''  # the answer must validate against this JSON schema (text)
+    grammar: str = ''  # or match this Lark grammar
+    compiled: Optional[Any] = None  # either, compiled at submit (core.structured.Compiled)
 
     @property
     def n_prompt(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def close_tokens(self) -> int:
+        """Return the steps a close may need; the α plan and the WCET count them (0: no close)."""
+        if self.overrun != 'close' or self.compiled is None:
+            return 0
+        return self.compiled.close_tokens
 
 
 @dataclass
@@ -222,12 +233,15 @@ class Pipeline:
         min_quality: float = -1.0,
         max_alpha: float = -1.0,
         cached: int = 0,
+        close_tokens: int = 0,
     ) -> BudgetEstimate:
         """
         EstimateBudget: the α a goal would get now, and whether its worst case is guaranteed.
 
-        ``cached``: prompt tokens the prefix cache holds for it (``cached_for``).
+        ``cached``: prompt tokens the prefix cache holds for it (``cached_for``);
+        ``close_tokens``: the steps a close may add (``Job.close_tokens``), counted in N̂.
         """
+        n_hat = int(n_hat) + int(close_tokens)
         now = self.clock() if now is None else now
         model, cap = self.time_model(), self.n_cap(n_prompt, max_new_tokens)
         adm = self.admission(n_prompt, now + budget_s, now, cached)
@@ -895,7 +909,7 @@ class Pipeline:
             budget_s=job.deadline - job.accepted_at,
             elapsed_s=max(elapsed_s, 0.0),
             n_prompt=job.n_prompt,
-            n_hat=min(n_hat, cap),
+            n_hat=min(n_hat + job.close_tokens, cap),  # a close's steps are part of the answer
             prefill_s=prefill_s,
             k=job.k if job.k is not None else self.cfg.pessimism_k,
             n_max=cap,
@@ -962,6 +976,7 @@ class Pipeline:
                 overrun='truncate' if skip_next else job.overrun,
                 on_token=hook,
                 cancel=job.cancel,
+                compiled=job.compiled,
             ),
         )
         if self.learn:
@@ -975,6 +990,8 @@ class Pipeline:
             res.kv_after,
         )
         out.decode_s = res.decode_s
+        out.valid = bool(res.valid) if res.valid is not None else res.completed
+        out.structured = res.valid is not None
         finished = clock()
         out.deadline_met = res.completed and finished <= job.deadline
         status, reason = classify(
@@ -1011,8 +1028,18 @@ class Pipeline:
                 f"prompt has {job.n_prompt} tokens; the model's context is "
                 f'{self.engine.max_context} (no room to answer)'
             )
-        if job.overrun not in ('kill', 'truncate', 'skip-next'):
-            return f'unknown overrun policy {job.overrun!r}; use kill, truncate or skip-next'
+        if job.overrun not in OVERRUN_POLICIES:
+            return (
+                f'unknown overrun policy {job.overrun!r}; use one of {", ".join(OVERRUN_POLICIES)}'
+            )
+        if job.compiled is None and (job.json_schema or job.grammar):
+            compile_ = getattr(self.engine, 'compile_grammar', None)
+            if compile_ is None:
+                return 'this engine does not take a JSON schema or grammar'
+            try:
+                job.compiled = compile_(job.json_schema, job.grammar)
+            except GrammarError as exc:
+                return f'invalid {"JSON schema" if job.json_schema else "grammar"}: {exc}'
         if math.isnan(job.deadline):
             return 'the deadline is NaN'
         if not job.min_quality <= 1.0:
@@ -1061,7 +1088,16 @@ def classify(
         return 'succeeded', f'finished ({stop_reason}){when}'
     if completed:
         return 'deadline_missed', f'finished ({stop_reason}) {-slack:.3f} s after the deadline'
-    if overrun == 'truncate':
+    if stop_reason == 'closed':
+        return 'truncated', (
+            f'closed early before the deadline: a valid, shorter answer of {tokens} tokens '
+            f'(overrun policy close)'
+        )
+    if stop_reason == 'max_new_tokens':
+        return ('truncated' if overrun in ('truncate', 'close') else 'killed'), (
+            f'the answer reached max_new_tokens ({tokens}) before its schema was complete'
+        )
+    if overrun in ('truncate', 'close'):
         return 'truncated', f'truncated at the deadline after {tokens} tokens'
     return 'killed', f'killed at the deadline after {tokens} tokens (overrun policy kill)'
 
