@@ -76,6 +76,10 @@ class TimeBillConfig:
     # ~45k tokens (five 8k-token scenes); a 7B model's 16-bit KV ~57 KB per token
     prefix_cache_mb: float = 2048.0
     prefix_block_tokens: int = 64  # tokens per cached block (the granularity of a hit)
+    # --- structured answers (core/structured.py) ------------------------------
+    # append the goal's JSON schema to its prompt (core.structured.with_schema): the model and
+    # the length predictor both see the form asked for; the grammar enforces it either way
+    schema_in_prompt: bool = True
     # --- ROS plumbing -----------------------------------------------------
     prefill_chunk: int = (
         256  # prompt tokens per prefill chunk (deadline/cancel checked between); 0 = one pass

@@ -266,6 +266,26 @@ class Constraint:
         return bool(self.matcher.is_accepting() or self.matcher.is_stopped())
 
 
+SCHEMA_HINT = 'Answer with JSON only, matching this JSON schema: '
+
+
+def with_schema(prompt: str, json_schema: str) -> str:
+    """
+    Return the prompt the model and the length predictor see for a schema goal.
+
+    The grammar guarantees the form, but a model writes better content when it is told the
+    form, and the length predictor can only see the request if it is in the text it reads (the
+    schema, an item count). Both get this same text.
+    """
+    if not json_schema:
+        return prompt
+    try:
+        compact = json.dumps(json.loads(json_schema), separators=(',', ':'))
+    except json.JSONDecodeError:
+        compact = json_schema  # the pipeline rejects it with the reason
+    return f'{prompt}\n{SCHEMA_HINT}{compact}'
+
+
 def parse_json(text: str):
     """Return the answer's JSON value, or raise ``ValueError`` with where it breaks."""
     try:
@@ -281,4 +301,5 @@ __all__ = [
     'Grammars',
     'parse_json',
     'schema_depth',
+    'with_schema',
 ]
