@@ -50,7 +50,7 @@ def test_ci_degenerate_cases():
 
 
 def test_summarize_carries_cis():
-    jobs = [P.Job(str(i), 1.0 + i % 2 * 9, True, 0.1 * (i % 10)) for i in range(20)]
+    jobs = [P.Trace(str(i), 1.0 + i % 2 * 9, True, 0.1 * (i % 10)) for i in range(20)]
     out = P.run_kill(jobs, 5.0)  # every other job (10 s) misses the 5 s deadline
     s = P.summarize(out)
     assert s['completion_rate'] == 0.5
@@ -78,7 +78,7 @@ BUDGETS = [2.0, 5.0, 12.0]
 def _jobs(finish, score, spread=0.1):
     """N prompts with the same run time and scores spread around ``score``."""
     return [
-        P.Job(f't{i}', finish, True, min(1.0, max(0.0, score + spread * math.sin(i))))
+        P.Trace(f't{i}', finish, True, min(1.0, max(0.0, score + spread * math.sin(i))))
         for i in range(N)
     ]
 

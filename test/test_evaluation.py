@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _jobs():
     # durations 3, 7, 2, 5 s; scores 0.1, 0.2, 0.3, 0.4; job 1 produced a token every 1.4 s
     return [
-        P.Job('a', 3.0, True, 0.1),
-        P.Job(
+        P.Trace('a', 3.0, True, 0.1),
+        P.Trace(
             'b',
             7.0,
             True,
@@ -24,14 +24,14 @@ def _jobs():
             token_times_s=[1.4, 2.8, 4.2, 5.6, 7.0],
             partial_score=lambda t: t / 10,
         ),
-        P.Job('c', 2.0, True, 0.3),
-        P.Job('d', 5.0, True, 0.4, token_times_s=[4.5, 5.0]),
+        P.Trace('c', 2.0, True, 0.3),
+        P.Trace('d', 5.0, True, 0.4, token_times_s=[4.5, 5.0]),
     ]
 
 
 def test_kill_by_hand():
     out = P.run_kill(_jobs(), 4.0)
-    assert [o.status for o in out] == ['completed', 'killed', 'completed', 'killed']
+    assert [o.status for o in out] == ['succeeded', 'killed', 'succeeded', 'killed']
     assert [o.release_s for o in out] == [0, 4, 8, 12]
     assert [o.score for o in out] == [0.1, 0.0, 0.3, 0.0]
     assert [o.late_s for o in out] == [0.0, 3.0, 0.0, 1.0]  # how long they would have run on
@@ -44,7 +44,7 @@ def test_skip_next_by_hand():
     # releases 0, 4, 8, 12: b runs 4 → 11 (late 3, scored), c released at 8 < 11 is skipped,
     # d released at 12 ≥ 11 runs 12 → 17 (late 1, scored)
     out = P.run_skip_next(_jobs(), 4.0)
-    assert [o.status for o in out] == ['completed', 'late', 'skipped', 'late']
+    assert [o.status for o in out] == ['succeeded', 'deadline_missed', 'rejected', 'deadline_missed']
     assert [o.score for o in out] == [0.1, 0.2, 0.0, 0.4]
     assert [o.late_s for o in out] == [0.0, 3.0, 0.0, 1.0]
     s = P.summarize(out)
@@ -53,7 +53,7 @@ def test_skip_next_by_hand():
 
 def test_truncate_by_hand():
     out = P.run_truncate(_jobs(), 4.0)
-    assert [o.status for o in out] == ['completed', 'truncated', 'completed', 'empty']
+    assert [o.status for o in out] == ['succeeded', 'truncated', 'succeeded', 'killed']
     # partial_score(4.0): text of the 2 tokens ready by 4 s
     assert out[1].score == pytest.approx(0.4)
     assert out[1].finish_s == 2.8 and out[3].score == 0.0  # d had no token by the deadline
@@ -61,9 +61,10 @@ def test_truncate_by_hand():
 
 
 def test_a_job_stopped_early_never_counts_as_completed():
-    job = P.Job('x', 1.0, False, 0.9)
+    job = P.Trace('x', 1.0, False, 0.9, stop_reason='max_new_tokens')
     assert not P.run_kill([job], 5.0)[0].completed
-    assert P.run_skip_next([job], 5.0)[0].status == 'late'
+    out = P.run_skip_next([job], 5.0)[0]
+    assert out.status == 'killed' and out.score == 0.0 and 'max_new_tokens' in out.reason
 
 
 def test_policies():
@@ -75,6 +76,7 @@ def test_policies():
         'alpha=0.75',
         'alpha=0.95',
         'truncate',
+        'close',
         'timebill',
         'timebill+replan',
     ]
@@ -82,6 +84,7 @@ def test_policies():
     assert P.parse_policy('alpha=0.5') == P.fixed(0.5) and P.parse_policy('0') == P.vanilla()
     assert P.parse_policy('timebill:k=3').k == 3.0 and P.parse_policy('timebill').budget_dependent
     assert P.truncate().overruns == ('truncate',) and P.vanilla().overruns == ('kill', 'skip-next')
+    assert P.parse_policy('close').overruns == ('close',) and P.close().budget_dependent
     with pytest.raises(ValueError):
         P.parse_policy('alpha=1.2')
     with pytest.raises(ValueError):

@@ -283,18 +283,21 @@ def served_errors(
     kv_after: int,
     prefill_s: float,
     decode_step_s: Sequence[float],
+    cached: int = 0,
 ) -> dict:
     """
     Estimator error on one served request (from a GenerationResult's recorded timings).
 
-    Step j (0-based) of the engine's decode list read ``kv_after + j`` cached entries.
+    Step j (0-based) of the engine's decode list read ``kv_after + j`` cached entries;
+    ``cached`` prompt tokens came from the prefix cache (a warm prefill).
     """
     steps = np.asarray(decode_step_s, dtype=float)
     pred_steps = model.p * (kv_after + np.arange(steps.size)) + model.q
+    pred_prefill = model.prefill_s(n_prompt, cached)
     out = {
-        'prefill_pred_s': model.prefill_s(n_prompt),
+        'prefill_pred_s': pred_prefill,
         'prefill_s': float(prefill_s),
-        'prefill_ape': abs(model.prefill_s(n_prompt) - prefill_s) / prefill_s * 100.0
+        'prefill_ape': abs(pred_prefill - prefill_s) / prefill_s * 100.0
         if prefill_s > 0
         else math.nan,
         'decode_pred_s': float(pred_steps.sum()),

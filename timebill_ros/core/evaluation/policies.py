@@ -6,6 +6,8 @@ Policies choose the KV eviction ratio α for one request:
 - ``alpha=<a>``    a fixed α (the paper's fixed-ratio baselines);
 - ``truncate``     α = 0, stopped at the deadline and the partial text kept
                  (``generate(max_time=…)``);
+- ``close``        α = 0, overrun policy close: near the deadline a structured answer is
+                 closed (open strings, arrays, objects) into a valid shorter one;
 - ``timebill``     α from the solver: smallest α whose WCET (k·N̂ tokens) fits the budget.
 
 Overrun strategies decide what a late job does to a sequence of jobs released every T seconds
@@ -15,6 +17,11 @@ Overrun strategies decide what a late job does to a sequence of jobs released ev
 - ``skip-next``  the late job runs to the end and delivers its answer late (scored, but not
                  counted as completed); every job released while it runs is skipped (score 0).
 A job is *completed* when it finished (EOS or max_new_tokens) by its deadline, under both.
+
+Each run is measured once and judged for every budget from its token times, with the
+pipeline's own rules and status names (``pipeline.classify``: succeeded, truncated, killed,
+deadline_missed; a goal skip-next skips is rejected, as the pipeline does). Runs whose outcome
+depends on the deadline itself (TimeBill's α, re-planning, close) are made at that deadline.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ FIXED_ALPHAS = (0.25, 0.5, 0.75, 0.95)
 @dataclass(frozen=True)
 class Policy:
     name: str
-    kind: str  # fixed | truncate | timebill
+    kind: str  # fixed | truncate | close | timebill
     alpha: float = 0.0  # fixed and truncate
     k: float = 5.0  # timebill
     alpha_max: float = 0.95  # timebill
@@ -41,16 +48,17 @@ class Policy:
 
     @property
     def budget_dependent(self) -> bool:
-        """Only TimeBill's α depends on the budget; the others run once per prompt."""
-        return self.kind == 'timebill'
+        """Tell whether a run depends on the budget (TimeBill's α, close): one run per budget."""
+        return self.kind in ('timebill', 'close')
 
     @property
     def overruns(self) -> tuple:
-        """List the overrun strategies; truncation has none: it stops at the deadline."""
-        return ('truncate',) if self.kind == 'truncate' else OVERRUNS
+        """List the overrun strategies; truncate and close are their own (at the deadline)."""
+        return (self.kind,) if self.kind in ('truncate', 'close') else OVERRUNS
 
     def label(self, overrun: str = '') -> str:
-        return self.name if not overrun or overrun == 'truncate' else f'{self.name}/{overrun}'
+        own = not overrun or overrun in ('truncate', 'close')
+        return self.name if own else f'{self.name}/{overrun}'
 
 
 def vanilla() -> Policy:
@@ -65,6 +73,11 @@ def fixed(alpha: float) -> Policy:
 
 def truncate() -> Policy:
     return Policy('truncate', 'truncate', 0.0)
+
+
+def close() -> Policy:
+    """Return α = 0 with overrun close: a structured answer is closed valid at the deadline."""
+    return Policy('close', 'close', 0.0)
 
 
 def timebill(k: float = 5.0, alpha_max: float = 0.95) -> Policy:
@@ -91,13 +104,14 @@ def standard_policies(
     """
     Return the issue's line-up of policies.
 
-    Vanilla, fixed α ∈ {0.25, 0.5, 0.75, 0.95}, truncate, TimeBill, and TimeBill with re-planning
-    during decode.
+    Vanilla, fixed α ∈ {0.25, 0.5, 0.75, 0.95}, truncate, close, TimeBill, and TimeBill with
+    re-planning during decode.
     """
     return [
         vanilla(),
         *(fixed(a) for a in alphas),
         truncate(),
+        close(),
         timebill(k, alpha_max),
         timebill_replan(k, alpha_max),
     ]
@@ -110,6 +124,8 @@ def parse_policy(text: str) -> Policy:
         return vanilla()
     if t == 'truncate':
         return truncate()
+    if t == 'close':
+        return close()
     if t == 'timebill+replan':
         return timebill_replan()
     if t.startswith('timebill'):
@@ -125,29 +141,41 @@ def parse_policy(text: str) -> Policy:
 
 # ------------------------------------------------------------------------------ job sequences
 @dataclass
-class Job:
-    """One request's run under one policy, measured once to the end (seconds from its release)."""
+class Trace:
+    """
+    One request's measured run under one policy, to the end (seconds from its release).
+
+    A run is measured once and judged for every budget from its token times; the status each
+    budget gives is the one the generator's pipeline would report (``pipeline.classify``), so
+    the benchmark and the node share one set of rules and status names.
+    """
 
     task_id: str
     finish_s: float  # when its last token was ready (prefill + eviction + decode)
-    completed: bool  # stopped at EOS or max_new_tokens (not cut short)
+    completed: bool  # stopped at EOS or max_new_tokens with a whole answer (not cut short)
     score: float  # score of the full answer
     first_token_s: float = 0.0
     token_times_s: List[float] = field(default_factory=list)
     partial_score: Optional[Callable[[float], float]] = (
         None  # score of the text ready by t (truncate)
     )
+    stop_reason: str = ''  # the engine's: eos | max_new_tokens | deadline | closed
+    valid: Optional[bool] = None  # structured answers: the whole answer matches its schema
+    partial_valid: Optional[Callable[[float], bool]] = None  # ... the text ready by t
+    status: str = ''  # a run judged at its own deadline (close): the pipeline's status
 
 
 @dataclass
 class JobOutcome:
     task_id: str
     release_s: float
-    status: str  # completed | killed | late | skipped | truncated | empty
+    status: str  # the pipeline's: succeeded | truncated | killed | deadline_missed | rejected
     completed: bool  # finished by its deadline
     score: float
     finish_s: float = math.nan  # relative to release; NaN if never started
     late_s: float = 0.0  # how far past the deadline it ran / would have run
+    valid: Optional[bool] = None  # structured: the answer delivered parses and matches
+    reason: str = ''
 
     def to_dict(self) -> dict:
         return {
@@ -156,86 +184,91 @@ class JobOutcome:
         }
 
 
-def run_kill(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
-    """Every job starts at its release; a late one is stopped at its deadline and scores 0."""
-    out = []
-    for i, j in enumerate(jobs):
-        on_time = j.completed and j.finish_s <= budget_s
-        out.append(
-            JobOutcome(
-                j.task_id,
-                i * budget_s,
-                'completed' if on_time else 'killed',
-                on_time,
-                j.score if on_time else 0.0,
-                j.finish_s if on_time else budget_s,
-                0.0 if on_time else j.finish_s - budget_s,
-            )
+def _judge(t: Trace, release: float, budget_s: float, overrun: str) -> JobOutcome:
+    """Judge one trace at one deadline by the pipeline's rules (``classify``)."""
+    from ..pipeline import classify
+
+    on_time = t.completed and t.finish_s <= budget_s
+    if on_time or overrun == 'skip-next':  # skip-next runs on to the end
+        status, reason = classify(
+            t.stop_reason or ('eos' if t.completed else 'deadline'),
+            t.completed,
+            t.finish_s,
+            budget_s,
+            overrun,
+            len(t.token_times_s),
         )
-    return out
+        answered = status in ('succeeded', 'deadline_missed')
+        return JobOutcome(
+            t.task_id, release, status, on_time, t.score if answered else 0.0, t.finish_s,
+            max(t.finish_s - budget_s, 0.0), t.valid if answered else None, reason,
+        )
+    ready = [x for x in t.token_times_s if x <= budget_s]
+    if overrun == 'truncate' and ready:
+        status, reason = classify('deadline', False, budget_s, budget_s, 'truncate', len(ready))
+        return JobOutcome(
+            t.task_id, release, status, False,
+            t.partial_score(budget_s) if t.partial_score else 0.0, ready[-1],
+            t.finish_s - budget_s, t.partial_valid(budget_s) if t.partial_valid else None,
+            reason,
+        )
+    status, reason = classify('deadline', False, budget_s, budget_s, 'kill', len(ready))
+    return JobOutcome(
+        t.task_id, release, status, False, 0.0, budget_s, t.finish_s - budget_s, None, reason
+    )
 
 
-def run_skip_next(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
-    """Let a late job run on and score it; jobs released before it ends are skipped (score 0)."""
+def run_kill(traces: Sequence[Trace], budget_s: float) -> List[JobOutcome]:
+    """Every job starts at its release; a late one is stopped at its deadline and scores 0."""
+    return [_judge(t, i * budget_s, budget_s, 'kill') for i, t in enumerate(traces)]
+
+
+def run_skip_next(traces: Sequence[Trace], budget_s: float) -> List[JobOutcome]:
+    """Let a late job run on and score it; jobs released before it ends are rejected unrun."""
     out: List[JobOutcome] = []
     busy_until = 0.0
-    for i, j in enumerate(jobs):
+    for i, t in enumerate(traces):
         release = i * budget_s
-        if release < busy_until - 1e-12:
-            out.append(JobOutcome(j.task_id, release, 'skipped', False, 0.0))
+        if release < busy_until - 1e-12:  # the pipeline's skip-next drains the queue
+            out.append(JobOutcome(
+                t.task_id, release, 'rejected', False, 0.0,
+                reason='skipped: the goal before it overran its deadline (overrun skip-next)',
+            ))
             continue
-        on_time = j.completed and j.finish_s <= budget_s
-        busy_until = release + j.finish_s
-        out.append(
-            JobOutcome(
-                j.task_id,
-                release,
-                'completed' if on_time else 'late',
-                on_time,
-                j.score,
-                j.finish_s,
-                max(j.finish_s - budget_s, 0.0),
-            )
-        )
+        busy_until = release + t.finish_s
+        out.append(_judge(t, release, budget_s, 'skip-next'))
     return out
 
 
-def run_truncate(jobs: Sequence[Job], budget_s: float) -> List[JobOutcome]:
-    """Stop decoding at the deadline; whatever text is ready is the answer."""
+def run_truncate(traces: Sequence[Trace], budget_s: float) -> List[JobOutcome]:
+    """Stop decoding at the deadline; whatever text is ready is the answer (none: killed)."""
+    return [_judge(t, i * budget_s, budget_s, 'truncate') for i, t in enumerate(traces)]
+
+
+def run_own_deadline(traces: Sequence[Trace], budget_s: float) -> List[JobOutcome]:
+    """Take runs made at this very deadline (overrun close) with the status the pipeline gave."""
     out = []
-    for i, j in enumerate(jobs):
-        if j.completed and j.finish_s <= budget_s:
-            out.append(JobOutcome(j.task_id, i * budget_s, 'completed', True, j.score, j.finish_s))
-            continue
-        ready = [t for t in j.token_times_s if t <= budget_s]
-        if not ready:  # prefill alone ran past the deadline: nothing to show
-            out.append(
-                JobOutcome(
-                    j.task_id, i * budget_s, 'empty', False, 0.0, budget_s, j.finish_s - budget_s
-                )
-            )
-            continue
-        score = j.partial_score(budget_s) if j.partial_score else 0.0
-        out.append(
-            JobOutcome(
-                j.task_id,
-                i * budget_s,
-                'truncated',
-                False,
-                score,
-                ready[-1],
-                j.finish_s - budget_s,
-            )
-        )
+    for i, t in enumerate(traces):
+        answered = t.status in ('succeeded', 'truncated', 'deadline_missed')
+        out.append(JobOutcome(
+            t.task_id, i * budget_s, t.status, t.status == 'succeeded',
+            t.score if answered else 0.0, t.finish_s, max(t.finish_s - budget_s, 0.0),
+            t.valid if answered else None,
+        ))
     return out
 
 
-RUNNERS = {'kill': run_kill, 'skip-next': run_skip_next, 'truncate': run_truncate}
+RUNNERS = {
+    'kill': run_kill,
+    'skip-next': run_skip_next,
+    'truncate': run_truncate,
+    'close': run_own_deadline,
+}
 
 
-def simulate(jobs: Sequence[Job], budget_s: float, overrun: str) -> List[JobOutcome]:
+def simulate(traces: Sequence[Trace], budget_s: float, overrun: str) -> List[JobOutcome]:
     try:
-        return RUNNERS[overrun](jobs, budget_s)
+        return RUNNERS[overrun](traces, budget_s)
     except KeyError:
         raise ValueError(
             f'unknown overrun strategy {overrun!r}; use one of {sorted(RUNNERS)}'
@@ -295,8 +328,14 @@ def summarize(outcomes: Sequence[JobOutcome]) -> dict:
     counts = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
+    answered = [o for o in outcomes if o.valid is not None]
     return {
         'jobs': n,
+        # structured answers: of the answers delivered, how many parse and match the schema
+        'valid_rate': (
+            sum(bool(o.valid) for o in answered) / len(answered) if answered else math.nan
+        ),
+        'answered': len(answered),
         'completion_rate': sum(o.completed for o in outcomes) / n if n else math.nan,
         'avg_score': sum(o.score for o in outcomes) / n if n else math.nan,
         **outcome_cis([o.completed for o in outcomes], [o.score for o in outcomes]),

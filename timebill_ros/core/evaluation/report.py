@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .policies import CI_LEVEL, CI_RESAMPLES, outcome_cis
 
 OVERRUN_TITLES = {'kill': 'Kill', 'skip-next': 'Skip-Next'}
+OWN_DEADLINE = ('truncate', 'close')  # policies that act at the deadline (no Kill/Skip-Next)
 CI_NOTE = (
     f'Brackets: {100 * CI_LEVEL:.0f} % confidence intervals, a percentile bootstrap over the '
     f'prompts ({CI_RESAMPLES} resamples of the jobs in a row, fixed seed). Jobs in one row are '
@@ -49,10 +50,10 @@ def write_json(data: dict, path: Path) -> Path:
 
 
 def _rows(table: List[dict], overrun: str) -> Dict[str, Dict[float, dict]]:
-    """Policy -> budget -> row, for one overrun strategy (truncate shows up under both)."""
+    """Policy -> budget -> row, for one overrun strategy (truncate and close show under both)."""
     out: Dict[str, Dict[float, dict]] = {}
     for row in table:
-        if row['overrun'] in (overrun, 'truncate'):
+        if row['overrun'] in (overrun, 'truncate', 'close'):
             out.setdefault(row['policy'], {})[row['budget_s']] = row
     return out
 
@@ -199,6 +200,30 @@ def _verdict_lines(d: dict) -> List[str]:
     return lines
 
 
+def _valid_lines(d: dict) -> List[str]:
+    """Schema-valid share of the answers delivered, per policy and budget (structured tasks)."""
+    rows = _rows(d['table'], 'kill')
+    if not any(r.get('answered') for by_b in rows.values() for r in by_b.values()):
+        return []
+    lines = [
+        '### Schema-valid answers (Kill; truncate and close at the deadline)',
+        '',
+        'Of the answers a planner received (succeeded or truncated), the share that parses as '
+        'JSON matching the schema; in brackets how many answers there were.',
+        '',
+        '| policy | ' + ' | '.join(f'T={b:g}s' for b in d['budgets_s']) + ' |',
+        '|---|' + '---|' * len(d['budgets_s']),
+    ]
+    for pol, by_b in rows.items():
+        cells = []
+        for b in d['budgets_s']:
+            r = by_b.get(b)
+            n = r.get('answered', 0) if r else 0
+            cells.append(f'{_pct(r["valid_rate"])} ({n})' if n else '– (0)')
+        lines.append(f'| {pol} | ' + ' | '.join(cells) + ' |')
+    return lines + ['']
+
+
 # ------------------------------------------------------------------------------------ markdown
 def markdown(results: dict) -> str:
     add_cis(results)
@@ -233,7 +258,9 @@ def markdown(results: dict) -> str:
         'Completion = finished (EOS or max_new_tokens) by the deadline. Jobs are released every T '
         's in a fixed order; Kill stops a late job (score 0), Skip-Next lets it finish (its '
         'answer is scored, not completed) and skips the jobs released meanwhile; truncate '
-        'keeps the text ready at the deadline. Cells: completion rate / average score.',
+        'keeps the text ready at the deadline; close (structured answers) closes the open '
+        'structure before the deadline and keeps a valid, shorter answer. Statuses are the '
+        "generator pipeline's own. Cells: completion rate / average score.",
         '',
         CI_NOTE,
         '',
@@ -258,6 +285,7 @@ def markdown(results: dict) -> str:
                 cells = [_cell(by_b[b]) if b in by_b else '–' for b in budgets]
                 lines.append(f'| {pol} | ' + ' | '.join(cells) + ' |')
             lines.append('')
+        lines += _valid_lines(d)
         lines += _verdict_lines(d)
         tb = [
             r for r in d['table'] if r['policy'].startswith('timebill') and r['overrun'] == 'kill'
@@ -279,7 +307,7 @@ def markdown(results: dict) -> str:
         ]
         for ov in ('kill', 'skip-next'):
             for pol, by_b in _rows(d['table'], ov).items():
-                if pol == 'truncate' and ov != 'kill':
+                if pol in OWN_DEADLINE and ov != 'kill':
                     continue
                 cells = []
                 for b in budgets:
@@ -290,7 +318,7 @@ def markdown(results: dict) -> str:
                         else f'{r["late_count"]}: med {r["late_s_median"]:.1f}, '
                         f'max {r["late_s_max"]:.1f}'
                     )
-                label = pol if pol == 'truncate' else f'{pol} / {OVERRUN_TITLES[ov]}'
+                label = pol if pol in OWN_DEADLINE else f'{pol} / {OVERRUN_TITLES[ov]}'
                 lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
         lines.append('')
         if d.get('k_sweep'):
@@ -360,6 +388,8 @@ def _style(policy: str):
         return {'color': 'black', 'marker': 'o'}
     if policy == 'truncate':
         return {'color': 'grey', 'marker': 'x', 'linestyle': '--'}
+    if policy == 'close':
+        return {'color': 'tab:brown', 'marker': 'P', 'linestyle': '--'}
     if policy.startswith('timebill'):
         return {'color': 'tab:red', 'marker': '*', 'markersize': 10, 'linewidth': 2.2}
     palette = {
@@ -465,7 +495,7 @@ def figures(results: dict, out_dir: Path) -> List[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
         for col, ov in enumerate(('kill', 'skip-next')):
             for pol, by_b in _rows(d['table'], ov).items():
-                if pol == 'truncate':
+                if pol in OWN_DEADLINE:
                     continue
                 bs = sorted(by_b)
                 axes[col].plot(

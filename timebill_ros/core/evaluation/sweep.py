@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .policies import Job, Policy, simulate, standard_policies, summarize, timebill
+from .policies import Policy, simulate, standard_policies, summarize, timebill, Trace
 from .scoring import score as score_answer
 from .tasks import Task
 
@@ -43,6 +43,9 @@ class Run:
     stop_reason: str
     text: str
     score: float
+    valid: Optional[bool] = None  # structured: the whole answer parses and matches
+    status: str = ''  # runs made at a deadline (close): the pipeline's status there
+    closed_at: Optional[int] = None  # close: tokens when closing began
 
     @property
     def n_tokens(self) -> int:
@@ -56,6 +59,9 @@ class Run:
             'tokens': self.n_tokens,
             'stop_reason': self.stop_reason,
             'score': self.score,
+            'valid': self.valid,
+            'status': self.status,
+            'closed_at': self.closed_at,
             'evict_s': self.evict_s,
             'decode_s': sum(steps),
             'step_s_median': statistics.median(steps) if steps else 0.0,
@@ -78,7 +84,9 @@ class PromptResult:
     timebill_alpha: Dict[str, float] = field(default_factory=dict)  # "k|budget" -> alpha
     # "k|budget" -> run that re-planned to that deadline
     replan_runs: Dict[str, Run] = field(default_factory=dict)
+    close_runs: Dict[str, Run] = field(default_factory=dict)  # "budget" -> run closed at it
     verdicts: Dict[str, dict] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
 
 
 @dataclass
@@ -118,19 +126,61 @@ class Sweeper:
         # the generator node's pipeline, without online learning: every policy sees the same model
         config = (config or TimeBillConfig()).replace(alpha_max=cfg.alpha_max)
         self.pipeline = Pipeline(engine, time_model, config, learn=False)
+        self._compiled: Dict[str, object] = {}
 
     def _job(self, res_or_task, **kw):
         from ..pipeline import Job
 
         task = getattr(res_or_task, 'task', res_or_task)
-        return Job(
+        job = Job(
             request_id=task.id,
             input_ids=list(getattr(res_or_task, 'input_ids', [0])),
             prompt=task.prompt,
             max_new_tokens=task.max_new_tokens,
             min_quality=0.0,  # the paper's TimeBill: any α up to α_max, no quality floor
+            json_schema=schema_of(task),
             **kw,
         )
+        if job.json_schema:  # compiled once per task, as the pipeline does at submit
+            if task.id not in self._compiled:
+                self._compiled[task.id] = self.engine.compile_grammar(job.json_schema)
+            job.compiled = self._compiled[task.id]
+        return job
+
+    def prompt_of(self, task: Task) -> str:
+        """Return the prompt the generator encodes (the schema appended, as the node does)."""
+        from ..structured import with_schema
+
+        if self.pipeline.cfg.schema_in_prompt:
+            return with_schema(task.prompt, schema_of(task))
+        return task.prompt
+
+    def prime(self, tasks: Sequence[Task]) -> Dict[str, int]:
+        """
+        Prime each shared context (a robot's standing scene) once, as a planner would.
+
+        Its questions then prefill warm from the prefix cache. Returns scene id -> cached tokens.
+        """
+        done: Dict[str, int] = {}
+        for t in tasks:
+            scene = t.meta.get('scene_id')
+            context = t.meta.get('context')
+            if not scene or not context or scene in done:
+                continue
+            ids = self.engine.encode_prefix(context, t.system_prompt or None)
+            t0 = time.monotonic()
+            res = self.pipeline.prime(ids, scene).result()
+            done[scene] = res.cached_tokens
+            self.log(
+                f'[eval] primed scene {scene}: {res.cached_tokens} of {res.context_tokens} tokens '
+                f'cached in {time.monotonic() - t0:.1f}s'
+            )
+        return done
+
+    def cached_of(self, task: Task) -> int:
+        """Prompt tokens of ``task`` the prefix cache holds now."""
+        return self.pipeline.cached_for(self.engine.encode(self.prompt_of(task),
+                                                           task.system_prompt or None))
 
     # -- one prompt -------------------------------------------------------------------
     def measure(self, task: Task) -> PromptResult:
@@ -138,14 +188,14 @@ class Sweeper:
         from ..outcome import Outcome
 
         eng = self.engine
-        ids = eng.encode(task.prompt, task.system_prompt or None)
+        ids = eng.encode(self.prompt_of(task), task.system_prompt or None)
         job = self._job(task, accepted_at=time.monotonic())
         job.input_ids = ids
         # chunked, exactly as the node runs it
         base = self.pipeline.prefill(job, Outcome(status=''))
         t0 = time.monotonic()
         # as the predictor node does: text, N̂ capped below
-        pred = self.predictor.predict(task.prompt)
+        pred = self.predictor.predict(self.prompt_of(task))
         predict_s = time.monotonic() - t0
         # the server caps N̂ the same way
         n_hat = min(float(pred.n_hat), float(task.max_new_tokens))
@@ -157,6 +207,7 @@ class Sweeper:
             n_hat=n_hat,
             predict_s=float(getattr(pred, 'latency_s', predict_s) or predict_s),
             predictor_source=str(getattr(pred, 'source', 'model')),
+            cached_tokens=int(getattr(base, 'cached_tokens', 0)),
         )
 
         def run(alpha: float) -> Run:
@@ -173,7 +224,9 @@ class Sweeper:
             if pol.budget_dependent:
                 for b in self.cfg.budgets[group]:
                     # its run depends on the deadline itself: one real run per budget
-                    if pol.replan:
+                    if pol.kind == 'close':
+                        res.close_runs[_key(pol, b)] = self._close_run(res, base, b, run(0.0))
+                    elif pol.replan:
                         res.replan_runs[_key(pol, b)] = self._decode(
                             base,
                             task,
@@ -193,7 +246,21 @@ class Sweeper:
         b = self.cfg.budgets[group]
         return b[len(b) // 2]
 
-    def _decode(self, base, task: Task, alpha: float, replan=None) -> Run:
+    def _close_run(self, res: PromptResult, base, budget_s: float, vanilla: Run) -> Run:
+        """
+        Run overrun close at this budget's deadline (the vanilla run, where it ends in time).
+
+        Closing depends on the deadline itself, so a run that vanilla does not finish in time is
+        made again at that deadline, and keeps the status the pipeline gives it there.
+        """
+        import dataclasses
+
+        finish = res.prefill_s + (vanilla.token_offsets_s[-1] if vanilla.token_offsets_s else 0)
+        if vanilla.stop_reason in ('eos', 'max_new_tokens') and finish <= 0.9 * budget_s:
+            return dataclasses.replace(vanilla, status='succeeded')
+        return self._decode(base, res.task, 0.0, close=(res, budget_s))
+
+    def _decode(self, base, task: Task, alpha: float, replan=None, close=None) -> Run:
         """
         Decode to the end through the pipeline's decode stage.
 
@@ -216,15 +283,26 @@ class Sweeper:
                 accepted_at=t0,
                 replan=True,
             )
+        elif close is not None:
+            res, budget = close
+            job = self._job(
+                res, deadline=t0 + budget - res.prefill_s, accepted_at=t0, alpha=0.0,
+                replan=False, overrun='close',
+            )
         else:
             job = self._job(task, alpha=alpha, replan=False, accepted_at=t0)
         job.input_ids = list(base.input_ids)
-        out = self.pipeline.decode(
-            job, state, Outcome(status=''), n_hat, self.pipeline.n_cap(job), stop_at_deadline=False
-        ).result
+        served = self.pipeline.decode(
+            job, state, Outcome(status=''), n_hat, self.pipeline.n_cap(job),
+            stop_at_deadline=close is not None,
+        )
+        out = served.result
         offsets = [t - t0 for t in out.token_times]
         text = out.text
         return Run(
+            valid=out.valid,
+            status=served.status if close is not None else '',
+            closed_at=out.closed_at,
             alpha=out.alpha,
             kv_after=out.kv_after,
             evict_s=out.evict_s,
@@ -260,33 +338,43 @@ class Sweeper:
         }
         return alpha
 
-    # -- jobs -------------------------------------------------------------------------
-    def job(
+    # -- traces -----------------------------------------------------------------------
+    def trace(
         self, res: PromptResult, alpha: float, timebill_policy: bool, run: Optional[Run] = None
-    ) -> Job:
+    ) -> Trace:
+        """Put one run on the request's timeline: what each budget is judged from."""
         from ..eviction import n_keep
 
         r = run if run is not None else res.runs[n_keep(res.n_prompt, alpha)]
         start = (self.wait_s(res) if timebill_policy else res.prefill_s) + r.evict_s
         times = [start + t for t in r.token_offsets_s]
         task, eng = res.task, self.engine
+        structured = bool(schema_of(task))
 
-        def partial(t: float, _r=r, _times=times) -> float:
+        def partial_text(t: float, _r=r, _times=times) -> str:
             n = sum(1 for x in _times if x <= t)
-            return (
-                score_answer(task.metric, eng.decode_text(_r.token_ids[:n]), task.references)
-                if n
-                else 0.0
-            )
+            return eng.decode_text(_r.token_ids[:n]) if n else ''
 
-        return Job(
+        def partial(t: float) -> float:
+            text = partial_text(t)
+            return score_answer(task.metric, text, task.references) if text else 0.0
+
+        def partial_valid(t: float) -> Optional[bool]:
+            return json_valid(partial_text(t)) if structured else None
+
+        completed = r.stop_reason in ('eos', 'max_new_tokens') and r.valid is not False
+        return Trace(
             task_id=task.id,
             finish_s=times[-1] if times else start,
-            completed=r.stop_reason in ('eos', 'max_new_tokens'),
+            completed=completed or r.status == 'succeeded',
             score=r.score,
             first_token_s=times[0] if times else start,
             token_times_s=times,
             partial_score=partial,
+            stop_reason=r.stop_reason,
+            valid=r.valid,
+            partial_valid=partial_valid,
+            status=r.status,
         )
 
 
@@ -295,19 +383,38 @@ def _key(pol: Policy, budget_s: float) -> str:
     return f'{pol.k:g}|{budget_s:.6f}'
 
 
+def schema_of(task: Task) -> str:
+    """Return the JSON schema a task's answer must match ('' for free text)."""
+    return str(task.meta.get('json_schema') or '')
+
+
+def json_valid(text: str) -> bool:
+    """Tell whether ``text`` parses as JSON (the grammar guarantees the rest of the schema)."""
+    import json
+
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return bool(text.strip())
+
+
 def policy_jobs(
     sweeper: Sweeper, results: Sequence[PromptResult], pol: Policy, budget_s: float
-) -> List[Job]:
-    jobs = []
+) -> List[Trace]:
+    traces = []
     for res in results:
+        if pol.kind == 'close':
+            traces.append(sweeper.trace(res, 0.0, False, res.close_runs[_key(pol, budget_s)]))
+            continue
         alpha = (
             sweeper.timebill_alpha(res, budget_s, pol.k, pol.alpha_max)
             if pol.budget_dependent
             else pol.alpha
         )
         run = res.replan_runs[_key(pol, budget_s)] if pol.replan else None
-        jobs.append(sweeper.job(res, alpha, pol.budget_dependent, run))
-    return jobs
+        traces.append(sweeper.trace(res, alpha, pol.budget_dependent, run))
+    return traces
 
 
 def evaluate(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
@@ -336,7 +443,7 @@ def evaluate(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
                         **summarize(outcomes),
                         'outcomes': [o.to_dict() for o in outcomes],
                     }
-                    if pol.budget_dependent:
+                    if pol.kind == 'timebill':
                         row['alphas'] = [
                             sweeper.timebill_alpha(r, b, pol.k, pol.alpha_max) for r in rs
                         ]
@@ -383,8 +490,9 @@ def prompt_summary(sweeper: Sweeper, r: PromptResult) -> dict:
         'metric': r.task.metric,
         'references': r.task.references,
         'n_prompt': r.n_prompt,
+        'cached_tokens': r.cached_tokens,
         'prefill_s': r.prefill_s,
-        'prefill_pred_s': sweeper.model.prefill_s(r.n_prompt),
+        'prefill_pred_s': sweeper.model.prefill_s(r.n_prompt, r.cached_tokens),
         'n_hat': r.n_hat,
         'predict_s': r.predict_s,
         'predictor': r.predictor_source,
@@ -411,14 +519,16 @@ def estimator_errors(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
             }
         )
         for keep, run in sorted(r.runs.items()):
-            e = served_errors(m, r.n_prompt, run.kv_after, r.prefill_s, run.decode_step_s)
+            e = served_errors(
+                m, r.n_prompt, run.kv_after, r.prefill_s, run.decode_step_s, r.cached_tokens
+            )
             n_out = run.n_tokens
-            pred_total = m.prefill_s(r.n_prompt) + m.decode_s(r.n_prompt, run.alpha, n_out)
+            pred_total = m.prefill_s(r.n_prompt, r.cached_tokens) + m.decode_s(r.n_prompt, run.alpha, n_out)
             actual_total = r.prefill_s + run.evict_s + sum(run.decode_step_s)
             n_w = wcet_length(
                 min(r.n_hat, sweeper.cfg.n_max), 5.0, min(sweeper.cfg.n_max, r.task.max_new_tokens)
             )
-            wcet = m.prefill_s(r.n_prompt) + m.decode_s(r.n_prompt, run.alpha, n_w)
+            wcet = m.prefill_s(r.n_prompt, r.cached_tokens) + m.decode_s(r.n_prompt, run.alpha, n_w)
             times.append(
                 {
                     'task_id': r.task.id,
@@ -485,25 +595,42 @@ def choose_budgets(
     count: int,
     alpha_max: float = 0.95,
     n_hat: Optional[Callable[[Task], float]] = None,
+    cached: Optional[Callable[[Task], int]] = None,
+    answer_tokens: Optional[Callable[[Task], int]] = None,
 ) -> Dict[str, List[float]]:
     """
-    Per length group, budgets from infeasible to generous, from the calibrated profile.
+    Per length group, budgets over the window where decoding decides, from the profile.
 
-    Low end: 90 % of the shortest predicted prefill (nothing can finish). High end: 1.5 × the
-    slowest predicted vanilla run of max_new_tokens (every answer fits, with room for the noise
-    of a shared machine). Evenly spaced.
+    Without ``answer_tokens`` (the retrieval groups, as before): from 90 % of the shortest
+    predicted prefill (nothing can finish) to 1.5 × the slowest predicted vanilla run of
+    max_new_tokens. With it: from the slowest prefill (warm: ``cached`` tokens are not
+    computed) plus four decode steps — every prefill is done, a few tokens fit — to 1.2 × the
+    slowest predicted vanilla run of ``answer_tokens`` (a typical answer completes). Evenly
+    spaced.
     """
     groups: Dict[str, List[Task]] = {}
     for t in tasks:
         groups.setdefault(group_of(t), []).append(t)
     out = {}
     for g, ts in groups.items():
-        lo = 0.9 * min(time_model.prefill_s(t.n_tokens) for t in ts)
-        hi = 1.5 * max(
-            time_model.prefill_s(t.n_tokens)
-            + time_model.decode_s(t.n_tokens, 0.0, t.max_new_tokens)
-            for t in ts
-        )
+        if answer_tokens is None:
+            lo = 0.9 * min(time_model.prefill_s(t.n_tokens) for t in ts)
+            hi = 1.5 * max(
+                time_model.prefill_s(t.n_tokens)
+                + time_model.decode_s(t.n_tokens, 0.0, t.max_new_tokens)
+                for t in ts
+            )
+        else:
+            def pre(t: Task) -> float:
+                return time_model.prefill_s(t.n_tokens, cached(t) if cached else 0)
+
+            lo = max(pre(t) + time_model.decode_s(t.n_tokens, 0.0, 4) for t in ts)
+            hi = 1.2 * max(
+                pre(t) + time_model.decode_s(t.n_tokens, 0.0, min(answer_tokens(t),
+                                                                  t.max_new_tokens))
+                for t in ts
+            )
+            hi = max(hi, 1.5 * lo)
         if count == 1:
             out[g] = [round(hi, 2)]
         else:
@@ -521,6 +648,7 @@ def run_sweep(
     config=None,
 ) -> Tuple[Sweeper, List[PromptResult], dict]:
     sweeper = Sweeper(engine, time_model, predictor, cfg, log, config)
+    sweeper.prime(tasks)
     results = []
     t0 = time.monotonic()
     for i, task in enumerate(tasks):
