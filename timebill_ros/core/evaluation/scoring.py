@@ -124,6 +124,21 @@ METRICS: Dict[str, Callable[[str, Refs], float]] = {
 }
 
 
+def _json_metric(name: str) -> Callable[[str, Refs], float]:
+    def fn(prediction: str, references: Refs) -> float:
+        from .robot_grading import score_json  # it imports this module
+
+        return score_json(name, prediction, _refs(references))
+
+    fn.__name__ = name
+    return fn
+
+
+# structured robot answers (robot_tasks): references[0] is the ground truth as JSON
+for _name in ('json_set_f1', 'json_plan', 'json_record'):
+    METRICS[_name] = _json_metric(_name)
+
+
 def score(metric: str, prediction: str, references: Refs) -> float:
     """Score one answer with the named metric, in [0, 1]."""
     try:
