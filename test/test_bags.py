@@ -79,6 +79,8 @@ def test_interface_types_follow_rosidl_naming():
         'client_node',
         'min_quality',
         'max_alpha',
+        'json_schema',
+        'grammar',
     ]
     # a bare `Request` inside Generate.action is the package's msg, as rosidl resolves it
     ((_, (_, ref)),) = store.fielddefs['timebill_ros/action/Generate_Goal'][1]
@@ -295,6 +297,8 @@ def test_bag_in_ros2_bag_style_is_read_with_types_from_the_bag(tmp_path, storage
                 overrun_policy='kill',
                 min_quality=-1.0,
                 max_alpha=-1.0,
+                json_schema='',
+                grammar='',
             )
             w.write(conn, 1_000 + i, store.serialize_cdr(msg, 'timebill_ros/msg/Request'))
     reqs = B.read_requests(tmp_path / 'ros2bag')

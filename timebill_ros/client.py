@@ -11,6 +11,9 @@ A typed client for planners (in the spirit of nav2_simple_commander's BasicNavig
         out = tb.ask(scene_text + " Is the corridor clear?", budget_s=5)
         print(out.cached_tokens, out.prefill_saved_s)
         tb.release(primed.prime_id)
+        out = tb.ask("List three colours.", budget_s=5, overrun_policy="close",
+                     schema={"type": "array", "items": {"type": "string"}, "maxItems": 3})
+        print(out.valid, out.value)   # the parsed JSON when valid (the grammar saw to it)
 
 Every way a goal can end comes back as one ``Outcome``, including goals the server refused
 (``accepted = False``) or that were invalid (``status == STATUS_REJECTED`` with a reason), so
@@ -21,8 +24,9 @@ spins only while one of its methods waits, like BasicNavigator; use it from one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import json
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 import uuid
 
 from action_msgs.msg import GoalStatus
@@ -84,6 +88,9 @@ class Outcome:
     goal_status: int = GoalStatus.STATUS_UNKNOWN
     budget_s: float = math.nan
     goal_id: str = ''
+    valid: bool = False  # a whole answer: matches the goal's schema/grammar; free text: completed
+    structured: bool = False  # the goal had a JSON schema or grammar
+    value: Any = None  # the answer parsed as JSON when structured and valid, else None
 
     @property
     def status_name(self) -> str:
@@ -139,8 +146,12 @@ class Outcome:
                 'prefill_saved_s',
                 'decode_s',
                 'total_s',
+                'valid',
+                'structured',
             )
         }
+        if simple['structured'] and simple['valid']:
+            kw.setdefault('value', json_value(simple['text']))
         return cls(
             accepted=True,
             status=result.status,
@@ -188,9 +199,36 @@ def budget_problem(budget_s: Optional[float]) -> Optional[str]:
     return None
 
 
-def text_problem(prompt: str, system_prompt: str = '') -> Optional[str]:
+def json_value(text: str) -> Any:
+    """Return ``text`` parsed as JSON, or None when it is not JSON (a Lark grammar's answer)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def schema_text(schema) -> Tuple[str, Optional[str]]:
+    """
+    Return (the JSON schema as text, why it cannot be sent or None).
+
+    ``schema`` is None (free text), JSON text, or the schema itself (a dict; true/false).
+    Whether it is a valid schema is llguidance's call, in the generator.
+    """
+    if schema is None or schema == '':
+        return '', None
+    if isinstance(schema, str):
+        return schema, None
+    if isinstance(schema, (dict, bool)):
+        try:
+            return json.dumps(schema), None
+        except (TypeError, ValueError) as exc:
+            return '', f'the JSON schema cannot be written as JSON: {exc}'
+    return '', f'a JSON schema is a dict or JSON text, got {type(schema).__name__}'
+
+
+def text_problem(prompt: str, system_prompt: str = '', **more: str) -> Optional[str]:
     """Refuse a NUL byte: the middleware would cut a ROS string there."""
-    for name, text in (('prompt', prompt), ('system_prompt', system_prompt)):
+    for name, text in (('prompt', prompt), ('system_prompt', system_prompt), *more.items()):
         if '\x00' in (text or ''):
             return (
                 f'{name} contains a NUL byte at character {text.index(chr(0))}: a ROS string '
@@ -332,9 +370,22 @@ class TimeBillClient(Node):
         timeout_s: float = 10.0,
         min_quality: float = -1.0,
         max_alpha: float = -1.0,
+        schema=None,
+        grammar: str = '',
+        overrun_policy: str = '',
     ) -> Optional[EstimateBudget.Response]:
-        """Ask what TimeBill would do with this prompt and budget (None: generator down)."""
-        problem = budget_problem(budget_s) or text_problem(prompt, system_prompt)
+        """
+        Ask what TimeBill would do with this prompt and budget (None: generator down).
+
+        ``schema`` / ``grammar`` / ``overrun_policy`` as for ``ask``: an invalid schema answers
+        ``ok`` false with llguidance's message; under ``close`` the closing steps are counted.
+        """
+        json_schema, problem = schema_text(schema)
+        problem = (
+            problem
+            or budget_problem(budget_s)
+            or text_problem(prompt, system_prompt, json_schema=json_schema, grammar=grammar)
+        )
         if problem:
             return EstimateBudget.Response(ok=False, reason=problem)
         if not self._estimate.wait_for_service(timeout_sec=timeout_s):
@@ -346,6 +397,9 @@ class TimeBillClient(Node):
             max_new_tokens=max_new_tokens,
             min_quality=float(min_quality),
             max_alpha=float(max_alpha),
+            json_schema=json_schema,
+            grammar=grammar or '',
+            overrun_policy=overrun_policy or '',
         )
         future = self._estimate.call_async(req)
         return future.result() if self.spin_until(future, timeout_s) else None
@@ -444,17 +498,25 @@ class TimeBillClient(Node):
         timeout_s: float = 10.0,
         min_quality: float = -1.0,
         max_alpha: float = -1.0,
+        schema=None,
+        grammar: str = '',
     ) -> Optional[Outcome]:
         """
         Send a goal; None once accepted, else the refusal as an Outcome.
 
         Once accepted, poll is_task_complete / get_result. ``deadline_s`` is absolute ROS time in
         seconds. ``min_quality`` (-1: the server's default floor, 0: none) and ``max_alpha`` (-1:
-        no cap) bound the eviction the goal accepts.
+        no cap) bound the eviction the goal accepts. ``schema`` (a dict or JSON text) or
+        ``grammar`` (Lark) constrain the answer (see ``ask``).
         """
         self._goal_handle = self._result_future = self._feedback = None
         self._budget_s = budget_s if budget_s is not None else math.nan
-        problem = budget_problem(budget_s) or text_problem(prompt, system_prompt)
+        json_schema, problem = schema_text(schema)
+        problem = (
+            problem
+            or budget_problem(budget_s)
+            or text_problem(prompt, system_prompt, json_schema=json_schema, grammar=grammar)
+        )
         if problem:
             return Outcome.rejected(problem, budget_s=self._budget_s)
         goal = TimedInference.Goal(
@@ -465,6 +527,8 @@ class TimeBillClient(Node):
             client_node=self.get_fully_qualified_name(),
             min_quality=float(min_quality),
             max_alpha=float(max_alpha),
+            json_schema=json_schema,
+            grammar=grammar or '',
         )
         if budget_s is not None:
             goal.time_budget = s_to_duration(budget_s)
@@ -557,8 +621,18 @@ class TimeBillClient(Node):
         timeout_s: Optional[float] = None,
         min_quality: float = -1.0,
         max_alpha: float = -1.0,
+        schema=None,
+        grammar: str = '',
     ) -> Outcome:
-        """Send a goal and wait for its Outcome (``timeout_s`` None: budget + 60 s)."""
+        """
+        Send a goal and wait for its Outcome (``timeout_s`` None: budget + 60 s).
+
+        ``schema``: a JSON schema (a dict or JSON text) the answer must match, enforced token by
+        token; the Outcome's ``valid`` says it does and ``value`` holds the parsed JSON.
+        ``grammar``: a Lark grammar instead. With ``overrun_policy='close'`` an answer running
+        out of time is closed into a shorter valid one (``truncated``, ``valid`` true). An
+        invalid schema is ``rejected`` with llguidance's message.
+        """
         refused = self.send_goal(
             prompt,
             budget_s,
@@ -569,6 +643,8 @@ class TimeBillClient(Node):
             on_feedback,
             min_quality=min_quality,
             max_alpha=max_alpha,
+            schema=schema,
+            grammar=grammar,
         )
         if refused is not None:
             return refused

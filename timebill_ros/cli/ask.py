@@ -4,6 +4,9 @@
 Streams the answer as it is decoded (feedback), then prints the result: status and reason,
 α, predicted length, WCET, tokens, and the stage timeline that shows the estimate arriving
 during prefill. Start the nodes first with ``timebill bringup`` (or ros2 launch).
+``--json-schema FILE`` (or ``--grammar FILE``) sends a structured goal: the answer is JSON
+matching the schema, checked by the generator token by token; ``--overrun close`` closes it
+valid near the deadline.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ def add_arguments(p) -> None:
     )
     p.add_argument('--system', default='', help='system prompt')
     p.add_argument('--max-new-tokens', type=int, default=0, help="0: the server's default")
-    p.add_argument('--overrun', default='', help="kill | truncate (default: the server's)")
+    p.add_argument(
+        '--overrun', default='', help="kill | truncate | close | skip-next (default: the server's)"
+    )
+    p.add_argument(
+        '--json-schema',
+        default=None,
+        metavar='FILE',
+        help='JSON schema the answer must match (a file, or the JSON itself)',
+    )
+    p.add_argument('--grammar', default=None, metavar='FILE', help='Lark grammar file')
     p.add_argument(
         '--estimate', action='store_true', help='ask estimate_budget first and print the plan'
     )
@@ -71,6 +83,9 @@ def format_outcome(out) -> str:
                 f'{k} {v:.3f}' for k, v in sorted(t.items(), key=lambda kv: kv[1]) if v >= 0
             ),
         ]
+        if out.structured:  # the parsed answer (a planner's json.loads of the text)
+            value = f'   value: {json.dumps(out.value)}' if out.valid else ''
+            lines.insert(-1, f'valid: {out.valid}{value}')
     return '\n'.join(lines)
 
 
@@ -83,6 +98,16 @@ def run(args) -> int:
     if args.budget is None and args.deadline_in is None:
         print('give --budget SECONDS (or --deadline-in SECONDS)', file=sys.stderr)
         return 2
+    from pathlib import Path
+
+    from timebill_ros.cli.generate import read_schema
+
+    try:
+        schema = read_schema(args.json_schema) if args.json_schema else None
+        grammar = Path(args.grammar).expanduser().read_text('utf-8') if args.grammar else ''
+    except OSError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
     with TimeBillClient('timebill_ask', namespace=args.namespace) as tb:
         if not tb.wait_until_ready(args.wait):
             print(
@@ -93,7 +118,15 @@ def run(args) -> int:
             )
             return 1
         if args.estimate and args.budget is not None:
-            plan = tb.estimate_budget(args.prompt, args.budget, args.system, args.max_new_tokens)
+            plan = tb.estimate_budget(
+                args.prompt,
+                args.budget,
+                args.system,
+                args.max_new_tokens,
+                schema=schema,
+                grammar=grammar,
+                overrun_policy=args.overrun,
+            )
             if plan is not None:
                 print(
                     f'plan: ok={plan.ok} feasible={plan.feasible} α={plan.alpha:.3f} '
@@ -109,6 +142,8 @@ def run(args) -> int:
             max_new_tokens=args.max_new_tokens,
             overrun_policy=args.overrun,
             on_feedback=None if (args.quiet or args.json) else _Printer(),
+            schema=schema,
+            grammar=grammar,
         )
     if args.json:
         from dataclasses import asdict

@@ -5,12 +5,21 @@ The request runs through the same pipeline as a goal sent to the nodes: with ``-
 no ``--alpha``, α is chosen after prefill the TimeBill way, from the calibrated profile
 (``timebill calibrate``; built-in pessimistic coefficients until then) and the predicted length
 (``--predicted-length``, else the trained length predictor beside prefill, else N_max).
+
+``--json-schema FILE`` (or ``--grammar FILE``, Lark) constrains the answer token by token
+(llguidance); stdout then holds only the answer, printed as JSON (``json.loads`` reads it), and
+everything else goes to stderr. ``--overrun close`` closes an answer running out of time into a
+shorter valid one instead of cutting it.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 import sys
 import time
+
+from timebill_ros.core.config import OVERRUN_POLICIES
 
 
 def add_arguments(p):
@@ -31,11 +40,33 @@ def add_arguments(p):
     p.add_argument(
         '--max-alpha', type=float, default=-1.0, help='most eviction allowed (-1: no cap)'
     )
-    p.add_argument('--overrun', choices=['kill', 'truncate', 'skip-next'], default=None)
+    p.add_argument(
+        '--overrun',
+        choices=OVERRUN_POLICIES,
+        default=None,
+        help='at the deadline: kill | truncate | close (a schema answer closed valid) | skip-next',
+    )
+    p.add_argument(
+        '--json-schema',
+        default=None,
+        metavar='FILE',
+        help='JSON schema the answer must match (a file, or the JSON itself); prints JSON',
+    )
+    p.add_argument('--grammar', default=None, metavar='FILE', help='Lark grammar file')
     p.add_argument('--press', default=None, help='eviction press (none, snapkv, streaming_llm)')
     p.add_argument('--config', default=None, help='params YAML (default: config/timebill.yaml)')
     p.add_argument('--model', default=None, help='model alias, HF directory, .gguf file or hub id')
     p.add_argument('--no-stream', action='store_true', help='print only the final result')
+
+
+def read_schema(spec: str) -> str:
+    """Return the JSON schema text of ``--json-schema``: a file's content, or inline JSON."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.read_text(encoding='utf-8')
+    if spec.lstrip().startswith('{') or spec.strip() in ('true', 'false'):
+        return spec
+    raise OSError(f'no such file: {spec}')
 
 
 def run(args) -> int:
@@ -57,9 +88,21 @@ def run(args) -> int:
     }
     cfg = cfg.replace(**overrides)
     say = lambda m: print(f'--- {m}', file=sys.stderr)  # noqa: E731
+    try:
+        json_schema = read_schema(args.json_schema) if args.json_schema else ''
+        grammar = Path(args.grammar).expanduser().read_text('utf-8') if args.grammar else ''
+    except OSError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    structured = bool(json_schema or grammar)
+    prompt = args.prompt
+    if json_schema and cfg.schema_in_prompt:  # the model and the predictor see the form asked
+        from timebill_ros.core.structured import with_schema
+
+        prompt = with_schema(prompt, json_schema)
     engine = Engine.from_config(cfg)
     try:
-        ids = engine.encode(args.prompt, args.system)
+        ids = engine.encode(prompt, args.system)
     except TimeBillError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
@@ -73,17 +116,20 @@ def run(args) -> int:
     pipeline = Pipeline(engine, model, cfg, lengths, learn=False)
     printed = [0]
 
+    # a structured answer streams to stderr: stdout holds only the whole answer, parseable
+    stream = sys.stderr if structured else sys.stdout
+
     def on_token(step, token, text):
         if not args.no_stream:
-            sys.stdout.write(text[printed[0]:])
-            sys.stdout.flush()
+            stream.write(text[printed[0]:])
+            stream.flush()
             printed[0] = len(text)
 
     start = time.monotonic()
     job = Job(
         request_id='cli',
         input_ids=ids,
-        prompt=args.prompt,
+        prompt=prompt,
         system_prompt=args.system or '',
         deadline=start + args.budget if args.budget is not None else float('inf'),
         accepted_at=start,
@@ -91,11 +137,21 @@ def run(args) -> int:
         alpha=args.alpha,
         min_quality=args.min_quality,
         max_alpha=args.max_alpha,
+        json_schema=json_schema,
+        grammar=grammar,
         on_token=on_token,
     )
     out = pipeline.run(job)
     pipeline.close()
-    if not args.no_stream:
+    if structured:
+        if not args.no_stream:
+            print(file=sys.stderr)
+        if out.valid:
+            try:
+                print(json.dumps(json.loads(out.text), indent=2, ensure_ascii=False))
+            except ValueError:  # a Lark grammar's answer need not be JSON: as it is
+                print(out.text)
+    elif not args.no_stream:
         print()
     else:
         print(out.text)
@@ -103,6 +159,8 @@ def run(args) -> int:
     steps = res.decode_step_s if res is not None else []
     per_tok = 1000 * sum(steps) / len(steps) if steps else float('nan')
     say(f'{out.status}: {out.reason}')
+    if structured:
+        say(f'valid={out.valid}' + ('' if out.valid else ' (no answer printed on stdout)'))
     say(
         f'completed={out.completed} deadline_met={out.deadline_met} alpha={out.alpha:.3f} '
         f'(limit {out.alpha_limit:.2f}, expected quality {out.expected_quality:.2f}) '
@@ -111,4 +169,5 @@ def run(args) -> int:
         f'prefill={out.prefill_s:.3f}s decode={out.decode_s:.3f}s ({per_tok:.1f} ms/token) '
         f'total={out.total_s:.3f}s'
     )
-    return 0 if out.status in ('succeeded', 'truncated') else 1
+    answered = out.status in ('succeeded', 'truncated') and (out.valid or not structured)
+    return 0 if answered else 1

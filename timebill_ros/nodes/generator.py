@@ -40,6 +40,7 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from timebill_ros.action import Generate
 from timebill_ros.core.calibration import time_model_for
+from timebill_ros.core.config import OVERRUN_POLICIES
 from timebill_ros.core.pipeline import Job, LengthEstimate, Pipeline
 from timebill_ros.msg import Estimate, Heartbeat, PrefillPlan
 from timebill_ros.nodes.common import (
@@ -68,6 +69,7 @@ from timebill_ros.nodes.common import (
     uuid_hex,
     wait_first,
 )
+from timebill_ros.nodes.validation import model_prompt, structure_problem
 from timebill_ros.srv import EstimateBudget, PredictLength, Prime, ReleasePrime
 
 R = Generate.Result
@@ -410,6 +412,8 @@ class GeneratorNode(LifecycleNode):
             max_alpha=float(req.max_alpha),
             prompt=req.prompt,
             system_prompt=req.system_prompt,
+            json_schema=req.json_schema,
+            grammar=req.grammar,
             on_stage=on_stage,
             on_token=on_token,
         )
@@ -423,6 +427,7 @@ class GeneratorNode(LifecycleNode):
             job.tokens = outcome.tokens_generated
             self._feedback(goal_handle, feedback, job, deadline_s)
         result = to_result(outcome, R)
+        result.structured = bool(req.json_schema or req.grammar)  # refused ones too
         if outcome.status == 'canceled' and goal_handle.is_cancel_requested:
             goal_handle.canceled()
         else:
@@ -471,8 +476,32 @@ class GeneratorNode(LifecycleNode):
                 f'{request.min_quality:g} and {request.max_alpha:g}'
             )
             return response
+        overrun = request.overrun_policy or self.cfg.overrun_policy
+        if overrun not in OVERRUN_POLICIES:
+            response.ok = False
+            response.reason = (
+                f'unknown overrun policy {request.overrun_policy!r}; '
+                f'use one of {", ".join(OVERRUN_POLICIES)}'
+            )
+            return response
+        problem = structure_problem(request.json_schema, request.grammar)
+        compiled = None
+        if not problem:
+            try:  # what the pipeline does at submit: the same reason a goal would get
+                compiled = self.engine.compile_grammar(request.json_schema, request.grammar)
+            except Exception as exc:  # noqa: BLE001 - GrammarError: llguidance's message
+                kind = 'JSON schema' if request.json_schema else 'grammar'
+                problem = f'invalid {kind}: {safe_reason(exc)}'
+        if problem:
+            response.ok, response.reason = False, problem
+            return response
+        # a close's steps are part of the answer (Job.close_tokens)
+        close = compiled.close_tokens if compiled is not None and overrun == 'close' else 0
+        response.close_tokens = close
+        # the text a goal's model reads and its N-hat is predicted from (the server's too)
+        prompt = model_prompt(request.prompt, request.json_schema, self.cfg)
         try:
-            ids = self.engine.encode(request.prompt, request.system_prompt or None)
+            ids = self.engine.encode(prompt, request.system_prompt or None)
         except Exception as exc:  # noqa: BLE001 - answer with the reason instead of failing
             response.ok, response.reason = False, safe_reason(exc)
             return response
@@ -488,7 +517,7 @@ class GeneratorNode(LifecycleNode):
         cached = pipeline.cached_for(ids)  # what the prefix cache holds for it now
         cap = pipeline.n_cap(n_prompt, int(request.max_new_tokens))
         n_hat, fallback, took = cap, True, 0.0
-        got = self._predict_length(request.prompt, cap)
+        got = self._predict_length(prompt, cap)
         if got is not None and not got.fallback:
             n_hat, fallback, took = min(int(got.predicted_length), cap), False, got.prediction_s
         est = pipeline.estimate(
@@ -500,6 +529,7 @@ class GeneratorNode(LifecycleNode):
             min_quality=float(request.min_quality),
             max_alpha=float(request.max_alpha),
             cached=cached,
+            close_tokens=close,
         )
         v, adm = est.verdict, est.admission
         response.cached_tokens, response.prefill_saved_s = est.cached_tokens, est.prefill_saved_s
@@ -511,9 +541,10 @@ class GeneratorNode(LifecycleNode):
 
         response.ok, response.reason = True, est.reason
         response.predicted_length, response.fallback = n_hat, fallback
-        response.n_hat_w = wcet_length(n_hat, self.cfg.pessimism_k, cap)
+        planned = min(n_hat + close, cap)  # as the pipeline plans a goal: N-hat + close steps
+        response.n_hat_w = wcet_length(planned, self.cfg.pessimism_k, cap)
         response.wcet_s = model.wcet_s(
-            n_prompt, 0.0, n_hat, self.cfg.pessimism_k, cap, predict_s=took, cached=cached
+            n_prompt, 0.0, planned, self.cfg.pessimism_k, cap, predict_s=took, cached=cached
         )
         response.alpha, response.wcet_at_alpha_s = v.alpha, v.total_s
         response.verdict, response.feasible = v.status, v.feasible and adm.admit

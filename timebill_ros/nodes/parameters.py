@@ -49,7 +49,9 @@ PARAMETERS = {
         'timing profile JSON (empty: the cached one for this model and machine)',
         None,
     ),
-    'overrun_policy': ('default for goals that name none: kill | truncate | skip-next', None),
+    'overrun_policy': (
+        'default for goals that name none: kill | truncate | close | skip-next', None
+    ),
     'bucket_size': ('response-length bucket width in tokens', (1, 65536)),
     'num_buckets': ('response-length buckets (N_max = bucket_size * num_buckets)', (1, 65536)),
     'predictor_backbone': ('response length predictor backbone', None),
@@ -67,6 +69,11 @@ PARAMETERS = {
     'prefix_cache_mb': ('memory bound of the prefix KV cache in MB (0: off)', (0.0, 1e7)),
     'prefix_block_tokens': ('tokens per cached block: the granularity of a prefix hit',
                             (1, 1 << 16)),
+    'schema_in_prompt': (
+        "append a goal's JSON schema to its prompt: the model and the length predictor see the "
+        'form asked for (the grammar enforces it either way)',
+        None,
+    ),
     'peer_timeout_s': ('no generator heartbeat this long: its goals are aborted', (0.1, 3600.0)),
     'heartbeat_s': ('generator heartbeat period', (0.01, 60.0)),
     'guarantee_margin_s': ('EstimateBudget guarantees only worst cases ending this long before '

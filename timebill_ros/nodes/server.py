@@ -14,6 +14,11 @@ and the generator (internal ``timebill/generate``) at the same moment. The gener
 queue and admission; the server relays feedback, cancels, and the result. It calls the
 generator lost only when its heartbeat stops (or its pid changes), never because a prefill is
 long. A goal's execute callback waits on events (its result, or a reason to stop), never polls.
+
+A structured goal (``json_schema`` or ``grammar``) travels as it is: the generator's pipeline
+compiles it at submit and an invalid one comes back REJECTED with llguidance's message. With
+``schema_in_prompt`` the server encodes the prompt with the schema appended and sends that text
+as the request's prompt, so the predictor predicts from what the model reads.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from timebill_ros.nodes.common import (
     wait_first,
 )
 from timebill_ros.nodes.diagnostics import ServedStats
-from timebill_ros.nodes.validation import InvalidGoal, validate_goal
+from timebill_ros.nodes.validation import InvalidGoal, model_prompt, validate_goal
 
 R = TimedInference.Result
 PEERS = ('timebill_generator', 'timebill_predictor')
@@ -417,6 +422,8 @@ class TimeBillServer(LifecycleNode):
                  'decode_start_s')
         # a refusal by the server evicts nothing and plans no quality: unknown, not 0
         result = R(**{name: -1.0 for name in never}, expected_quality=-1.0, alpha_limit=-1.0)
+        goal = goal_handle.request
+        result.structured = bool(goal.json_schema or goal.grammar)
         cfg = self.cfg
         if cfg is None:
             return self._end(
@@ -429,19 +436,21 @@ class TimeBillServer(LifecycleNode):
         except InvalidGoal as exc:
             return self._end(goal_handle, result, rel, R.STATUS_REJECTED, str(exc))
         result.prompt_tokens = len(ids)
-        goal = goal_handle.request
         ctx.client_node = goal.client_node
         request = Request(
             request_id=ctx.request_id,
             accepted_at=s_to_time(ctx.accepted_s),
             deadline=s_to_time(deadline),
-            prompt=goal.prompt,
+            # the text the ids encode: the predictor predicts from what the model reads
+            prompt=model_prompt(goal.prompt, goal.json_schema, cfg),
             system_prompt=goal.system_prompt,
             input_ids=ids,
             max_new_tokens=max_new,
             overrun_policy=overrun,
             min_quality=float(goal.min_quality),
             max_alpha=float(goal.max_alpha),
+            json_schema=goal.json_schema,
+            grammar=goal.grammar,
         )
         hopeless = self._hopeless(len(ids), deadline)
         if hopeless:
@@ -503,6 +512,7 @@ class TimeBillServer(LifecycleNode):
         dispatched = result.dispatch_at_s
         copy_fields(answer.result().result, result)
         result.dispatch_at_s = dispatched
+        result.structured = bool(goal.json_schema or goal.grammar)
         result.total_s = rel()
         if result.status == R.STATUS_CANCELED and goal_handle.is_cancel_requested:
             goal_handle.canceled()

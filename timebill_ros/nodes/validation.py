@@ -8,6 +8,7 @@ prompts before sending; everything else is checked here.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import List, Tuple
 import unicodedata
@@ -28,11 +29,49 @@ class InvalidGoal(ValueError):
     """A goal that cannot be served; the message is the reason the client reads."""
 
 
+def model_prompt(prompt: str, json_schema: str, cfg) -> str:
+    """
+    Return the text the model reads and the length predictor predicts from.
+
+    The goal's prompt, its JSON schema appended when ``schema_in_prompt`` (core.structured): the
+    server encodes it, and the predictor and EstimateBudget see the same text.
+    """
+    if not json_schema or not cfg.schema_in_prompt:
+        return prompt
+    from timebill_ros.core.structured import with_schema  # torch: not at the node's import
+
+    return with_schema(prompt, json_schema)
+
+
+def structure_problem(json_schema: str, grammar: str) -> str:
+    """
+    Say what is wrong with a goal's schema/grammar fields that needs no grammar engine ('' if ok).
+
+    llguidance, in the generator, judges the rest (the pipeline rejects with its message); this
+    only spares a round trip for text that is not JSON at all, or both fields at once.
+    """
+    if json_schema and grammar:
+        return 'give a json_schema or a grammar, not both'
+    if json_schema:
+        try:
+            json.loads(json_schema)
+        except json.JSONDecodeError as exc:
+            return f'invalid JSON schema: the JSON schema is not JSON: {exc}'
+    return ''
+
+
 def validate_goal(goal, accepted_s: float, cfg, tokenizer) -> Tuple[float, List[int], str, int]:
-    """(absolute deadline, token ids, overrun policy, max_new_tokens) or raise InvalidGoal."""
-    if len(goal.prompt) + len(goal.system_prompt) > MAX_CHARS_PER_TOKEN * tokenizer.max_context:
+    """
+    Return (absolute deadline, token ids, overrun policy, max_new_tokens) or raise InvalidGoal.
+
+    The token ids are those of ``model_prompt`` (the schema appended when ``schema_in_prompt``).
+    """
+    json_schema, grammar = getattr(goal, 'json_schema', ''), getattr(goal, 'grammar', '')
+    prompt = model_prompt(goal.prompt, json_schema, cfg)
+    chars = len(prompt) + len(goal.system_prompt)
+    if chars > MAX_CHARS_PER_TOKEN * tokenizer.max_context:
         raise InvalidGoal(
-            f'prompt is {len(goal.prompt) + len(goal.system_prompt)} characters: far beyond the '
+            f'prompt is {chars} characters: far beyond the '
             f"model's context of {tokenizer.max_context} tokens"
         )
     if not goal.prompt.strip():
@@ -87,6 +126,9 @@ def validate_goal(goal, accepted_s: float, cfg, tokenizer) -> Tuple[float, List[
             f'unknown overrun policy {goal.overrun_policy!r}; '
             f'use one of {", ".join(OVERRUN_POLICIES)}'
         )
+    problem = structure_problem(json_schema, grammar)
+    if problem:
+        raise InvalidGoal(problem)
     q, a = float(goal.min_quality), float(goal.max_alpha)
     if math.isnan(q) or q > 1.0:
         raise InvalidGoal(
@@ -102,7 +144,7 @@ def validate_goal(goal, accepted_s: float, cfg, tokenizer) -> Tuple[float, List[
             f'tokens'
         )
     try:
-        ids = tokenizer.encode(goal.prompt, goal.system_prompt)
+        ids = tokenizer.encode(prompt, goal.system_prompt)
     except Exception as exc:  # noqa: BLE001
         raise InvalidGoal(f'cannot tokenize the prompt: {safe_reason(exc)}') from exc
     if len(ids) >= tokenizer.max_context:
