@@ -44,7 +44,8 @@ def test_skip_next_by_hand():
     # releases 0, 4, 8, 12: b runs 4 → 11 (late 3, scored), c released at 8 < 11 is skipped,
     # d released at 12 ≥ 11 runs 12 → 17 (late 1, scored)
     out = P.run_skip_next(_jobs(), 4.0)
-    assert [o.status for o in out] == ['succeeded', 'deadline_missed', 'rejected', 'deadline_missed']
+    want = ['succeeded', 'deadline_missed', 'rejected', 'deadline_missed']
+    assert [o.status for o in out] == want
     assert [o.score for o in out] == [0.1, 0.2, 0.0, 0.4]
     assert [o.late_s for o in out] == [0.0, 3.0, 0.0, 1.0]
     s = P.summarize(out)
@@ -302,6 +303,8 @@ def test_eval_cli_report_has_every_policy_and_budget(cli_config, tmp_path):
                 '200',
                 '--kinds',
                 'passkey',
+                '--workload',
+                'retrieval',
                 '--per-kind',
                 '1',
                 '--budgets',

@@ -118,9 +118,12 @@ def test_cut_json_is_invalid(tasks):
 def test_list_with_a_wrong_id(tasks):
     t = _of(tasks, 'robot-list')[0]
     ids = json.loads(t.references[0])
-    wrong = json.dumps(ids[:-1] + ['zebra_999'])
+    known = json.loads(t.meta['json_schema'])['items']['enum']  # the scene's ids only
+    other = next(i for i in known if i not in ids)
+    wrong = json.dumps(ids[:-1] + [other])
     g = rt.grade(t, wrong)
     assert g['valid'] and 0.5 < g['f1'] < 1.0 and g['score'] == g['f1']
+    assert not rt.grade(t, json.dumps(ids[:-1] + ['zebra_999']))['valid']  # not in the scene
     assert score(t.metric, wrong, t.references) == pytest.approx(g['f1'])
     # an id that is not an id, or too many items: not valid
     assert not rt.grade(t, json.dumps(ids[:-1] + ['Cup 3']))['valid']

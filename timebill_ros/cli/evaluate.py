@@ -1,14 +1,19 @@
 """
 ``timebill eval``: the budget × policy benchmark (the paper's Fig. 7 and 8) on this machine.
 
-Builds long-context tasks from the shipped data (or takes them from a request bag), measures
-every policy with one prefill per prompt, and writes results.json, report.md and PNGs.
-``--quick`` (``make eval-quick``): 8 prompts of ~1k–2k tokens, 5 budgets — minutes on 2 cores.
-The full run (``make eval``): 48 prompts of ~1k–7.7k tokens, 5 budgets — 1.5–2 hours.
+Two workloads, built from text that ships in packages (or taken from a request bag):
+- **robot** (``robot_tasks.py``): a standing scene per size, primed once into the prefix
+  cache, and questions answered in JSON under a schema (object lists, plans, log summaries);
+- **retrieval** (``tasks.py``): the long-context groups of earlier runs, for continuity.
+Every policy is measured with one prefill per prompt; writes results.json, report.md and PNGs.
+``--quick`` (``make eval-quick``): scenes of ~1k and 2k tokens (3 questions each) and 4
+retrieval prompts of ~1k — under 10 min on 2 cores. ``make eval``: scenes of ~1k–7.7k tokens.
 
-Budgets come from the calibrated timing profile, per prompt-length group: evenly spaced from
-90 % of the shortest predicted prefill (nothing can finish) to 150 % of the slowest predicted
-vanilla run of max_new_tokens (everything can), and are stated in seconds in the report.
+Budgets come from the calibrated timing profile, per group, and are stated in seconds in the
+report. Robot groups: over the window where decoding decides, from the (warm) prefill plus four
+steps to 1.2 × the slowest predicted vanilla run of the reference answer's length. Retrieval
+groups: from 90 % of the shortest predicted prefill to 150 % of the slowest predicted vanilla
+run of max_new_tokens.
 Without a profile for this setup, a short calibration covering the task lengths runs first
 and is kept with the report (the real profile in the cache is left alone).
 """
@@ -25,11 +30,20 @@ import time
 # make_tasks/replay import it from here
 from timebill_ros.cli import add_config_arguments, load_config  # noqa: F401
 
-QUICK = {'lengths': (1024, 2048), 'per_kind': 1, 'budgets': 5, 'max_new_tokens': 48}
-FULL = {'lengths': (1024, 2048, 4096, 7680), 'per_kind': 3, 'budgets': 5, 'max_new_tokens': 0}
+QUICK = {
+    'lengths': (1024,), 'per_kind': 1, 'budgets': 5, 'max_new_tokens': 48,
+    'scenes': (1024, 2048), 'robot_per_kind': 2,
+}
+FULL = {
+    'lengths': (1024, 2048), 'per_kind': 2, 'budgets': 5, 'max_new_tokens': 0,
+    'scenes': (1024, 2048, 4096, 7168), 'robot_per_kind': 4,
+}
+KEEP_MIN_SCORE = 0.5  # robot candidates the model answers this well at α = 0 are kept
 BUDGET_RULE = (
-    'per length group, evenly spaced from 0.9 × the shortest predicted prefill to '
-    '1.5 × the slowest predicted vanilla run of max_new_tokens (calibrated profile)'
+    'per group, evenly spaced; robot groups from the slowest (warm) predicted prefill + 4 '
+    'decode steps to 1.2 × the slowest predicted vanilla run of the reference answer length; '
+    'retrieval groups from 0.9 × the shortest predicted prefill to 1.5 × the slowest predicted '
+    'vanilla run of max_new_tokens (calibrated profile)'
 )
 
 
@@ -51,6 +65,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         '--lengths', type=_ints, metavar='N,N,...', help='prompt length groups (tokens)'
     )
     p.add_argument('--kinds', help='comma-separated task kinds (passkey,needle,qa,multihop)')
+    p.add_argument(
+        '--workload',
+        choices=('both', 'robot', 'retrieval'),
+        default='both',
+        help='robot JSON tasks over standing scenes, the retrieval groups, or both (default)',
+    )
+    p.add_argument(
+        '--scenes', type=_ints, metavar='N,N,...', help='robot scene sizes (tokens)'
+    )
+    p.add_argument(
+        '--keep-min-score',
+        type=float,
+        default=KEEP_MIN_SCORE,
+        help='keep the robot candidates scoring at least this at α = 0 (0: keep all)',
+    )
     p.add_argument('--per-kind', type=int, help='prompts per kind and length')
     p.add_argument('--seed', type=int, default=0, help='task seed (default 0)')
     p.add_argument(
@@ -137,6 +166,17 @@ def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool =
     )
 
 
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as fh:
+            for line in fh:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def tasks_from_bag(path: str):
     from timebill_ros.core.evaluation.bags import read_requests
     from timebill_ros.core.evaluation.tasks import Task
@@ -175,21 +215,34 @@ def run(args) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
     engine = Engine.from_config(cfg)
+    robot: list = []
     if args.tasks_bag:
         tasks = tasks_from_bag(args.tasks_bag)
     else:
-        kinds = [k.strip() for k in args.kinds.split(',')] if args.kinds else list(KINDS)
-        tasks = build_tasks(
-            counter_for(engine),
-            lengths=args.lengths or preset['lengths'],
-            kinds=kinds,
-            per_kind=args.per_kind or preset['per_kind'],
-            seed=args.seed,
-        )
+        tasks = []
+        if args.workload in ('both', 'retrieval'):
+            kinds = [k.strip() for k in args.kinds.split(',')] if args.kinds else list(KINDS)
+            tasks = build_tasks(
+                counter_for(engine),
+                lengths=args.lengths or preset['lengths'],
+                kinds=kinds,
+                per_kind=args.per_kind or preset['per_kind'],
+                seed=args.seed,
+            )
     cap = args.max_new_tokens if args.max_new_tokens is not None else preset['max_new_tokens']
-    if cap:
+    if cap:  # the retrieval answers; a structured answer keeps its own length
         for t in tasks:
             t.max_new_tokens = min(t.max_new_tokens, cap)
+    if not args.tasks_bag and args.workload in ('both', 'robot'):
+        from timebill_ros.core.evaluation.robot_tasks import build_robot_tasks
+
+        robot = build_robot_tasks(
+            counter_for(engine),
+            sizes=tuple(args.scenes or preset['scenes']),
+            per_kind=preset['robot_per_kind'],
+            seed=args.seed,
+        )
+        tasks = robot + tasks
     log(
         f'[eval] {len(tasks)} tasks, prompts of '
         f'{min(t.n_tokens for t in tasks)}–{max(t.n_tokens for t in tasks)} tokens'
@@ -205,24 +258,48 @@ def run(args) -> int:
         else f'none: N̂ = max_new_tokens fallback ({getattr(predictor, "reason", "")})'
     )
 
+    scfg = sweep.SweepConfig(
+        budgets={},
+        policies=standard_policies(cfg.pessimism_k, cfg.alpha_max),
+        ks=tuple(args.ks),
+        alpha_max=cfg.alpha_max,
+        n_max=cfg.n_max,
+    )
+    sweeper = sweep.Sweeper(engine, time_model, predictor, scfg, log, config=cfg)
+    sweeper.prime(tasks)  # the standing scenes, once: their questions prefill warm
+    kept_info = None
+    if robot and args.keep_min_score > 0:
+        kept, kept_info = sweeper.answerable(robot, args.keep_min_score)
+        log(f'[eval] kept {len(kept)} of {len(robot)} robot candidates '
+            f'(score >= {args.keep_min_score:g} at α = 0): {kept_info["by_kind"]}')
+        tasks = kept + [t for t in tasks if t not in robot]
+        robot = kept
     if args.budget_values:
         budgets = {sweep.group_of(t): list(args.budget_values) for t in tasks}
         rule = 'given on the command line'
     else:
-        budgets = sweep.choose_budgets(time_model, tasks, args.budgets or preset['budgets'])
+        count = args.budgets or preset['budgets']
+        others = [t for t in tasks if not sweep.schema_of(t)]
+        structured = [t for t in tasks if sweep.schema_of(t)]
+        budgets = sweep.choose_budgets(time_model, others, count) if others else {}
+        if structured:
+            budgets.update(
+                sweep.choose_budgets(
+                    time_model,
+                    structured,
+                    count,
+                    cached=sweeper.cached_of,
+                    answer_tokens=lambda t: len(engine.tokenizer.encode(t.references[0])),
+                )
+            )
         rule = BUDGET_RULE
     for g, bs in budgets.items():
         log(f'[eval] group ~{g} tokens: budgets {", ".join(f"{b:g}" for b in bs)} s')
-    k_budget = dict.fromkeys(budgets, args.k_budget) if args.k_budget else {}
-    scfg = sweep.SweepConfig(
-        budgets=budgets,
-        policies=standard_policies(cfg.pessimism_k, cfg.alpha_max),
-        ks=tuple(args.ks),
-        k_budget=k_budget,
-        alpha_max=cfg.alpha_max,
-        n_max=cfg.n_max,
+    scfg.budgets = budgets
+    scfg.k_budget = dict.fromkeys(budgets, args.k_budget) if args.k_budget else {}
+    _, _, results = sweep.run_sweep(
+        engine, time_model, predictor, tasks, scfg, log, config=cfg, sweeper=sweeper
     )
-    _, _, results = sweep.run_sweep(engine, time_model, predictor, tasks, scfg, log, config=cfg)
     results['meta'] = {
         'mode': 'quick' if args.quick else 'full',
         'wall_s': time.monotonic() - t_start,
@@ -237,6 +314,11 @@ def run(args) -> int:
         'profile': profile_desc,
         'predictor': pred_desc,
         'n_tasks': len(tasks),
+        'robot_tasks': len(robot),
+        'answerable': kept_info,
+        'cpu': _cpu_name(),
+        'decode_step': engine.decode_step,
+        'date': time.strftime('%Y-%m-%d'),
         'kinds': ', '.join(sorted({t.kind for t in tasks})),
         'seed': args.seed,
         'budget_rule': rule,

@@ -1002,6 +1002,13 @@ class Pipeline:
             job.overrun,
             res.tokens_generated,
         )
+        if status == 'truncated' and job.overrun == 'close' and out.structured and not out.valid:
+            # a planner gets a valid answer or none: a close that could not finish is a kill
+            status, out.text = 'killed', ''
+            reason = (
+                f'killed at the deadline after {res.tokens_generated} tokens: the structured '
+                f'answer could not be closed in time (overrun policy close)'
+            )
         if out.verdict is not None and out.verdict.status != 'met' and status != 'succeeded':
             reason += f'; solver: {out.verdict.status}: {out.verdict.reason}'
         if out.replans:

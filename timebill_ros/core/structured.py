@@ -275,15 +275,29 @@ def with_schema(prompt: str, json_schema: str) -> str:
 
     The grammar guarantees the form, but a model writes better content when it is told the
     form, and the length predictor can only see the request if it is in the text it reads (the
-    schema, an item count). Both get this same text.
+    schema, an item count). Both get this same text. A long enum is shown by its first values
+    (the prompt stays short; the grammar still enforces every value).
     """
     if not json_schema:
         return prompt
     try:
-        compact = json.dumps(json.loads(json_schema), separators=(',', ':'))
+        compact = json.dumps(_shorten_enums(json.loads(json_schema)), separators=(',', ':'))
     except json.JSONDecodeError:
         compact = json_schema  # the pipeline rejects it with the reason
     return f'{prompt}\n{SCHEMA_HINT}{compact}'
+
+
+def _shorten_enums(node, keep: int = 4, over: int = 12):
+    """Show a long enum (a scene's object ids, say) by its first values: the grammar has all."""
+    if isinstance(node, dict):
+        out = {k: _shorten_enums(v, keep, over) for k, v in node.items()}
+        enum = node.get('enum')
+        if isinstance(enum, list) and len(enum) > over:
+            out['enum'] = enum[:keep] + ['...']
+        return out
+    if isinstance(node, list):
+        return [_shorten_enums(v, keep, over) for v in node]
+    return node
 
 
 def parse_json(text: str):

@@ -241,8 +241,16 @@ def markdown(results: dict) -> str:
             f'- tasks: {meta.get("n_tasks", 0)} ({meta.get("kinds", "")}), seed '
             f'{meta.get("seed", 0)}',
             f'- budgets: {meta.get("budget_rule", "")}',
-            '',
         ]
+        kept = meta.get('answerable')
+        if kept:
+            lines.append(
+                f'- robot tasks: kept {kept["kept"]} of {kept["candidates"]} candidates the model '
+                f'answers with score ≥ {kept["min_score"]:g} at α = 0 and no deadline ('
+                + ', '.join(f'{k} {v[0]}/{v[1]}' for k, v in kept['by_kind'].items())
+                + f'); schema-valid candidate answers: {_pct(kept["candidates_valid_rate"])}'
+            )
+        lines.append('')
     spread = results.get('timing_spread', {})
     if spread:
         lines += [
@@ -353,7 +361,9 @@ def markdown(results: dict) -> str:
             '## Estimator error on the served requests',
             '',
             f'- response length: MAE {_num(est["length_mae"], ".1f")} tokens '
-            f'(N̂ capped at max_new_tokens: {_num(est["length_mae_capped"], ".1f")})',
+            f'(N̂ capped at max_new_tokens: {_num(est["length_mae_capped"], ".1f")}); '
+            f'structured answers {_num(est.get("length_mae_structured"), ".1f")}, '
+            f'free text {_num(est.get("length_mae_free"), ".1f")}',
             f'- prefill time MAPE {_num(est["prefill_mape"], ".1f")}%, decode time MAPE '
             f'{_num(est["decode_mape"], ".1f")}%, end-to-end MAPE '
             f'{_num(est["total_mape"], ".1f")}% '

@@ -21,6 +21,8 @@ from .scoring import lcs_length, normalize_answer
 ID_PATTERN = '^[a-z]+_[0-9]+$'
 TARGET_PATTERN = '^[a-z][a-z0-9_]*$'
 ACTIONS = ('goto', 'pick', 'place', 'inspect', 'charge')
+PLACE_ACTIONS = ('goto', 'charge')  # take a place
+OBJECT_ACTIONS = ('pick', 'place', 'inspect')  # take an object id
 JSON_METRICS = ('json_set_f1', 'json_plan', 'json_record')
 _TYPES = {
     'string': lambda v: isinstance(v, str),
@@ -34,22 +36,47 @@ _TYPES = {
 
 
 # ------------------------------------------------------------------------------------ schemas
-def list_schema(max_items: int) -> Dict[str, Any]:
-    """Return the schema of a list answer: an array of object ids."""
-    return {
-        'type': 'array',
-        'items': {'type': 'string', 'pattern': ID_PATTERN},
-        'maxItems': max_items,
-    }
+def list_schema(max_items: int, ids: Sequence[str] = ()) -> Dict[str, Any]:
+    """
+    Return the schema of a list answer: a non-empty array of object ids.
+
+    With ``ids`` (the scene's objects, which a planner knows) an item can only be one of them,
+    as a planner's schema would say: the grammar then rules out invented ids.
+    """
+    item = {'type': 'string', 'enum': list(ids)} if ids else {
+        'type': 'string', 'pattern': ID_PATTERN}
+    return {'type': 'array', 'items': item, 'minItems': 1, 'maxItems': max_items}
 
 
-def plan_schema(k: int) -> Dict[str, Any]:
-    """Return the schema of a plan of exactly ``k`` steps."""
+def plan_schema(
+    k: int, places: Sequence[str] = (), objects: Sequence[str] = ()
+) -> Dict[str, Any]:
+    """
+    Return the schema of a plan of exactly ``k`` steps.
+
+    With the scene's ``places`` and ``objects`` it is typed as a planner's would be: goto and
+    charge take a place, pick, place and inspect an object id (the grammar rules out the rest).
+    """
+    if places and objects:
+        def step_of(actions: Sequence[str], targets: Sequence[str]) -> Dict[str, Any]:
+            return {
+                'type': 'object',
+                'properties': {
+                    'action': {'type': 'string', 'enum': list(actions)},
+                    'target': {'type': 'string', 'enum': list(targets)},
+                },
+                'required': ['action', 'target'],
+                'additionalProperties': False,
+            }
+
+        typed = {'anyOf': [step_of(PLACE_ACTIONS, places), step_of(OBJECT_ACTIONS, objects)]}
+        return {'type': 'array', 'items': typed, 'minItems': k, 'maxItems': k}
+    target = {'type': 'string', 'pattern': TARGET_PATTERN}
     step = {
         'type': 'object',
         'properties': {
             'action': {'type': 'string', 'enum': list(ACTIONS)},
-            'target': {'type': 'string', 'pattern': TARGET_PATTERN},
+            'target': target,
         },
         'required': ['action', 'target'],
         'additionalProperties': False,
@@ -80,9 +107,13 @@ def validate(value: Any, schema: Dict[str, Any], path: str = '$') -> List[str]:
     Check ``value`` against ``schema``; return what is wrong (empty when it fits).
 
     Covers type, enum, pattern, minLength/maxLength, minimum/maximum, items, minItems/maxItems,
-    properties, required and additionalProperties (false or a schema).
+    properties, required, additionalProperties (false or a schema) and anyOf.
     """
     errs: List[str] = []
+    if 'anyOf' in schema:
+        tries = [validate(value, sub, path) for sub in schema['anyOf']]
+        if all(tries):
+            return [f'{path}: matches none of anyOf ({"; ".join(t[0] for t in tries)})']
     kind = schema.get('type')
     if kind is not None:
         kinds = kind if isinstance(kind, list) else [kind]

@@ -93,7 +93,7 @@ def _list_task(scene: Scene, cond: Dict[str, str], ids: List[str]) -> Dict[str, 
     n = len(ids)
     return {
         'question': f'List the ids of {_phrase(cond)}. Answer with a JSON array of object ids.',
-        'schema': list_schema(n + max(3, n // 4)),
+        'schema': list_schema(n + max(3, n // 4), [o['id'] for o in scene.objects]),
         'references': [_dump(ids)],
         'max_new_tokens': min(512, 12 * n + 16),
         'meta': {'condition': cond, 'count': n, 'truth': ids},
@@ -142,7 +142,7 @@ def _plan_task(scene: Scene, rng: random.Random) -> Dict[str, Any]:
     )
     return {
         'question': question,
-        'schema': plan_schema(k),
+        'schema': plan_schema(k, scene.places, [o['id'] for o in scene.objects]),
         'references': [_dump(steps), _dump(world_of(scene))],
         'max_new_tokens': 16 * k + 16,
         'meta': {'k': k, 'object': obj['id'], 'source': src, 'dest': dest, 'charger': charger,

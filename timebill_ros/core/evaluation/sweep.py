@@ -101,8 +101,9 @@ class SweepConfig:
 
 
 def group_of(task: Task) -> str:
-    """Tasks are compared within a prompt-length group: one budget axis per group."""
-    return str(task.meta.get('target_tokens', task.n_tokens))
+    """Tasks are compared within a group (workload and prompt length): one budget axis each."""
+    size = str(task.meta.get('target_tokens', task.n_tokens))
+    return f'robot-{size}' if task.kind.startswith('robot') else size
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -176,6 +177,40 @@ class Sweeper:
                 f'cached in {time.monotonic() - t0:.1f}s'
             )
         return done
+
+    def answerable(self, tasks: Sequence[Task], min_score: float) -> Tuple[List[Task], dict]:
+        """
+        Keep the tasks the model answers reasonably at α = 0 with no deadline (score ≥ min).
+
+        A small model cannot answer every question; a task it fails with all the time in the
+        world cannot tell policies apart. Each candidate is served once (warm prefill, vanilla
+        decode) and scored; returns the kept tasks and what was dropped, by kind.
+        """
+        from ..outcome import Outcome
+
+        kept, rows = [], []
+        for i, t in enumerate(tasks):
+            job = self._job(t, accepted_at=time.monotonic())
+            job.input_ids = self.engine.encode(self.prompt_of(t), t.system_prompt or None)
+            run = self._decode(self.pipeline.prefill(job, Outcome(status='')), t, 0.0)
+            rows.append({'task_id': t.id, 'kind': t.kind, 'score': run.score,
+                         'valid': run.valid, 'tokens': run.n_tokens})
+            if run.score >= min_score:
+                kept.append(t)
+            self.log(f'[eval] answerable? {i + 1}/{len(tasks)} {t.id}: score {run.score:.2f} '
+                     f'({run.n_tokens} tokens) -> {"kept" if run.score >= min_score else "dropped"}')
+        kinds = sorted({t.kind for t in tasks})
+        return kept, {
+            'min_score': min_score,
+            'candidates': len(tasks),
+            'kept': len(kept),
+            'by_kind': {k: [sum(1 for t in kept if t.kind == k),
+                            sum(1 for t in tasks if t.kind == k)] for k in kinds},
+            'candidates_valid_rate': (
+                sum(bool(r['valid']) for r in rows) / len(rows) if rows else math.nan
+            ),
+            'rows': rows,
+        }
 
     def cached_of(self, task: Task) -> int:
         """Prompt tokens of ``task`` the prefix cache holds now."""
@@ -516,6 +551,7 @@ def estimator_errors(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
                 'actual': vanilla_run.n_tokens,
                 'max_new_tokens': r.task.max_new_tokens,
                 'source': r.predictor_source,
+                'structured': bool(schema_of(r.task)),
             }
         )
         for keep, run in sorted(r.runs.items()):
@@ -523,12 +559,13 @@ def estimator_errors(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
                 m, r.n_prompt, run.kv_after, r.prefill_s, run.decode_step_s, r.cached_tokens
             )
             n_out = run.n_tokens
-            pred_total = m.prefill_s(r.n_prompt, r.cached_tokens) + m.decode_s(r.n_prompt, run.alpha, n_out)
+            pre = m.prefill_s(r.n_prompt, r.cached_tokens)
+            pred_total = pre + m.decode_s(r.n_prompt, run.alpha, n_out)
             actual_total = r.prefill_s + run.evict_s + sum(run.decode_step_s)
             n_w = wcet_length(
                 min(r.n_hat, sweeper.cfg.n_max), 5.0, min(sweeper.cfg.n_max, r.task.max_new_tokens)
             )
-            wcet = m.prefill_s(r.n_prompt, r.cached_tokens) + m.decode_s(r.n_prompt, run.alpha, n_w)
+            wcet = pre + m.decode_s(r.n_prompt, run.alpha, n_w)
             times.append(
                 {
                     'task_id': r.task.id,
@@ -547,9 +584,15 @@ def estimator_errors(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
         pairs = [(a, p) for a, p in pairs if a > 0]
         return 100.0 * sum(abs(p - a) / a for a, p in pairs) / len(pairs) if pairs else math.nan
 
+    def mae(rows):
+        return statistics.mean(abs(x['n_hat'] - x['actual']) for x in rows) if rows else math.nan
+
     return {
         'lengths': lengths,
         'times': times,
+        # the length predictor on each workload: structured (JSON) answers vs free text
+        'length_mae_structured': mae([x for x in lengths if x['structured']]),
+        'length_mae_free': mae([x for x in lengths if not x['structured']]),
         'length_mae': statistics.mean(abs(x['n_hat'] - x['actual']) for x in lengths)
         if lengths
         else math.nan,
@@ -646,9 +689,11 @@ def run_sweep(
     cfg: SweepConfig,
     log: Callable[[str], None] = None,
     config=None,
+    sweeper: Optional[Sweeper] = None,
 ) -> Tuple[Sweeper, List[PromptResult], dict]:
-    sweeper = Sweeper(engine, time_model, predictor, cfg, log, config)
-    sweeper.prime(tasks)
+    if sweeper is None:
+        sweeper = Sweeper(engine, time_model, predictor, cfg, log, config)
+    sweeper.prime(tasks)  # a no-op for scenes primed already
     results = []
     t0 = time.monotonic()
     for i, task in enumerate(tasks):
