@@ -49,12 +49,14 @@ def test_scene_reaches_target_size(size, counter):
 
 def test_scene_text_lists_the_facts():
     scene = make_scene(2, 2048, count_tokens)
-    lines = set(scene.text.splitlines())
+    text = scene.text.splitlines()
+    lines = set(text)
     for o in scene.objects:
         assert re.fullmatch(r'[a-z]+_[0-9]+', o['id'])
-        if o['place']:
-            assert f"{o['id']}: {o['colour']} {o['type']} in {o['place']} " \
-                   f"at ({o['x']}, {o['y']})" in lines
+        if o['place']:  # under its place's heading
+            at = text.index(f"{o['id']}: {o['colour']} {o['type']} at ({o['x']}, {o['y']})")
+            heading = next(x for x in reversed(text[:at]) if x.startswith('In the '))
+            assert heading == f"In the {o['place']}:"
     assert len({o['id'] for o in scene.objects}) == len(scene.objects)
     for e in scene.log:
         assert f"{e['time']} {e['level']} {e['message']}" in lines
@@ -67,7 +69,7 @@ def test_prompt_is_scene_then_question(tasks):
     by_scene = {}
     for t in tasks:
         assert t.prompt.startswith(t.meta['context'] + '\n\n')
-        assert len(t.prompt) - len(t.meta['context']) < 600  # short after the scene
+        assert len(t.prompt) - len(t.meta['context']) < 800  # short after the scene
         by_scene.setdefault(t.meta['scene_id'], set()).add(t.meta['context'])
         assert t.meta['target_tokens'] in (1024, 4096)
         assert t.metric == rt.METRIC_OF[t.kind] and t.system_prompt
@@ -174,7 +176,7 @@ def test_plan_steps_are_possible_and_asked_for(tasks):
         steps = t.meta['truth']
         assert len(steps) == t.meta['k'] and 4 <= len(steps) <= 8
         assert all(step_validity(steps, json.loads(t.references[1])))
-        assert f"exactly {t.meta['k']} steps" in t.prompt and t.meta['object'] in t.prompt
+        assert f"exactly {t.meta['k']} robot steps" in t.prompt and t.meta['object'] in t.prompt
 
 
 def test_summary_truth_and_partial_credit(tasks):
@@ -184,11 +186,13 @@ def test_summary_truth_and_partial_credit(tasks):
             '' if t.meta['scope'] == 'all' else t.meta['scope'],
         )
         assert json.loads(t.references[0]) == truth == t.meta['truth']
-        off = dict(truth, errors=truth['errors'] + 1)
+        other = 'INFO' if truth['level'] != 'INFO' else 'WARN'
+        off = dict(truth, level=other)
         g = rt.grade(t, json.dumps(off))
-        assert g['valid'] and g['f1'] == g['score'] == 0.75
-        assert score_json('json_record', json.dumps(off), t.references) == 0.75
-        assert not rt.grade(t, json.dumps(dict(truth, errors='3')))['valid']
+        assert g['valid'] and g['f1'] == g['score'] == pytest.approx(2 / 3)
+        assert score_json('json_record', json.dumps(off), t.references) == pytest.approx(2 / 3)
+        assert not rt.grade(t, json.dumps(dict(truth, time='3')))['valid']
+        assert not rt.grade(t, json.dumps(dict(truth, level='DEBUG')))['valid']
         assert not rt.grade(t, json.dumps(dict(truth, extra=1)))['valid']
 
 

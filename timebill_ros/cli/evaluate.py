@@ -38,7 +38,7 @@ FULL = {
     'lengths': (1024, 2048), 'per_kind': 2, 'budgets': 5, 'max_new_tokens': 0,
     'scenes': (1024, 2048, 4096, 7168), 'robot_per_kind': 4,
 }
-KEEP_MIN_SCORE = 0.5  # robot candidates the model answers this well at α = 0 are kept
+KEEP_MIN_SCORE = 0.2  # robot candidates the model answers this well at α = 0 are kept
 BUDGET_RULE = (
     'per group, evenly spaced; robot groups from the slowest (warm) predicted prefill + 4 '
     'decode steps to 1.2 × the slowest predicted vanilla run of the reference answer length; '

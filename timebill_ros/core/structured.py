@@ -275,8 +275,8 @@ def with_schema(prompt: str, json_schema: str) -> str:
 
     The grammar guarantees the form, but a model writes better content when it is told the
     form, and the length predictor can only see the request if it is in the text it reads (the
-    schema, an item count). Both get this same text. A long enum is shown by its first values
-    (the prompt stays short; the grammar still enforces every value).
+    schema, an item count). Both get this same text. A long enum is left out of the text (the
+    grammar still enforces every value).
     """
     if not json_schema:
         return prompt
@@ -287,16 +287,22 @@ def with_schema(prompt: str, json_schema: str) -> str:
     return f'{prompt}\n{SCHEMA_HINT}{compact}'
 
 
-def _shorten_enums(node, keep: int = 4, over: int = 12):
-    """Show a long enum (a scene's object ids, say) by its first values: the grammar has all."""
+def _shorten_enums(node, over: int = 12):
+    """
+    Drop a long enum (a scene's object ids, say) from the schema a model reads.
+
+    The grammar enforces every value; a model shown a few of them copies those instead of
+    reading the scene (measured on the robot tasks), and all of them cost prompt tokens.
+    """
     if isinstance(node, dict):
-        out = {k: _shorten_enums(v, keep, over) for k, v in node.items()}
+        out = {k: _shorten_enums(v, over) for k, v in node.items()}
         enum = node.get('enum')
         if isinstance(enum, list) and len(enum) > over:
-            out['enum'] = enum[:keep] + ['...']
+            del out['enum']
+            out.setdefault('type', 'string')
         return out
     if isinstance(node, list):
-        return [_shorten_enums(v, keep, over) for v in node]
+        return [_shorten_enums(v, over) for v in node]
     return node
 
 

@@ -90,6 +90,8 @@ def record_schema(truth: Dict[str, Any]) -> Dict[str, Any]:
     for key, value in truth.items():
         if isinstance(value, int):
             props[key] = {'type': 'integer', 'minimum': 0}
+        elif key == 'level':
+            props[key] = {'type': 'string', 'enum': ['INFO', 'WARN', 'ERROR']}
         elif key.endswith('time'):
             props[key] = {'type': 'string', 'pattern': '^[0-9]{2}:[0-9]{2}:[0-9]{2}$'}
         else:

@@ -191,14 +191,18 @@ def render(world: _World, n_objects: int, n_log: int) -> str:
         f"Robot: in {r['place']} at ({r['x']}, {r['y']}), heading {r['heading']} deg, "
         f"battery {r['battery']} %, carrying {holding}.",
         '',
-        'Objects (id: colour type in place at (x, y)):',
+        'Objects by place (id: colour type at (x, y)):',
     ]
-    for o in world.objects[:n_objects]:
-        if o['id'] == r['carrying']:
-            lines.append(f"{o['id']}: {o['colour']} {o['type']} held by the robot")
-        else:
-            lines.append(f"{o['id']}: {o['colour']} {o['type']} in {o['place']} "
-                         f"at ({o['x']}, {o['y']})")
+    shown = world.objects[:n_objects]
+    held = [o for o in shown if o['id'] == r['carrying']]
+    for place in world.places:  # grouped: a scene graph's rooms, and a list is one block
+        here = [o for o in shown if o['place'] == place and o['id'] != r['carrying']]
+        if here:
+            lines.append(f'In the {place}:')
+            lines += [f"{o['id']}: {o['colour']} {o['type']} at ({o['x']}, {o['y']})"
+                      for o in here]
+    for o in held:
+        lines.append(f"Held by the robot: {o['id']}: {o['colour']} {o['type']}")
     lines += ['', 'Event log (time level message):']
     lines += [f"{e['time']} {e['level']} {e['message']}" for e in world.log[:n_log]]
     lines += ['End of scene.']  # the prefix ends on a word: a question after it keeps the ids

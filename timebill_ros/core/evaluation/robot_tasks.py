@@ -33,8 +33,8 @@ METRIC_OF = {'robot-list': 'json_set_f1', 'robot-plan': 'json_plan',
 SIZES = (1024, 2048, 4096, 8192)
 LIST_RANGE = (5, 40)
 LIST_PREFERRED = (8, 40)  # answers of ≥ 50 tokens where the scene has such conditions
-_CONDITIONS = (('colour', 'place'), ('type',), ('place',), ('colour',), ('type', 'place'),
-               ('colour', 'type'))
+# conditions a planner asks and a small model can answer from a scene grouped by place
+_CONDITIONS = (('place',), ('type', 'place'), ('colour', 'place'))
 
 __all__ = ['KINDS', 'METRIC_OF', 'Scene', 'build_robot_tasks', 'grade', 'load_tasks',
            'make_scene', 'make_tasks', 'save_tasks', 'summary']
@@ -89,10 +89,21 @@ def _choose_lists(scene: Scene, rng: random.Random, n: int) -> List[Tuple[dict, 
     return out
 
 
+def _example_list(scene: Scene, cond: Dict[str, str]) -> str:
+    """Return a worked example from the same scene (another place): one-shot, as planners do."""
+    for other in scene.places:
+        ids = [o['id'] for o in scene.objects
+               if o['place'] == other and o['id'] != scene.robot['carrying']]
+        if other != cond.get('place') and 2 <= len(ids) <= 12:
+            return f' Example: the ids of all objects in the {other} are {_dump(ids)}.'
+    return ''
+
+
 def _list_task(scene: Scene, cond: Dict[str, str], ids: List[str]) -> Dict[str, Any]:
     n = len(ids)
     return {
-        'question': f'List the ids of {_phrase(cond)}. Answer with a JSON array of object ids.',
+        'question': f'List the ids of {_phrase(cond)}. Answer with a JSON array of object ids.'
+        + _example_list(scene, cond),
         'schema': list_schema(n + max(3, n // 4), [o['id'] for o in scene.objects]),
         'references': [_dump(ids)],
         'max_new_tokens': min(512, 12 * n + 16),
@@ -135,10 +146,20 @@ def _plan_task(scene: Scene, rng: random.Random) -> Dict[str, Any]:
         steps += [{'action': 'goto', 'target': charger}, {'action': 'charge', 'target': charger}]
         parts.append(f'then go to the {charger} and charge there')
     k = len(steps)
+    said = {'goto': 'go to the {}', 'pick': 'pick {}', 'place': 'place {}',
+            'inspect': 'inspect {}', 'charge': 'charge in the {}'}
     question = (
-        f'Plan exactly {k} steps for the robot: ' + '; '.join(parts) + '. Answer with a JSON '
-        'array of steps {"action": ..., "target": ...}; actions: ' + ', '.join(ACTIONS)
+        f'Turn this task into exactly {k} robot steps: '
+        + ', then '.join(said[s['action']].format(s['target']) for s in steps)
+        + f' ({"; ".join(parts)}). Answer with a JSON array of steps '
+        '{"action": ..., "target": ...}; actions: ' + ', '.join(ACTIONS)
         + '; goto and charge take a place, pick, place and inspect an object id.'
+    )
+    other = next(o for o in scene.objects if o['id'] != obj['id'] and o['place'])
+    question += (
+        f' Example: "go to the {other["place"]}, then pick {other["id"]}" is '
+        + _dump([{'action': 'goto', 'target': other['place']},
+                 {'action': 'pick', 'target': other['id']}]) + '.'
     )
     return {
         'question': question,
@@ -152,26 +173,32 @@ def _plan_task(scene: Scene, rng: random.Random) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------------- summary
 def log_summary(scene: Scene, component: str = '') -> Dict[str, Any]:
-    """Ground truth of a summary of the log (or of one component's events)."""
+    """
+    Ground truth of a log record: the last event (of one component, or of the log).
+
+    A record a planner reads back (what happened last, when, how bad); counting the events
+    was tried first and is beyond a 135M model (none of the candidates answered).
+    """
     events = [e for e in scene.log if not component or e['component'] == component]
-    errors = [e for e in events if e['level'] == 'ERROR']
-    return {
-        'errors': len(errors),
-        'warnings': sum(e['level'] == 'WARN' for e in events),
-        'last_error': errors[-1]['message'] if errors else '',
-        'last_time': events[-1]['time'] if events else '',
-    }
+    last = events[-1] if events else {'time': '', 'level': '', 'message': ''}
+    return {'time': last['time'], 'level': last['level'], 'message': last['message']}
 
 
 def _summary_task(scene: Scene, component: str) -> Dict[str, Any]:
     truth = log_summary(scene, component)
-    scope = f'the {component} events of the log' if component else 'the event log'
-    lines = f'{component} ERROR and WARN lines' if component else 'ERROR and WARN lines'
+    scope = f'the last {component} event of the log' if component else 'the last event of the log'
     question = (
-        f'Summarise {scope}: count the {lines}, give the message of the last ERROR (without '
-        'time and level) and the time of the last event. Answer with a JSON object with the '
-        'keys ' + ', '.join(truth) + '.'
+        f'Report {scope} as a record: its time, level (INFO, WARN or ERROR) and message '
+        '(without time and level). Answer with a JSON object with the keys '
+        + ', '.join(truth) + '.'
     )
+    first = scene.log[0] if scene.log else None
+    if first is not None:  # one worked example, from the same log
+        question += (
+            f' Example: the line "{first["time"]} {first["level"]} {first["message"]}" is '
+            + _dump({'time': first['time'], 'level': first['level'],
+                     'message': first['message']}) + '.'
+        )
     return {
         'question': question,
         'schema': record_schema(truth),
@@ -182,8 +209,8 @@ def _summary_task(scene: Scene, component: str) -> Dict[str, Any]:
 
 
 def _summary_scopes(scene: Scene, rng: random.Random, n: int) -> List[str]:
-    erring = sorted({e['component'] for e in scene.log if e['level'] == 'ERROR'})
-    scopes = [''] + rng.sample(erring, len(erring))
+    components = sorted({e['component'] for e in scene.log})
+    scopes = [''] + rng.sample(components, len(components))
     return [scopes[i % len(scopes)] for i in range(n)]
 
 
