@@ -108,6 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         '--max-new-tokens', type=int, help="cap every task's max_new_tokens (quick: 48)"
     )
     p.add_argument('--no-plots', action='store_true', help='JSON and Markdown only')
+    p.add_argument(
+        '--quick-profile',
+        action='store_true',
+        help='without a cached profile, calibrate on the quick grid (minutes) in a full run too',
+    )
 
 
 def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool = False):
@@ -249,7 +254,7 @@ def run(args) -> int:
     )
 
     time_model, profile_desc = ensure_profile(
-        engine, cfg, [t.n_tokens for t in tasks], out_dir, log, args.quick
+        engine, cfg, [t.n_tokens for t in tasks], out_dir, log, args.quick or args.quick_profile
     )
     predictor = load_length_predictor(cfg, logger=log)
     pred_desc = (

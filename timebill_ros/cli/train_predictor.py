@@ -21,7 +21,10 @@ def add_arguments(p) -> None:
         help='ROS-style params YAML (default: the packaged config/timebill.yaml)',
     )
     p.add_argument(
-        '--labels', default='', help='label JSONL (default: the committed SmolLM2 file)'
+        '--labels',
+        default='',
+        help='label JSONL file(s), comma-separated (default: the committed SmolLM2 free-text '
+        'and structured-answer files)',
     )
     p.add_argument(
         '--backbone', default=None, help='minilm (default) or a causal LM spec for load_model'
@@ -80,7 +83,12 @@ def set_head(meta, head: str, records) -> None:
 
 def run(args) -> int:
     from timebill_ros.core.config import default_config_path, TimeBillConfig
-    from timebill_ros.core.length_data import DEFAULT_LABEL_FILE, load_labels, read_meta
+    from timebill_ros.core.length_data import (
+        DEFAULT_LABEL_FILE,
+        load_labels,
+        read_meta,
+        STRUCTURED_LABEL_FILE,
+    )
     from timebill_ros.core.length_predictor import checkpoint_dir, PredictorMeta, train_predictor
 
     path = args.config or (default_config_path() if default_config_path().is_file() else None)
@@ -92,8 +100,13 @@ def run(args) -> int:
     if args.if_missing and (out / 'meta.json').is_file():
         print(f'length predictor already trained: {out}')
         return 0
-    labels = Path(args.labels) if args.labels else DEFAULT_LABEL_FILE
-    records = load_labels(labels)
+    files = (
+        [Path(x) for x in args.labels.split(',') if x]
+        if args.labels
+        else [f for f in (DEFAULT_LABEL_FILE, STRUCTURED_LABEL_FILE) if f.is_file()]
+    )
+    labels = files[0]
+    records = [r for f in files for r in load_labels(f)]
     if not records:
         print(f'no labels in {labels}; run `timebill dataset` first', file=sys.stderr)
         return 2
@@ -102,7 +115,7 @@ def run(args) -> int:
         bucket_size=cfg.bucket_size,
         num_buckets=cfg.num_buckets,
         max_prompt_tokens=cfg.predictor_max_prompt_tokens,
-        label_file=str(labels),
+        label_file=','.join(str(f) for f in files),
         label_cap=int(read_meta(labels).get('max_new_tokens', 0)),
     )
     set_head(meta, args.head, records)

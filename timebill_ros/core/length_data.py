@@ -19,6 +19,7 @@ from .rlp.label_io import (
     load_labels,
     read_meta,
     REGENERATE_CMD,
+    STRUCTURED_LABEL_FILE,
 )
 from .rlp.labelling import label_file, verify_loops
 from .rlp.prompts import (
@@ -41,6 +42,7 @@ __all__ = [
     'CAPPED_NOTE',
     'CODE_TASKS',
     'DEFAULT_LABEL_FILE',
+    'STRUCTURED_LABEL_FILE',
     'LANGS',
     'NUM_WORDS',
     'REGENERATE_CMD',

@@ -197,8 +197,9 @@ class Sweeper:
                          'valid': run.valid, 'tokens': run.n_tokens})
             if run.score >= min_score:
                 kept.append(t)
+            verdict = 'kept' if run.score >= min_score else 'dropped'
             self.log(f'[eval] answerable? {i + 1}/{len(tasks)} {t.id}: score {run.score:.2f} '
-                     f'({run.n_tokens} tokens) -> {"kept" if run.score >= min_score else "dropped"}')
+                     f'({run.n_tokens} tokens) -> {verdict}')
         kinds = sorted({t.kind for t in tasks})
         return kept, {
             'min_score': min_score,

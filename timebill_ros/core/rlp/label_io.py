@@ -19,6 +19,9 @@ from typing import Sequence
 from .prompts import split_of
 
 DEFAULT_LABEL_FILE = Path(__file__).resolve().parents[2] / 'data' / 'lengths_smollm2.jsonl'
+# structured (JSON-schema) answers of the robot tasks, distilled the same way
+# (benchmarks/structured_lengths.py): the predictor trains on both by default
+STRUCTURED_LABEL_FILE = DEFAULT_LABEL_FILE.with_name('lengths_smollm2_robot.jsonl')
 CAPPED_NOTE = (
     'capped=true: the target did not stop by the cap (length = cap), or it entered an '
     'exact repeating loop that would run to the cap (loop=true). These are real '
