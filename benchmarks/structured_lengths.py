@@ -14,6 +14,10 @@ is the text the predictor reads: the question with its schema appended).
 
 Then ``timebill train-predictor`` trains on both label files (its default).
 Last line: ``labels=N mean_length=… capped=…``.
+
+``--mae results/eval/results.json --checkpoints A,B`` compares predictors instead: N̂ of each
+checkpoint for the evaluation's served prompts against the lengths the target produced there,
+MAE per workload (structured vs free text). Last line: ``mae <name>=structured/free …``.
 """
 
 from __future__ import annotations
@@ -34,13 +38,67 @@ def _seeds(text: str):
     return [int(x) for x in text.split(',')]
 
 
+def compare(results_path: str, checkpoints) -> int:
+    """Print each predictor's MAE on the evaluation's served prompts, by workload."""
+    from timebill_ros.core.evaluation.robot_tasks import build_robot_tasks
+    from timebill_ros.core.evaluation.tasks import build_tasks, KINDS
+    from timebill_ros.core.rlp.predictor import LengthPredictor
+    from timebill_ros.core.structured import with_schema
+
+    from timebill_ros.core.config import TimeBillConfig
+    from timebill_ros.core.engine import Engine
+    from timebill_ros.core.evaluation.tasks import counter_for
+
+    res = json.loads(Path(results_path).read_text())
+    meta = res['meta']
+    actual = {x['task_id']: x['actual'] for x in res['estimator']['lengths']}
+    count = counter_for(Engine.from_config(TimeBillConfig()))  # the tokenizer the eval used
+    w = meta['workload']
+    tasks = {}
+    if w.get('scenes'):
+        tasks.update({t.id: t for t in build_robot_tasks(
+            count, sizes=tuple(w['scenes']), per_kind=w['robot_per_kind'], seed=meta['seed'])})
+    if w.get('lengths'):
+        tasks.update({t.id: t for t in build_tasks(
+            count, lengths=tuple(w['lengths']), kinds=w['kinds'] or KINDS,
+            per_kind=w['per_kind'], seed=meta['seed'])})
+        for t in tasks.values():
+            if w.get('max_new_tokens') and not t.meta.get('json_schema'):
+                t.max_new_tokens = min(t.max_new_tokens, w['max_new_tokens'])
+    rows = []
+    for ck in checkpoints:
+        pred = LengthPredictor.load(ck)
+        err = {'structured': [], 'free': []}
+        for tid, n in actual.items():
+            t = tasks.get(tid)
+            if t is None:
+                continue
+            schema = t.meta.get('json_schema', '')
+            text = with_schema(t.prompt, schema)
+            n_hat = min(float(pred.predict(text).n_hat), t.max_new_tokens)
+            err['structured' if schema else 'free'].append(abs(n_hat - n))
+        rows.append((Path(ck).name, {k: (statistics.mean(v) if v else float('nan'), len(v))
+                                     for k, v in err.items()}))
+    print(f'{"checkpoint":<24} {"structured MAE (n)":>20} {"free-text MAE (n)":>20}')
+    for name, e in rows:
+        print(f'{name:<24} {e["structured"][0]:>14.1f} ({e["structured"][1]:>3}) '
+              f'{e["free"][0]:>14.1f} ({e["free"][1]:>3})')
+    print('mae ' + ' '.join(f'{name}={e["structured"][0]:.1f}/{e["free"][0]:.1f}'
+                            for name, e in rows))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--seeds', type=_seeds, default=_seeds('1-5'))
     ap.add_argument('--sizes', default='1024,2048')
     ap.add_argument('--per-kind', type=int, default=3)
     ap.add_argument('--out', default='timebill_ros/data/lengths_smollm2_robot.jsonl')
+    ap.add_argument('--mae', help="an evaluation's results.json: compare --checkpoints on it")
+    ap.add_argument('--checkpoints', default='', help='predictor checkpoint dirs, comma-separated')
     args = ap.parse_args(argv)
+    if args.mae:
+        return compare(args.mae, [c for c in args.checkpoints.split(',') if c])
 
     from timebill_ros.core.config import TimeBillConfig
     from timebill_ros.core.engine import Engine, GenerationRequest

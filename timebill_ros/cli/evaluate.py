@@ -320,6 +320,17 @@ def run(args) -> int:
         'predictor': pred_desc,
         'n_tasks': len(tasks),
         'robot_tasks': len(robot),
+        # what rebuilds the same tasks (benchmarks/structured_lengths.py --mae)
+        'workload': {
+            'scenes': list(args.scenes or preset['scenes'])
+            if args.workload != 'retrieval' and not args.tasks_bag else [],
+            'robot_per_kind': preset['robot_per_kind'],
+            'lengths': list(args.lengths or preset['lengths'])
+            if args.workload != 'robot' and not args.tasks_bag else [],
+            'kinds': [k.strip() for k in args.kinds.split(',')] if args.kinds else None,
+            'per_kind': args.per_kind or preset['per_kind'],
+            'max_new_tokens': cap,
+        },
         'answerable': kept_info,
         'cpu': _cpu_name(),
         'decode_step': engine.decode_step,
