@@ -566,7 +566,9 @@ class Engine:
         if not state.evicted:
             state.alpha, state.kv_after = 0.0, state.kv_before
         select = self._sampler(request)
-        compiled = request.compiled or self.compile_grammar(request.json_schema, request.grammar)
+        compiled = request.compiled
+        if compiled is None and (request.json_schema or request.grammar):
+            compiled = self.compile_grammar(request.json_schema, request.grammar)
         grammar = self.grammars.constraint(compiled) if compiled is not None else None
         closes = grammar is not None and request.overrun == 'close'
         max_new = min(request.max_new_tokens, self.max_context - state.n_prompt)
@@ -692,7 +694,8 @@ class Engine:
         """Prefill, pick α (fixed, or by ``choose_alpha`` once prefill is done), evict, decode."""
         started = time.monotonic()
         self.check_request(request)
-        if request.compiled is None:  # a bad schema fails before any compute
+        if request.compiled is None and (request.json_schema or request.grammar):
+            # a bad schema fails before any compute
             request.compiled = self.compile_grammar(request.json_schema, request.grammar)
         ids = self._request_ids(request)
         cap = min(self.max_context, len(ids) + request.max_new_tokens + 1)

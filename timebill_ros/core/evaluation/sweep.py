@@ -192,9 +192,13 @@ class Sweeper:
         for i, t in enumerate(tasks):
             job = self._job(t, accepted_at=time.monotonic())
             job.input_ids = self.engine.encode(self.prompt_of(t), t.system_prompt or None)
-            run = self._decode(self.pipeline.prefill(job, Outcome(status='')), t, 0.0)
+            base = self.pipeline.prefill(job, Outcome(status=''))
+            run = self._decode(base, t, 0.0)
             rows.append({'task_id': t.id, 'kind': t.kind, 'score': run.score,
-                         'valid': run.valid, 'tokens': run.n_tokens})
+                         'valid': run.valid, 'tokens': run.n_tokens,
+                         'prefill_s': base.prefill_s,
+                         'step_s': statistics.median(run.decode_step_s or [0.0]),
+                         'finish_s': base.prefill_s + (run.token_offsets_s or [0.0])[-1]})
             if run.score >= min_score:
                 kept.append(t)
             verdict = 'kept' if run.score >= min_score else 'dropped'
@@ -679,6 +683,31 @@ def choose_budgets(
             out[g] = [round(hi, 2)]
         else:
             out[g] = [round(lo + (hi - lo) * i / (count - 1), 2) for i in range(count)]
+    return out
+
+
+def measured_budgets(
+    tasks: Sequence[Task], rows: Sequence[dict], count: int
+) -> Dict[str, List[float]]:
+    """
+    Per group, budgets over the decode window as measured (the ``answerable`` pass).
+
+    From the slowest prefill plus four decode steps (a few tokens fit) to 1.1 × the slowest
+    vanilla run (every answer completes), evenly spaced. Measured, because a profile's warm
+    prefill and a short answer's decode are where its prediction is least certain, and the
+    window is a second wide.
+    """
+    by_id = {r['task_id']: r for r in rows}
+    groups: Dict[str, List[dict]] = {}
+    for t in tasks:
+        if t.id in by_id:
+            groups.setdefault(group_of(t), []).append(by_id[t.id])
+    out = {}
+    for g, rs in groups.items():
+        lo = max(r['prefill_s'] + 4 * r['step_s'] for r in rs)
+        hi = max(1.1 * max(r['finish_s'] for r in rs), 1.2 * lo)
+        n = max(count, 1)
+        out[g] = [round(lo + (hi - lo) * i / max(n - 1, 1), 2) for i in range(n)]
     return out
 
 
