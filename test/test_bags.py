@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -398,3 +399,150 @@ def test_ros2_action_recording_with_rosidl_hashes_is_read(tmp_path):
             pass
     (r,) = B.read_requests(tmp_path / 'rec')
     assert (r.request_id, r.prompt, r.budget_s) == (gid.hex, 'go', 4.0)
+
+
+# a robot-task schema: the scene's ids as a long enum (shortened in the prompt the model reads)
+PLAN = {
+    'type': 'array',
+    'items': {'type': 'string', 'enum': [f'obj_{i}' for i in range(20)]},
+    'maxItems': 3,
+}
+
+
+def _structured_bag(tmp_path):
+    """
+    Write a structured goal both ways a bag holds one; return (bag, schema, question).
+
+    As a SendGoal event (the goal's own prompt) and as the server's msg/Request (its prompt with
+    the schema appended, schema_in_prompt).
+    """
+    import json
+
+    from timebill_ros.core.structured import with_schema
+
+    schema, question = json.dumps(PLAN), 'Which objects hold cups?'
+    with B.BagRecorder(tmp_path / 'bag') as rec:
+        rec.record_goal(
+            uuid.UUID(int=1),
+            {'prompt': question, 'time_budget': 2.0, 'json_schema': schema},
+            stamp_ns=1_000,
+        )
+        rec.record_goal(
+            uuid.UUID(int=2), {'prompt': 'x', 'time_budget': 2.0, 'grammar': 'start: "a"'}, 2_000
+        )
+        rec.writer.write(
+            '/timebill/requests',
+            'timebill_ros/msg/Request',
+            {
+                'request_id': uuid.UUID(int=3).hex,
+                'accepted_at': {'sec': 50, 'nanosec': 0},
+                'deadline': {'sec': 52, 'nanosec': 0},
+                'prompt': with_schema(question, schema),
+                'json_schema': schema,
+            },
+            3_000,
+        )
+    return tmp_path / 'bag', schema, question
+
+
+def test_structured_requests_keep_their_schema_and_grammar(tmp_path):
+    bag, schema, question = _structured_bag(tmp_path)
+    goal, lark, request = B.read_requests(bag)
+    assert (goal.prompt, goal.json_schema, goal.grammar) == (question, schema, '')
+    assert (lark.json_schema, lark.grammar) == ('', 'start: "a"')
+    assert request.json_schema == schema and request.prompt.startswith(question + '\n')
+
+
+def test_request_bag_from_before_the_structured_fields_reads_them_empty(tmp_path):
+    """A msg/Request recorded without json_schema/grammar (an older build) is free text."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import get_types_from_msg, get_typestore, Stores
+
+    text = (REPO / 'msg' / 'Request.msg').read_text().splitlines()
+    old = '\n'.join(ln for ln in text if not ln.startswith(('string json_schema', 'string gram')))
+    assert 'string json_schema' not in old and 'string grammar' not in old
+    store = get_typestore(Stores.ROS2_JAZZY)
+    store.register(get_types_from_msg(old, 'timebill_ros/msg/Request'))
+    Request = store.types['timebill_ros/msg/Request']
+    import numpy as np
+
+    Time = store.types['builtin_interfaces/msg/Time']
+    with Writer(tmp_path / 'old', version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        conn = w.add_connection('/timebill/request', 'timebill_ros/msg/Request', typestore=store)
+        msg = Request(
+            request_id='a' * 32,
+            accepted_at=Time(sec=1, nanosec=0),
+            deadline=Time(sec=3, nanosec=0),
+            prompt='p',
+            system_prompt='',
+            input_ids=np.array([1], dtype=np.uint32),
+            max_new_tokens=4,
+            overrun_policy='',
+            min_quality=-1.0,
+            max_alpha=-1.0,
+        )
+        w.write(conn, 1, store.serialize_cdr(msg, 'timebill_ros/msg/Request'))
+    (r,) = B.read_requests(tmp_path / 'old')
+    assert (r.prompt, r.json_schema, r.grammar, r.budget_s) == ('p', '', '', 2.0)
+
+
+def test_replay_sends_the_recorded_schema_once(tmp_path):
+    """
+    Offline the Job, online the goal, carry the schema; the model reads it appended once.
+
+    No model: the engine, pipeline and action client are stand-ins that keep what they got.
+    """
+    from types import SimpleNamespace
+
+    from timebill_ros.cli.replay import OfflineServer, OnlineServer
+    from timebill_ros.core.config import TimeBillConfig
+    from timebill_ros.core.evaluation.policies import parse_policy
+    from timebill_ros.core.structured import SCHEMA_HINT, with_schema
+
+    bag, schema, question = _structured_bag(tmp_path)
+    goal, lark, request = B.read_requests(bag)
+    once = with_schema(question, schema)
+    assert once.count(SCHEMA_HINT) == 1 and 'obj_19' not in once  # the long enum left out
+
+    encoded, jobs = [], []
+    offline = OfflineServer.__new__(OfflineServer)
+    offline.cfg, offline.policy = TimeBillConfig(), parse_policy('timebill+replan')
+    offline.engine = SimpleNamespace(encode=lambda text, system: encoded.append(text) or [1, 2])
+    offline.pipeline = SimpleNamespace(
+        run=lambda job: jobs.append(job)
+        or SimpleNamespace(summary=lambda: {'status': 'succeeded'}, finished_at_s=0.1)
+    )
+    for r in (goal, lark, request):
+        assert offline.serve(r, release=100.0)['finished_at'] == pytest.approx(100.1)
+    assert encoded == [once, 'x', once]
+    assert [(j.prompt, j.json_schema, j.grammar) for j in jobs] == [
+        (once, schema, ''),
+        ('x', '', 'start: "a"'),
+        (once, schema, ''),
+    ]
+    offline.cfg = TimeBillConfig(schema_in_prompt=False)  # the node would not append it either
+    offline.serve(goal, release=100.0)
+    assert encoded[-1] == question and jobs[-1].json_schema == schema
+
+    sent = []
+
+    def ask(prompt, budget, **kw):
+        sent.append((prompt, kw))
+        return SimpleNamespace(
+            status_name='succeeded', goal_id='g', text='["obj_1"]', completed=True,
+            deadline_met=True, valid=True, structured=True, alpha=0.0, predicted_length=3,
+            prompt_tokens=9, tokens_generated=3, kv_before=9, kv_after=9, prefill_s=0.0,
+            decode_s=0.0, reason='',
+        )
+
+    online = OnlineServer.__new__(OnlineServer)
+    online.client, online.timeout_s = SimpleNamespace(ask=ask), 1.0
+    for r in (goal, lark, request):
+        assert online.serve(r, release=time.monotonic())['valid'] is True
+    assert [(kw['schema'], kw['grammar']) for _, kw in sent] == [
+        (schema, ''),
+        (None, 'start: "a"'),
+        (schema, ''),
+    ]
+    # the server appends the schema (nodes.validation.model_prompt): once, whichever form
+    assert [with_schema(p, kw['schema'] or '') for p, kw in sent] == [once, 'x', once]

@@ -13,7 +13,13 @@ import pytest
 from timebill_ros.core.config import TimeBillConfig
 from timebill_ros.core.engine import Engine, GenerationRequest
 from timebill_ros.core.pipeline import FixedLength, Job, Pipeline
-from timebill_ros.core.structured import GrammarError, JsonNesting, schema_depth
+from timebill_ros.core.structured import (
+    GrammarError,
+    JsonNesting,
+    schema_depth,
+    SCHEMA_HINT,
+    with_schema,
+)
 from timebill_ros.core.time_estimator import ExecutionTimeModel
 
 COLOURS = {
@@ -160,3 +166,18 @@ def test_json_nesting_reads_open_strings_and_brackets():
     assert n.closing() == '}'
     assert schema_depth({'type': 'string'}) == 0
     assert schema_depth(COLOURS) == 1
+
+
+def test_with_schema_appends_the_schema_once():
+    """A prompt that already ends with the schema's text (a replayed Request) is left as it is."""
+    ids = {'type': 'string', 'enum': [f'id{i}' for i in range(20)]}  # shortened in the text
+    for schema in (json.dumps(COLOURS), json.dumps(ids), '{"type": '):  # last: not JSON
+        once = with_schema('Name them.', schema)
+        assert once.startswith('Name them.\n' + SCHEMA_HINT) and once.count(SCHEMA_HINT) == 1
+        assert with_schema(once, schema) == once
+        assert with_schema(with_schema(once, schema), schema) == once
+    assert 'id19' not in with_schema('q', json.dumps(ids))
+    assert with_schema('q', '') == 'q'
+    # another schema's text is not this one's: it is appended after it
+    other = with_schema(with_schema('q', json.dumps(COLOURS)), json.dumps(OBJECTS))
+    assert other.count(SCHEMA_HINT) == 2

@@ -11,6 +11,10 @@ Pacing: ``--pace fast`` sends the next request when the previous one ended; ``--
 releases each at its recorded time offset divided by ``--speed``. A request's deadline runs
 from its release, so time spent queued behind a slow one counts against it, as it would on a
 robot. Requests that carry benchmark metadata (``make-tasks`` bags) are scored.
+
+A structured request (``json_schema`` / ``grammar``) is replayed with them. A prompt recorded on
+the request topic already has the schema appended (``schema_in_prompt``); ``with_schema`` leaves
+such a prompt as it is, so neither path appends the schema twice.
 """
 
 from __future__ import annotations
@@ -119,10 +123,18 @@ class OfflineServer:
         """
         from timebill_ros.core.errors import TimeBillError
         from timebill_ros.core.pipeline import Job
+        from timebill_ros.core.structured import with_schema
 
         pol = self.policy
+        json_schema, grammar = req.json_schema or '', req.grammar or ''
+        # what the node encodes (nodes.validation.model_prompt)
+        prompt = (
+            with_schema(req.prompt, json_schema)
+            if json_schema and self.cfg.schema_in_prompt
+            else req.prompt
+        )
         try:
-            ids = self.engine.encode(req.prompt, req.system_prompt or None)
+            ids = self.engine.encode(prompt, req.system_prompt or None)
         except TimeBillError as exc:
             return {
                 'status': 'rejected',
@@ -134,8 +146,10 @@ class OfflineServer:
         job = Job(
             request_id=req.request_id,
             input_ids=ids,
-            prompt=req.prompt,
+            prompt=prompt,
             system_prompt=req.system_prompt or '',
+            json_schema=json_schema,
+            grammar=grammar,
             deadline=release + req.budget_s if req.budget_s is not None else math.inf,
             accepted_at=release,
             max_new_tokens=req.max_new_tokens or self.cfg.max_new_tokens,
@@ -182,6 +196,8 @@ class OnlineServer:
             system_prompt=req.system_prompt,
             max_new_tokens=req.max_new_tokens,
             overrun_policy=req.overrun_policy,
+            schema=req.json_schema or None,
+            grammar=req.grammar or '',
             timeout_s=(budget or 0.0) + self.timeout_s,
         )
         d = {
@@ -190,6 +206,8 @@ class OnlineServer:
                 'text',
                 'completed',
                 'deadline_met',
+                'valid',
+                'structured',
                 'alpha',
                 'predicted_length',
                 'prompt_tokens',

@@ -276,7 +276,8 @@ def with_schema(prompt: str, json_schema: str) -> str:
     The grammar guarantees the form, but a model writes better content when it is told the
     form, and the length predictor can only see the request if it is in the text it reads (the
     schema, an item count). Both get this same text. A long enum is left out of the text (the
-    grammar still enforces every value).
+    grammar still enforces every value). Idempotent: a prompt that already ends with this
+    schema's text (a recorded ``Request.prompt``, replayed) is returned unchanged.
     """
     if not json_schema:
         return prompt
@@ -284,7 +285,8 @@ def with_schema(prompt: str, json_schema: str) -> str:
         compact = json.dumps(_shorten_enums(json.loads(json_schema)), separators=(',', ':'))
     except json.JSONDecodeError:
         compact = json_schema  # the pipeline rejects it with the reason
-    return f'{prompt}\n{SCHEMA_HINT}{compact}'
+    suffix = f'\n{SCHEMA_HINT}{compact}'
+    return prompt if prompt.endswith(suffix) else prompt + suffix
 
 
 def _shorten_enums(node, over: int = 12):

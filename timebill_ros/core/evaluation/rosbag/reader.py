@@ -97,6 +97,11 @@ class RecordedRequest:
     budget_s: Optional[float] = None  # relative budget; None: no deadline
     max_new_tokens: int = 0
     overrun_policy: str = ''
+    # the goal's JSON schema / Lark grammar ('' = free text, or a bag from before the fields).
+    # A msg/Request's prompt already has the schema appended (schema_in_prompt); with_schema is
+    # idempotent, so sending it again with its schema does not append it twice.
+    json_schema: str = ''
+    grammar: str = ''
     task: Optional[Dict[str, Any]] = None  # references / metric, when the bag came from make-tasks
     source: str = ''  # msgtype it was read from
 
@@ -120,6 +125,8 @@ def _goal_request(goal_id: str, goal: Any, stamp_ns: int, source: str) -> Record
         budget_s=budget,
         max_new_tokens=int(getattr(goal, 'max_new_tokens', 0)),
         overrun_policy=getattr(goal, 'overrun_policy', ''),
+        json_schema=getattr(goal, 'json_schema', '') or '',
+        grammar=getattr(goal, 'grammar', '') or '',
         source=source,
     )
 
@@ -151,6 +158,8 @@ def _extract(m: BagMessage, index: int) -> List[RecordedRequest]:
                 budget_s=budget,
                 max_new_tokens=int(msg.max_new_tokens),
                 overrun_policy=msg.overrun_policy,
+                json_schema=getattr(msg, 'json_schema', '') or '',
+                grammar=getattr(msg, 'grammar', '') or '',
                 source=m.msgtype,
             )
         ]
