@@ -352,6 +352,8 @@ def test_replay_offline_of_a_bag_written_the_ros2_way(cli_config, tmp_path):
                 overrun_policy='kill',
                 min_quality=-1.0,
                 max_alpha=-1.0,
+                json_schema='',
+                grammar='',
             )
             w.write(conn, (i + 1) * 10**9, store.serialize_cdr(msg, 'timebill_ros/msg/Request'))
     out = tmp_path / 'report'
