@@ -78,7 +78,7 @@ class Compiled:
     """A goal's grammar in llguidance's form, checked against the tokenizer."""
 
     grammar: str  # llguidance's grammar (JSON), what a matcher is built from
-    kind: str  # json_schema | lark | regex
+    kind: str  # json_schema | lark
     depth: int  # most nested brackets the answer can need (schemas; 2 for others)
 
     @property
@@ -308,20 +308,11 @@ def _shorten_enums(node, over: int = 12):
     return node
 
 
-def parse_json(text: str):
-    """Return the answer's JSON value, or raise ``ValueError`` with where it breaks."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f'the answer is not valid JSON: {exc}') from None
-
-
 __all__ = [
     'Compiled',
     'Constraint',
     'GrammarError',
     'Grammars',
-    'parse_json',
     'schema_depth',
     'with_schema',
 ]
