@@ -30,20 +30,27 @@ model: $(MODEL_STAMP)
 $(MODEL_STAMP): | $(STAMP)
 	$(PY) -c "from timebill_ros.core.model import ensure_default_model; ensure_default_model()"
 
-# The engine's AVX2 decode kernels, compiled once into the cache (else on first use, ~1 min).
-KERNELS_STAMP := $(TIMEBILL_CACHE)/kernels/.stamp
+# The engine's decode kernels, one library per ISA, built into the package tree for the pip
+# path (timebill_ros/_kernels/, ignored) by the recipe colcon also runs (build.py); the engine
+# loads them without compiling. Rebuilt when the source, the recipe or the venv (torch) change.
+KERNELS_INPUTS := timebill_ros/core/kernels/decode_cpu.cpp timebill_ros/core/kernels/build.py
+KERNELS_STAMP := timebill_ros/_kernels/.stamp
 kernels: $(KERNELS_STAMP)
-$(KERNELS_STAMP): timebill_ros/core/kernels/decode_cpu.cpp | $(STAMP)
-	$(PY) -c "from timebill_ros.core import kernels; kernels.load(); print('kernels:', kernels.why_not() or 'built')"
-	@mkdir -p $(dir $@) && touch $@
+$(KERNELS_STAMP): $(KERNELS_INPUTS) $(STAMP)
+	$(PY) timebill_ros/core/kernels/build.py --out timebill_ros/_kernels
+	@touch $@
 
-# colcon build of the interfaces + symlinked Python; reruns only when an input changes.
-ROS_STAMP := install/.stamp-ros
-ROS_INPUTS := $(wildcard msg/*.msg srv/*.srv action/*.action config/* launch/*) \
-	CMakeLists.txt package.xml tools/setup_ros.sh timebill_ros
+# colcon build of the interfaces + symlinked Python + the kernels; reruns only when an input
+# changes. The symlink install links each top-level entry of timebill_ros/, so edits below them
+# need no rebuild but a new or removed entry does: the entry names are part of the stamp's name.
+ROS_ENTRIES := $(shell ls timebill_ros | grep -vx -e __pycache__ -e _kernels | md5sum | cut -c1-8)
+ROS_STAMP := install/.stamp-ros-$(ROS_ENTRIES)
+ROS_INPUTS := $(wildcard msg/*.msg srv/*.srv action/*.action config/* launch/* resource/*) \
+	CMakeLists.txt package.xml tools/setup_ros.sh $(KERNELS_INPUTS)
 ROS_ENV := export AMENT_PREFIX_PATH=$(VENV) && source install/setup.bash
 ros: $(ROS_STAMP)
-$(ROS_STAMP): $(ROS_INPUTS) | $(STAMP)
+# after `kernels` (order only), so colcon copies those libraries instead of compiling them again
+$(ROS_STAMP): $(ROS_INPUTS) $(STAMP) | $(KERNELS_STAMP)
 	tools/setup_ros.sh
 	@touch $@
 

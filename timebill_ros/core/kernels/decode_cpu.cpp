@@ -1,5 +1,8 @@
 // One-token (decode) kernels for x86 CPUs with AVX2 + FMA.
 //
+// Built once per ISA by build.py (avx2; avx512 adds VNNI's fused multiply-add of int16 pairs
+// and EVEX encodings with 32 vector registers); the loader picks the variant the CPU runs.
+//
 // A decode step multiplies one activation row by every weight once, so its time is the bytes
 // read plus the work to unpack them. torch's int4 CPU kernel is fast only on AVX-512 with bf16
 // inputs; here the activation row is quantised to int16 per block of 32 and
@@ -102,6 +105,21 @@ Q16Rows quantize_rows(const float* x, int64_t m, int64_t k) {
   return out;
 }
 
+// acc + madd(a, b) + madd(c, d): VNNI fuses each multiply-add (same wrapping int32 sums).
+inline __m256i madd2(__m256i a, __m256i b, __m256i c, __m256i d) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(_mm256_madd_epi16(a, b), c, d);
+#else
+  return _mm256_add_epi32(_mm256_madd_epi16(a, b), _mm256_madd_epi16(c, d));
+#endif
+}
+
+// Every tensor a kernel reads must live in CPU memory: a CUDA pointer would be read as host
+// memory (garbage or a segfault), so refuse it by name first.
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+}
+
 // One Q4_1 block's codes · one int16 activation block, as 8 int32 partial sums.
 inline __m256i q4_block_dot(const uint8_t* p, const int16_t* a) {
   // 16 bytes: low nibbles are elements 0..15, high nibbles 16..31 (GGUF Q4_1 order)
@@ -111,7 +129,7 @@ inline __m256i q4_block_dot(const uint8_t* p, const int16_t* a) {
   const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
   const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
   const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16));
-  return _mm256_add_epi32(_mm256_madd_epi16(lo, a0), _mm256_madd_epi16(hi, a1));
+  return madd2(lo, a0, hi, a1);
 }
 
 // One int8 weight block · one int16 activation block, as 8 int32 partial sums.
@@ -120,12 +138,12 @@ inline __m256i q8_block_dot(const int8_t* w, const int16_t* a) {
   const __m128i w1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16));
   const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
   const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16));
-  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(w0), a0),
-                          _mm256_madd_epi16(_mm256_cvtepi8_epi16(w1), a1));
+  return madd2(_mm256_cvtepi8_epi16(w0), a0, _mm256_cvtepi8_epi16(w1), a1);
 }
 
 void check_rows(const torch::Tensor& x, int64_t k) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32, "x must be fp32 on CPU");
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be fp32");
   TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "]");
   TORCH_CHECK(k % kGroup == 0, "K must be a multiple of 32");
 }
@@ -137,13 +155,19 @@ struct Q4Weight {
   Q4Weight() = default;
   Q4Weight(torch::Tensor b, torch::Tensor d_, torch::Tensor m_, torch::Tensor bias_)
       : blocks(b), d(d_), m(m_), bias(bias_), n(b.size(0)), k(b.size(1) * 2) {
-    TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && blocks.is_contiguous(), "blocks: uint8");
+    check_cpu(blocks, "Q4_1 blocks");
+    check_cpu(d, "Q4_1 d");
+    check_cpu(m, "Q4_1 m");
+    if (bias.defined()) check_cpu(bias, "bias");
+    TORCH_CHECK(blocks.scalar_type() == torch::kUInt8 && blocks.is_contiguous() && blocks.dim() == 2,
+                "blocks: contiguous uint8 [N, K/2]");
     TORCH_CHECK(k % kGroup == 0, "K must be a multiple of 32");
     TORCH_CHECK(d.scalar_type() == torch::kFloat32 && m.scalar_type() == torch::kFloat32 &&
                     d.is_contiguous() && m.is_contiguous() && d.numel() == n * k / kGroup &&
                     m.numel() == n * k / kGroup, "d and m must be fp32 [N, K/32]");
     TORCH_CHECK(!bias.defined() || bias.numel() == 0 ||
-                    (bias.scalar_type() == torch::kFloat32 && bias.numel() == n), "bias: fp32 [N]");
+                    (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == n),
+                "bias: contiguous fp32 [N]");
   }
   const float* bias_ptr() const {
     return bias.defined() && bias.numel() ? bias.data_ptr<float>() : nullptr;
@@ -203,6 +227,8 @@ void q8_gemv(const Q16Rows& xq, int64_t rows, const torch::Tensor& w, const torc
 }
 
 void check_q8(const torch::Tensor& w, const torch::Tensor& scale) {
+  check_cpu(w, "w");
+  check_cpu(scale, "scale");
   TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2,
               "w must be int8 [N, K]");
   TORCH_CHECK(w.size(1) % kGroup == 0, "K must be a multiple of 32");
@@ -350,7 +376,14 @@ KV kv_of(const torch::Tensor& keys, const torch::Tensor& values) {
             values.stride(0), values.stride(1), keys.size(0)};
 }
 
+void check_norm(const torch::Tensor& w, const char* name) {
+  check_cpu(w, name);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous(), name, ": contiguous fp32");
+}
+
 void check_kv(const torch::Tensor& keys, const torch::Tensor& values, int64_t dim) {
+  check_cpu(keys, "keys");
+  check_cpu(values, "values");
   TORCH_CHECK(keys.scalar_type() == torch::kFloat32 && values.scalar_type() == torch::kFloat32,
               "keys/values must be fp32");
   TORCH_CHECK(keys.dim() == 3 && values.dim() == 3 && keys.stride(2) == 1 && values.stride(2) == 1,
@@ -365,6 +398,7 @@ void check_kv(const torch::Tensor& keys, const torch::Tensor& values, int64_t di
 // entries are read); returns [Hq, D].
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
                                int64_t length, double scale) {
+  check_cpu(q, "q");
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous() && q.dim() == 2,
               "q must be fp32 [Hq, D]");
   const int64_t hq = q.size(0), dim = q.size(1);
@@ -432,16 +466,19 @@ class Decoder {
   Decoder(std::vector<std::vector<torch::Tensor>> layers, torch::Tensor final_norm,
           torch::Tensor head, torch::Tensor head_scale, int64_t heads, int64_t kv_heads,
           int64_t head_dim, double eps, double scale)
-      : final_norm_(final_norm), head_(head), head_scale_(head_scale), hq_(heads),
+      : final_norm_(final_norm.contiguous()), head_(head), head_scale_(head_scale), hq_(heads),
         hkv_(kv_heads), dim_(head_dim), eps_(static_cast<float>(eps)),
         scale_(static_cast<float>(scale)) {
     check_q8(head_, head_scale_);
+    check_norm(final_norm_, "final_norm");
     TORCH_CHECK(dim_ % 8 == 0 && hq_ % hkv_ == 0, "head_dim must be a multiple of 8, GQA exact");
     for (auto& t : layers) {
       TORCH_CHECK(t.size() == 30, "a layer is 2 norms + 7 x (blocks, d, m, bias)");
       Layer l;
       l.in_norm = t[0].contiguous();
       l.post_norm = t[1].contiguous();
+      check_norm(l.in_norm, "input norm");
+      check_norm(l.post_norm, "post-attention norm");
       Q4Weight* w[7] = {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down};
       for (int j = 0; j < 7; ++j) *w[j] = Q4Weight(t[2 + 4 * j], t[3 + 4 * j], t[4 + 4 * j], t[5 + 4 * j]);
       hidden_ = l.q.k;
@@ -464,6 +501,9 @@ class Decoder {
     const int64_t nl = static_cast<int64_t>(layers_.size());
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == nl && static_cast<int64_t>(values.size()) == nl &&
                     static_cast<int64_t>(lengths.size()) == nl, "one cache per layer");
+    check_cpu(x, "x");
+    check_cpu(cos, "cos");
+    check_cpu(sin, "sin");
     TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.numel() == hidden_, "x: fp32 [hidden]");
     TORCH_CHECK(cos.numel() == dim_ && sin.numel() == dim_ && cos.scalar_type() == torch::kFloat32 &&
                     sin.scalar_type() == torch::kFloat32, "cos/sin: fp32 [head_dim]");
