@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from timebill_ros.core.evaluation import policies as P
 from timebill_ros.core.evaluation import report as R
+from timebill_ros.core.evaluation import report_markdown as M
 
 CELL = re.compile(r'\d+% \[\d+–\d+\] / \d\.\d\d \[\d\.\d\d–\d\.\d\d\]')
 
@@ -64,10 +65,10 @@ def test_summarize_carries_cis():
 
 # ------------------------------------------------------------------------------------ verdicts
 def test_verdict():
-    assert R.verdict(0.8, [0.7, 0.9], 0.4, [0.3, 0.5]) == 'win'
-    assert R.verdict(0.4, [0.3, 0.5], 0.8, [0.7, 0.9]) == 'loss'
-    assert R.verdict(0.6, [0.45, 0.75], 0.5, [0.4, 0.6]) == 'tie'  # overlapping
-    assert R.verdict(0.6, None, 0.5, [0.4, 0.6]) == 'n/a'
+    assert M.verdict(0.8, [0.7, 0.9], 0.4, [0.3, 0.5]) == 'win'
+    assert M.verdict(0.4, [0.3, 0.5], 0.8, [0.7, 0.9]) == 'loss'
+    assert M.verdict(0.6, [0.45, 0.75], 0.5, [0.4, 0.6]) == 'tie'  # overlapping
+    assert M.verdict(0.6, None, 0.5, [0.4, 0.6]) == 'n/a'
 
 
 # ------------------------------------------------------------------------------------- reports
@@ -146,8 +147,8 @@ def _kill_rows(md):
 
 
 def test_report_cells_show_cis():
-    md = R.markdown(_results())
-    assert md.count(R.CI_NOTE) == 1
+    md = M.markdown(_results())
+    assert md.count(M.CI_NOTE) == 1
     rows = _kill_rows(md)
     # vanilla (10 s) misses T=2 and T=5, makes T=12: every job, so a zero-width interval
     cells = rows['vanilla'].split('|')[2:-1]
@@ -159,7 +160,7 @@ def test_report_cells_show_cis():
 
 
 def test_report_win_tie_loss_table():
-    md = R.markdown(_results())
+    md = M.markdown(_results())
     sec = md.split('### Where TimeBill wins, ties or loses', 1)[1].split('###', 1)[0]
     lines = {ln.split('|')[1].strip(): ln for ln in sec.splitlines() if ln.startswith('| T=')}
     assert set(lines) == {f'T={b:g}s' for b in BUDGETS}
@@ -173,6 +174,15 @@ def test_report_win_tie_loss_table():
     assert 'timebill 2 win, 1 tie, 0 loss' in sec and 'timebill+replan 2 win, 0 tie, 1 loss' in sec
 
 
+def test_report_says_timebills_alpha_once_per_budget():
+    """The α TimeBill and its re-planning variant both plan shows once per budget."""
+    md = M.markdown(_results())
+    lines = [ln for ln in md.splitlines() if ln.startswith("TimeBill's α per budget")]
+    assert len(lines) == 1
+    assert 'timebill and timebill+replan: ' in lines[0]
+    assert [lines[0].count(f'T={b:g}s:') for b in BUDGETS] == [1] * len(BUDGETS)
+
+
 def test_rerender_old_json_recomputes_cis(tmp_path):
     """A results.json without CIs (and k rows without outcomes) renders; CIs match summarize."""
     path = R.write_json(_results(with_cis=False, k_outcomes=False), tmp_path / 'results.json')
@@ -180,7 +190,7 @@ def test_rerender_old_json_recomputes_cis(tmp_path):
     R.rerender(path, plots=False)
     assert path.read_text() == before  # the measured data is left alone
     md = (tmp_path / 'report.md').read_text()
-    assert md == R.markdown(_results(with_cis=True, k_outcomes=False))
+    assert md == M.markdown(_results(with_cis=True, k_outcomes=False))
     ksec = md.split('### Pessimism factor k', 1)[1]
     assert not CELL.search(ksec) and '%' in ksec  # no outcomes: point values only
 

@@ -18,92 +18,17 @@ solver, eviction, and the decode steps — all measured here, not estimated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
 import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .policies import Policy, simulate, standard_policies, summarize, timebill, Trace
+from .aggregate import evaluate
+from .policies import Trace
+from .runs import group_of, json_valid, PromptResult, Run, run_key, schema_of, SweepConfig
 from .scoring import score as score_answer
 from .tasks import Task
-
-
-@dataclass
-class Run:
-    """One decode from a prompt's prefill at one kept-KV length, to EOS or max_new_tokens."""
-
-    alpha: float
-    kv_after: int
-    evict_s: float
-    decode_step_s: List[float]
-    token_ids: List[int]
-    token_offsets_s: List[float]  # when each token was ready, seconds after decoding began
-    stop_reason: str
-    text: str
-    score: float
-    valid: Optional[bool] = None  # structured: the whole answer parses and matches
-    status: str = ''  # runs made at a deadline (close): the pipeline's status there
-    closed_at: Optional[int] = None  # close: tokens when closing began
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.token_ids)
-
-    def summary(self) -> dict:
-        steps = sorted(self.decode_step_s)
-        return {
-            'alpha': self.alpha,
-            'kv_after': self.kv_after,
-            'tokens': self.n_tokens,
-            'stop_reason': self.stop_reason,
-            'score': self.score,
-            'valid': self.valid,
-            'status': self.status,
-            'closed_at': self.closed_at,
-            'evict_s': self.evict_s,
-            'decode_s': sum(steps),
-            'step_s_median': statistics.median(steps) if steps else 0.0,
-            'step_s_p10': steps[len(steps) // 10] if steps else 0.0,
-            'step_s_p90': steps[(len(steps) * 9) // 10] if steps else 0.0,
-            'text': self.text,
-        }
-
-
-@dataclass
-class PromptResult:
-    task: Task
-    input_ids: List[int]
-    n_prompt: int
-    prefill_s: float
-    n_hat: float
-    predict_s: float
-    predictor_source: str
-    runs: Dict[int, Run] = field(default_factory=dict)  # kept-KV length -> run
-    timebill_alpha: Dict[str, float] = field(default_factory=dict)  # "k|budget" -> alpha
-    # "k|budget" -> run that re-planned to that deadline
-    replan_runs: Dict[str, Run] = field(default_factory=dict)
-    close_runs: Dict[str, Run] = field(default_factory=dict)  # "budget" -> run closed at it
-    verdicts: Dict[str, dict] = field(default_factory=dict)
-    cached_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
-
-
-@dataclass
-class SweepConfig:
-    budgets: Dict[str, List[float]]  # group -> budgets (s)
-    policies: List[Policy] = field(default_factory=standard_policies)
-    ks: Sequence[float] = tuple(range(1, 9))
-    # group -> budget for the k sweep (default: middle)
-    k_budget: Dict[str, float] = field(default_factory=dict)
-    alpha_max: float = 0.95
-    n_max: int = 8192
-
-
-def group_of(task: Task) -> str:
-    """Tasks are compared within a group (workload and prompt length): one budget axis each."""
-    size = str(task.meta.get('target_tokens', task.n_tokens))
-    return f'robot-{size}' if task.kind.startswith('robot') else size
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -130,7 +55,7 @@ class Sweeper:
         self._compiled: Dict[str, object] = {}
 
     def _job(self, res_or_task, **kw):
-        from ..pipeline import Job
+        from ..job import Job
 
         task = getattr(res_or_task, 'task', res_or_task)
         job = Job(
@@ -265,9 +190,9 @@ class Sweeper:
                 for b in self.cfg.budgets[group]:
                     # its run depends on the deadline itself: one real run per budget
                     if pol.kind == 'close':
-                        res.close_runs[_key(pol, b)] = self._close_run(res, base, b, run(0.0))
+                        res.close_runs[run_key(pol, b)] = self._close_run(res, base, b, run(0.0))
                     elif pol.replan:
-                        res.replan_runs[_key(pol, b)] = self._decode(
+                        res.replan_runs[run_key(pol, b)] = self._decode(
                             base,
                             task,
                             self.timebill_alpha(res, b, pol.k, pol.alpha_max),
@@ -416,299 +341,6 @@ class Sweeper:
             partial_valid=partial_valid,
             status=r.status,
         )
-
-
-# ------------------------------------------------------------------------------ evaluating
-def _key(pol: Policy, budget_s: float) -> str:
-    return f'{pol.k:g}|{budget_s:.6f}'
-
-
-def schema_of(task: Task) -> str:
-    """Return the JSON schema a task's answer must match ('' for free text)."""
-    return str(task.meta.get('json_schema') or '')
-
-
-def json_valid(text: str) -> bool:
-    """Tell whether ``text`` parses as JSON (the grammar guarantees the rest of the schema)."""
-    import json
-
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return bool(text.strip())
-
-
-def policy_jobs(
-    sweeper: Sweeper, results: Sequence[PromptResult], pol: Policy, budget_s: float
-) -> List[Trace]:
-    traces = []
-    for res in results:
-        if pol.kind == 'close':
-            traces.append(sweeper.trace(res, 0.0, False, res.close_runs[_key(pol, budget_s)]))
-            continue
-        alpha = (
-            sweeper.timebill_alpha(res, budget_s, pol.k, pol.alpha_max)
-            if pol.budget_dependent
-            else pol.alpha
-        )
-        run = res.replan_runs[_key(pol, budget_s)] if pol.replan else None
-        traces.append(sweeper.trace(res, alpha, pol.budget_dependent, run))
-    return traces
-
-
-def evaluate(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
-    """
-    Aggregate the runs into what the report shows.
-
-    Completion rate / score per group × policy × overrun × budget, the k sweep, lateness,
-    estimator error.
-    """
-    groups: Dict[str, List[PromptResult]] = {}
-    for r in results:
-        groups.setdefault(group_of(r.task), []).append(r)
-    out: dict = {'groups': {}}
-    for g, rs in groups.items():
-        budgets = sweeper.cfg.budgets[g]
-        table = []
-        for pol in sweeper.cfg.policies:
-            for b in budgets:
-                jobs = policy_jobs(sweeper, rs, pol, b)
-                for ov in pol.overruns:
-                    outcomes = simulate(jobs, b, ov)
-                    row = {
-                        'policy': pol.name,
-                        'overrun': ov,
-                        'budget_s': b,
-                        **summarize(outcomes),
-                        'outcomes': [o.to_dict() for o in outcomes],
-                    }
-                    if pol.kind == 'timebill':
-                        row['alphas'] = [
-                            sweeper.timebill_alpha(r, b, pol.k, pol.alpha_max) for r in rs
-                        ]
-                    table.append(row)
-        kb = sweeper.k_budget(g)
-        ksweep = []
-        for k in sweeper.cfg.ks:
-            pol = timebill(float(k), sweeper.cfg.alpha_max)
-            jobs = policy_jobs(sweeper, rs, pol, kb)
-            for ov in pol.overruns:
-                k_outcomes = simulate(jobs, kb, ov)
-                ksweep.append(
-                    {
-                        'k': float(k),
-                        'overrun': ov,
-                        'budget_s': kb,
-                        **summarize(k_outcomes),
-                        'outcomes': [o.to_dict() for o in k_outcomes],
-                        'alphas': [
-                            sweeper.timebill_alpha(r, kb, float(k), sweeper.cfg.alpha_max)
-                            for r in rs
-                        ],
-                    }
-                )
-        out['groups'][g] = {
-            'budgets_s': budgets,
-            'k_budget_s': kb,
-            'n_prompts': len(rs),
-            'prompt_tokens': [r.n_prompt for r in rs],
-            'table': table,
-            'k_sweep': ksweep,
-        }
-    out['estimator'] = estimator_errors(sweeper, results)
-    out['prompts'] = [prompt_summary(sweeper, r) for r in results]
-    out['timing_spread'] = timing_spread(results)
-    return out
-
-
-def prompt_summary(sweeper: Sweeper, r: PromptResult) -> dict:
-    return {
-        'task_id': r.task.id,
-        'kind': r.task.kind,
-        'group': group_of(r.task),
-        'metric': r.task.metric,
-        'references': r.task.references,
-        'n_prompt': r.n_prompt,
-        'cached_tokens': r.cached_tokens,
-        'prefill_s': r.prefill_s,
-        'prefill_pred_s': sweeper.model.prefill_s(r.n_prompt, r.cached_tokens),
-        'n_hat': r.n_hat,
-        'predict_s': r.predict_s,
-        'predictor': r.predictor_source,
-        'runs': [run.summary() for _, run in sorted(r.runs.items(), reverse=True)],
-        'timebill_verdicts': r.verdicts,
-    }
-
-
-def estimator_errors(sweeper: Sweeper, results: Sequence[PromptResult]) -> dict:
-    """Predicted vs actual, on the requests actually served: length (RLP) and time (ETE)."""
-    from ..time_estimator import served_errors, wcet_length
-
-    m = sweeper.model
-    lengths, times = [], []
-    for r in results:
-        vanilla_run = r.runs[max(r.runs)]  # largest kept length = α 0
-        lengths.append(
-            {
-                'task_id': r.task.id,
-                'n_hat': r.n_hat,
-                'actual': vanilla_run.n_tokens,
-                'max_new_tokens': r.task.max_new_tokens,
-                'source': r.predictor_source,
-                'structured': bool(schema_of(r.task)),
-            }
-        )
-        for keep, run in sorted(r.runs.items()):
-            e = served_errors(
-                m, r.n_prompt, run.kv_after, r.prefill_s, run.decode_step_s, r.cached_tokens
-            )
-            n_out = run.n_tokens
-            pre = m.prefill_s(r.n_prompt, r.cached_tokens)
-            pred_total = pre + m.decode_s(r.n_prompt, run.alpha, n_out)
-            actual_total = r.prefill_s + run.evict_s + sum(run.decode_step_s)
-            n_w = wcet_length(
-                min(r.n_hat, sweeper.cfg.n_max), 5.0, min(sweeper.cfg.n_max, r.task.max_new_tokens)
-            )
-            wcet = pre + m.decode_s(r.n_prompt, run.alpha, n_w)
-            times.append(
-                {
-                    'task_id': r.task.id,
-                    'alpha': run.alpha,
-                    'n_prompt': r.n_prompt,
-                    'tokens': n_out,
-                    'pred_total_s': pred_total,
-                    'actual_total_s': actual_total,
-                    'wcet_k5_s': wcet,
-                    'within_wcet': actual_total <= wcet,
-                    **e,
-                }
-            )
-
-    def mape(pairs):
-        pairs = [(a, p) for a, p in pairs if a > 0]
-        return 100.0 * sum(abs(p - a) / a for a, p in pairs) / len(pairs) if pairs else math.nan
-
-    def mae(rows):
-        return statistics.mean(abs(x['n_hat'] - x['actual']) for x in rows) if rows else math.nan
-
-    return {
-        'lengths': lengths,
-        'times': times,
-        # the length predictor on each workload: structured (JSON) answers vs free text
-        'length_mae_structured': mae([x for x in lengths if x['structured']]),
-        'length_mae_free': mae([x for x in lengths if not x['structured']]),
-        'length_mae': statistics.mean(abs(x['n_hat'] - x['actual']) for x in lengths)
-        if lengths
-        else math.nan,
-        'length_mae_capped': statistics.mean(
-            abs(min(x['n_hat'], x['max_new_tokens']) - x['actual']) for x in lengths
-        )
-        if lengths
-        else math.nan,
-        'prefill_mape': mape([(t['prefill_s'], t['prefill_pred_s']) for t in times]),
-        'decode_mape': mape([(t['decode_s'], t['decode_pred_s']) for t in times]),
-        'total_mape': mape([(t['actual_total_s'], t['pred_total_s']) for t in times]),
-        'within_wcet_rate': sum(t['within_wcet'] for t in times) / len(times)
-        if times
-        else math.nan,
-    }
-
-
-def timing_spread(results: Sequence[PromptResult]) -> dict:
-    """
-    Report how noisy the measurements were.
-
-    One run per (prompt, kept length); step times vary within it.
-    """
-    cvs = []
-    for r in results:
-        for run in r.runs.values():
-            s = run.decode_step_s
-            if len(s) >= 3:
-                cvs.append(statistics.pstdev(s) / statistics.mean(s))
-    return {
-        'runs_per_prompt_and_alpha': 1,
-        'decode_runs': sum(len(r.runs) for r in results),
-        'prefills': len(results),
-        'step_time_cv_median': statistics.median(cvs) if cvs else math.nan,
-        'step_time_cv_max': max(cvs) if cvs else math.nan,
-    }
-
-
-# ------------------------------------------------------------------------------ budgets
-def choose_budgets(
-    time_model,
-    tasks: Sequence[Task],
-    count: int,
-    alpha_max: float = 0.95,
-    n_hat: Optional[Callable[[Task], float]] = None,
-    cached: Optional[Callable[[Task], int]] = None,
-    answer_tokens: Optional[Callable[[Task], int]] = None,
-) -> Dict[str, List[float]]:
-    """
-    Per length group, budgets over the window where decoding decides, from the profile.
-
-    Without ``answer_tokens`` (the retrieval groups, as before): from 90 % of the shortest
-    predicted prefill (nothing can finish) to 1.5 × the slowest predicted vanilla run of
-    max_new_tokens. With it: from the slowest prefill (warm: ``cached`` tokens are not
-    computed) plus four decode steps — every prefill is done, a few tokens fit — to 1.2 × the
-    slowest predicted vanilla run of ``answer_tokens`` (a typical answer completes). Evenly
-    spaced.
-    """
-    groups: Dict[str, List[Task]] = {}
-    for t in tasks:
-        groups.setdefault(group_of(t), []).append(t)
-    out = {}
-    for g, ts in groups.items():
-        if answer_tokens is None:
-            lo = 0.9 * min(time_model.prefill_s(t.n_tokens) for t in ts)
-            hi = 1.5 * max(
-                time_model.prefill_s(t.n_tokens)
-                + time_model.decode_s(t.n_tokens, 0.0, t.max_new_tokens)
-                for t in ts
-            )
-        else:
-            def pre(t: Task) -> float:
-                return time_model.prefill_s(t.n_tokens, cached(t) if cached else 0)
-
-            lo = max(pre(t) + time_model.decode_s(t.n_tokens, 0.0, 4) for t in ts)
-            hi = 1.2 * max(
-                pre(t) + time_model.decode_s(t.n_tokens, 0.0, min(answer_tokens(t),
-                                                                  t.max_new_tokens))
-                for t in ts
-            )
-            hi = max(hi, 1.5 * lo)
-        if count == 1:
-            out[g] = [round(hi, 2)]
-        else:
-            out[g] = [round(lo + (hi - lo) * i / (count - 1), 2) for i in range(count)]
-    return out
-
-
-def measured_budgets(
-    tasks: Sequence[Task], rows: Sequence[dict], count: int
-) -> Dict[str, List[float]]:
-    """
-    Per group, budgets over the decode window as measured (the ``answerable`` pass).
-
-    From the slowest prefill plus four decode steps (a few tokens fit) to 1.1 × the slowest
-    vanilla run (every answer completes), evenly spaced. Measured, because a profile's warm
-    prefill and a short answer's decode are where its prediction is least certain, and the
-    window is a second wide.
-    """
-    by_id = {r['task_id']: r for r in rows}
-    groups: Dict[str, List[dict]] = {}
-    for t in tasks:
-        if t.id in by_id:
-            groups.setdefault(group_of(t), []).append(by_id[t.id])
-    out = {}
-    for g, rs in groups.items():
-        lo = max(r['prefill_s'] + 4 * r['step_s'] for r in rs)
-        hi = max(1.1 * max(r['finish_s'] for r in rs), 1.2 * lo)
-        n = max(count, 1)
-        out[g] = [round(lo + (hi - lo) * i / max(n - 1, 1), 2) for i in range(n)]
-    return out
 
 
 def run_sweep(

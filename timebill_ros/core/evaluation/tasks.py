@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-import glob
-import importlib.util
 import json
-import os
 import random
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .corpora import (
+    answer_text, chatterbot_pairs, decomposition, fanout_facts, fanout_questions
+)
 
 KINDS = ('passkey', 'needle', 'qa', 'multihop')
 METRIC_OF = {'passkey': 'contains', 'needle': 'contains', 'qa': 'token_f1', 'multihop': 'rouge_l'}
@@ -53,88 +54,6 @@ class Task:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> 'Task':
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-# ------------------------------------------------------------------------------------ data files
-class DataMissingError(RuntimeError):
-    pass
-
-
-def _package_dir(name: str, pip_name: str) -> str:
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise DataMissingError(
-            f'benchmark data needs the {pip_name!r} wheel: pip install --no-deps {pip_name}'
-        )
-    return os.path.dirname(spec.origin)
-
-
-@lru_cache(maxsize=1)
-def fanout_questions() -> Tuple[dict, ...]:
-    """Fanoutqa dev questions (310) with answers and decompositions."""
-    path = os.path.join(
-        _package_dir('fanoutqa', 'fanoutqa==1.1.1'), 'data', 'fanout-final-dev.json'
-    )
-    with open(path) as fh:
-        return tuple(json.load(fh))
-
-
-def answer_text(answer: Any) -> str:
-    """Fanoutqa answers are str/number/bool/list/dict; flatten to one line of text."""
-    if isinstance(answer, dict):
-        return '; '.join(f'{k}: {answer_text(v)}' for k, v in answer.items())
-    if isinstance(answer, (list, tuple)):
-        return ', '.join(answer_text(v) for v in answer)
-    if isinstance(answer, bool):
-        return 'yes' if answer else 'no'
-    return str(answer)
-
-
-def _decomposition(node: dict) -> List[Tuple[str, Any]]:
-    out: List[Tuple[str, Any]] = []
-    for sub in node.get('decomposition') or []:
-        out.append((sub['question'], sub['answer']))
-        out.extend(_decomposition(sub))
-    return out
-
-
-@lru_cache(maxsize=1)
-def fanout_facts() -> Tuple[Tuple[str, str, str], ...]:
-    """(parent question id, sub-question, short answer) for single-answer sub-questions."""
-    facts = []
-    seen = set()
-    for q in fanout_questions():
-        for sq, ans in _decomposition(q):
-            if isinstance(ans, (list, dict)) or sq in seen:
-                continue
-            text = answer_text(ans).strip()
-            if text and len(text.split()) <= 6:
-                seen.add(sq)
-                facts.append((q['id'], sq.strip(), text))
-    return tuple(facts)
-
-
-@lru_cache(maxsize=1)
-def chatterbot_pairs() -> Tuple[Tuple[str, str], ...]:
-    """(question, answer) pairs, deduplicated, without code answers."""
-    import yaml
-
-    base = os.path.join(
-        _package_dir('chatterbot_corpus', 'chatterbot-corpus==1.3.3'), 'data', 'english'
-    )
-    pairs, seen = [], set()
-    for path in sorted(glob.glob(os.path.join(base, '*.yml'))):
-        with open(path) as fh:
-            doc = yaml.safe_load(fh) or {}
-        for conv in doc.get('conversations') or []:
-            if len(conv) < 2:
-                continue
-            q, a = ' '.join(str(conv[0]).split()), ' '.join(str(conv[1]).split())
-            if q.lower() in seen or '```' in a or not 1 <= len(a.split()) <= 40:
-                continue
-            seen.add(q.lower())
-            pairs.append((q, a))
-    return tuple(pairs)
 
 
 # --------------------------------------------------------------------------------- fitting length
@@ -308,7 +227,7 @@ def _multihop_pool() -> Tuple[dict, ...]:
     """Fanoutqa questions small enough to answer in a short paragraph."""
     out = []
     for q in fanout_questions():
-        subs = _decomposition(q)
+        subs = decomposition(q)
         ans = answer_text(q['answer'])
         if 2 <= len(subs) <= 8 and 1 <= len(ans.split()) <= 40:
             out.append(q)
@@ -318,12 +237,12 @@ def _multihop_pool() -> Tuple[dict, ...]:
 def _multihop(rng: random.Random, target: int, count: CountTokens) -> Tuple[str, List[str], dict]:
     pool = _multihop_pool()
     q = pool[rng.randrange(len(pool))]
-    notes = [f'Q: {sq} A: {answer_text(a)}.' for sq, a in _decomposition(q)]
+    notes = [f'Q: {sq} A: {answer_text(a)}.' for sq, a in decomposition(q)]
     others = [
         f'Q: {sq} A: {answer_text(a)}.'
         for o in fanout_questions()
         if o['id'] != q['id']
-        for sq, a in _decomposition(o)
+        for sq, a in decomposition(o)
         if len(answer_text(a).split()) <= 30
     ]
     units = _Pool(others, rng)
@@ -395,6 +314,33 @@ def build_tasks(
         for kind in kinds
         for i in range(per_kind)
     ]
+
+
+def retrieval_tasks(
+    count_tokens: CountTokens,
+    lengths: Iterable[int],
+    kinds: Optional[str] = None,
+    per_kind: int = 1,
+    seed: int = 0,
+    max_new_tokens: int = 0,
+) -> List[Task]:
+    """
+    Build the retrieval groups as ``timebill eval`` and ``timebill make-tasks`` both do.
+
+    ``kinds`` is the command line's comma-separated list (None: every kind); answers are capped
+    at ``max_new_tokens`` (0: each kind's own cap), so both commands build the same tasks.
+    """
+    chosen = [k.strip() for k in kinds.split(',')] if kinds else list(KINDS)
+    tasks = build_tasks(count_tokens, lengths=lengths, kinds=chosen, per_kind=per_kind, seed=seed)
+    return cap_answers(tasks, max_new_tokens)
+
+
+def cap_answers(tasks: List[Task], max_new_tokens: int) -> List[Task]:
+    """Cap every task's max_new_tokens at ``max_new_tokens`` (0: leave them); return them."""
+    if max_new_tokens:
+        for t in tasks:
+            t.max_new_tokens = min(t.max_new_tokens, max_new_tokens)
+    return tasks
 
 
 def counter_for(engine) -> CountTokens:
