@@ -13,7 +13,18 @@ setup(
     packages=find_packages(include=['timebill_ros', 'timebill_ros.*']),
     python_requires='>=3.10',
     install_requires=['numpy', 'pyyaml'],  # torch/transformers pinned by requirements.txt
-    entry_points={'console_scripts': ['timebill = timebill_ros.cli:main']},
+    entry_points={
+        'console_scripts': ['timebill = timebill_ros.cli:main']
+        + [
+            f'{node} = timebill_ros.nodes.{node[len("timebill_"):]}:main'
+            for node in (
+                'timebill_generator',
+                'timebill_predictor',
+                'timebill_server',
+                'timebill_lifecycle_manager',
+            )
+        ]
+    },
     package_data={'timebill_ros': ['data/*', 'core/kernels/*.cpp']},
     zip_safe=False,
 )

@@ -1,7 +1,8 @@
 """
-Bring up TimeBill: timebill_generator, timebill_predictor and the lifecycle timebill_server.
+Bring up TimeBill: predictor, generator, server, and the lifecycle manager that activates them.
 
-The server is configured and then activated as soon as it reaches 'inactive'.
+timebill_lifecycle_manager (``autostart: true`` in the parameters file) configures and activates
+the predictor, the generator and then the server, and brings a restarted node back.
 
     ros2 launch timebill_ros bringup.launch.py [params_file:=/path/to/timebill.yaml]
 
@@ -13,13 +14,9 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, EmitEvent, RegisterEventHandler
-from launch.events import matches_action
+from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import LifecycleNode, Node
-from launch_ros.event_handlers import OnStateTransition
-from launch_ros.events.lifecycle import ChangeState
-from lifecycle_msgs.msg import Transition
+from launch_ros.actions import Node
 from timebill_ros.bringup import NODES, PACKAGE
 
 
@@ -40,40 +37,14 @@ def generate_launch_description():
         ),
     ]
     for spec in NODES:
-        common = {
-            'package': PACKAGE,
-            'executable': spec.name,
-            'name': spec.name,
-            'namespace': namespace,
-            'output': 'screen',
-            'parameters': [params],
-        }
-        if not spec.lifecycle:
-            actions.append(Node(**common))
-            continue
-        node = LifecycleNode(**common)
-        activate = EmitEvent(
-            event=ChangeState(
-                lifecycle_node_matcher=matches_action(node),
-                transition_id=Transition.TRANSITION_ACTIVATE,
+        actions.append(
+            Node(
+                package=PACKAGE,
+                executable=spec.name,
+                name=spec.name,
+                namespace=namespace,
+                output='screen',
+                parameters=[params],
             )
         )
-        actions += [
-            # configure -> inactive: activate (not after a later deactivate, hence start_state)
-            RegisterEventHandler(
-                OnStateTransition(
-                    target_lifecycle_node=node,
-                    start_state='configuring',
-                    goal_state='inactive',
-                    entities=[activate],
-                )
-            ),
-            node,
-            EmitEvent(
-                event=ChangeState(
-                    lifecycle_node_matcher=matches_action(node),
-                    transition_id=Transition.TRANSITION_CONFIGURE,
-                )
-            ),
-        ]
     return LaunchDescription(actions)

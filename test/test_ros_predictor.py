@@ -53,7 +53,7 @@ def test_predictor_node_publishes_the_trained_estimate(small_checkpoint, tiny_do
     from timebill_ros.core.length_predictor import load_length_predictor
     from timebill_ros.core.model import ensure_tiny_model
     from timebill_ros.msg import Estimate, Request
-    from timebill_ros.nodes.common import CHANNEL_QOS, TOPIC_ESTIMATES, TOPIC_REQUESTS
+    from timebill_ros.nodes.qos import CHANNEL_QOS, TOPIC_ESTIMATES, TOPIC_REQUESTS
 
     ensure_tiny_model()
     domain = 170 + tiny_domain_id % 31  # its own domain: no other predictor may answer

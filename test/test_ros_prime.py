@@ -43,7 +43,7 @@ def _first(client, msg_type, topic, qos, predicate, timeout_s):
 
 def test_primed_context_is_reused_by_goal_estimate_and_predictor(ready_server):
     from timebill_ros.msg import Estimate
-    from timebill_ros.nodes.common import CHANNEL_QOS, TOPIC_ESTIMATES
+    from timebill_ros.nodes.qos import CHANNEL_QOS, TOPIC_ESTIMATES
 
     tb = ready_server
     estimates = []  # subscribed first: discovery settles while the context is primed

@@ -3,14 +3,15 @@ The node list and parameters, and a runner for machines without ``launch_ros``.
 
 One source for the launch file and ``timebill bringup``: ``launch/bringup.launch.py`` builds
 launch_ros actions from ``NODES`` and ``params_args``; ``Bringup`` starts the same nodes as
-separate processes with the same ``--ros-args``, drives the server's lifecycle to active
-through the standard lifecycle services, and stops everything cleanly (SIGINT, then SIGTERM,
-then SIGKILL, each process by its own id).
+separate processes with the same ``--ros-args``, has ``timebill_lifecycle_manager`` bring
+the system to active through the standard lifecycle services, and stops everything cleanly
+(SIGINT, then SIGTERM, then SIGKILL, each process by its own id).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import json
 import os
 from pathlib import Path
 import signal
@@ -28,16 +29,19 @@ PACKAGE = 'timebill_ros'
 class NodeSpec:
     name: str  # node name, and the executable in lib/timebill_ros (`ros2 run timebill_ros <name>`)
     module: str  # `python -m <module>` runs the same main()
-    lifecycle: bool = False
 
 
-# Start order matters only for readiness: the generator loads the model (slowest) first.
+# Process start order does not matter: the lifecycle manager configures and activates the
+# others in its own order (predictor, generator, server) once their services answer.
 NODES = (
     NodeSpec('timebill_generator', 'timebill_ros.nodes.generator'),
     NodeSpec('timebill_predictor', 'timebill_ros.nodes.predictor'),
-    NodeSpec('timebill_server', 'timebill_ros.nodes.server', lifecycle=True),
+    NodeSpec('timebill_server', 'timebill_ros.nodes.server'),
+    NodeSpec('timebill_lifecycle_manager', 'timebill_ros.nodes.lifecycle_manager'),
 )
 SERVER = 'timebill_server'
+MANAGER = 'timebill_lifecycle_manager'
+NO_AUTOSTART = Path(__file__).resolve().parent / 'data' / 'no_autostart.yaml'
 
 
 def params_file(path: Optional[str | os.PathLike] = None) -> Path:
@@ -46,11 +50,15 @@ def params_file(path: Optional[str | os.PathLike] = None) -> Path:
 
 
 def param_literal(value) -> str:
-    """Write a value as ``-p name:=value`` expects it (YAML)."""
+    """Write a value as ``-p name:=value`` expects it (YAML: a string that reads as text)."""
+    import yaml
+
+    if isinstance(value, str):
+        # a path or any text: quoted when YAML would read it as something else (a number, a
+        # bool, '') so the parameter keeps its type
+        return value if value and yaml.safe_load(value) == value else json.dumps(value)
     if isinstance(value, bool):
         return 'true' if value else 'false'
-    if isinstance(value, str):
-        return '""' if value == '' else value
     return repr(value)
 
 
@@ -170,14 +178,14 @@ class Bringup:
     # ---- processes
     def command(self, name: str) -> List[str]:
         spec = self.nodes[name]
+        args = params_args(spec, self.params, self.overrides, self.namespace)
+        if name == MANAGER:
+            # this runner drives the startup and reports why it failed: no autostart. A node's
+            # own section of a params file outranks `-p`, so the override is a second file.
+            at = args.index('--params-file') + 2
+            args[at:at] = ['--params-file', str(NO_AUTOSTART)]
         # -P: never let the working directory's source tree (no generated msgs) shadow the install
-        return [
-            sys.executable,
-            '-P',
-            '-m',
-            spec.module,
-            *params_args(spec, self.params, self.overrides, self.namespace),
-        ]
+        return [sys.executable, '-P', '-m', spec.module, *args]
 
     def start(self, names: Optional[Iterable[str]] = None) -> None:
         for name in names or self.nodes:
@@ -239,13 +247,8 @@ class Bringup:
 
     # ---- readiness and lifecycle
     def wait_ready(self, client, timeout_s: float = 120.0) -> None:
-        """Wait until every started node answers (the generator has loaded its model)."""
+        """Wait until every started node's lifecycle services answer."""
         end = time.monotonic() + timeout_s
-        checks = {
-            'timebill_server': lambda t: client.wait_for_lifecycle(SERVER, t),
-            'timebill_generator': lambda t: client.wait_for_generator(t),
-            'timebill_predictor': lambda t: client.wait_for_lifecycle('timebill_predictor', t),
-        }
         for name in self.procs:
             while True:
                 left = end - time.monotonic()
@@ -258,7 +261,7 @@ class Bringup:
                     raise TimeoutError(
                         f'{name} not ready after {timeout_s:g} s\n{self.log_tail(name)}'
                     )
-                if name not in checks or checks[name](min(left, 1.0)):
+                if client.wait_for_lifecycle(name, min(left, 1.0)):
                     break
 
     def prepare(self) -> None:
@@ -279,15 +282,15 @@ class Bringup:
             )
 
     def up(self, client, timeout_s: float = 120.0) -> None:
-        """Start all nodes, wait for them, and configure + activate the server."""
+        """Start all nodes, wait for them, and have the lifecycle manager activate them."""
         self.prepare()
         self.start()
         self.wait_ready(client, timeout_s)
-        # configure loads every model (the server drives its peers): give it the whole timeout
-        if SERVER in self.procs and not client.startup(timeout_s=timeout_s):
+        # configure loads every model: give it the whole timeout
+        if MANAGER in self.procs and not client.startup(timeout_s=timeout_s):
             raise RuntimeError(
-                f'could not activate {SERVER} (state: '
-                f'{client.get_state()})\n{self.log_tail(SERVER)}'
+                f'could not activate the system ({MANAGER}: {client.get_state()})\n'
+                f'{self.log_tail(MANAGER)}'
             )
 
     def __enter__(self) -> 'Bringup':

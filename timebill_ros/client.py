@@ -37,16 +37,15 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from timebill_ros.action import TimedInference
 from timebill_ros.core.outcome import STATUS_NAMES as OUTCOME_STATUS_NAMES
-from timebill_ros.nodes.common import (
+from timebill_ros.nodes.qos import (
     ACTION_QOS,
     ACTION_TIMED_INFERENCE,
-    s_to_duration,
-    s_to_time,
     SERVICE_ESTIMATE_BUDGET,
     SERVICE_PRIME,
     SERVICE_RELEASE_PRIME,
     TRANSITIONS,
 )
+from timebill_ros.nodes.ros_time import s_to_duration, s_to_time
 from timebill_ros.srv import EstimateBudget, Prime, ReleasePrime
 from unique_identifier_msgs.msg import UUID
 
@@ -238,7 +237,12 @@ def text_problem(prompt: str, system_prompt: str = '', **more: str) -> Optional[
 
 
 class TimeBillClient(Node):
-    """Sends TimedInference goals, asks EstimateBudget, and drives the server's lifecycle."""
+    """
+    Send TimedInference goals, ask EstimateBudget, drive the system's lifecycle.
+
+    Lifecycle calls without a node name go to ``manager`` (timebill_lifecycle_manager), which
+    takes every node through the transition in order, as BasicNavigator.lifecycleStartup does.
+    """
 
     def __init__(
         self,
@@ -246,12 +250,13 @@ class TimeBillClient(Node):
         server: str = 'timebill_server',
         namespace: str = '',
         context=None,
+        manager: str = 'timebill_lifecycle_manager',
     ):
         self._owns_rclpy = context is None and not rclpy.ok()
         if self._owns_rclpy:
             rclpy.init()
         super().__init__(node_name, namespace=namespace, context=context)
-        self.server = server
+        self.server, self.manager = server, manager
         self._executor = SingleThreadedExecutor(context=self.context)
         self._executor.add_node(self)
         self._action = ActionClient(self, TimedInference, ACTION_TIMED_INFERENCE, **ACTION_QOS)
@@ -295,16 +300,11 @@ class TimeBillClient(Node):
 
     # --------------------------------------------------------------- readiness
     def wait_for_lifecycle(self, node: Optional[str] = None, timeout_s: float = 10.0) -> bool:
-        return self._lifecycle_client(GetState, node or self.server, 'get_state').wait_for_service(
-            timeout_s
-        )
+        client = self._lifecycle_client(GetState, node or self.manager, 'get_state')
+        return client.wait_for_service(timeout_s)
 
     def wait_for_generator(self, timeout_s: float = 10.0) -> bool:
-        """
-        Wait until the generator process is up; the server configures it.
-
-        Its lifecycle services answer.
-        """
+        """Wait until the generator process is up: its lifecycle services answer."""
         return self.wait_for_lifecycle('timebill_generator', timeout_s)
 
     def wait_for_estimator(self, timeout_s: float = 10.0) -> bool:
@@ -312,7 +312,7 @@ class TimeBillClient(Node):
         return self._estimate.wait_for_service(timeout_sec=timeout_s)
 
     def wait_until_ready(self, timeout_s: float = 60.0) -> bool:
-        """Wait until the server is active and the action and estimate service answer."""
+        """Wait until the system is active and the action and estimate service answer."""
         end = self.now_s() + timeout_s
         ok = self.wait_for_lifecycle(timeout_s=timeout_s)
         ok = ok and self._wait(
@@ -331,7 +331,7 @@ class TimeBillClient(Node):
 
     def get_state(self, node: Optional[str] = None, timeout_s: float = 5.0) -> str:
         """Return the node's lifecycle state label ('inactive', 'active', ...), '' if unknown."""
-        client = self._lifecycle_client(GetState, node or self.server, 'get_state')
+        client = self._lifecycle_client(GetState, node or self.manager, 'get_state')
         if not client.wait_for_service(timeout_sec=timeout_s):
             return ''
         future = client.call_async(GetState.Request())
@@ -341,7 +341,7 @@ class TimeBillClient(Node):
         self, transition: str, node: Optional[str] = None, timeout_s: float = 30.0
     ) -> bool:
         """Trigger a lifecycle transition by name through ``/<node>/change_state``."""
-        client = self._lifecycle_client(ChangeState, node or self.server, 'change_state')
+        client = self._lifecycle_client(ChangeState, node or self.manager, 'change_state')
         if not client.wait_for_service(timeout_sec=timeout_s):
             return False
         req = ChangeState.Request()
@@ -558,7 +558,7 @@ class TimeBillClient(Node):
             )
         handle = future.result()
         if not handle.accepted:
-            state = self.get_state(timeout_s=2.0)
+            state = self.get_state(self.server, timeout_s=2.0)
             why = (
                 f'{self.server} is {state or "unreachable"}, not active'
                 if state != 'active'

@@ -20,7 +20,8 @@ import uuid
 
 from rclpy.action import ActionClient
 from timebill_ros.action import TimedInference
-from timebill_ros.nodes.common import ACTION_QOS, ACTION_TIMED_INFERENCE, s_to_duration, s_to_time
+from timebill_ros.nodes.qos import ACTION_QOS, ACTION_TIMED_INFERENCE
+from timebill_ros.nodes.ros_time import s_to_duration, s_to_time
 from unique_identifier_msgs.msg import UUID
 
 R = TimedInference.Result

@@ -1,5 +1,5 @@
 """
-``timebill bringup``: start the three nodes as processes and drive the server to active.
+``timebill bringup``: start the nodes as processes; the lifecycle manager activates them.
 
 The same nodes and parameters as ``ros2 launch timebill_ros bringup.launch.py``, for machines
 without launch_ros. Ctrl-C (or SIGTERM) stops every node cleanly.
@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
         default='',
         help='ROS namespace for the nodes (a second system beside the first, e.g. robot2)',
     )
-    p.add_argument('--no-activate', action='store_true', help='leave timebill_server unconfigured')
+    p.add_argument(
+        '--no-activate', action='store_true', help='leave the nodes unconfigured (no startup)'
+    )
     p.add_argument(
         '--timeout', type=float, default=180.0, help='seconds to wait for the nodes to come up'
     )
@@ -65,7 +67,7 @@ def run(args) -> int:
 
     import rclpy
     from rclpy.signals import SignalHandlerOptions
-    from timebill_ros.bringup import Bringup, NODES, SERVER
+    from timebill_ros.bringup import Bringup, MANAGER, NODES
     from timebill_ros.client import TimeBillClient
 
     if args.domain_id is not None:
@@ -89,13 +91,14 @@ def run(args) -> int:
         runner.wait_ready(client, args.timeout)
         if not args.no_activate and not client.startup(timeout_s=240.0):
             print(
-                f'[bringup] could not activate {SERVER} (state {client.get_state()!r})',
+                f'[bringup] could not activate the system ({MANAGER}: {client.get_state()!r})',
                 file=sys.stderr,
             )
             return 1
         names = ', '.join(spec.name for spec in NODES)
         print(
-            f'[bringup] up: {names}; {SERVER} is {client.get_state()}. Ctrl-C stops.', flush=True
+            f'[bringup] up: {names}; the system is {client.get_state()}. Ctrl-C stops.',
+            flush=True,
         )
         while True:
             dead = {n: c for n, c in runner.alive().items() if c is not None}

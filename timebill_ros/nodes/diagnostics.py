@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from timebill_ros.action import TimedInference
-from timebill_ros.nodes.common import status_name
+from timebill_ros.nodes.results import status_name
 
 R = TimedInference.Result
 

@@ -15,10 +15,12 @@ publishes on ``timebill/prefill_plans`` the cached length of every goal it admit
 predictor's WCET prices the prefill this node will really run. The cache lives in this process:
 it starts empty on configure, and cleanup frees it.
 
-A heartbeat (pid, lifecycle state, last configure error, queue) goes out every
-``heartbeat_s`` from a timer, also during a long prefill: the server calls the generator lost
-only when the heartbeat stops. An execute callback waits on its goal's future (an event) while the
-pipeline's one model thread works.
+A heartbeat (pid, lifecycle state, last configure error, queue, the time model it plans with)
+goes out on ``timebill_generator/heartbeat`` every ``heartbeat_s`` from a timer, also during a
+long prefill: the server calls the generator lost only when the heartbeat stops, the lifecycle
+manager brings it back after a restart, and the predictor prices its WCET with that time model.
+An execute callback waits on its goal's future (an event) while the pipeline's one model thread
+works.
 """
 
 from __future__ import annotations
@@ -41,34 +43,33 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from timebill_ros.action import Generate
 from timebill_ros.core.calibration import time_model_for
 from timebill_ros.core.config import OVERRUN_POLICIES
-from timebill_ros.core.pipeline import Job, LengthEstimate, Pipeline
+from timebill_ros.core.job import Job
+from timebill_ros.core.lengths import LengthEstimate
+from timebill_ros.core.pipeline import Pipeline
 from timebill_ros.msg import Estimate, Heartbeat, PrefillPlan
-from timebill_ros.nodes.common import (
+from timebill_ros.nodes.heartbeat import HeartbeatSender
+from timebill_ros.nodes.parameters import declare_config, read_config
+from timebill_ros.nodes.qos import (
     ACTION_GENERATE,
     ACTION_QOS,
     CHANNEL_QOS,
-    declare_config,
-    duration_to_s,
-    GOAL_THREADS,
-    HEARTBEAT_QOS,
-    read_config,
-    ros_now_s,
-    run_node,
-    s_to_duration,
-    safe_reason,
     SERVICE_ESTIMATE_BUDGET,
     SERVICE_PREDICT_LENGTH,
     SERVICE_PRIME,
     SERVICE_RELEASE_PRIME,
+    TOPIC_ESTIMATES,
+    TOPIC_PREFILL_PLANS,
+)
+from timebill_ros.nodes.results import to_result
+from timebill_ros.nodes.ros_time import (
+    duration_to_s,
+    ros_now_s,
+    s_to_duration,
     time_to_s,
     to_monotonic,
-    to_result,
-    TOPIC_ESTIMATES,
-    TOPIC_HEARTBEAT,
-    TOPIC_PREFILL_PLANS,
     uuid_hex,
-    wait_first,
 )
+from timebill_ros.nodes.spin import GOAL_THREADS, run_node, safe_reason, wait_first
 from timebill_ros.nodes.validation import model_prompt, structure_problem
 from timebill_ros.srv import EstimateBudget, PredictLength, Prime, ReleasePrime
 
@@ -78,7 +79,7 @@ STAGES = {'queued': F.STAGE_QUEUED, 'prefill': F.STAGE_PREFILL, 'decoding': F.ST
 KEEP_ESTIMATES = 256
 FEEDBACK_PERIOD_S = 0.05  # at most this often a partial-text feedback while decoding
 PREDICT_TIMEOUT_S = 2.0  # EstimateBudget: without N̂ by then, plan with the cap (as a goal would)
-NOT_ACTIVE = 'the generator is {state}, not active: activate timebill_server first'
+NOT_ACTIVE = 'the generator is {state}, not active: start timebill_lifecycle_manager first'
 
 
 def prime_id_for(ids) -> str:
@@ -142,9 +143,9 @@ class GeneratorNode(LifecycleNode):
         from collections import deque
 
         self._ape = deque(maxlen=200)  # (prefill, decode) absolute % error of served requests
-        self._heartbeat = self.create_publisher(Heartbeat, TOPIC_HEARTBEAT, HEARTBEAT_QOS)
-        period = float(self.get_parameter('heartbeat_s').value) or 0.25
-        self.create_timer(period, self.publish_heartbeat, callback_group=self._group)
+        self.alive = HeartbeatSender(
+            self, float(self.get_parameter('heartbeat_s').value), self._group, fill=self._fill_beat
+        )
         from diagnostic_msgs.msg import DiagnosticArray
 
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
@@ -212,7 +213,10 @@ class GeneratorNode(LifecycleNode):
                 callback_group=self._group,
             ),
         ]
-        self._plans = self.create_publisher(PrefillPlan, TOPIC_PREFILL_PLANS, CHANNEL_QOS)
+        # a lifecycle publisher: an inactive generator announces no plans
+        self._plans = self.create_lifecycle_publisher(
+            PrefillPlan, TOPIC_PREFILL_PLANS, CHANNEL_QOS
+        )
         self.state_label = 'inactive'
         self.get_logger().info(
             f'configured: model {self.cfg.model}, press {self.cfg.press}, '
@@ -259,7 +263,7 @@ class GeneratorNode(LifecycleNode):
         self._entities = []
         plans, self._plans = self._plans, None
         if plans is not None:
-            self.destroy_publisher(plans)
+            self.destroy_lifecycle_publisher(plans)
         self.engine = self.cfg = None
         if not exiting:
             gc.collect()
@@ -274,20 +278,17 @@ class GeneratorNode(LifecycleNode):
 
     # ---------------------------------------------------------------- heartbeat
     def publish_heartbeat(self) -> None:
+        self.alive.state, self.alive.error = self.state_label, self.error
+        self.alive.send()
+
+    def _fill_beat(self, msg: Heartbeat) -> None:
+        """Add the queue and the time model it plans with now (online scale applied)."""
+        msg.state, msg.error = self.state_label, self.error
         pipeline = self.pipeline
         snap = pipeline.snapshot() if pipeline is not None else {'queued': 0, 'running': ''}
-        model = astuple(pipeline.time_model()) if pipeline is not None else ()
-        self._heartbeat.publish(
-            Heartbeat(
-                stamp=self.get_clock().now().to_msg(),
-                pid=os.getpid(),
-                state=self.state_label,
-                error=self.error,
-                queued=snap['queued'],
-                running=snap['running'],
-                time_model=[float(x) for x in model],
-            )
-        )
+        msg.queued, msg.running = snap['queued'], snap['running']
+        if pipeline is not None:
+            msg.time_model = [float(x) for x in astuple(pipeline.time_model())]
 
     def _observe(self, outcome) -> None:
         """Time-model error of one served request, for /diagnostics."""

@@ -117,9 +117,16 @@ def declare_config(node) -> None:
                 successful=False,
                 reason=(
                     f'{", ".join(changed)} is read when {node.get_name()} is configured: '
-                    f'deactivate and clean up timebill_server, set it, then configure again'
+                    f'deactivate and clean up timebill_lifecycle_manager, set it, then configure '
+                    f'again'
                 ),
             )
         return SetParametersResult(successful=True)
 
     node.add_on_set_parameters_callback(guard)
+
+
+def read_config(node) -> TimeBillConfig:
+    """Read the node's parameters as a validated TimeBillConfig (ValueError with a reason)."""
+    values = {f.name: node.get_parameter(f.name).value for f in fields(TimeBillConfig)}
+    return TimeBillConfig.from_mapping(values)

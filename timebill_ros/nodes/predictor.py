@@ -8,10 +8,13 @@ while the generator is still queued or in prefill (TimeBill runs the RLP in para
 prefill). It also serves ``timebill/predict_length`` for the generator's EstimateBudget.
 Until a trained length predictor exists, N̂ = the answer cap: the documented fallback.
 
-The Estimate's WCET prices the prefill the generator will really run: when the generator
+The Estimate's WCET is priced with the time model the generator plans with now (its heartbeat
+carries it, online scale applied; the offline profile only until the first heartbeat), and with
+the prefill the generator will really run: when the generator
 admits a goal it publishes the goal's cached prompt length (its prefix cache) on
 ``timebill/prefill_plans``. An estimate whose plan has not arrived yet is held back for at
 most ``PLAN_WAIT_S`` (without holding a thread), then goes out with ``cached_tokens = 0``.
+Estimates go out on a lifecycle publisher: an inactive predictor publishes nothing.
 """
 
 from __future__ import annotations
@@ -28,23 +31,22 @@ import rclpy
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from timebill_ros.core.calibration import time_model_for
-from timebill_ros.core.pipeline import answer_cap
-from timebill_ros.core.time_estimator import wcet_length
-from timebill_ros.msg import Estimate, PrefillPlan, Request
-from timebill_ros.nodes.common import (
+from timebill_ros.core.job import answer_cap
+from timebill_ros.core.time_estimator import ExecutionTimeModel, wcet_length
+from timebill_ros.msg import Estimate, Heartbeat, PrefillPlan, Request
+from timebill_ros.nodes.heartbeat import heartbeat_topic, HeartbeatSender
+from timebill_ros.nodes.parameters import declare_config, read_config
+from timebill_ros.nodes.qos import (
     CHANNEL_QOS,
-    declare_config,
-    PromptTokenizer,
-    read_config,
-    ros_now_s,
-    run_node,
-    safe_reason,
+    HEARTBEAT_QOS,
     SERVICE_PREDICT_LENGTH,
-    time_to_s,
     TOPIC_ESTIMATES,
     TOPIC_PREFILL_PLANS,
     TOPIC_REQUESTS,
 )
+from timebill_ros.nodes.ros_time import ros_now_s, time_to_s
+from timebill_ros.nodes.spin import run_node, safe_reason
+from timebill_ros.nodes.tokenizer import PromptTokenizer
 from timebill_ros.srv import PredictLength
 
 KEEP_PLANS = 256  # prefill plans kept by request id (a plan may arrive before its request)
@@ -120,6 +122,14 @@ class PredictorNode(LifecycleNode):
         self._group = ReentrantCallbackGroup()
         self._plans = PrefillPlans()
         self.create_timer(SWEEP_S, self._send_overdue, callback_group=self._group)
+        self.alive = HeartbeatSender(
+            self, float(self.get_parameter('heartbeat_s').value), self._group
+        )
+        self.generator_model = None  # the generator's time model, from its heartbeat
+        self.create_subscription(
+            Heartbeat, heartbeat_topic('timebill_generator'), self._on_generator_beat,
+            HEARTBEAT_QOS, callback_group=self._group,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -132,11 +142,14 @@ class PredictorNode(LifecycleNode):
             self.time_model, _ = time_model_for(self.cfg, log=log)
             self.lengths = load_length_predictor(self.cfg, logger=log)
         except Exception as exc:  # noqa: BLE001 - a failed configure says why
-            self.get_logger().error(f'configure failed: {safe_reason(exc)}')
+            self.alive.error = f'configure failed: {safe_reason(exc)}'
+            self.get_logger().error(self.alive.error)
             self.cfg = self.lengths = self.tokenizer = None
+            self.alive.send()  # before the answer: the lifecycle manager quotes it
             return TransitionCallbackReturn.FAILURE
+        self.alive.state, self.alive.error = 'inactive', ''
         self._entities = [
-            self.create_publisher(Estimate, TOPIC_ESTIMATES, CHANNEL_QOS),
+            self.create_lifecycle_publisher(Estimate, TOPIC_ESTIMATES, CHANNEL_QOS),
             self.create_subscription(
                 Request, TOPIC_REQUESTS, self.on_request, CHANNEL_QOS, callback_group=self._group
             ),
@@ -160,6 +173,14 @@ class PredictorNode(LifecycleNode):
         )
         return TransitionCallbackReturn.SUCCESS
 
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.alive.state = 'active'
+        return super().on_activate(state)  # enables the estimates publisher
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.alive.state = 'inactive'
+        return super().on_deactivate(state)
+
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.release()
         return TransitionCallbackReturn.SUCCESS
@@ -172,13 +193,14 @@ class PredictorNode(LifecycleNode):
         """Free the predictor (cleanup, shutdown, SIGINT: ``exiting``, nothing to collect)."""
         pub, sub, srv, plans = self._entities or (None, None, None, None)
         if pub is not None:
-            self.destroy_publisher(pub)
+            self.destroy_lifecycle_publisher(pub)
             self.destroy_subscription(sub)
             self.destroy_service(srv)
             self.destroy_subscription(plans)
         self._entities = []
         self._plans.clear()
         self.cfg = self.lengths = self.tokenizer = self.time_model = None
+        self.alive.state = 'unconfigured'
         if not exiting:
             gc.collect()
 
@@ -215,9 +237,12 @@ class PredictorNode(LifecycleNode):
         for held in self._plans.overdue(time.monotonic()):
             self._publish(held, None)
 
+    def _on_generator_beat(self, msg: Heartbeat) -> None:
+        self.generator_model = ExecutionTimeModel(*msg.time_model) if msg.time_model else None
+
     def _publish(self, held: _Held, plan: Optional[PrefillPlan]) -> None:
         """Send the estimate; its WCET with the plan's cached prompt length (0: no plan)."""
-        cfg, model = self.cfg, self.time_model
+        cfg, model = self.cfg, self.generator_model or self.time_model
         pub = self._entities[0] if self._entities else None
         if pub is None or cfg is None or model is None:
             return

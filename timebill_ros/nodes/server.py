@@ -1,11 +1,8 @@
 """
-timebill_server: the lifecycle node planners talk to (``timed_inference`` action).
+timebill_server: the lifecycle node planners talk to (``timed_inference`` action); it only serves.
 
-Its transitions drive the whole system: configure loads its tokenizer and then configures
-``timebill_generator`` (the model, the queue) and ``timebill_predictor`` (the length
-predictor) through their lifecycle services, so one configure / activate / deactivate /
-cleanup of the server brings everything up or down, and a bad model path fails the server's
-configure with the generator's reason.
+configure loads its tokenizer and creates the action server; ``timebill_lifecycle_manager``
+brings it up after the predictor and the generator, and brings a restarted peer back.
 
 Each accepted goal gets its absolute deadline at acceptance and is validated (an invalid goal
 ends at once as ABORTED with ``status = STATUS_REJECTED`` and a readable reason, since a ROS 2
@@ -14,6 +11,7 @@ and the generator (internal ``timebill/generate``) at the same moment. The gener
 queue and admission; the server relays feedback, cancels, and the result. It calls the
 generator lost only when its heartbeat stops (or its pid changes), never because a prefill is
 long. A goal's execute callback waits on events (its result, or a reason to stop), never polls.
+A goal whose client left the ROS graph is ended (``orphans.py``): it would hold the queue.
 
 A structured goal (``json_schema`` or ``grammar``) travels as it is: the generator's pipeline
 compiles it at submit and an invalid one comes back REJECTED with llguidance's message. With
@@ -25,11 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import sys
-import threading
 import time
 from typing import Optional
 
-from lifecycle_msgs.srv import ChangeState, GetState
 import rclpy
 from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
@@ -39,39 +35,27 @@ from timebill_ros.action import Generate, TimedInference
 from timebill_ros.core.scheduler import admission, answer_grace_s
 from timebill_ros.core.time_estimator import ExecutionTimeModel
 from timebill_ros.msg import Heartbeat, Request
-from timebill_ros.nodes.common import (
+from timebill_ros.nodes.diagnostics import ServedStats
+from timebill_ros.nodes.heartbeat import heartbeat_topic, HeartbeatSender
+from timebill_ros.nodes.orphans import OrphanWatch
+from timebill_ros.nodes.parameters import declare_config, read_config
+from timebill_ros.nodes.qos import (
     ACTION_GENERATE,
     ACTION_QOS,
     ACTION_TIMED_INFERENCE,
     CHANNEL_QOS,
-    copy_fields,
-    declare_config,
-    GOAL_THREADS,
     HEARTBEAT_QOS,
-    PromptTokenizer,
-    read_config,
-    ros_now_s,
-    run_node,
-    s_to_time,
-    safe_reason,
     TOPIC_ESTIMATES,
-    TOPIC_HEARTBEAT,
     TOPIC_REQUESTS,
-    TRANSITIONS,
-    uuid_hex,
-    wait_first,
 )
-from timebill_ros.nodes.diagnostics import ServedStats
+from timebill_ros.nodes.results import copy_fields
+from timebill_ros.nodes.ros_time import ros_now_s, s_to_time, uuid_hex
+from timebill_ros.nodes.spin import GOAL_THREADS, run_node, safe_reason, wait_first
+from timebill_ros.nodes.tokenizer import PromptTokenizer
 from timebill_ros.nodes.validation import InvalidGoal, model_prompt, validate_goal
 
 R = TimedInference.Result
-PEERS = ('timebill_generator', 'timebill_predictor')
-CONFIGURE_TIMEOUT_S = 300.0  # loading a large model can take minutes
-PEER_CHECK_S = 1.0  # how often a configured server checks that its peers are still configured
-CLIENT_CHECK_S = 0.5  # how often goals' client nodes are looked up in the ROS graph
-# a goal's client not in the graph this long after acceptance is taken as gone (DDS announces
-# node names on their own topic, a moment after the goal itself can arrive)
-CLIENT_DISCOVERY_S = 5.0
+GENERATOR = 'timebill_generator'
 
 
 @dataclass(eq=False)
@@ -83,7 +67,6 @@ class _Goal:
     generator_pid: int = 0  # heartbeat pid when the goal was dispatched
     dispatched: bool = False  # handed to the generator
     client_node: str = ''  # the goal's client, when it named itself
-    client_seen: bool = False  # the client was in the ROS graph once (absence means it left)
     accepted_mono: float = 0.0  # time.monotonic() at acceptance
 
 
@@ -99,9 +82,6 @@ class TimeBillServer(LifecycleNode):
         self.stats = ServedStats()
         self._beat: Optional[Heartbeat] = None
         self._beat_at = 0.0  # time.monotonic() of the last heartbeat
-        self._next_peer_check, self._recovering = 0.0, False
-        self._next_client_check = 0.0
-        self._peer_lock = threading.Lock()
         group = ReentrantCallbackGroup()
         self._group = group
         # Created once, before any executor spins this node: rclpy's ActionClient registers itself
@@ -109,14 +89,14 @@ class TimeBillServer(LifecycleNode):
         self._generator = ActionClient(
             self, Generate, ACTION_GENERATE, callback_group=group, **ACTION_QOS
         )
-        self._peer_clients = {
-            (peer, srv): self.create_client(t, f'{peer}/{srv}', callback_group=group)
-            for peer in PEERS
-            for srv, t in (('change_state', ChangeState), ('get_state', GetState))
-        }
         self.create_subscription(
-            Heartbeat, TOPIC_HEARTBEAT, self._on_heartbeat, HEARTBEAT_QOS, callback_group=group
+            Heartbeat, heartbeat_topic(GENERATOR), self._on_heartbeat, HEARTBEAT_QOS,
+            callback_group=group,
         )
+        self.alive = HeartbeatSender(
+            self, float(self.get_parameter('heartbeat_s').value), callback_group=group
+        )
+        self.orphans = OrphanWatch(self, self._goals, self._stop)
         from diagnostic_msgs.msg import DiagnosticArray
 
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
@@ -130,10 +110,6 @@ class TimeBillServer(LifecycleNode):
             self.tokenizer = PromptTokenizer(self.cfg)
         except Exception as exc:  # noqa: BLE001 - a failed configure must say why
             return self._configure_failed(safe_reason(exc))
-        problem = self._drive_peers('configure', CONFIGURE_TIMEOUT_S)
-        if problem:
-            self._drive_peers('cleanup', self.cfg.peer_timeout_s)
-            return self._configure_failed(problem)
         self._requests = self.create_publisher(Request, TOPIC_REQUESTS, CHANNEL_QOS)
         self._action_server = ActionServer(
             self,
@@ -149,6 +125,7 @@ class TimeBillServer(LifecycleNode):
         if self.cfg.record_bag:
             self._start_recording(self.cfg.record_bag)
         self.stats.model_state = 'configured'
+        self.alive.state, self.alive.error = 'inactive', ''
         self.get_logger().info(
             f'configured: model {self.cfg.model}, context {self.tokenizer.max_context} tokens'
         )
@@ -158,73 +135,30 @@ class TimeBillServer(LifecycleNode):
         self.get_logger().error(f'configure failed: {reason}')
         self.cfg = self.tokenizer = None
         self.stats.model_state = f'configure failed: {reason}'
+        self.alive.error = f'configure failed: {reason}'
+        self.alive.send()  # before the answer: the lifecycle manager quotes it
         return TransitionCallbackReturn.FAILURE
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        problem = self._drive_peers('activate', self.cfg.peer_timeout_s)
-        if problem:
-            self.get_logger().error(f'activate failed: {problem}')
-            return TransitionCallbackReturn.FAILURE
-        self._active = True
+        self._active, self.alive.state = True, 'active'
         self.stats.model_state = 'active'
         self.get_logger().info('active: accepting goals')
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = False
+        self._active, self.alive.state = False, 'inactive'
         self.stats.model_state = 'inactive'
         self._abort_all('the server was deactivated while the goal was running')
-        self._drive_peers('deactivate', self.cfg.peer_timeout_s if self.cfg else 5.0)
         self.get_logger().info('inactive: rejecting goals')
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        timeout = self.cfg.peer_timeout_s if self.cfg else 5.0
         self.release()
-        self._drive_peers('cleanup', timeout)
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.release()
         return TransitionCallbackReturn.SUCCESS
-
-    def _drive_peers(self, transition: str, timeout_s: float) -> str:
-        """Take generator and predictor through ``transition``; '' or why it failed."""
-        with self._peer_lock:  # never beside the restarted-peer check
-            return self._drive_peers_locked(transition, timeout_s)
-
-    def _drive_peers_locked(self, transition: str, timeout_s: float) -> str:
-        wanted = {
-            'configure': 'unconfigured',
-            'activate': 'inactive',
-            'deactivate': 'active',
-            'cleanup': 'inactive',
-        }[transition]
-        for peer in PEERS:
-            state = self._peer_state(peer, timeout_s=min(timeout_s, 10.0))
-            if state is None:
-                return (
-                    f'{peer} is not running '
-                    f'(no lifecycle service within {min(timeout_s, 10.0):g} s)'
-                )
-            if state != wanted:
-                continue  # already there (a restarted server finds its peers configured)
-            req = ChangeState.Request()
-            req.transition.id = TRANSITIONS[transition]
-            fut = self._peer_clients[(peer, 'change_state')].call_async(req)
-            if wait_first(fut, timeout_s=timeout_s) is None:
-                return f'{peer} did not {transition} within {timeout_s:g} s'
-            if not fut.result().success:
-                why = self._beat.error if peer == PEERS[0] and self._beat is not None else ''
-                return f'{peer} failed to {transition}' + (f': {why}' if why else ' (see its log)')
-        return ''
-
-    def _peer_state(self, peer: str, timeout_s: float) -> Optional[str]:
-        client = self._peer_clients[(peer, 'get_state')]
-        if not client.wait_for_service(timeout_sec=timeout_s):
-            return None
-        fut = client.call_async(GetState.Request())
-        return fut.result().current_state.label if wait_first(fut, timeout_s=timeout_s) else None
 
     def release(self, exiting: bool = False) -> None:
         """Free everything configure created (main() calls it on SIGINT with ``exiting``)."""
@@ -243,7 +177,7 @@ class TimeBillServer(LifecycleNode):
             recorder, self._recorder = self._recorder, None
             recorder.close()
         self.cfg = self.tokenizer = None
-        self.stats.model_state = 'unconfigured'
+        self.stats.model_state = self.alive.state = 'unconfigured'
 
     def _start_recording(self, folder: str) -> None:
         """Record every goal, estimate and result to a rosbag2 MCAP bag, readable after a crash."""
@@ -295,26 +229,10 @@ class TimeBillServer(LifecycleNode):
                     )
 
     def _watchdog(self) -> None:
-        """
-        Abort dispatched goals when the generator's heartbeat stops.
-
-        And bring restarted peers back.
-        """
-        configured = self.cfg is not None and self._action_server is not None
-        if configured and time.monotonic() >= self._next_peer_check and not self._recovering:
-            self._next_peer_check = time.monotonic() + PEER_CHECK_S
-            self._recovering = True
-            threading.Thread(
-                target=self._recover_peers, name='timebill_recover', daemon=True
-            ).start()
+        """Abort dispatched goals when the generator's heartbeat stops; end orphaned goals."""
         if not self._goals or self.cfg is None:
             return
-        # clients not seen yet are looked up every tick: a planner can send a goal and crash
-        # within one check period, and an unseen client cannot be noticed leaving
-        unseen = any(g.client_node and not g.client_seen for g in list(self._goals.values()))
-        if unseen or time.monotonic() >= self._next_client_check:
-            self._next_client_check = time.monotonic() + CLIENT_CHECK_S
-            self._cancel_orphans()
+        self.orphans.check()
         silent = time.monotonic() - self._beat_at
         if silent <= self.cfg.peer_timeout_s:
             return
@@ -322,55 +240,6 @@ class TimeBillServer(LifecycleNode):
         for g in list(self._goals.values()):
             if g.dispatched:
                 self._stop(g, f'lost the generator (pid {pid}): no heartbeat for {silent:.1f} s')
-
-    def _cancel_orphans(self) -> None:
-        """
-        End goals whose client node left the ROS graph: a crashed planner's goal holds the queue.
-
-        DDS removes a killed process from the graph when its participant lease runs out (Fast DDS:
-        20 s by default), so this bounds how long an orphan can hold the queue, not its deadline.
-        """
-        watched = [g for g in list(self._goals.values()) if g.client_node]
-        if not watched:
-            return
-        present = {
-            (ns.rstrip('/') + '/' + name) for name, ns in self.get_node_names_and_namespaces()
-        }
-        now = time.monotonic()
-        for g in watched:
-            if g.client_node in present:
-                g.client_seen = True
-            elif g.client_seen:
-                self._stop(g, f'the client {g.client_node} left the ROS graph')
-            elif g.accepted_mono and now - g.accepted_mono > CLIENT_DISCOVERY_S:
-                self._stop(
-                    g,
-                    f'the client {g.client_node} is not in the ROS graph '
-                    f'{CLIENT_DISCOVERY_S:g} s after its goal was accepted (it left, or the '
-                    f'goal named another node)',
-                )
-
-    def _recover_peers(self) -> None:
-        """Take a restarted peer, which comes up unconfigured, to the server's own state."""
-        if not self._peer_lock.acquire(blocking=False):
-            self._recovering = False
-            return  # a transition is driving the peers right now
-        try:
-            if self.cfg is None:
-                return
-            timeout = self.cfg.peer_timeout_s
-            if any(self._peer_state(p, timeout_s=1.0) == 'unconfigured' for p in PEERS):
-                self.get_logger().warning('a restarted peer is unconfigured: configuring it again')
-                problem = self._drive_peers_locked('configure', CONFIGURE_TIMEOUT_S)
-                if not problem and self._active:
-                    problem = self._drive_peers_locked('activate', timeout)
-                if problem:
-                    self.get_logger().error(f'could not bring a restarted peer back: {problem}')
-        except Exception as exc:  # noqa: BLE001 - supervision must never take the server down
-            self.get_logger().error(f'peer check failed: {safe_reason(exc)}')
-        finally:
-            self._peer_lock.release()
-            self._recovering = False
 
     # ------------------------------------------------------------------- goals
     def on_goal(self, goal: TimedInference.Goal) -> GoalResponse:

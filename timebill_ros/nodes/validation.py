@@ -14,7 +14,8 @@ from typing import List, Tuple
 import unicodedata
 
 from timebill_ros.core.config import OVERRUN_POLICIES
-from timebill_ros.nodes.common import duration_to_s, safe_reason, time_to_s
+from timebill_ros.nodes.ros_time import duration_to_s, time_to_s
+from timebill_ros.nodes.spin import safe_reason
 
 MAX_BUDGET_S = (
     86400.0  # a budget or deadline further away than a day is a mistake, not a real-time goal

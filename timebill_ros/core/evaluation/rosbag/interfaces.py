@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 PKG = 'timebill_ros'
 ACTION = 'TimedInference'
-# the server's action (nodes/common.py ACTION_TIMED_INFERENCE)
+# the server's action (nodes/qos.py ACTION_TIMED_INFERENCE)
 DEFAULT_ACTION_NAME = '/timed_inference'
 DEFAULT_ESTIMATE_TOPIC = '/timebill/estimates'
 TASK_TOPIC = '/timebill/tasks'  # std_msgs/String JSON: the task's references and metric
