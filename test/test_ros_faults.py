@@ -146,14 +146,13 @@ def test_wrong_model_path_fails_configure_readably_and_frees_nothing_twice(
     )
     try:
         nodes.start()
-        for name in ('timebill_server', 'timebill_generator', 'timebill_predictor'):
+        for name in nodes.procs:
             assert client.wait_for_lifecycle(name, timeout_s=60.0), nodes.log_tail(name)
-        # the server's configure drives the whole system
+        # the lifecycle manager's configure drives the whole system and quotes the node's reason
         assert not client.change_state('configure')
         assert client.get_state() == 'unconfigured'
-        assert 'configure failed: model path does not exist: /no/such/model' in nodes.log_tail(
-            'timebill_server'
-        )
+        why = 'failed to configure: configure failed: model path does not exist: /no/such/model'
+        assert why in nodes.log_tail('timebill_lifecycle_manager')
         # the generator alone, configured directly, fails the same way and says so
         assert not client.change_state('configure', 'timebill_generator')
         assert client.get_state('timebill_generator') == 'unconfigured'
