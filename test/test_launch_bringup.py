@@ -49,10 +49,16 @@ class TestBringupActive(unittest.TestCase):
         from lifecycle_msgs.srv import GetState
         import rclpy
         from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
 
+        # A context of its own (launch_testing may run other tests in this process); everything
+        # that waits on it -- the executor included -- must be given it, or rclpy falls back to
+        # the default context, which was never initialised.
         context = Context()
         rclpy.init(context=context, domain_id=domain_id)
         node = rclpy.create_node('test_launch_bringup_probe', context=context)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(node)
         try:
             client = node.create_client(GetState, '/timebill_server/get_state')
             state = None
@@ -61,13 +67,14 @@ class TestBringupActive(unittest.TestCase):
                 if not client.wait_for_service(timeout_sec=1.0):
                     continue
                 future = client.call_async(GetState.Request())
-                rclpy.spin_until_future_complete(node, future, timeout_sec=5.0)
+                executor.spin_until_future_complete(future, timeout_sec=5.0)
                 if future.result() is not None:
                     state = future.result().current_state.label
                 if state != 'active':
                     time.sleep(0.5)
             self.assertEqual(state, 'active')
         finally:
+            executor.shutdown()
             node.destroy_node()
             rclpy.try_shutdown(context=context)
 
