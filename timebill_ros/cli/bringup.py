@@ -73,7 +73,9 @@ def run(args) -> int:
     if args.domain_id is not None:
         os.environ['ROS_DOMAIN_ID'] = str(args.domain_id)
     # Our handlers, not rclpy's: a signal must stop the children, in order, before we exit.
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    # args=[]: this command's own `-p name:=value` are for the nodes, not ROS arguments of this
+    # process (rcl would read them as old-style remap rules and warn).
+    rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO)
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     runner = Bringup(
