@@ -19,13 +19,15 @@ import os
 from pathlib import Path
 import time
 
-from timebill_ros.cli import add_config_arguments, load_config
+from timebill_ros.cli.options import add_config_arguments, load_config
 from timebill_ros.core import calibration as cal
 from timebill_ros.core.engine import Engine
 from timebill_ros.core.evaluation import longctx_tasks as lt
 from timebill_ros.core.evaluation.tasks import counter_for
+from timebill_ros.core.job import Job
 from timebill_ros.core.length_predictor import load_length_predictor
-from timebill_ros.core.pipeline import FixedLength, Job, Pipeline
+from timebill_ros.core.lengths import FixedLength
+from timebill_ros.core.pipeline import Pipeline
 
 
 def _plan(pipe, n, budget, n_hat, cap, min_quality):

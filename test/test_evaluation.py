@@ -137,6 +137,8 @@ def test_too_small_target_is_refused():
 def sweep_run(smollm2):
     from timebill_ros.core.engine import Engine
     from timebill_ros.core.evaluation import sweep as S
+    from timebill_ros.core.evaluation.budgets import choose_budgets
+    from timebill_ros.core.evaluation.runs import SweepConfig
     from timebill_ros.core.length_predictor import NMaxPredictor
     from timebill_ros.core.time_estimator import ExecutionTimeModel
 
@@ -147,8 +149,8 @@ def sweep_run(smollm2):
     tasks = T.build_tasks(T.counter_for(engine), lengths=(256,), kinds=('passkey', 'qa'), seed=0)
     for t in tasks:
         t.max_new_tokens = 6
-    budgets = S.choose_budgets(model, tasks, 3)
-    cfg = S.SweepConfig(budgets=budgets, ks=(1, 5))
+    budgets = choose_budgets(model, tasks, 3)
+    cfg = SweepConfig(budgets=budgets, ks=(1, 5))
     sweeper, results, out = S.run_sweep(
         engine, model, NMaxPredictor(8192), tasks, cfg, log=lambda m: None
     )
@@ -259,6 +261,17 @@ def _cli(name, argv):
     p = argparse.ArgumentParser()
     mod.add_arguments(p)
     return mod.run(p.parse_args([str(a) for a in argv]))
+
+
+def test_generate_help_lists_every_registered_press(capsys):
+    """A press added to the registry shows in ``timebill generate --help`` with no CLI edit."""
+    from timebill_ros.cli import main
+    from timebill_ros.core.eviction import PRESSES
+
+    with pytest.raises(SystemExit):
+        main(['generate', '--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert len(PRESSES) > 3 and all(name in text for name in PRESSES)
 
 
 @pytest.fixture(scope='module')

@@ -1,7 +1,7 @@
 """
 ``timebill`` console script: one subcommand a module, imported only when used.
 
-Each module in this package defines ``add_arguments(parser)`` and ``run(args) -> int``.
+Each module named in COMMANDS defines ``add_arguments(parser)`` and ``run(args) -> int``.
 """
 
 from __future__ import annotations
@@ -57,40 +57,6 @@ COMMANDS = {
         'MAE/RMSE/R2 of length predictors vs baselines, latency, plot',
     ),
 }
-
-
-def add_config_arguments(
-    p, config_help: str = 'ROS 2 params YAML (default: the packaged config/timebill.yaml)'
-):
-    """Add the flags ``load_config`` reads: one params file, then per-run overrides."""
-    p.add_argument('--config', help=config_help)
-    p.add_argument(
-        '--model', help="override the config's model (alias, HF directory, .gguf file or hub id)"
-    )
-    p.add_argument('--dtype', help="override the config's dtype")
-    p.add_argument('--device', help="override the config's device")
-    p.add_argument('--threads', type=int, help="override the config's torch threads")
-
-
-def load_config(args):
-    """
-    Build the config a subcommand runs with.
-
-    ``--config`` (else the packaged YAML), then the ``--model/--dtype/--device/--threads`` flags
-    the subcommand declares.
-    """
-    from timebill_ros.core.config import default_config_path, TimeBillConfig
-
-    path = getattr(args, 'config', None) or (
-        default_config_path() if default_config_path().is_file() else None
-    )
-    cfg = TimeBillConfig.from_yaml(path) if path else TimeBillConfig()
-    changes = {
-        k: getattr(args, k)
-        for k in ('model', 'dtype', 'device', 'threads')
-        if getattr(args, k, None) is not None
-    }
-    return cfg.replace(**changes) if changes else cfg
 
 
 def main(argv=None) -> int:

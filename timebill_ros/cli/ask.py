@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .options import add_structured_arguments, add_system_arguments
+
 
 def add_arguments(p) -> None:
     p.add_argument('prompt', help='the question or instruction')
@@ -26,22 +28,13 @@ def add_arguments(p) -> None:
     p.add_argument(
         '--overrun', default='', help="kill | truncate | close | skip-next (default: the server's)"
     )
-    p.add_argument(
-        '--json-schema',
-        default=None,
-        metavar='FILE',
-        help='JSON schema the answer must match (a file, or the JSON itself)',
-    )
-    p.add_argument('--grammar', default=None, metavar='FILE', help='Lark grammar file')
+    add_structured_arguments(p)
     p.add_argument(
         '--estimate', action='store_true', help='ask estimate_budget first and print the plan'
     )
-    p.add_argument('--namespace', default='', help="the TimeBill system's ROS namespace")
     p.add_argument('--quiet', action='store_true', help='no streaming, only the result')
     p.add_argument('--json', action='store_true', help='print the result as JSON')
-    p.add_argument(
-        '--wait', type=float, default=30.0, help='seconds to wait for the server to be ready'
-    )
+    add_system_arguments(p, 'server to be ready')
 
 
 class _Printer:

@@ -15,21 +15,9 @@ import os
 from pathlib import Path
 import sys
 
-from timebill_ros.cli import add_config_arguments, load_config
+from .options import add_config_arguments, int_list, load_config
 
 GOALS = {'prefill': 1.0, 'decode': 1.5}  # held-out MAPE (%) the issue asks for
-
-
-def _ints(text: str):
-    try:
-        values = [int(x) for x in text.replace(' ', '').split(',') if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f'expected comma-separated integers, got {text!r}'
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError('empty list')
-    return values
 
 
 def _pairs(text: str):
@@ -53,18 +41,18 @@ def _pairs(text: str):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument(
-        '--prefill-grid', type=_ints, metavar='N,N,...', help='prompt lengths to fit on'
+        '--prefill-grid', type=int_list, metavar='N,N,...', help='prompt lengths to fit on'
     )
     p.add_argument(
         '--prefill-held-out',
-        type=_ints,
+        type=int_list,
         metavar='N,N,...',
         help='prompt lengths to score on (not fitted)',
     )
-    p.add_argument('--decode-grid', type=_ints, metavar='N,N,...', help='KV lengths to fit on')
+    p.add_argument('--decode-grid', type=int_list, metavar='N,N,...', help='KV lengths to fit on')
     p.add_argument(
         '--decode-held-out',
-        type=_ints,
+        type=int_list,
         metavar='N,N,...',
         help='KV lengths to score on (not fitted)',
     )

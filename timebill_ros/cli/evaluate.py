@@ -27,8 +27,7 @@ import platform
 import sys
 import time
 
-# make_tasks/replay import it from here
-from timebill_ros.cli import add_config_arguments, load_config  # noqa: F401
+from .options import add_config_arguments, float_list, int_list, load_config
 
 QUICK = {
     'lengths': (1024,), 'per_kind': 1, 'budgets': 5, 'max_new_tokens': 48,
@@ -48,14 +47,6 @@ BUDGET_RULE = (
 )
 
 
-def _ints(text: str):
-    return [int(x) for x in text.split(',') if x.strip()]
-
-
-def _floats(text: str):
-    return [float(x) for x in text.split(',') if x.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         '--quick', action='store_true', help='8 short prompts (~1k-2k tokens), 5 budgets: minutes'
@@ -63,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', help='report directory (default results/eval or results/eval-quick)')
     add_config_arguments(p)
     p.add_argument(
-        '--lengths', type=_ints, metavar='N,N,...', help='prompt length groups (tokens)'
+        '--lengths', type=int_list, metavar='N,N,...', help='prompt length groups (tokens)'
     )
     p.add_argument('--kinds', help='comma-separated task kinds (passkey,needle,qa,multihop)')
     p.add_argument(
@@ -73,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='robot JSON tasks over standing scenes, the retrieval groups, or both (default)',
     )
     p.add_argument(
-        '--scenes', type=_ints, metavar='N,N,...', help='robot scene sizes (tokens)'
+        '--scenes', type=int_list, metavar='N,N,...', help='robot scene sizes (tokens)'
     )
     p.add_argument(
         '--keep-min-score',
@@ -89,13 +80,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--budgets', type=int, help='budgets per length group')
     p.add_argument(
         '--budget-values',
-        type=_floats,
+        type=float_list,
         metavar='S,S,...',
         help='explicit budgets in seconds, for every group (overrides the profile rule)',
     )
     p.add_argument(
         '--ks',
-        type=_floats,
+        type=float_list,
         default=[1, 2, 3, 4, 5, 6, 7, 8],
         metavar='K,K,...',
         help='pessimism factors for the k sweep (default 1..8)',
@@ -208,9 +199,12 @@ def tasks_from_bag(path: str):
 
 def run(args) -> int:
     from timebill_ros.core.engine import Engine
-    from timebill_ros.core.evaluation import report, sweep
+    from timebill_ros.core.evaluation import report
+    from timebill_ros.core.evaluation.budgets import choose_budgets, measured_budgets
     from timebill_ros.core.evaluation.policies import standard_policies
-    from timebill_ros.core.evaluation.tasks import build_tasks, counter_for, KINDS
+    from timebill_ros.core.evaluation.runs import group_of, schema_of, SweepConfig
+    from timebill_ros.core.evaluation.sweep import run_sweep, Sweeper
+    from timebill_ros.core.evaluation.tasks import cap_answers, counter_for, retrieval_tasks
     from timebill_ros.core.length_predictor import load_length_predictor
 
     t_start = time.monotonic()
@@ -222,23 +216,17 @@ def run(args) -> int:
 
     engine = Engine.from_config(cfg)
     robot: list = []
+    # the retrieval answers are capped; a structured answer keeps its own length
+    cap = args.max_new_tokens if args.max_new_tokens is not None else preset['max_new_tokens']
     if args.tasks_bag:
-        tasks = tasks_from_bag(args.tasks_bag)
+        tasks = cap_answers(tasks_from_bag(args.tasks_bag), cap)
+    elif args.workload in ('both', 'retrieval'):
+        tasks = retrieval_tasks(
+            counter_for(engine), args.lengths or preset['lengths'], args.kinds,
+            args.per_kind or preset['per_kind'], args.seed, cap,
+        )
     else:
         tasks = []
-        if args.workload in ('both', 'retrieval'):
-            kinds = [k.strip() for k in args.kinds.split(',')] if args.kinds else list(KINDS)
-            tasks = build_tasks(
-                counter_for(engine),
-                lengths=args.lengths or preset['lengths'],
-                kinds=kinds,
-                per_kind=args.per_kind or preset['per_kind'],
-                seed=args.seed,
-            )
-    cap = args.max_new_tokens if args.max_new_tokens is not None else preset['max_new_tokens']
-    if cap:  # the retrieval answers; a structured answer keeps its own length
-        for t in tasks:
-            t.max_new_tokens = min(t.max_new_tokens, cap)
     if not args.tasks_bag and args.workload in ('both', 'robot'):
         from timebill_ros.core.evaluation.robot_tasks import build_robot_tasks
 
@@ -264,14 +252,14 @@ def run(args) -> int:
         else f'none: N̂ = max_new_tokens fallback ({getattr(predictor, "reason", "")})'
     )
 
-    scfg = sweep.SweepConfig(
+    scfg = SweepConfig(
         budgets={},
         policies=standard_policies(cfg.pessimism_k, cfg.alpha_max),
         ks=tuple(args.ks),
         alpha_max=cfg.alpha_max,
         n_max=cfg.n_max,
     )
-    sweeper = sweep.Sweeper(engine, time_model, predictor, scfg, log, config=cfg)
+    sweeper = Sweeper(engine, time_model, predictor, scfg, log, config=cfg)
     sweeper.prime(tasks)  # the standing scenes, once: their questions prefill warm
     kept_info = None
     if robot and args.keep_min_score > 0:
@@ -281,18 +269,18 @@ def run(args) -> int:
         tasks = kept + [t for t in tasks if t not in robot]
         robot = kept
     if args.budget_values:
-        budgets = {sweep.group_of(t): list(args.budget_values) for t in tasks}
+        budgets = {group_of(t): list(args.budget_values) for t in tasks}
         rule = 'given on the command line'
     else:
         count = args.budgets or preset['budgets']
-        others = [t for t in tasks if not sweep.schema_of(t)]
-        structured = [t for t in tasks if sweep.schema_of(t)]
-        budgets = sweep.choose_budgets(time_model, others, count) if others else {}
+        others = [t for t in tasks if not schema_of(t)]
+        structured = [t for t in tasks if schema_of(t)]
+        budgets = choose_budgets(time_model, others, count) if others else {}
         if structured and kept_info is not None:  # the window as the kept tasks measured it
-            budgets.update(sweep.measured_budgets(structured, kept_info['rows'], count))
+            budgets.update(measured_budgets(structured, kept_info['rows'], count))
         elif structured:
             budgets.update(
-                sweep.choose_budgets(
+                choose_budgets(
                     time_model,
                     structured,
                     count,
@@ -305,7 +293,7 @@ def run(args) -> int:
         log(f'[eval] group ~{g} tokens: budgets {", ".join(f"{b:g}" for b in bs)} s')
     scfg.budgets = budgets
     scfg.k_budget = dict.fromkeys(budgets, args.k_budget) if args.k_budget else {}
-    _, _, results = sweep.run_sweep(
+    _, _, results = run_sweep(
         engine, time_model, predictor, tasks, scfg, log, config=cfg, sweeper=sweeper
     )
     results['meta'] = {

@@ -21,6 +21,8 @@ import time
 
 from timebill_ros.core.config import OVERRUN_POLICIES
 
+from .options import add_config_arguments, add_structured_arguments, load_config, PressNames
+
 
 def add_arguments(p):
     p.add_argument('prompt')
@@ -46,16 +48,14 @@ def add_arguments(p):
         default=None,
         help='at the deadline: kill | truncate | close (a schema answer closed valid) | skip-next',
     )
+    add_structured_arguments(p, '; prints JSON')
     p.add_argument(
-        '--json-schema',
-        default=None,
-        metavar='FILE',
-        help='JSON schema the answer must match (a file, or the JSON itself); prints JSON',
+        '--press',
+        choices=PressNames(),
+        metavar='PRESS',  # a metavar keeps argparse from listing (importing) them up front
+        help="eviction press: %(choices)s (default: the config's)",
     )
-    p.add_argument('--grammar', default=None, metavar='FILE', help='Lark grammar file')
-    p.add_argument('--press', default=None, help='eviction press (none, snapkv, streaming_llm)')
-    p.add_argument('--config', default=None, help='params YAML (default: config/timebill.yaml)')
-    p.add_argument('--model', default=None, help='model alias, HF directory, .gguf file or hub id')
+    add_config_arguments(p, 'params YAML (default: config/timebill.yaml)')
     p.add_argument('--no-stream', action='store_true', help='print only the final result')
 
 
@@ -70,13 +70,14 @@ def read_schema(spec: str) -> str:
 
 
 def run(args) -> int:
-    from timebill_ros.cli import load_config
     from timebill_ros.core.calibration import time_model_for
     from timebill_ros.core.engine import Engine
     from timebill_ros.core.errors import TimeBillError
-    from timebill_ros.core.pipeline import FixedLength, Job, Pipeline, PredictorLength
+    from timebill_ros.core.job import Job
+    from timebill_ros.core.lengths import FixedLength, PredictorLength
+    from timebill_ros.core.pipeline import Pipeline
 
-    cfg = load_config(args)  # --config, --model
+    cfg = load_config(args)  # --config, then --model/--dtype/--device/--threads
     overrides = {
         k: v
         for k, v in (

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 import sys
 
-from .evaluate import _ints, load_config
+from .options import add_config_arguments, int_list, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         '--quick', action='store_true', help='the eval-quick task set (~1k-2k tokens, 8 tasks)'
     )
     p.add_argument(
-        '--lengths', type=_ints, metavar='N,N,...', help='prompt length groups (tokens)'
+        '--lengths', type=int_list, metavar='N,N,...', help='prompt length groups (tokens)'
     )
     p.add_argument('--kinds', help='comma-separated task kinds (passkey,needle,qa,multihop)')
     p.add_argument('--per-kind', type=int, help='prompts per kind and length')
@@ -42,17 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument('--max-new-tokens', type=int, help="cap every task's max_new_tokens")
     p.add_argument('--jsonl', help='also write the tasks as JSON lines here')
-    p.add_argument('--config', help='ROS 2 params YAML (model, profile_path)')
-    for name in ('model', 'dtype', 'device'):
-        p.add_argument(f'--{name}', help=f"override the config's {name}")
-    p.add_argument('--threads', type=int, help="override the config's torch threads")
+    add_config_arguments(p, 'ROS 2 params YAML (model, profile_path)')
 
 
 def run(args) -> int:
     from timebill_ros.core import calibration as cal
     from timebill_ros.core.engine import Engine
     from timebill_ros.core.evaluation.bags import write_request_bag
-    from timebill_ros.core.evaluation.tasks import build_tasks, counter_for, KINDS, save_tasks
+    from timebill_ros.core.evaluation.tasks import counter_for, retrieval_tasks, save_tasks
 
     from .evaluate import FULL, QUICK
 
@@ -62,18 +59,11 @@ def run(args) -> int:
     preset = QUICK if args.quick else FULL
     cfg = load_config(args)
     engine = Engine.from_config(cfg)
-    kinds = [k.strip() for k in args.kinds.split(',')] if args.kinds else list(KINDS)
-    tasks = build_tasks(
-        counter_for(engine),
-        lengths=args.lengths or preset['lengths'],
-        kinds=kinds,
-        per_kind=args.per_kind or preset['per_kind'],
-        seed=args.seed,
+    tasks = retrieval_tasks(
+        counter_for(engine), args.lengths or preset['lengths'], args.kinds,
+        args.per_kind or preset['per_kind'], args.seed,
+        args.max_new_tokens or preset['max_new_tokens'],
     )
-    cap = args.max_new_tokens or preset['max_new_tokens']
-    for t in tasks:
-        if cap:
-            t.max_new_tokens = min(t.max_new_tokens, cap)
     model = None
     if args.budget is None:
         try:

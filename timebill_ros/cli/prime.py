@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 import sys
 
+from .options import add_system_arguments
+
 
 def add_arguments(p) -> None:
     p.add_argument('context', nargs='?', help='the standing context the goals start with')
@@ -19,16 +21,13 @@ def add_arguments(p) -> None:
     p.add_argument('--system-prompt', default='', help="the goals' system prompt")
     p.add_argument('--id', default='', help='name the prime (default: a hash of its tokens)')
     p.add_argument('--release', metavar='ID', help='release the primed context ID')
-    p.add_argument('--namespace', default='', help="the TimeBill system's ROS namespace")
     p.add_argument(
         '--timeout',
         type=float,
         default=0.0,
         help='answer after this many seconds at most (priming goes on); 0: when done',
     )
-    p.add_argument(
-        '--wait', type=float, default=30.0, help='seconds to wait for the generator to answer'
-    )
+    add_system_arguments(p, 'generator to answer')
 
 
 def format_primed(got) -> str:

@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
+from .options import add_config_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('bag', help='bag directory or .mcap file')
@@ -69,10 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=60.0,
         help='online: seconds past the budget to wait for a result',
     )
-    p.add_argument('--config', help='ROS 2 params YAML (offline engine, profile, predictor)')
-    for name in ('model', 'dtype', 'device'):
-        p.add_argument(f'--{name}', help=f"offline: override the config's {name}")
-    p.add_argument('--threads', type=int, help="offline: override the config's torch threads")
+    add_config_arguments(
+        p, 'ROS 2 params YAML (offline engine, profile, predictor)', scope='offline: '
+    )
 
 
 # ---------------------------------------------------------------------------------- pacing
@@ -103,7 +104,8 @@ class OfflineServer:
         from timebill_ros.core.engine import Engine
         from timebill_ros.core.evaluation.policies import parse_policy
         from timebill_ros.core.length_predictor import load_length_predictor
-        from timebill_ros.core.pipeline import FixedLength, Pipeline, PredictorLength
+        from timebill_ros.core.lengths import FixedLength, PredictorLength
+        from timebill_ros.core.pipeline import Pipeline
 
         self.cfg, self.policy = cfg, parse_policy(policy_text)
         self.engine = Engine.from_config(cfg)
@@ -122,7 +124,7 @@ class OfflineServer:
         Returns a result dict shaped like TimedInference.Result.
         """
         from timebill_ros.core.errors import TimeBillError
-        from timebill_ros.core.pipeline import Job
+        from timebill_ros.core.job import Job
         from timebill_ros.core.structured import with_schema
 
         pol = self.policy
@@ -295,7 +297,7 @@ def markdown(report: Dict) -> str:
 def run(args) -> int:
     from timebill_ros.core.evaluation.bags import read_requests
 
-    from .evaluate import load_config
+    from .options import load_config
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     requests = read_requests(args.bag)
