@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 import platform
 import statistics
+import sys
 import time
 
 from timebill_ros.core import weights as W
@@ -36,15 +37,15 @@ from timebill_ros.core.engine import Engine, GenerationRequest
 from timebill_ros.core.model import gguf_source, load_model
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also under -P
+from benchkit import load1  # noqa: E402,I100
+from engine_quality import quality_guard  # noqa: E402
+from engine_report import CHUNK, markdown, plot  # noqa: E402
+
 FORMATS = ('fp32', 'bf16', 'int8', 'int4')
 DECODE_KV = (128, 1024, 4096, 8000)
 PREFILL_N = (128, 1024, 4096)
-CHUNK = TimeBillConfig().prefill_chunk
 INSTALL_HINT = 'pip install llama-cpp-python==0.3.36  (optional anchor; builds from source)'
-
-
-def load1() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def wait_for_quiet(limit: float = 1.3, tries: int = 5) -> float:
@@ -234,73 +235,6 @@ def bench_llama_cpp(ids, threads, steps, prefill_repeats, kv_lengths, prefill_le
     return row
 
 
-# ------------------------------------------------------------------------------ quality guard
-GUARD_PROMPTS = (
-    'What is the capital of France?',
-    'List three uses of a robot arm in a kitchen.',
-    'Explain in two sentences why the sky is blue.',
-    'Write a short haiku about a mobile robot.',
-    'A robot has 4 wheels and loses one. How many wheels does it have left?',
-)
-
-
-def first_divergence(a, b) -> int:
-    """Index of the first differing token; the shorter length if one is a prefix of the other."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b)) if len(a) != len(b) else -1  # -1: identical
-
-
-def quality_guard(formats, new_tokens=64, task_tokens=1024, seeds=(0, 1)):
-    """Greedy agreement with fp32 and α = 0 task scores per format (planted facts included)."""
-    from timebill_ros.core.evaluation.scoring import score
-    from timebill_ros.core.evaluation.tasks import counter_for, make_task
-
-    out, ref_tokens, tasks = {}, None, None
-    for fmt in ('fp32',) + tuple(f for f in formats if f != 'fp32'):
-        model, tok = load_model(weights=fmt, threads=2)
-        engine = Engine(model, tok, press='snapkv')
-        if tasks is None:
-            count = counter_for(engine)
-            tasks = [
-                make_task(k, task_tokens, count, seed=s)
-                for k in ('passkey', 'needle', 'qa')
-                for s in seeds
-            ]
-        gens = [
-            engine.generate(GenerationRequest(prompt=p, max_new_tokens=new_tokens))
-            for p in GUARD_PROMPTS
-        ]
-        toks = [g.token_ids for g in gens]
-        if ref_tokens is None:
-            ref_tokens = toks
-        scores = {}
-        for t in tasks:
-            r = engine.generate(
-                GenerationRequest(
-                    prompt=t.prompt, system_prompt=t.system_prompt, max_new_tokens=t.max_new_tokens
-                )
-            )
-            scores[t.id] = score(t.metric, r.text, t.references)
-        div = [first_divergence(a, b) for a, b in zip(ref_tokens, toks)]
-        out[fmt] = {
-            'first_divergence': div,
-            'identical': sum(d == -1 for d in div),
-            'answers': [g.text for g in gens],
-            'task_scores': scores,
-            'task_mean': statistics.mean(scores.values()),
-        }
-        print(
-            f'  {fmt}: first divergence {div}, task mean {out[fmt]["task_mean"]:.3f} '
-            f'{ {k: round(v, 2) for k, v in scores.items()} }',
-            flush=True,
-        )
-        del engine, model
-        gc.collect()
-    return out
-
-
 # -------------------------------------------------------------------------------- calibration
 def calibration_check(fmt, threads, quick=False, profile=None):
     """
@@ -375,73 +309,6 @@ def calibration_check(fmt, threads, quick=False, profile=None):
             flush=True,
         )
     return res
-
-
-# -------------------------------------------------------------------------------------- output
-def markdown(report) -> str:
-    rows = report['formats'] + ([report['llama_cpp']] if report.get('llama_cpp') else [])
-    threads = report['threads']
-    kv = report['decode_kv']
-    pre = report['prefill_n']
-    lines = [
-        '| format | threads | '
-        + ' | '.join(f'decode KV {n}' for n in kv)
-        + ' | '
-        + ' | '.join(f'prefill {n}' for n in pre)
-        + ' | 8k ÷ α=0.95 | load |',
-        '|---|---:|' + '---:|' * (len(kv) + len(pre) + 2),
-    ]
-    for row in rows:
-        for t in threads:
-            r = row['threads'].get(t) or row['threads'].get(str(t))
-            if r is None:
-                continue
-            gain = f'{r["eviction_gain"]:.2f}×' if 'eviction_gain' in r else '–'
-            lines.append(
-                f'| {row["format"]} | {t} | '
-                + ' | '.join(f'{r["decode_ms"][n]:.1f}' for n in kv)
-                + ' | '
-                + ' | '.join(f'{r["prefill_s"][n]:.2f}' for n in pre)
-                + f' | {gain} | {r["load_start"]}–{r["load_end"]} |'
-            )
-    head = ' | '.join(f'KV {n}: measured / roofline ms' for n in kv)
-    lines += ['', f'| format | MB read per step | MB held | {head} |']
-    lines.append('|---|---:|---:|' + '---|' * len(kv))
-    t = max(threads)
-    for row in report['formats']:
-        r = row['threads'][t]
-        lines.append(
-            f'| {row["format"]} | {row["weight_bytes_per_step"] / 1e6:.0f} | '
-            f'{row["weight_bytes_held"] / 1e6:.0f} | '
-            + ' | '.join(
-                f'{r["decode_ms"][n]:.1f} / {r["roofline_ms"][n]:.1f}' for n in kv
-            )
-            + ' |'
-        )
-    return '\n'.join(lines)
-
-
-def plot(report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    t = max(report['threads'])
-    rows = report['formats'] + ([report['llama_cpp']] if report.get('llama_cpp') else [])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for row in rows:
-        r = row['threads'][t]
-        a.plot(list(r['decode_ms']), list(r['decode_ms'].values()), 'o-', label=row['format'])
-        b.plot(list(r['prefill_s']), list(r['prefill_s'].values()), 'o-', label=row['format'])
-    a.set(xlabel='KV length', ylabel='ms per decode step', title=f'decode, {t} threads')
-    b.set(xlabel='prompt tokens', ylabel='s', title=f'prefill (chunks of {CHUNK}), {t} threads')
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main() -> int:

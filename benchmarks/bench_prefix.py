@@ -33,11 +33,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 from pathlib import Path
-import platform
 import pstats
-import random
 import sys
 import time
 
@@ -46,137 +43,12 @@ from timebill_ros.core.engine import Engine, GenerationRequest
 from timebill_ros.core.prefix_cache import PrefixCache
 import torch
 
-SIZES = (1024, 4096, 7680)  # context tokens; 7680 + question + 64 answer tokens fit 8192
-MAX_NEW = 64
-ALPHAS = (0.0, 0.5)
-SYSTEM_PROMPT = (
-    'You are the task planner of a mobile service robot. Answer briefly and only from the scene '
-    'description and the event log.'
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also under -P
+from benchkit import cpu_info, load1, progress, uptime  # noqa: E402,I100
+from prefix_scene import (  # noqa: E402
+    ALPHAS, MAX_NEW, questions, SIZES, standing_context, SYSTEM_PROMPT
 )
-ROOMS = (
-    'kitchen', 'lab', 'corridor', 'storage room', 'office', 'workshop', 'lobby', 'charging bay',
-    'meeting room', 'server room',
-)
-COLOURS = (
-    'red', 'blue', 'green', 'yellow', 'white', 'black', 'orange', 'grey', 'purple', 'brown',
-)
-OBJECTS = (
-    'cup', 'box', 'drill', 'cable', 'bottle', 'screwdriver', 'tray', 'laptop', 'chair', 'bin',
-    'toolbox', 'lamp', 'helmet', 'cart', 'valve', 'sensor', 'keyboard', 'book', 'bucket', 'mug',
-)
-SURFACES = ('table', 'shelf', 'floor', 'bench', 'cabinet', 'desk', 'rack', 'windowsill')
-STATES = ('idle', 'in use', 'damaged', 'reserved', 'missing a part', 'needs cleaning')
-EVENTS = (
-    'picked up {o}', 'placed {o} on the {s}', 'scanned {o}', 'reported {o} as {st}',
-    'moved {o} to the {r}', 'could not grasp {o}', 'opened the door to the {r}',
-    'charged to {p} %', 'detected a person near {o}', 'navigated to the {r}',
-)
-
-
-def load1() -> float:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return float('nan')
-
-
-def cpu_info() -> dict:
-    name, flags = '', set()
-    try:
-        with open('/proc/cpuinfo') as fh:
-            for line in fh:
-                key, _, val = line.partition(':')
-                if key.strip() == 'model name':
-                    name = val.strip()
-                elif key.strip() == 'flags':
-                    flags |= set(val.split())
-    except OSError:
-        pass
-    name = name or platform.processor()
-    return {
-        'model_name': name,
-        'avx2': 'avx2' in flags,
-        'avx512f': 'avx512f' in flags,
-        'cpus': os.cpu_count(),
-        'torch_capability': torch.backends.cpu.get_cpu_capability(),
-    }
-
-
-# ------------------------------------------------------------------------------ standing context
-def scene_lines(seed: int, n_lines: int) -> list:
-    """Return a robot's scene description and event log, ``n_lines`` lines, seeded."""
-    rng = random.Random(seed)
-    lines = [f'Scene report of site {seed}. Map frame: metres, origin at the main entrance.']
-    objects = []
-    for i in range(n_lines):
-        if i % 3 != 2 or not objects:  # two object lines per log line
-            oid = f'obj_{len(objects):04d}'
-            room, colour, kind = rng.choice(ROOMS), rng.choice(COLOURS), rng.choice(OBJECTS)
-            x, y, z = rng.uniform(-40, 40), rng.uniform(-25, 25), rng.uniform(0, 2.2)
-            objects.append((oid, colour, kind, room))
-            lines.append(
-                f'{oid}: {colour} {kind} in the {room}, on the {rng.choice(SURFACES)} at '
-                f'({x:.2f}, {y:.2f}, {z:.2f}), {rng.choice(STATES)}.'
-            )
-        else:
-            oid, colour, kind, room = rng.choice(objects)
-            t = 8 * 3600 + 7 * i
-            event = rng.choice(EVENTS).format(
-                o=f'{oid} ({colour} {kind})',
-                s=rng.choice(SURFACES),
-                st=rng.choice(STATES),
-                r=rng.choice(ROOMS),
-                p=rng.randint(20, 100),
-            )
-            lines.append(f'[{t // 3600:02d}:{t // 60 % 60:02d}:{t % 60:02d}] robot {event}.')
-    return lines
-
-
-def standing_context(engine: Engine, target: int, seed: int) -> tuple:
-    """Return (text, ids): the longest scene whose shared ids (encode_prefix) fit ``target``."""
-    lines = scene_lines(seed, 4 * target // 20 + 50)  # a line is ~20-30 tokens
-
-    def ids(k):
-        return engine.encode_prefix('\n'.join(lines[:k]), SYSTEM_PROMPT)
-
-    lo, hi = 1, len(lines)
-    while len(ids(hi)) <= target:  # more lines than that many tokens hold
-        lines += scene_lines(seed + 1000 + len(lines), len(lines))
-        hi = len(lines)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if len(ids(mid)) <= target else (lo, mid - 1)
-    return '\n'.join(lines[:lo]), ids(lo)
-
-
-def questions(seed: int, count: int) -> list:
-    """Return ``count`` distinct questions of 20-60 tokens about the scene."""
-    rng = random.Random(seed)
-    forms = (
-        'Which {c} objects are in the {r}, and which of them is closest to the door? '
-        'Give their ids and positions.',
-        'The operator needs the {c} {o}. In which room is it, on which surface, and what did the '
-        'robot last do with it? Answer in one sentence.',
-        'List every object in the {r} that is {st}, with its id, so the robot can plan a route '
-        'that visits all of them.',
-        'Where is {oid} now, and has the robot moved it since the start of the log? Answer with '
-        'the room and the coordinates.',
-        'Plan the next task: bring a {c} {o} from the {r} to the charging bay. Which object id '
-        'should the robot take?',
-    )
-    out, seen = [], set()
-    while len(out) < count:
-        q = rng.choice(forms).format(
-            c=rng.choice(COLOURS),
-            r=rng.choice(ROOMS),
-            o=rng.choice(OBJECTS),
-            st=rng.choice(STATES),
-            oid=f'obj_{rng.randrange(100):04d}',
-        )
-        if q not in seen:
-            seen.add(q)
-            out.append(q)
-    return out
+from prefix_tables import breakdown_table, table, write_plot  # noqa: E402
 
 
 # ------------------------------------------------------------------------------- measurement
@@ -410,88 +282,6 @@ def bench_size(engine, cfg, target, repeats, seed, tick) -> dict:
     return row
 
 
-# ------------------------------------------------------------------------------------ output
-def table(rows: list) -> str:
-    out = [
-        '| context | prompt | mode | TTFT (s) | ×cold | end to end (s) | cached | computed | '
-        'copy-in (s) | model calls (s) | cache insert (s) | prefix MB held | identical α=0/0.5 |',
-        '|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|',
-    ]
-    for r in rows:
-        for name in ('cold', 'warm', 'primed'):
-            m = r[name]
-            ident = (
-                '–'
-                if name == 'cold'
-                else '/'.join('yes' if r['identical'][f'{name}@{a}'] else 'NO' for a in ALPHAS)
-            )
-            mb = '–' if m['prefix_mb_held'] is None else f'{m["prefix_mb_held"]:.0f}'
-            out.append(
-                f'| {r["context_tokens"]} | {min(r["prompt_tokens"])}–{max(r["prompt_tokens"])} '
-                f'| {name} | {m["ttft_s"]:.3f} | {r["cold"]["ttft_s"] / m["ttft_s"]:.1f} '
-                f'| {m["e2e_s"]:.2f} | {m["cached_tokens"]} | {m["computed_tokens"]} '
-                f'| {m["copy_in_s"]:.3f} | {m["model_s"]:.3f} | {m["insert_s"]:.3f} | {mb} '
-                f'| {ident} |'
-            )
-    return '\n'.join(out)
-
-
-def breakdown_table(rows: list) -> str:
-    """Where a warm goal's time goes (one profiled warm prefill per context)."""
-    out = [
-        '| context | warm prefill (s) | computed: after context + recomputed context tail | '
-        'copy-in | attention | press scores | linear layers | cache insert | other |',
-        '|---:|---:|---|---:|---:|---:|---:|---:|---:|',
-    ]
-    for r in rows:
-        b = r['warm_breakdown']
-        after = r['after_context_tokens_profiled']
-        parts = ('copy_in_s', 'attention_s', 'press_scores_s', 'linear_s', 'insert_s', 'other_s')
-        out.append(
-            f'| {r["context_tokens"]} | {b["total_s"]:.3f} | {b["computed_tokens"]} = {after} + '
-            f'{b["computed_tokens"] - after} | '
-            + ' | '.join(f'{b[k]:.3f} ({100 * b[k] / b["total_s"]:.0f} %)' for k in parts)
-            + ' |'
-        )
-    return '\n'.join(out)
-
-
-def write_plot(rows: list, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    width = 0.26
-    for k, (name, colour) in enumerate(
-        (('cold', 'tab:gray'), ('warm', 'tab:blue'), ('primed', 'tab:green'))
-    ):
-        xs = [i + (k - 1) * width for i in range(len(rows))]
-        ys = [r[name]['ttft_s'] for r in rows]
-        ax.bar(xs, ys, width, label=name, color=colour)
-        for x, y in zip(xs, ys):
-            ax.annotate(f'{y:.2f}', (x, y), ha='center', va='bottom', fontsize=8)
-    ax.set_yscale('log')
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(
-        [f'{r["context_tokens"]} ctx\n(warm {r["speedup_warm"]:.0f}× faster)' for r in rows]
-    )
-    ax.set_ylabel('time to first token (s, log)')
-    ax.set_title('Prefix KV cache: TTFT of a question after a standing context')
-    ax.legend()
-    ax.grid(axis='y', alpha=0.3, which='both')
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--quick', action='store_true', help='the 4k context only, 2 repeats')
@@ -523,7 +313,7 @@ def main(argv=None) -> int:
     info = {
         'date': time.strftime('%Y-%m-%d %H:%M:%S%z'),
         'cpu': cpu_info(),
-        'uptime': _uptime(),
+        'uptime': uptime(),
         'config': {
             k: getattr(cfg, k)
             for k in (
@@ -549,7 +339,7 @@ def main(argv=None) -> int:
     engine.prefill(engine.encode('Warm-up: say hello.'), prefix=False)  # lazy init, page faults
 
     steps_per_size = 3 * repeats + 3 + 3 * len(ALPHAS)
-    bar = _progress(len(sizes) * steps_per_size, not args.no_progress)
+    bar = progress(len(sizes) * steps_per_size, not args.no_progress, 'bench_prefix')
     rows = []
     try:
         for i, target in enumerate(sizes):
@@ -557,7 +347,7 @@ def main(argv=None) -> int:
     finally:
         bar.close()
     info['duration_s'] = time.perf_counter() - t_start
-    info['uptime_end'] = _uptime()
+    info['uptime_end'] = uptime()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -593,54 +383,6 @@ def main(argv=None) -> int:
         flush=True,
     )
     return 0
-
-
-def _uptime() -> str:
-    try:
-        import subprocess
-
-        return subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return f'load average {os.getloadavg()}'
-
-
-class _Plain:
-    def __init__(self, total, quiet=False):
-        self.n, self.total, self.quiet = 0, total, quiet
-
-    def __call__(self, what):
-        self.n += 1
-        if not self.quiet:
-            print(f'[{self.n}/{self.total}] {what}', file=sys.stderr, flush=True)
-
-    def close(self):
-        pass
-
-
-class _Bar:
-    def __init__(self, bar):
-        self.bar, self.started = bar, False
-
-    def __call__(self, what):
-        if self.started:
-            self.bar.update()
-        self.started = True
-        self.bar.set_postfix_str(what)
-
-    def close(self):
-        if self.started:
-            self.bar.update()
-        self.bar.close()
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _Plain(total, quiet=True)
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _Plain(total)
-    return _Bar(tqdm(total=total, desc='bench_prefix', unit='step', file=sys.stderr))
 
 
 if __name__ == '__main__':

@@ -88,31 +88,21 @@ def constant_baselines(split: Split, table: Table) -> None:
 
 
 def finetuned_rlp(args, split: Split, table: Table, sel) -> None:
-    """RLP with the whole encoder fine-tuned, at the σ and decoding the frozen suite chose."""
-    from timebill_ros.core.length_predictor import PredictorMeta, train_predictor
+    """Add RLP with the whole encoder fine-tuned, at the σ and decoding the frozen suite chose."""
+    from timebill_ros.core.length_predictor import PredictorMeta
 
-    ft = _trained_once(
-        _cache(
-            f'{args.backbone.replace("/", "--")}-finetune-e{args.finetune_epochs}'
-            f'-s{sel.label_sigma:g}-{sel.bucket_decode}'
-        ),
-        split.labels,
-        len(split.y['train']),
-        args.threads,
-        lambda: train_predictor(
-            split.recs,
-            PredictorMeta(
-                backbone=args.backbone,
-                label_sigma=sel.label_sigma,
-                bucket_decode=sel.bucket_decode,
-                **split.base,
-            ),
-            mode='finetune',
-            epochs=args.finetune_epochs,
-            threads=args.threads,
-            seed=args.seed,
-            log=log,
-        )[0],
+    meta = PredictorMeta(
+        backbone=args.backbone,
+        label_sigma=sel.label_sigma,
+        bucket_decode=sel.bucket_decode,
+        **split.base,
+    )
+    ft = _finetuned(
+        args,
+        split,
+        f'{args.backbone.replace("/", "--")}-finetune-e{args.finetune_epochs}'
+        f'-s{sel.label_sigma:g}-{sel.bucket_decode}',
+        meta,
     )
     table.add(
         f'RLP-{args.num_buckets} classifier, fine-tuned MiniLM ({args.finetune_epochs} ep, '
@@ -127,7 +117,7 @@ def finetuned_rlp(args, split: Split, table: Table, sel) -> None:
 def finetuned_baselines(args, split: Split, table: Table) -> None:
     """Add the coarse baselines as their papers train them: the whole encoder fine-tuned."""
     from timebill_ros.cli.train_predictor import set_head
-    from timebill_ros.core.length_predictor import PredictorMeta, train_predictor
+    from timebill_ros.core.length_predictor import PredictorMeta
 
     for head, label in (
         ('proxy5', 'ProxyModel-style 5 classes'),
@@ -135,21 +125,12 @@ def finetuned_baselines(args, split: Split, table: Table) -> None:
     ):
         meta = PredictorMeta(backbone=args.backbone, **split.base)
         set_head(meta, head, split.by['train'])
-        ft = _trained_once(
-            _cache(f'{args.backbone.replace("/", "--")}-finetune-e{args.finetune_epochs}-{head}'),
-            split.labels,
-            len(split.y['train']),
-            args.threads,
-            lambda meta=meta: train_predictor(
-                split.recs,
-                meta,
-                mode='finetune',
-                epochs=args.finetune_epochs,
-                threads=args.threads,
-                seed=args.seed,
-                log=log,
-            )[0],
-            edges=meta.edges,
+        ft = _finetuned(
+            args,
+            split,
+            f'{args.backbone.replace("/", "--")}-finetune-e{args.finetune_epochs}-{head}',
+            meta,
+            same={'edges': meta.edges},
         )
         table.add(
             f'{label}, fine-tuned MiniLM ({args.finetune_epochs} ep, N̂ = class upper edge)',
@@ -165,7 +146,7 @@ def lm_suite(args, split: Split, table: Table):
 
     Returns its selected frozen predictor, for the latency column.
     """
-    from timebill_ros.core.length_predictor import PredictorMeta, train_predictor
+    from timebill_ros.core.length_predictor import PredictorMeta
 
     lm = frozen_suite(
         args, split, table, args.lm_backbone, f'LM {args.lm_backbone}', args.lm_feature_layer
@@ -178,26 +159,15 @@ def lm_suite(args, split: Split, table: Table):
             feature_layer=0 if auto else int(args.lm_feature_layer),
             **split.base,
         )
-        ft = _trained_once(
-            _cache(
-                f'{args.lm_backbone.replace("/", "--")}-top{args.lm_finetune_layers}'
-                f'-e{args.finetune_epochs}-layer{args.lm_feature_layer}'
-            ),
-            split.labels,
-            len(split.y['train']),
-            args.threads,
-            lambda: train_predictor(
-                split.recs,
-                meta,
-                mode='finetune',
-                epochs=args.finetune_epochs,
-                threads=args.threads,
-                seed=args.seed,
-                select=True,
-                select_layer=auto,
-                finetune_layers=args.lm_finetune_layers,
-                log=log,
-            )[0],
+        ft = _finetuned(
+            args,
+            split,
+            f'{args.lm_backbone.replace("/", "--")}-top{args.lm_finetune_layers}'
+            f'-e{args.finetune_epochs}-layer{args.lm_feature_layer}',
+            meta,
+            select=True,
+            select_layer=auto,
+            finetune_layers=args.lm_finetune_layers,
         )
         m = ft.meta
         table.add(
@@ -236,6 +206,29 @@ def run(args) -> int:
     print(md)
     print(f'wrote {out}/table.md, metrics.json, pred_vs_actual.png')
     return 0
+
+
+def _finetuned(args, split: Split, name: str, meta, same=None, **train_kw):
+    """Fine-tune a predictor of ``meta`` on the split, once per label file (cached as ``name``)."""
+    from timebill_ros.core.length_predictor import train_predictor
+
+    return _trained_once(
+        _cache(name),
+        split.labels,
+        len(split.y['train']),
+        args.threads,
+        lambda: train_predictor(
+            split.recs,
+            meta,
+            mode='finetune',
+            epochs=args.finetune_epochs,
+            threads=args.threads,
+            seed=args.seed,
+            log=log,
+            **train_kw,
+        )[0],
+        **(same or {}),
+    )
 
 
 def _trained_once(d: Path, labels: Path, n_train: int, threads: int, train, **same):

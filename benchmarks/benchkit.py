@@ -1,0 +1,108 @@
+"""
+What several benchmark scripts share: machine facts, load, process status, a progress line.
+
+Scripts import it as a sibling (``benchmarks/`` is put on sys.path by the script itself, so
+``python -P benchmarks/x.py`` works too).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+
+def load1() -> float:
+    """Return the 1-minute load average (NaN where the OS has none): other work on the box."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float('nan')
+
+
+def cpu_info() -> dict:
+    """Return the CPU's name, its AVX2 / AVX-512 flags and torch's kernel level."""
+    import torch
+
+    name, flags = '', set()
+    try:
+        with open('/proc/cpuinfo') as fh:
+            for line in fh:
+                key, _, val = line.partition(':')
+                if key.strip() == 'model name':
+                    name = val.strip()
+                elif key.strip() == 'flags':
+                    flags |= set(val.split())
+    except OSError:
+        pass
+    name = name or platform.processor()
+    return {
+        'model_name': name,
+        'avx2': 'avx2' in flags,
+        'avx512f': 'avx512f' in flags,
+        'cpus': os.cpu_count(),
+        'torch_capability': torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def uptime() -> str:
+    """Return ``uptime``'s line: the load over 1, 5 and 15 minutes, for the report."""
+    try:
+        return subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return f'load average {os.getloadavg()}'
+
+
+def proc_status(pid: int) -> dict:
+    """Return a process's thread count and resident memory (KiB) from /proc ({} once gone)."""
+    out = {}
+    try:
+        with open(f'/proc/{pid}/status') as fh:
+            for line in fh:
+                key, _, val = line.partition(':')
+                if key in ('Threads', 'VmRSS'):
+                    out[key] = int(val.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+class _Plain:
+    def __init__(self, total, quiet=False):
+        self.n, self.total, self.quiet = 0, total, quiet
+
+    def __call__(self, what):
+        self.n += 1
+        if not self.quiet:
+            print(f'[{self.n}/{self.total}] {what}', file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+class _Bar:
+    def __init__(self, bar):
+        self.bar, self.started = bar, False
+
+    def __call__(self, what):
+        if self.started:
+            self.bar.update()
+        self.started = True
+        self.bar.set_postfix_str(what)
+
+    def close(self):
+        if self.started:
+            self.bar.update()
+        self.bar.close()
+
+
+def progress(total: int, enabled: bool, desc: str):
+    """Return ``step(what)`` / ``.close()``: a tqdm bar, plain lines without tqdm, or nothing."""
+    if not enabled:
+        return _Plain(total, quiet=True)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _Plain(total)
+    return _Bar(tqdm(total=total, desc=desc, unit='step', file=sys.stderr))
