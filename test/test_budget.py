@@ -239,7 +239,8 @@ def test_pipeline_plan_budget_from_acceptance_and_elapsed_time(tiny):
     """
     from timebill_ros.core.config import TimeBillConfig
     from timebill_ros.core.engine import Engine
-    from timebill_ros.core.pipeline import Job, Pipeline
+    from timebill_ros.core.job import Job
+    from timebill_ros.core.pipeline import Pipeline
 
     p = Pipeline(
         Engine(tiny, None, press='snapkv', window_size=8),

@@ -203,7 +203,9 @@ def test_chooser_drives_engine_eviction(tiny):
     # decode at α = 0 is predicted at 9 s (9 steps × 5 ms × 200 entries):
     # a 5 s budget needs α ≈ 0.45
     ete = ExecutionTimeModel(a=0.0, b=0.0, c=0.0, p=5e-3, q=0.0)
-    from timebill_ros.core.pipeline import FixedLength, Job, Pipeline
+    from timebill_ros.core.job import Job
+    from timebill_ros.core.lengths import FixedLength
+    from timebill_ros.core.pipeline import Pipeline
 
     pipeline = Pipeline(engine, ete, TimeBillConfig(), FixedLength(10), learn=False)
     start = time.monotonic()

@@ -1,7 +1,8 @@
 """
 The request pipeline (core, no ROS): deadlines bound every stage, one owner of the queue.
 
-The node, offline replay and the sweep choose the same α and status for the same timings.
+Refusals and estimates say the truth: the rule a goal broke, the eviction cap that applies to it,
+and the work ahead only when it is what stands in the way.
 """
 
 import math
@@ -11,7 +12,10 @@ import time
 import pytest
 from timebill_ros.core.config import TimeBillConfig
 from timebill_ros.core.engine import Engine
-from timebill_ros.core.pipeline import classify, FixedLength, Job, Pipeline
+from timebill_ros.core.job import Job
+from timebill_ros.core.lengths import FixedLength
+from timebill_ros.core.outcome import classify
+from timebill_ros.core.pipeline import Pipeline
 from timebill_ros.core.scheduler import admission, min_job_s, Pending, Running, worst_start
 from timebill_ros.core.time_estimator import ExecutionTimeModel
 
@@ -33,6 +37,16 @@ def _pipeline(engine, model=SLOW, cfg=CFG, clock=time.monotonic, n_hat=8):
     return Pipeline(engine, model, cfg, FixedLength(n_hat, clock=clock), learn=False, clock=clock)
 
 
+def _holding(decoding, hold, each_s=2.0):
+    """Return an ``on_token`` that says decoding began, then holds the model ``each_s`` a token."""
+
+    def on_token(*_):
+        decoding.set()
+        hold.wait(each_s)
+
+    return on_token
+
+
 def test_served_job_reports_what_was_done(engine):
     p = _pipeline(engine)
     out = p.run(Job('a', _ids(100), deadline=time.monotonic() + 60.0, max_new_tokens=8))
@@ -45,13 +59,13 @@ def test_served_job_reports_what_was_done(engine):
 
 def test_queued_job_leaves_the_queue_before_its_deadline_when_it_can_no_longer_finish(engine):
     p = _pipeline(engine)
-    hold = threading.Event()
+    hold, decoding = threading.Event(), threading.Event()
     # holds the model ~2 s per token
     first = Job(
-        'long', _ids(40), deadline=math.inf, max_new_tokens=16, on_token=lambda *a: hold.wait(2.0)
+        'long', _ids(40), deadline=math.inf, max_new_tokens=16, on_token=_holding(decoding, hold)
     )
     f1 = p.submit(first)
-    time.sleep(0.2)
+    assert decoding.wait(30.0)
     deadline = time.monotonic() + 0.9  # needs 0.3 + 0.01 s: admitted, but the model stays busy
     f2 = p.submit(Job('queued', _ids(10), deadline=deadline, max_new_tokens=4))
     out = f2.result(timeout=10.0)
@@ -66,9 +80,9 @@ def test_queued_job_leaves_the_queue_before_its_deadline_when_it_can_no_longer_f
 
 def test_cancel_of_a_queued_job_ends_it_at_once(engine):
     p = _pipeline(engine)
-    hold = threading.Event()
-    f1 = p.submit(Job('long', _ids(40), max_new_tokens=16, on_token=lambda *a: hold.wait(2.0)))
-    time.sleep(0.2)
+    hold, decoding = threading.Event(), threading.Event()
+    f1 = p.submit(Job('long', _ids(40), max_new_tokens=16, on_token=_holding(decoding, hold)))
+    assert decoding.wait(30.0)
     f2 = p.submit(Job('waiting', _ids(10), deadline=time.monotonic() + 60, max_new_tokens=4))
     assert p.snapshot()['order'] == ['waiting']
     assert p.cancel('waiting')
@@ -108,7 +122,7 @@ def test_admission_counts_the_running_jobs_remaining_work():
     fits = admission(SLOW, now, now + 4.0 + own + 0.01, 50, [], running)
     late = admission(SLOW, now, now + 3.0 + own, 50, [], running)
     assert fits.admit and not late.admit and late.ahead == 1
-    assert '1 goal(s) ahead' in late.reason and f'{own:.3f}' in late.reason
+    assert '1 goal(s) ahead' in late.reason and f'{own:.3f}' in late.reason, late.reason
     # the worst start: the running job ends by its deadline (+ one step), queued ones by theirs
     assert worst_start(now, running, [Pending('q', 112.0, 10)], 0.02) == pytest.approx(112.02)
 
@@ -148,7 +162,7 @@ def test_a_guarantee_leaves_the_result_time_to_reach_the_planner(engine):
 
 def test_skip_next_overrun_skips_the_jobs_that_waited(engine):
     p = _pipeline(engine)
-    hold = threading.Event()
+    hold, decoding = threading.Event(), threading.Event()
     f1 = p.submit(
         Job(
             'late',
@@ -156,10 +170,10 @@ def test_skip_next_overrun_skips_the_jobs_that_waited(engine):
             deadline=time.monotonic() + 0.5,
             max_new_tokens=3,
             overrun='skip-next',
-            on_token=lambda *a: hold.wait(0.4),
+            on_token=_holding(decoding, hold, 0.4),
         )
     )
-    time.sleep(0.1)
+    assert decoding.wait(30.0)
     f2 = p.submit(Job('waits', _ids(10), deadline=time.monotonic() + 60, max_new_tokens=3))
     assert f1.result(timeout=30).status == 'deadline_missed'
     out = f2.result(timeout=5)
@@ -167,48 +181,12 @@ def test_skip_next_overrun_skips_the_jobs_that_waited(engine):
     p.close()
 
 
-def test_node_replay_and_sweep_choose_the_same_alpha_and_status(engine):
-    """One fake time model, one set of timings: the three callers' α and status agree."""
-    from timebill_ros.core.evaluation.sweep import PromptResult, SweepConfig, Sweeper
-    from timebill_ros.core.evaluation.tasks import Task
-
-    model = ExecutionTimeModel(a=0.0, b=0.0, c=0.0, p=5e-3, q=0.0)  # decode 5 ms per cached entry
-    p = _pipeline(engine, model=model)
-    ids = _ids(200)
-    # node and offline replay: Pipeline.plan after a measured prefill
-    job = Job('x', ids, deadline=5.0, accepted_at=0.0, max_new_tokens=10, k=1.0, min_quality=0.0)
-    alpha, verdict = p.plan(job, prefill_s=0.0, n_hat=10, elapsed_s=0.0)
-    assert verdict.status == 'met' and 0.0 < alpha < 0.95
-    # the sweep, from a prompt result with the same timings
-    task = Task(
-        id='x',
-        kind='t',
-        prompt='p',
-        references=['r'],
-        metric='contains',
-        n_tokens=200,
-        max_new_tokens=10,
-    )
-    sw = Sweeper(
-        engine, model, None, SweepConfig(budgets={'g': [5.0]}), log=lambda m: None, config=CFG
-    )
-    res = PromptResult(
-        task=task,
-        input_ids=ids,
-        n_prompt=200,
-        prefill_s=0.0,
-        n_hat=10,
-        predict_s=0.0,
-        predictor_source='test',
-    )
-    assert sw.timebill_alpha(res, 5.0, 1.0, 0.95) == pytest.approx(alpha)
-    # one table of how runs end
+def test_one_table_says_how_runs_end():
     assert classify('eos', True, 4.0, 5.0, 'kill', 3)[0] == 'succeeded'
     assert classify('eos', True, 6.0, 5.0, 'skip-next', 3)[0] == 'deadline_missed'
     assert classify('deadline', False, 5.0, 5.0, 'truncate', 3)[0] == 'truncated'
     assert classify('deadline', False, 5.0, 5.0, 'kill', 3)[0] == 'killed'
     assert classify('cancelled', False, 1.0, 5.0, 'kill', 3)[0] == 'canceled'
-    p.close()
 
 
 def test_bad_jobs_are_rejected_with_a_reason(engine):
@@ -217,4 +195,61 @@ def test_bad_jobs_are_rejected_with_a_reason(engine):
     assert 'unknown overrun policy' in p.run(Job('o', _ids(5), overrun='skip_next')).reason
     hopeless = p.run(Job('h', _ids(100), deadline=time.monotonic() + 0.1))
     assert hopeless.status == 'rejected' and 'cannot finish even at' in hopeless.reason
+    p.close()
+
+
+@pytest.mark.parametrize(
+    'min_quality,max_alpha,field',
+    [(-5.0, -1.0, 'min_quality'), (math.nan, -1.0, 'min_quality'), (2.0, -1.0, 'min_quality'),
+     (-1.0, 1.0, 'max_alpha'), (-1.0, -0.5, 'max_alpha'), (0.0, math.nan, 'max_alpha')],
+)
+def test_quality_wishes_out_of_range_are_refused_by_submit_and_estimate(
+    engine, min_quality, max_alpha, field
+):
+    p = _pipeline(engine)
+    job = Job('q', _ids(20), deadline=time.monotonic() + 60, min_quality=min_quality,
+              max_alpha=max_alpha)
+    out = p.run(job)
+    assert out.status == 'rejected' and out.reason.startswith(f'{field} must be'), out.reason
+    est = p.estimate(20, budget_s=60.0, n_hat=8, min_quality=min_quality, max_alpha=max_alpha)
+    assert est.quality_refusal == out.reason and not est.guaranteed
+    p.close()
+
+
+def test_refusals_quote_the_eviction_cap_that_applies_and_why(engine):
+    p = _pipeline(engine)
+    floor = p.limit(Job('d', _ids(100)))  # the default quality floor caps α below α_max
+    assert floor.alpha_limit < CFG.alpha_max
+    out = p.run(Job('h', _ids(100), deadline=time.monotonic() + 0.1))
+    assert out.status == 'rejected', out.reason
+    assert f'α={floor.alpha_limit:.2f}, the most it allows ({floor.why})' in out.reason
+    assert 'α_max' not in out.reason, out.reason
+    capped = p.estimate(100, budget_s=0.1, n_hat=8, min_quality=0.0, max_alpha=0.3)
+    assert not capped.admission.admit
+    assert 'α=0.30, the most it allows (the goal allows α ≤ 0.3)' in capped.admission.reason
+    free = p.estimate(100, budget_s=0.1, n_hat=8, min_quality=0.0)
+    assert f'α_max={CFG.alpha_max:g}' in free.admission.reason  # nothing caps it below α_max
+    p.close()
+
+
+def test_not_guaranteed_blames_the_work_ahead_only_when_it_is_the_cause(engine):
+    cfg = CFG.replace(guarantee_margin_s=4.99)  # the margin alone breaks a 5 s guarantee
+    p = _pipeline(engine, cfg=cfg)
+    alone = p.estimate(100, budget_s=5.0, n_hat=8)
+    assert alone.verdict.status == 'met' and not alone.guaranteed
+    assert 'ahead' not in alone.reason and 'kept for the way back' in alone.reason, alone.reason
+    now = time.monotonic()
+    # a goal that ends in 0.1 ms is not what breaks the guarantee
+    p._running = Running('r', deadline=now + 1e-4, expected_end=now, worst_end=now + 1e-4)
+    ending = p.estimate(100, budget_s=5.0, n_hat=8)
+    assert not ending.guaranteed and 'ahead' not in ending.reason, ending.reason
+    p.close()
+    p = _pipeline(engine)
+    now = time.monotonic()
+    p._running = Running('prime:ctx', deadline=math.inf, expected_end=now, worst_end=now + 4.9)
+    primed = p.estimate(100, budget_s=5.0, n_hat=8)
+    assert not primed.guaranteed
+    assert 'a standing context being primed may hold the model' in primed.reason, primed.reason
+    assert 'goal(s)' not in primed.reason
+    p._running = None
     p.close()

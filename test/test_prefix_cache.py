@@ -14,7 +14,9 @@ import pytest
 from timebill_ros.core.config import TimeBillConfig
 from timebill_ros.core.engine import Engine, GenerationRequest
 from timebill_ros.core.eviction import n_keep, PRESSES
-from timebill_ros.core.pipeline import FixedLength, Job, Pipeline
+from timebill_ros.core.job import Job
+from timebill_ros.core.lengths import FixedLength
+from timebill_ros.core.pipeline import Pipeline
 from timebill_ros.core.prefix_cache import block_keys, PrefixCache
 from timebill_ros.core.scheduler import admission
 from timebill_ros.core.time_estimator import ExecutionTimeModel, fit_prefill_cached

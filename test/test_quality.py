@@ -11,7 +11,9 @@ import time
 import pytest
 from timebill_ros.core.config import TimeBillConfig
 from timebill_ros.core.engine import Engine
-from timebill_ros.core.pipeline import FixedLength, Job, Pipeline
+from timebill_ros.core.job import Job
+from timebill_ros.core.lengths import FixedLength
+from timebill_ros.core.pipeline import Pipeline
 from timebill_ros.core.quality import curve_for, default_profile_path, limit_for, QualityCurve
 from timebill_ros.core.time_estimator import ExecutionTimeModel
 

@@ -12,7 +12,9 @@ import time
 import pytest
 from timebill_ros.core.config import TimeBillConfig
 from timebill_ros.core.engine import Engine, GenerationRequest
-from timebill_ros.core.pipeline import FixedLength, Job, Pipeline
+from timebill_ros.core.job import Job
+from timebill_ros.core.lengths import FixedLength
+from timebill_ros.core.pipeline import Pipeline
 from timebill_ros.core.structured import (
     GrammarError,
     JsonNesting,

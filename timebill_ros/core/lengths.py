@@ -14,7 +14,7 @@ import time
 from typing import Dict, Optional, TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .pipeline import Job
+    from .job import Job
 
 
 @dataclass

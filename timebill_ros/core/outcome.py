@@ -8,6 +8,7 @@ timeline are seconds since the request was accepted (-1: that stage never happen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Any, List, Optional
 
 # The one table of status names, in the order of the action's STATUS_* constants.
@@ -64,3 +65,29 @@ class Outcome:
         """Return the plain fields (for JSON reports)."""
         skip = ('verdict', 'replans', 'result')
         return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+
+def classify(
+    stop_reason: str, completed: bool, finished: float, deadline: float, overrun: str, tokens: int
+) -> tuple:
+    """(status, reason) of a decode that ended: the one table of how runs end."""
+    slack = deadline - finished
+    if stop_reason == 'cancelled':
+        return 'canceled', f'canceled: stopped after {tokens} token(s)'
+    if completed and slack >= 0:
+        when = '' if math.isinf(deadline) else f' {slack:.3f} s before the deadline'
+        return 'succeeded', f'finished ({stop_reason}){when}'
+    if completed:
+        return 'deadline_missed', f'finished ({stop_reason}) {-slack:.3f} s after the deadline'
+    if stop_reason == 'closed':
+        return 'truncated', (
+            f'closed early before the deadline: a valid, shorter answer of {tokens} tokens '
+            f'(overrun policy close)'
+        )
+    if stop_reason == 'max_new_tokens':
+        return ('truncated' if overrun in ('truncate', 'close') else 'killed'), (
+            f'the answer reached max_new_tokens ({tokens}) before its schema was complete'
+        )
+    if overrun in ('truncate', 'close'):
+        return 'truncated', f'truncated at the deadline after {tokens} tokens'
+    return 'killed', f'killed at the deadline after {tokens} tokens (overrun policy kill)'

@@ -130,31 +130,51 @@ def admission(
     running: Optional[Running] = None,
     alpha_max: float = 0.95,
     cached: int = 0,
+    alpha_limit: Optional[float] = None,
+    limit_why: str = '',
 ) -> Admission:
     """
     Tell whether a new job (``n_prompt`` tokens, absolute ``deadline``) can still finish.
 
-    ``cached``: its prompt tokens the prefix cache holds (pinned for it).
+    ``cached``: its prompt tokens the prefix cache holds (pinned for it). ``alpha_limit``: the
+    most eviction this job allows (its quality floor or cap; default α_max), and ``limit_why``
+    what sets it: a refusal quotes the cap that applies, not α_max. Jobs ahead count at α_max
+    (a lower bound on their work).
     """
     ahead = [p for p in queued if p.deadline <= deadline]
     # the running job needs at least one more step, whatever its expected end said
     run_left = max(running.expected_end - now, model.q) if running is not None else 0.0
     ahead_s = run_left + sum(min_job_s(model, p.n_prompt, alpha_max, p.cached) for p in ahead)
-    own = min_job_s(model, n_prompt, alpha_max, cached)
+    own_alpha = alpha_max if alpha_limit is None else min(float(alpha_limit), alpha_max)
+    own = min_job_s(model, n_prompt, own_alpha, cached)
     left = deadline - now
     n_ahead = len(ahead) + (running is not None)
     start = worst_start(now, running, ahead, model.decode_step_s(n_prompt))
     if ahead_s + own <= left:
         return Admission(True, '', n_ahead, ahead_s, own, left, start)
     what = f'{n_prompt} tokens' if not cached else f'{n_prompt - cached} new tokens'
+    if own_alpha < alpha_max:
+        cap = f'α={own_alpha:.2f}, the most it allows ({limit_why or "its cap"})'
+    else:
+        cap = f'α_max={alpha_max:g}'
     why = (
-        f'cannot finish even at α_max={alpha_max:g}: {left:.3f} s left before the deadline, '
+        f'cannot finish even at {cap}: {left:.3f} s left before the deadline, '
         f'but this goal needs at least {own:.3f} s (prefill of {what} + 1 step)'
     )
     if n_ahead:
-        why += f' and {n_ahead} goal(s) ahead of it need about {ahead_s:.3f} s'
+        why += f'; the work ahead ({ahead_text(running, len(ahead))}) needs about {ahead_s:.3f} s'
     why += '; retry with a bigger budget or a shorter prompt'
     return Admission(False, why, n_ahead, ahead_s, own, left, start)
+
+
+def ahead_text(running: Optional[Running], queued: int) -> str:
+    """Name the work ahead of a job as it is: goals (running or queued), or a context priming."""
+    primed = running is not None and running.job_id.startswith('prime:')
+    goals = queued + (running is not None and not primed)
+    text = f'{goals} goal(s) ahead' if goals else ''
+    if primed:
+        text = 'a standing context being primed' + (f' and {text}' if text else '')
+    return text
 
 
 @dataclass(order=True)

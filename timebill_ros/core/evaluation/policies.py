@@ -186,7 +186,7 @@ class JobOutcome:
 
 def _judge(t: Trace, release: float, budget_s: float, overrun: str) -> JobOutcome:
     """Judge one trace at one deadline by the pipeline's rules (``classify``)."""
-    from ..pipeline import classify
+    from ..outcome import classify
 
     on_time = t.completed and t.finish_s <= budget_s
     if on_time or overrun == 'skip-next':  # skip-next runs on to the end
