@@ -686,12 +686,12 @@ class Engine:
         """One decode step of ``token`` at ``pos`` on ``cache`` (see ``stepper``)."""
         return self.stepper(cache)(token, pos)
 
-    def generate(
-        self,
-        request: GenerationRequest,
-        choose_alpha: Optional[Callable[[PrefillState], float]] = None,
-    ) -> GenerationResult:
-        """Prefill, pick α (fixed, or by ``choose_alpha`` once prefill is done), evict, decode."""
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """
+        Prefill, evict the request's fixed α, decode: one request with no deadline planning.
+
+        A budget's α is chosen by the pipeline (``core.pipeline``), the one path that plans it.
+        """
         started = time.monotonic()
         self.check_request(request)
         if request.compiled is None and (request.json_schema or request.grammar):
@@ -700,7 +700,7 @@ class Engine:
         ids = self._request_ids(request)
         cap = min(self.max_context, len(ids) + request.max_new_tokens + 1)
         state = self.prefill(ids, capacity=cap, started_at=started, prefix=False)
-        alpha = choose_alpha(state) if choose_alpha is not None else (request.alpha or 0.0)
+        alpha = request.alpha or 0.0
         if alpha > 0:
             self.evict(state, alpha)
         return self.decode(state, request)

@@ -21,20 +21,20 @@ from .rlp.buckets import (
     Prediction,
     PredictorMeta,
 )
-from .rlp.pipeline import (
-    _select_bucket_head,
-    candidate_layers,
-    frozen_features,
-    layer_features,
-    select_feature_layer,
-    train_predictor,
-)
 from .rlp.predictor import (
     checkpoint_dir,
     LengthPredictor,
     load_length_predictor,
     log,
     NMaxPredictor,
+)
+from .rlp.train import (
+    _select_bucket_head,
+    candidate_layers,
+    frozen_features,
+    layer_features,
+    select_feature_layer,
+    train_predictor,
 )
 from .rlp.training import fine_tune, fine_tune_top, regression_metrics, targets_for, train_head
 

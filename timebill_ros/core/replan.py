@@ -13,7 +13,8 @@ Mid-decode there are no prefill attention scores any more, so ``re_evict`` keeps
 score-free rule on the current cache: the attention sinks and the most recent entries
 (StreamingLLM's rule), which always keeps every generated token of the recent window.
 
-Not yet wired into the generator node; see the report of issue 7.
+The pipeline's decode stage (``core/stages.py``) runs one for every goal with a deadline and
+a solved α (``Job.replan``, never under skip-next), so the node, replay and the sweep re-plan.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 Optimisation loops for the length predictor: loss, targets, metrics and the three trainers.
 
 Separate from inference (``predictor``) because only ``timebill train-predictor`` and
-``eval-predictor`` train, and separate from the orchestration (``pipeline``) because these loops
+``eval-predictor`` train, and separate from the orchestration (``train``) because these loops
 take ready features or token ids and know nothing of label files or caches. Three ways to train:
 the head alone on frozen features (``train_head``), backbone and head together
 (``fine_tune``), and a causal LM's top layers with the layers below frozen and computed once
