@@ -69,7 +69,7 @@ colcon-test: setup
 	$(ROS_ENV) && $(VENV)/bin/colcon --log-base log test $(COLCON_PKG) \
 		--event-handlers console_direct- && $(VENV)/bin/colcon test-result --verbose --test-result-base build/timebill_ros
 
-test-core: venv model
+test-core: venv model kernels
 	$(VENV)/bin/pytest -q -m "not ros"
 
 bench: setup

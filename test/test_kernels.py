@@ -1,6 +1,12 @@
-"""The AVX2 decode kernels and the one-call decode step compute what transformers computes."""
+"""
+The decode kernels: built by the workspace build, loaded without compiling, and computing
+what transformers computes (every ISA variant this CPU runs).
+"""
 
+import json
 import os
+from pathlib import Path
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +25,105 @@ needs_kernels = pytest.mark.skipif(K is None, reason=f'kernels off: {kernels.why
 
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
+
+
+def _python(code, cwd=None, **env):
+    """Run ``code`` in a fresh interpreter (kernels.load() caches per process)."""
+    out = subprocess.run(
+        [sys.executable, '-c', code], env=dict(os.environ, **env), capture_output=True,
+        text=True, timeout=600, cwd=cwd,
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+@needs_kernels
+def test_the_workspace_build_is_loaded_without_compiling():
+    # make setup / colcon build put one library per ISA beside the package; load() takes the
+    # best one this CPU runs, with no compiler involved
+    info = kernels.origin()
+    assert info['source'] == 'prebuilt', info
+    assert info['isa'] == kernels.cpu_isas()[0]
+    path = Path(info['path'])
+    assert path.is_file() and path.parent.parent in kernels.prebuilt_roots()
+    manifest = json.loads((path.parent / 'manifest.json').read_text())
+    assert info['isa'] in manifest['variants'] and manifest['tag'] == info['tag']
+
+
+@needs_kernels
+@pytest.mark.parametrize('isa', ['avx2', 'avx512'])
+def test_each_built_variant_this_cpu_runs_computes_the_reference(isa):
+    if isa not in kernels.cpu_isas():
+        pytest.skip(f'this CPU does not run {isa}')
+    code = (
+        'import json, torch\n'
+        'from timebill_ros.core import kernels, weights as W\n'
+        'K = kernels.load()\n'
+        'g = torch.Generator().manual_seed(0)\n'
+        'layer = W.Int4Linear.quantize(torch.randn(96, 256, generator=g) * 0.1)\n'
+        'x = torch.randn(3, 256, generator=g)\n'
+        'ref = x @ layer.dequantized().t()\n'
+        'y = K.q4_1_linear(x, layer.q4_blocks, layer.q4_d, layer.q4_m)\n'
+        'print(json.dumps([kernels.origin(), float((y - ref).norm() / ref.norm())]))\n'
+    )
+    info, err = json.loads(_python(code, TIMEBILL_KERNELS_ISA=isa).stdout.splitlines()[-1])
+    assert (info['source'], info['isa']) == ('prebuilt', isa)
+    assert err < 1e-4
+
+
+@needs_kernels
+def test_tensors_on_another_device_are_refused_by_name():
+    meta = {'device': 'meta'}
+    layer = W.Int4Linear.quantize(torch.randn(64, 64) * 0.1)
+    with pytest.raises(RuntimeError, match='x must be a CPU tensor, got one on meta'):
+        K.q4_1_linear(torch.randn(1, 64, **meta), layer.q4_blocks, layer.q4_d, layer.q4_m)
+    with pytest.raises(RuntimeError, match='Q4_1 d must be a CPU tensor'):
+        K.q4_1_linear(torch.randn(1, 64), layer.q4_blocks, layer.q4_d.to('meta'), layer.q4_m)
+    with pytest.raises(RuntimeError, match='scale must be a CPU tensor'):
+        K.q8_linear(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8),
+                    torch.ones(4, **meta))
+    keys = torch.randn(1, 4, 8)
+    with pytest.raises(RuntimeError, match='values must be a CPU tensor'):
+        K.decode_attention(torch.randn(2, 8), keys, torch.randn(1, 4, 8, **meta), 3, 1.0)
+    with pytest.raises(RuntimeError, match='q must be a CPU tensor'):
+        K.decode_attention(torch.randn(2, 8, **meta), keys, keys, 3, 1.0)
+
+
+def test_without_a_build_the_recipe_is_compiled_once_per_key_with_a_warning(tmp_path):
+    # a package copy nobody built: load() says why and compiles build.py's recipe into the
+    # cache; a second process with the same commands loads that library, compiling nothing
+    if kernels.cpu_supports() is not None or 'avx2' not in kernels.cpu_isas():
+        pytest.skip(f'kernels off: {kernels.cpu_supports()}')
+    src = Path(kernels.__file__).absolute().parents[2]
+    pkg = tmp_path / 'pkg' / 'timebill_ros'
+    pkg.mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name == 'core':
+            shutil.copytree(entry, pkg / 'core', ignore=shutil.ignore_patterns('__pycache__'))
+        elif entry.name not in ('_kernels', '__pycache__'):
+            (pkg / entry.name).symlink_to(entry)
+    code = (
+        'import json, logging\n'
+        'logging.basicConfig(level=logging.WARNING)\n'
+        'from timebill_ros.core import kernels\n'
+        'kernels.load()\n'
+        'print(json.dumps([kernels.__file__, kernels.origin(), kernels.why_not()]))\n'
+    )
+    env = {
+        'PYTHONPATH': os.pathsep.join([str(pkg.parent), os.environ.get('PYTHONPATH', '')]),
+        'TIMEBILL_CACHE': str(tmp_path / 'cache'),
+        'TIMEBILL_KERNELS_ISA': 'avx2',
+    }
+    first = _python(code, cwd=tmp_path, **env)  # not the repo: '' on sys.path is the cwd
+    where, info, why = json.loads(first.stdout.splitlines()[-1])
+    assert where.startswith(str(pkg)) and why is None
+    assert info['source'] == 'jit' and info['isa'] == 'avx2'
+    assert Path(info['path']).is_relative_to(tmp_path / 'cache' / 'kernels')
+    assert f"no prebuilt library for avx2/{info['tag']}" in first.stderr
+    built = Path(info['path']).stat().st_mtime_ns
+    _, again, _ = json.loads(_python(code, cwd=tmp_path, **env).stdout.splitlines()[-1])
+    assert again['source'] == 'jit' and again['path'] == info['path']
+    assert Path(info['path']).stat().st_mtime_ns == built
 
 
 @needs_kernels
