@@ -1,7 +1,4 @@
-"""
-The decode kernels: built by the workspace build, loaded without compiling, and computing
-what transformers computes (every ISA variant this CPU runs).
-"""
+"""The decode kernels: prebuilt, loaded without compiling, computing what transformers does."""
 
 import json
 import os
