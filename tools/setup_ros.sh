@@ -2,7 +2,9 @@
 # Build the ROS 2 side of timebill_ros from PyPI wheels (no ROS distribution needed).
 # Idempotent: installs the Kilted wheels into the venv if missing, repoints the wheels'
 # hard-coded Python include paths (see docs: they name the wheel builder's /opt/python),
-# then runs `colcon build --symlink-install` so Python edits need no rebuild.
+# then runs `colcon build --symlink-install` so Python edits need no rebuild. The build also
+# compiles the C++ decode kernels against this venv's torch (one library per ISA, installed to
+# site-packages/timebill_ros/_kernels/) or copies them from `make kernels`' identical build.
 # BUILD_TESTING=ON (as `make colcon-test` sets it) also configures the tests for `colcon test`;
 # the default OFF keeps the build free of test dependencies.
 set -euo pipefail

@@ -127,6 +127,15 @@ def origin() -> Optional[dict]:
     return dict(_state['origin']) if 'origin' in _state else None
 
 
+def describe() -> str:
+    """Say in one line which kernels a process runs (for a node's configure log)."""
+    info = origin()
+    if info is None:
+        return f"decode kernels off: {why_not() or 'not loaded'}"
+    return (f"decode kernels: {info['source']} {info['isa']} library {info['path']} "
+            f"(loaded in {info['seconds']:.3f} s)")
+
+
 def _import(isa: str, path: Path):
     name = recipe.module_name(isa)
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
