@@ -52,7 +52,7 @@ ros: $(ROS_STAMP)
 # after `kernels` (order only), so colcon copies those libraries instead of compiling them again
 $(ROS_STAMP): $(ROS_INPUTS) $(STAMP) | $(KERNELS_STAMP)
 	tools/setup_ros.sh
-	@touch $@
+	@rm -f install/.stamp-ros* && touch $@
 
 demo: setup
 	$(VENV)/bin/timebill train-predictor --if-missing  # first run: ~5 min on 2 cores, then cached
