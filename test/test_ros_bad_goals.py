@@ -9,6 +9,7 @@ in a Duration at all, so the typed client refuses them with the same kind of Out
 import math
 
 import pytest
+from timebill_ros.core.goal_rules import quality_problem
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -29,6 +30,10 @@ GOOD = 'Say hello.'
         ({'overrun_policy': 'bogus'}, ['overrun policy', 'bogus', 'kill']),
         ({'prompt': 'robot ' * 9000}, ['tokens', 'context', '8192']),
         ({'min_quality': 1.5}, ['min_quality', '1.5']),
+        ({'min_quality': -5.0}, [quality_problem(-5.0, -1.0)]),
+        ({'min_quality': 2.0}, [quality_problem(2.0, -1.0)]),
+        ({'min_quality': math.nan}, ['min_quality', 'nan']),
+        ({'max_alpha': -0.5}, [quality_problem(-1.0, -0.5)]),
         ({'max_alpha': 1.0}, ['max_alpha', '[0, 1)']),
     ],
     ids=[
@@ -43,6 +48,10 @@ GOOD = 'Say hello.'
         'policy',
         'over-context',
         'min-quality',
+        'min-quality-negative',
+        'min-quality-2',
+        'min-quality-nan',
+        'max-alpha-negative',
         'max-alpha',
     ],
 )
@@ -60,6 +69,13 @@ def test_bad_goal_is_rejected_with_reason(ready_server, kwargs, words):
     assert out.expected_quality == -1.0 and out.alpha_limit == -1.0  # nothing planned: unknown
     reason = out.reason.lower()
     assert all(w.lower() in reason for w in words), out.reason
+
+
+def test_estimate_budget_refuses_what_a_goal_is_refused_for(ready_server):
+    """The EstimateBudget service answers with the goal rules' reason, word for word."""
+    for q in (-5.0, 2.0):
+        plan = ready_server.estimate_budget(GOOD, 30.0, max_new_tokens=4, min_quality=q)
+        assert not plan.ok and plan.reason == quality_problem(q, -1.0), plan.reason
 
 
 def test_server_keeps_serving_after_bad_goals(ready_server):

@@ -18,7 +18,7 @@ PROMPT = 'Name three colors.'
 
 
 def test_goal_returns_real_answer_before_deadline_with_estimate_during_prefill(ready_server):
-    from timebill_ros.client import STAGE_NAMES
+    from timebill_ros.goal_result import STAGE_NAMES
 
     feedback = []
     out = ready_server.ask(PROMPT, budget_s=90.0, max_new_tokens=24, on_feedback=feedback.append)

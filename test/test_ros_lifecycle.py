@@ -9,7 +9,7 @@ PROMPT = 'List two fruits.'
 
 def _wait_decoding(client, min_tokens=2, timeout_s=120.0):
     """Spin until the running goal reports decoding with at least ``min_tokens`` tokens."""
-    from timebill_ros.client import STAGE_NAMES
+    from timebill_ros.goal_result import STAGE_NAMES
 
     end = client.now_s() + timeout_s
     while client.now_s() < end:

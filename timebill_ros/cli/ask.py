@@ -45,7 +45,7 @@ class _Printer:
         self.shown = ''
 
     def __call__(self, fb) -> None:
-        from timebill_ros.client import STAGE_NAMES
+        from timebill_ros.goal_result import STAGE_NAMES
 
         if fb.stage != self.stage:
             self.stage = fb.stage

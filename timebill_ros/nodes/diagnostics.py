@@ -92,3 +92,70 @@ class ServedStats:
                 kv('generator_reachable', generator_ok),
             ]
             return [deadline, est, queue, model]
+
+    def statuses(self, beat, fresh: bool, active: bool, node_name: str) -> list:
+        """Return the server's statuses, named after ``node_name`` (its namespace included)."""
+        out = self.to_status(
+            queued=beat.queued if fresh else 0,
+            running=1 if fresh and beat.running else 0,
+            generator_ok=fresh and beat.state == 'active',
+            active=active,
+        )
+        prefix = node_name.lstrip('/')
+        for status in out:
+            status.name = status.name.replace('timebill_server', prefix, 1)
+        return out
+
+
+def estimator_status(node_name: str, pipeline, ape: list):
+    """Describe the generator's online time model: drift from the fit, served errors (APE %)."""
+    from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+    drift = pipeline.online.drift()
+    st = DiagnosticStatus(
+        name=f'{node_name}: online estimator',
+        hardware_id='timebill',
+        level=DiagnosticStatus.WARN if drift else DiagnosticStatus.OK,
+        message='; '.join(drift) or "measured times inside the fitted model's band",
+    )
+    values = dict(pipeline.online.summary(), estimator_samples=len(ape))
+    if ape:
+        values['prefill_ape_pct_mean'] = sum(a for a, _ in ape) / len(ape)
+        values['decode_ape_pct_mean'] = sum(b for _, b in ape) / len(ape)
+    st.values = [
+        KeyValue(key=k, value=f'{v:.4g}' if isinstance(v, float) else str(v))
+        for k, v in values.items()
+    ]
+    return st
+
+
+def prefix_status(node_name: str, engine):
+    """Describe the prefix cache for /diagnostics: hits, tokens reused, MB held, drops."""
+    from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+    pc = getattr(engine, 'prefix_cache', None) if engine is not None else None
+    st = DiagnosticStatus(
+        name=f'{node_name}: prefix cache',
+        hardware_id='timebill',
+        level=DiagnosticStatus.OK,
+    )
+    if pc is None:
+        st.message = 'off (prefix_cache: false or prefix_cache_mb: 0)'
+        st.values = [KeyValue(key='prefix_cache', value='off')]
+        return st
+    v = pc.summary()
+    st.message = (
+        f"{v['prefix_hits']} hits of {v['prefix_lookups']} lookups, "
+        f"{v['prefix_tokens_reused']} tokens reused; {v['prefix_blocks']} blocks, "
+        f"{v['prefix_mb_held']:.1f} of {v['prefix_mb_bound']:.0f} MB held, "
+        f"{v['prefix_primed']} primed context(s), {v['prefix_blocks_dropped']} blocks dropped"
+    )
+    if pc.last_refusal:
+        st.message += f'; last refused: {pc.last_refusal}'
+    st.values = [
+        KeyValue(key=k, value=f'{x:.4g}' if isinstance(x, float) else str(x))
+        for k, x in v.items()
+    ]
+    if pc.last_refusal:
+        st.values.append(KeyValue(key='prefix_last_refusal', value=pc.last_refusal))
+    return st

@@ -16,13 +16,29 @@ own topic): one not seen is given ``DISCOVERY_S``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import time
+from typing import Any, Optional
 
 from timebill_ros.nodes.qos import ACTION_TIMED_INFERENCE
 
 CHECK_S = 0.5  # how often goals' clients are looked up in the ROS graph
 DISCOVERY_S = 5.0  # a client not in the graph this long after acceptance is taken as gone
 RESULT_SERVICE = f'{ACTION_TIMED_INFERENCE}/_action/get_result'
+
+
+@dataclass(eq=False)
+class ServedGoal:
+    """A goal the server is serving: its client, its stop signal, its generator goal."""
+
+    request_id: str
+    accepted_s: float  # ROS time of acceptance
+    inner: object = None  # the generator's goal handle, once it accepted
+    stop: Optional[Any] = None  # an rclpy Future, completed with a reason to abort the goal
+    generator_pid: int = 0  # heartbeat pid when the goal was dispatched
+    dispatched: bool = False  # handed to the generator
+    client_node: str = ''  # the goal's client, when it named itself
+    accepted_mono: float = 0.0  # time.monotonic() at acceptance
 
 
 class OrphanWatch:

@@ -11,7 +11,9 @@ and the generator (internal ``timebill/generate``) at the same moment. The gener
 queue and admission; the server relays feedback, cancels, and the result. It calls the
 generator lost only when its heartbeat stops (or its pid changes), never because a prefill is
 long. A goal's execute callback waits on events (its result, or a reason to stop), never polls.
-A goal whose client left the ROS graph is ended (``orphans.py``): it would hold the queue.
+A goal whose client left the ROS graph is ended (``orphans.py``): it would hold the queue. The
+generator's heartbeat decides what the server refuses itself (``admission.py``); ``record_bag``
+records goals to a bag (``recording.py``).
 
 A structured goal (``json_schema`` or ``grammar``) travels as it is: the generator's pipeline
 compiles it at submit and an invalid one comes back REJECTED with llguidance's message. With
@@ -21,7 +23,6 @@ as the request's prompt, so the predictor predicts from what the model reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import sys
 import time
 from typing import Optional
@@ -32,12 +33,11 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.task import Future
 from timebill_ros.action import Generate, TimedInference
-from timebill_ros.core.scheduler import admission, answer_grace_s
-from timebill_ros.core.time_estimator import ExecutionTimeModel
 from timebill_ros.msg import Heartbeat, Request
+from timebill_ros.nodes.admission import grace_s, hopeless as refuse_hopeless
 from timebill_ros.nodes.diagnostics import ServedStats
 from timebill_ros.nodes.heartbeat import heartbeat_topic, HeartbeatSender
-from timebill_ros.nodes.orphans import OrphanWatch
+from timebill_ros.nodes.orphans import OrphanWatch, ServedGoal
 from timebill_ros.nodes.parameters import declare_config, read_config
 from timebill_ros.nodes.qos import (
     ACTION_GENERATE,
@@ -45,9 +45,9 @@ from timebill_ros.nodes.qos import (
     ACTION_TIMED_INFERENCE,
     CHANNEL_QOS,
     HEARTBEAT_QOS,
-    TOPIC_ESTIMATES,
     TOPIC_REQUESTS,
 )
+from timebill_ros.nodes.recording import GoalRecording
 from timebill_ros.nodes.results import copy_fields
 from timebill_ros.nodes.ros_time import ros_now_s, s_to_time, uuid_hex
 from timebill_ros.nodes.spin import GOAL_THREADS, run_node, safe_reason, wait_first
@@ -58,27 +58,15 @@ R = TimedInference.Result
 GENERATOR = 'timebill_generator'
 
 
-@dataclass(eq=False)
-class _Goal:
-    request_id: str
-    accepted_s: float  # ROS time of acceptance
-    inner: object = None  # the generator's goal handle, once it accepted
-    stop: Optional[Future] = None  # completed with a reason to abort the goal
-    generator_pid: int = 0  # heartbeat pid when the goal was dispatched
-    dispatched: bool = False  # handed to the generator
-    client_node: str = ''  # the goal's client, when it named itself
-    accepted_mono: float = 0.0  # time.monotonic() at acceptance
-
-
 class TimeBillServer(LifecycleNode):
     def __init__(self):
         super().__init__('timebill_server')
         declare_config(self)
         self._active = False
-        self._goals: dict[str, _Goal] = {}
+        self._goals: dict[str, ServedGoal] = {}
         self.cfg = self.tokenizer = None
         self._action_server = self._requests = None
-        self._recorder = self._estimates_sub = None
+        self._recording: Optional[GoalRecording] = None
         self.stats = ServedStats()
         self._beat: Optional[Heartbeat] = None
         self._beat_at = 0.0  # time.monotonic() of the last heartbeat
@@ -123,7 +111,7 @@ class TimeBillServer(LifecycleNode):
             **ACTION_QOS,
         )
         if self.cfg.record_bag:
-            self._start_recording(self.cfg.record_bag)
+            self._recording = GoalRecording(self, self.cfg.record_bag)
         self.stats.model_state = 'configured'
         self.alive.state, self.alive.error = 'inactive', ''
         self.get_logger().info(
@@ -170,46 +158,22 @@ class TimeBillServer(LifecycleNode):
         if self._requests is not None:
             self.destroy_publisher(self._requests)
             self._requests = None
-        if self._estimates_sub is not None:
-            self.destroy_subscription(self._estimates_sub)
-            self._estimates_sub = None
-        if self._recorder is not None:
-            recorder, self._recorder = self._recorder, None
-            recorder.close()
+        recording, self._recording = self._recording, None
+        if recording is not None:
+            recording.close()
         self.cfg = self.tokenizer = None
         self.stats.model_state = self.alive.state = 'unconfigured'
 
-    def _start_recording(self, folder: str) -> None:
-        """Record every goal, estimate and result to a rosbag2 MCAP bag, readable after a crash."""
-        from pathlib import Path
-
-        from timebill_ros.core.evaluation.bags import BagRecorder
-        from timebill_ros.msg import Estimate
-
-        path = Path(folder).expanduser() / time.strftime('timebill_%Y%m%d_%H%M%S')
-        self._recorder = BagRecorder(path, action_name='/' + ACTION_TIMED_INFERENCE)
-        self._estimates_sub = self.create_subscription(
-            Estimate,
-            TOPIC_ESTIMATES,
-            lambda msg: self._record('record_estimate', msg),
-            CHANNEL_QOS,
-        )
-        self.get_logger().info(f'recording goals, estimates and results to {self._recorder.path}')
-
     def _record(self, what: str, *args, **kw) -> None:
-        recorder = self._recorder
-        if recorder is None:
-            return
-        try:
-            getattr(recorder, what)(*args, **kw)
-        except Exception as exc:  # noqa: BLE001 - losing the recording must not lose the goal
-            self.get_logger().error(f'bag recording failed ({what}): {safe_reason(exc)}')
+        recording = self._recording
+        if recording is not None:
+            recording.record(what, *args, **kw)
 
     def _abort_all(self, reason: str) -> None:
         for g in list(self._goals.values()):
             self._stop(g, reason)
 
-    def _stop(self, g: _Goal, reason: str) -> None:
+    def _stop(self, g: ServedGoal, reason: str) -> None:
         if g.stop is not None and not g.stop.done():
             g.stop.set_result(reason)
         if g.inner is not None:
@@ -251,7 +215,7 @@ class TimeBillServer(LifecycleNode):
     def on_accepted(self, goal_handle) -> None:
         """Stamp the acceptance time (the budget counts from here), then execute."""
         rid = uuid_hex(goal_handle.goal_id)
-        self._goals[rid] = _Goal(
+        self._goals[rid] = ServedGoal(
             rid, ros_now_s(self), stop=Future(), accepted_mono=time.monotonic()
         )
         self._record('record_goal', goal_handle.goal_id, goal_handle.request)
@@ -265,7 +229,7 @@ class TimeBillServer(LifecycleNode):
 
     def execute(self, goal_handle) -> TimedInference.Result:
         rid = uuid_hex(goal_handle.goal_id)
-        ctx = self._goals.get(rid) or _Goal(rid, ros_now_s(self), stop=Future())
+        ctx = self._goals.get(rid) or ServedGoal(rid, ros_now_s(self), stop=Future())
         try:
             result = self._execute(goal_handle, ctx)
             self.stats.record(result)
@@ -284,7 +248,7 @@ class TimeBillServer(LifecycleNode):
         finally:
             self._goals.pop(rid, None)
 
-    def _execute(self, goal_handle, ctx: _Goal) -> TimedInference.Result:
+    def _execute(self, goal_handle, ctx: ServedGoal) -> TimedInference.Result:
         rel = lambda: ros_now_s(self) - ctx.accepted_s  # noqa: E731
         # stages that never happen stay -1 (a refusal by the server starts none of them)
         never = ('dispatch_at_s', 'prefill_start_s', 'prefill_end_s', 'estimate_received_s',
@@ -321,7 +285,9 @@ class TimeBillServer(LifecycleNode):
             json_schema=goal.json_schema,
             grammar=goal.grammar,
         )
-        hopeless = self._hopeless(len(ids), deadline)
+        hopeless = refuse_hopeless(
+            self._beat, self._beat_fresh(), cfg, ros_now_s(self), len(ids), deadline
+        )
         if hopeless:
             return self._end(goal_handle, result, rel, R.STATUS_REJECTED, hopeless)
         if not self._generator.server_is_ready():
@@ -348,7 +314,7 @@ class TimeBillServer(LifecycleNode):
         )
         # the generator ends every goal by its deadline plus a step or a chunk; past that its
         # request or answer was lost on the way (a DDS reply before discovery settled)
-        grace = self._grace_s(len(ids), max_new, overrun)
+        grace = grace_s(self._beat, cfg, len(ids), max_new, overrun)
         left = lambda: deadline + grace - ros_now_s(self)  # noqa: E731
         lost = (
             f'no answer from the generator {grace:.2f} s after the deadline: the request or its '
@@ -391,62 +357,14 @@ class TimeBillServer(LifecycleNode):
             goal_handle.abort()
         return result
 
-    def _grace_s(self, n_prompt: int, max_new: int, overrun: str) -> float:
-        """Return how long past a deadline the generator's answer may take, by its time model."""
-        beat, cfg = self._beat, self.cfg
-        known = beat is not None and beat.time_model
-        model = ExecutionTimeModel(*beat.time_model) if known else None
-        chunk = (cfg.prefill_chunk if cfg is not None else 0) or 256
-        return answer_grace_s(model, chunk, n_prompt, max_new, overrun)
-
-    def _hopeless(self, n_prompt: int, deadline: float) -> str:
-        """
-        Say why a goal cannot finish even alone at α_max, by the generator's own time model.
-
-        The generator would refuse it too (its check also counts the goals ahead); answering
-        here saves the refusal two round trips through loaded executors. '' when it may fit or
-        the generator's model is not known (then the generator decides).
-
-        The server does not know what the generator's prefix cache holds, so this is a true
-        lower bound only in the best case: every prompt token but the last cached
-        (``cached = n_prompt - 1``), and also nothing cached, in case the time model prices
-        copying cached tokens above computing them. A goal is refused here only when it cannot
-        finish either way; the generator, which knows the cache, decides exactly.
-        """
-        beat = self._beat
-        if beat is None or not beat.time_model or self.cfg is None:
-            return ''
-        if time.monotonic() - self._beat_at > self.cfg.peer_timeout_s:
-            return ''
-        model = ExecutionTimeModel(*beat.time_model)
-        now = ros_now_s(self)
-        best = max(n_prompt - 1, 0)
-        verdicts = [
-            admission(model, now, deadline, n_prompt, [], None, self.cfg.alpha_max, cached=c)
-            for c in (0, best)
-        ]
-        if any(v.admit for v in verdicts):
-            return ''
-        cold, warm = verdicts
-        if not best:
-            return cold.reason
-        return (
-            f'{cold.reason}; even with {best} of its {n_prompt} tokens cached it would need '
-            f'{warm.own_s:.3f} s'
-        )
-
     def _end(self, goal_handle, result, rel, status: int, reason: str) -> TimedInference.Result:
         log = self.get_logger().warning
         log(
             f'goal {uuid_hex(goal_handle.goal_id)[:8]} '
             f'{"rejected" if status == R.STATUS_REJECTED else "aborted"}: {reason}'
         )
-        result.status, result.reason, result.completed, result.deadline_met = (
-            status,
-            reason,
-            False,
-            False,
-        )
+        result.status, result.reason = status, reason
+        result.completed = result.deadline_met = False
         result.total_s = result.finished_at_s = rel()
         goal_handle.abort()
         return result
@@ -454,25 +372,18 @@ class TimeBillServer(LifecycleNode):
     def publish_diagnostics(self) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
 
-        beat = self._beat
-        fresh = beat is not None and time.monotonic() - self._beat_at <= (
-            self.cfg.peer_timeout_s if self.cfg else 5.0
-        )
-        queued = beat.queued if fresh else 0
-        running = 1 if fresh and beat.running else 0
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
-        msg.status = self.stats.to_status(
-            queued=queued,
-            running=running,
-            generator_ok=fresh and beat.state == 'active',
-            active=self._active,
-        )
         # /diagnostics is one topic for the whole robot: name the node with its namespace
-        prefix = self.get_fully_qualified_name().lstrip('/')
-        for status in msg.status:
-            status.name = status.name.replace('timebill_server', prefix, 1)
+        msg.status = self.stats.statuses(
+            self._beat, self._beat_fresh(), self._active, self.get_fully_qualified_name()
+        )
         self._diag_pub.publish(msg)
+
+    def _beat_fresh(self) -> bool:
+        """Tell whether the generator's last heartbeat is recent enough to go by."""
+        timeout = self.cfg.peer_timeout_s if self.cfg is not None else 5.0
+        return self._beat is not None and time.monotonic() - self._beat_at <= timeout
 
 
 def main(args=None) -> int:
