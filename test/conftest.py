@@ -182,11 +182,16 @@ def tiny_server(tiny_nodes, tiny_client):
     """
     Give the tiny bringup with every node running and the server active.
 
-    Fault tests kill nodes: this restarts them.
+    Fault tests kill nodes: this restarts them and waits until the lifecycle manager has
+    brought each back to active.
     """
+    from timebill_ros.nodes.lifecycle_manager import NAME as MANAGER, NODE_NAMES
+
     tiny_nodes.start()  # restarts any node a previous test killed
     assert tiny_client.wait_for_generator(120.0), tiny_nodes.log_tail('timebill_generator')
     assert tiny_client.wait_for_estimator(120.0), tiny_nodes.log_tail('timebill_predictor')
     if tiny_client.get_state(timeout_s=5.0) != 'active':
         assert tiny_client.startup(timeout_s=240.0), tiny_nodes.log_tail('timebill_server')
+    # a restarted node is active only once the manager has brought it back
+    assert tiny_client.wait_for_nodes(NODE_NAMES, 'active', 240.0), tiny_nodes.log_tail(MANAGER)
     return tiny_client
