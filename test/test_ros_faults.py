@@ -204,3 +204,96 @@ def test_goal_of_a_client_that_left_is_ended_so_it_cannot_hold_the_queue(
     assert after.status_name == 'succeeded', after
     assert after.total_s < whole.total_s / 3, (after.total_s, whole.total_s)
     assert 'planner_that_leaves left the ROS graph' in tiny_nodes.log_tail('timebill_server')
+
+
+# a participant lease of 2 s (Fast DDS default: 20 s): the killed planner leaves the graph soon
+_SHORT_LEASE = """<?xml version="1.0" encoding="UTF-8" ?>
+<profiles xmlns="http://www.eprosima.com/XMLSchemas/fastRTPS_Profiles">
+  <participant profile_name="short_lease" is_default_profile="true">
+    <rtps>
+      <builtin>
+        <discovery_config>
+          <leaseDuration><sec>2</sec></leaseDuration>
+          <leaseAnnouncement><sec>0</sec><nanosec>500000000</nanosec></leaseAnnouncement>
+        </discovery_config>
+      </builtin>
+    </rtps>
+  </participant>
+</profiles>
+"""
+# any action client, as `ros2 action send_goal` is: no client_node, waits for its result
+_RAW_PLANNER = """
+import rclpy
+from builtin_interfaces.msg import Duration
+from rclpy.action import ActionClient
+from timebill_ros.action import TimedInference
+
+rclpy.init()
+node = rclpy.create_node('raw_planner')
+client = ActionClient(node, TimedInference, 'timed_inference')
+assert client.wait_for_server(timeout_sec=60.0)
+goal = TimedInference.Goal(
+    prompt='Tell me a long story.', max_new_tokens=1900, time_budget=Duration(sec=120)
+)
+sent = client.send_goal_async(goal)
+rclpy.spin_until_future_complete(node, sent, timeout_sec=60.0)
+handle = sent.result()
+handle.get_result_async()
+print('accepted' if handle.accepted else 'refused', bytes(handle.goal_id.uuid).hex(), flush=True)
+rclpy.spin(node)
+"""
+
+
+def test_goal_of_a_killed_unnamed_client_ends_and_the_next_planner_is_served(
+    tiny_server, tiny_domain_id, tmp_path
+):
+    """
+    SIGKILL a plain rclpy action client mid-goal: its goal ends saying its client left.
+
+    Another planner (this test's client, an action client too) stays in the graph all along, so
+    "no client of the action is left" cannot be what ends it: the goal's own sender is traced.
+    """
+    import subprocess
+    import sys
+
+    from timebill_ros.action import TimedInference
+    from timebill_ros.bringup import ros_env
+    from unique_identifier_msgs.msg import UUID
+
+    profile = tmp_path / 'short_lease.xml'
+    profile.write_text(_SHORT_LEASE)
+    env = dict(
+        ros_env(),
+        ROS_DOMAIN_ID=str(tiny_domain_id),
+        FASTDDS_DEFAULT_PROFILES_FILE=str(profile),
+        FASTRTPS_DEFAULT_PROFILES_FILE=str(profile),
+    )
+    planner = subprocess.Popen(
+        [sys.executable, '-P', '-c', _RAW_PLANNER],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        said = planner.stdout.readline().split()  # blocks until the goal is answered
+        assert said and said[0] == 'accepted', planner.stderr.read()[-2000:]
+        # the goal's result, asked by this process: it arrives when the goal ends
+        results = tiny_server.create_client(
+            TimedInference.Impl.GetResultService, 'timed_inference/_action/get_result'
+        )
+        assert results.wait_for_service(timeout_sec=10.0)
+        request = TimedInference.Impl.GetResultService.Request(
+            goal_id=UUID(uuid=list(bytes.fromhex(said[1])))
+        )
+        ended = results.call_async(request)
+    finally:
+        planner.kill()
+        planner.wait(10)
+    assert tiny_server.spin_until(ended, 120.0), 'the orphaned goal never ended'
+    result = ended.result().result
+    assert result.status == TimedInference.Result.STATUS_ABORTED, (result.status, result.reason)
+    assert 'left the ROS graph' in result.reason, result.reason
+    assert result.tokens_generated < 1900
+    after = tiny_server.ask('Name a color.', 60.0, max_new_tokens=4, timeout_s=120.0)
+    assert after.status_name == 'succeeded', after

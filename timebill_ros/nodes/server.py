@@ -110,6 +110,7 @@ class TimeBillServer(LifecycleNode):
             callback_group=self._group,
             **ACTION_QOS,
         )
+        self.orphans.introspect(self._action_server, self.get_clock())  # who sent each goal
         if self.cfg.record_bag:
             self._recording = GoalRecording(self, self.cfg.record_bag)
         self.stats.model_state = 'configured'
