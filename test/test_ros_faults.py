@@ -40,22 +40,30 @@ def _diagnostics(client, want, timeout_s=20.0):
         client.destroy_subscription(sub)
 
 
-def _restart(nodes, name, ready_text, timeout_s=120.0):
+def _restart(nodes, client, name, timeout_s=120.0):
     """
-    Start ``name`` again and wait for its log to say it is ready.
+    Start ``name`` again and wait for the new process's heartbeat saying it is active.
 
     After a SIGKILL, DDS still lists the dead process's endpoints for a while, so "the service is
-    there" proves nothing.
+    there" proves nothing; a heartbeat carries its sender's pid, and reaching this client it
+    proves discovery both ways. The lifecycle manager brings the new process back to active.
     """
-    import time
+    from timebill_ros.msg import Heartbeat
+    from timebill_ros.nodes.heartbeat import heartbeat_topic
+    from timebill_ros.nodes.qos import HEARTBEAT_QOS
 
-    before = nodes.log_tail(name, 10**7).count(ready_text)
     nodes.start([name])
-    end = time.monotonic() + timeout_s
-    while nodes.log_tail(name, 10**7).count(ready_text) <= before:
-        assert time.monotonic() < end and nodes.alive()[name] is None, nodes.log_tail(name)
-        time.sleep(0.2)
-    time.sleep(1.0)  # discovery between the new process and the others (usually 0.1 s)
+    pid, beats = nodes.procs[name].pid, []
+    sub = client.create_subscription(
+        Heartbeat, heartbeat_topic(name), beats.append, HEARTBEAT_QOS
+    )
+    try:
+        back = client._wait(
+            lambda: any(b.pid == pid and b.state == 'active' for b in beats), timeout_s
+        )
+    finally:
+        client.destroy_subscription(sub)
+    assert back, nodes.log_tail(name)
 
 
 def test_diagnostics_report_misses_estimator_errors_queue_and_model_state(tiny_server):
@@ -96,7 +104,7 @@ def test_predictor_sigkill_falls_back_to_n_max_then_estimates_resume(tiny_server
     assert out.status_name == 'succeeded' and out.deadline_met, out.reason
     # N̂ = N_max, capped by max_new_tokens
     assert out.estimate_fallback and out.predicted_length == 12
-    _restart(tiny_nodes, 'timebill_predictor', 'configured: length predictor')
+    _restart(tiny_nodes, tiny_server, 'timebill_predictor')
     for _ in range(60):  # the new process needs a moment to match the server's topics
         out = tiny_server.ask('Name one planet.', 30.0, max_new_tokens=12)
         assert out.status_name == 'succeeded', out.reason
@@ -119,8 +127,8 @@ def test_generator_sigkill_aborts_running_goal_with_reason_and_server_stays_up(
     # no generator: a reason
     refused = client.ask('Name a color.', 8.0, max_new_tokens=4, timeout_s=60.0)
     assert refused.status_name in ('aborted', 'killed') and refused.reason, refused
-    _restart(tiny_nodes, 'timebill_generator', 'configured: model')
-    # the restarted generator comes up unconfigured; the server notices and configures it again.
+    _restart(tiny_nodes, client, 'timebill_generator')
+    # the restarted generator comes up unconfigured; the lifecycle manager brings it back.
     # Known limit: while DDS still lists the killed generator's endpoints, the first goal after a
     # restart can go unanswered; the server then aborts it with a reason, and a retry is served.
     outcomes = []
