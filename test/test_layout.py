@@ -1,5 +1,5 @@
 """
-The shape of the source tree a contributor relies on: small modules, no import cycles, a ROS-free core.
+The source tree a contributor relies on: small modules, no import cycles, a ROS-free core.
 
 A module over 400 lines mixes concerns and hides facts written twice; an import cycle makes the
 import order matter and breaks partial imports; the core must import without rclpy so it can be
@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / 'timebill_ros'
 MAX_LINES = 400
 # A file may stay longer only with a reason written here.
-LONG_FILES_ALLOWED = {}
+LONG_FILES_ALLOWED = {
+    # not split yet (issue 22 follow-up): store / fit / report / timing; cli and bench call lines
+    # change with it
+    'timebill_ros/core/calibration.py': 'store, fit and report in one; split pending',
+    # the engine's timing methods move to calibration with that split
+    'timebill_ros/core/engine.py': 'prefill/evict/decode plus timing; split pending',
+    'timebill_ros/core/rlp/prompts.py': 'prompt corpora as data, 8 lines over',
+}
 
 
 def _sources():

@@ -68,7 +68,7 @@ class TimeBillClient(ServiceCalls, Node):
     ):
         self._owns_rclpy = context is None and not rclpy.ok()
         if self._owns_rclpy:
-            rclpy.init()
+            rclpy.init(args=[])  # our CLI options are not ROS arguments
         super().__init__(node_name, namespace=namespace, context=context)
         self.server, self.manager = server, manager
         self._executor = SingleThreadedExecutor(context=self.context)
