@@ -32,7 +32,7 @@ TIMELINE = {
     'prefill_end_s': 'prefill_end',
     'estimate_received_s': 'estimate_received',
     'decode_start_s': 'decode_start',
-    'finished_at_s': 'finished',
+    'finished_at_s': 'finished_at',
 }
 
 
