@@ -28,20 +28,31 @@ def _settle(client, seconds=1.0):
         client._executor.spin_once(timeout_sec=0.05)
 
 
+def _until_running(client, tries=100):
+    """Wait until the generator holds a goal (EstimateBudget counts it ahead): A has the model."""
+    for _ in range(tries):
+        plan = client.estimate_budget('Name a color.', 60.0)
+        if plan is not None and plan.queued_ahead >= 1:
+            return
+        _settle(client, 0.02)
+    raise AssertionError('the first goal never reached the generator')
+
+
 def _first_holds_model(client):
-    return lambda i: _settle(client) if i == 0 else None
+    return lambda i: _until_running(client) if i == 0 else None
 
 
 def test_edf_serves_earliest_deadline_first_and_queued_time_counts(tiny_server):
     from timebill_ros.loadgen import fire, GoalSpec
 
-    # A holds the model; then B (far deadline) and C (near deadline) queue: C must run first.
-    # B and C decode 200 tokens each, so their order shows in when their results arrive
+    # A holds the model (sent once the generator counts it); then B (far deadline) and C (near
+    # deadline) queue: C must run first. A decodes 1600 tokens (~2 s of the tiny model: more
+    # than B's and C's sends take), B and C 200 each, so the order shows in their results
     recs = _by_index(
         fire(
             tiny_server,
             [
-                GoalSpec('Tell me a story.', 60.0, 900),
+                GoalSpec('Tell me a story.', 60.0, 1600),
                 GoalSpec('Name a color.', 50.0, 200),
                 GoalSpec('Name a fruit.', 20.0, 200),
             ],

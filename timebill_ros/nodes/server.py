@@ -36,6 +36,7 @@ from timebill_ros.action import Generate, TimedInference
 from timebill_ros.msg import Heartbeat, Request
 from timebill_ros.nodes.admission import grace_s, hopeless as refuse_hopeless
 from timebill_ros.nodes.diagnostics import ServedStats
+from timebill_ros.nodes.dispatch import dispatch
 from timebill_ros.nodes.heartbeat import heartbeat_topic, HeartbeatSender
 from timebill_ros.nodes.orphans import OrphanWatch, ServedGoal
 from timebill_ros.nodes.parameters import declare_config, read_config
@@ -50,7 +51,7 @@ from timebill_ros.nodes.qos import (
 from timebill_ros.nodes.recording import GoalRecording
 from timebill_ros.nodes.results import copy_fields
 from timebill_ros.nodes.ros_time import ros_now_s, s_to_time, uuid_hex
-from timebill_ros.nodes.spin import GOAL_THREADS, run_node, safe_reason, wait_first
+from timebill_ros.nodes.spin import GOAL_THREADS, run_node, safe_reason
 from timebill_ros.nodes.tokenizer import PromptTokenizer
 from timebill_ros.nodes.validation import InvalidGoal, model_prompt, validate_goal
 
@@ -310,43 +311,37 @@ class TimeBillServer(LifecycleNode):
         ctx.generator_pid = self._beat.pid if self._beat is not None else 0
         ctx.dispatched = True
         self._requests.publish(request)
-        send = self._generator.send_goal_async(
-            Generate.Goal(request=request), feedback_callback=relay, goal_uuid=goal_handle.goal_id
-        )
         # the generator ends every goal by its deadline plus a step or a chunk; past that its
-        # request or answer was lost on the way (a DDS reply before discovery settled)
+        # request or answer was lost on the way
         grace = grace_s(self._beat, cfg, len(ids), max_new, overrun)
         left = lambda: deadline + grace - ros_now_s(self)  # noqa: E731
-        lost = (
-            f'no answer from the generator {grace:.2f} s after the deadline: the request or its '
-            f'answer was lost on the way'
+
+        def held(inner) -> None:
+            ctx.inner = inner
+            if goal_handle.is_cancel_requested or ctx.stop.done():
+                inner.cancel_goal_async()
+
+        sent = dispatch(
+            self._generator, Generate.Goal(request=request), goal_handle.goal_id, relay,
+            ctx.stop, left, held,
         )
-        first = wait_first(send, ctx.stop, timeout_s=max(left(), 0.0))
-        if first is None:
-            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, lost)
-        if first is ctx.stop:
-            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, ctx.stop.result())
-        inner = send.result()
-        if not inner.accepted:
-            return self._end(
-                goal_handle,
-                result,
-                rel,
-                R.STATUS_ABORTED,
-                'the generator refused the request (not active?)',
+        if sent.asked_by_id or sent.sends > 1:
+            self.get_logger().warning(
+                f"goal {ctx.request_id[:8]}: the generator's goal reply was lost; result asked "
+                f'for by id ({sent.sends} request(s) sent)'
             )
-        ctx.inner = inner
-        if goal_handle.is_cancel_requested or ctx.stop.done():
-            inner.cancel_goal_async()
-        answer = inner.get_result_async()
-        first = wait_first(answer, ctx.stop, timeout_s=max(left(), 0.0))
-        if first is None:
-            inner.cancel_goal_async()
-            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, lost)
-        if first is ctx.stop:
-            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, ctx.stop.result())
+        if sent.result is None:
+            why = (
+                sent.stopped
+                if sent.stopped is not None
+                else 'the generator refused the request (not active?)'
+                if sent.refused
+                else f'no answer from the generator {grace:.2f} s after the deadline: the '
+                f'request or its answer was lost on the way ({sent.sends} request(s) sent)'
+            )
+            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, why)
         dispatched = result.dispatch_at_s
-        copy_fields(answer.result().result, result)
+        copy_fields(sent.result, result)
         result.dispatch_at_s = dispatched
         result.structured = bool(goal.json_schema or goal.grammar)
         result.total_s = rel()
