@@ -94,6 +94,27 @@ def test_cancel_of_a_queued_job_ends_it_at_once(engine):
     p.close()
 
 
+def test_more_goals_than_max_goals_are_refused_and_a_freed_place_is_reused(engine):
+    from dataclasses import replace
+
+    p = _pipeline(engine, cfg=replace(CFG, max_goals=2))
+    hold, decoding = threading.Event(), threading.Event()
+    f1 = p.submit(Job('long', _ids(40), max_new_tokens=16, on_token=_holding(decoding, hold)))
+    assert decoding.wait(30.0)
+    f2 = p.submit(Job('second', _ids(10), deadline=time.monotonic() + 60, max_new_tokens=4))
+    full = p.submit(Job('third', _ids(10), deadline=time.monotonic() + 60, max_new_tokens=4))
+    out = full.result(timeout=1.0)
+    assert out.status == 'rejected' and 'queue full' in out.reason and 'max_goals 2' in out.reason
+    assert p.cancel('second') and f2.result(timeout=1.0).status == 'canceled'
+    again = p.submit(Job('again', _ids(10), deadline=time.monotonic() + 60, max_new_tokens=4))
+    assert p.snapshot()['order'] == ['again']  # the freed place is taken, not refused
+    hold.set()
+    p.cancel('long')
+    assert f1.result(timeout=30).status == 'canceled'
+    assert again.result(timeout=60).status == 'succeeded'
+    p.close()
+
+
 def test_prefill_stops_between_chunks_once_the_deadline_cannot_be_met(engine):
     jump = [0.0]
     clock = lambda: time.monotonic() + jump[0]  # noqa: E731

@@ -95,6 +95,10 @@ class TimeBillConfig:
         5.0  # server: no generator heartbeat this long -> abort its goals with a reason
     )
     heartbeat_s: float = 0.25  # generator heartbeat period (liveness, pid, queue)
+    # goals one node holds at once (queued + running); more are refused ("queue full"). Each
+    # held goal waits in an executor thread of the server and of the generator, so this also
+    # sizes their executors (spin.goal_threads)
+    max_goals: int = 32
     record_bag: str = ''  # empty: do not record
 
     @property
@@ -126,7 +130,10 @@ class TimeBillConfig:
             raise ValueError(f'estimate_defer_s must be >= 0, got {self.estimate_defer_s}')
         if self.prefill_chunk < 0:
             raise ValueError(f'prefill_chunk must be >= 0, got {self.prefill_chunk}')
-        for name in ('bucket_size', 'num_buckets', 'window_size', 'kernel_size', 'max_new_tokens'):
+        for name in (
+            'bucket_size', 'num_buckets', 'window_size', 'kernel_size', 'max_new_tokens',
+            'max_goals',
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
         return self

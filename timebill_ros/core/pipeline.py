@@ -49,8 +49,6 @@ from .stages import Stages
 from .structured import GrammarError
 from .time_estimator import ExecutionTimeModel
 
-MAX_PENDING = 128  # jobs held at once (queued + running); more are refused ("queue full")
-
 
 class Pipeline(Estimates, Priming, Stages):
     """Owns the model, the queue and the time model; runs jobs one at a time."""
@@ -149,13 +147,13 @@ class Pipeline(Estimates, Priming, Stages):
             fut.set_result(self._end(job, 'rejected', problem or adm.reason))
             return fut
         with self._cv:
-            if len(self._futures) >= MAX_PENDING:
+            if len(self._futures) >= self.cfg.max_goals:
                 fut.set_result(
                     self._end(
                         job,
                         'rejected',
                         f'queue full: {len(self._futures)} goals '
-                        f'are queued or running (limit {MAX_PENDING}); retry later',
+                        f'are queued or running (max_goals {self.cfg.max_goals}); retry later',
                     )
                 )
                 return fut

@@ -57,7 +57,7 @@ from timebill_ros.nodes.qos import (
 )
 from timebill_ros.nodes.results import to_result
 from timebill_ros.nodes.ros_time import ros_now_s, s_to_duration, time_to_s, to_monotonic, uuid_hex
-from timebill_ros.nodes.spin import GOAL_THREADS, run_node, safe_reason
+from timebill_ros.nodes.spin import goal_threads, run_node, safe_reason
 from timebill_ros.nodes.topic_lengths import TopicLengths
 from timebill_ros.srv import EstimateBudget, PredictLength, Prime, ReleasePrime
 
@@ -375,7 +375,8 @@ def main(args=None) -> int:
         print(f'[timebill_generator] cannot start: {safe_reason(exc)}', file=sys.stderr)
         rclpy.try_shutdown()
         return 1
-    return run_node(node, num_threads=GOAL_THREADS)  # one waiting thread per held goal
+    # one waiting thread per held goal
+    return run_node(node, num_threads=goal_threads(node.get_parameter('max_goals').value))
 
 
 if __name__ == '__main__':

@@ -51,7 +51,7 @@ from timebill_ros.nodes.qos import (
 from timebill_ros.nodes.recording import GoalRecording
 from timebill_ros.nodes.results import copy_fields
 from timebill_ros.nodes.ros_time import ros_now_s, s_to_time, uuid_hex
-from timebill_ros.nodes.spin import GOAL_THREADS, run_node, safe_reason
+from timebill_ros.nodes.spin import goal_threads, run_node, safe_reason
 from timebill_ros.nodes.tokenizer import PromptTokenizer
 from timebill_ros.nodes.validation import InvalidGoal, model_prompt, validate_goal
 
@@ -264,6 +264,12 @@ class TimeBillServer(LifecycleNode):
             return self._end(
                 goal_handle, result, rel, R.STATUS_ABORTED, 'the server is not configured'
             )
+        if len(self._goals) > cfg.max_goals:  # each held goal holds an executor thread
+            return self._end(
+                goal_handle, result, rel, R.STATUS_REJECTED,
+                f'queue full: {len(self._goals) - 1} goals are held (max_goals '
+                f'{cfg.max_goals}); retry later',
+            )
         try:
             deadline, ids, overrun, max_new = validate_goal(
                 goal_handle.request, ctx.accepted_s, cfg, self.tokenizer
@@ -385,7 +391,8 @@ class TimeBillServer(LifecycleNode):
 def main(args=None) -> int:
     rclpy.init(args=args)
     node = TimeBillServer()
-    return run_node(node, num_threads=GOAL_THREADS)  # one waiting thread per held goal
+    # one waiting thread per held goal
+    return run_node(node, num_threads=goal_threads(node.get_parameter('max_goals').value))
 
 
 if __name__ == '__main__':

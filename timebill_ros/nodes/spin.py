@@ -1,7 +1,7 @@
 """
 How a node process runs: spin until a signal, release, leave at once; and waiting on futures.
 
-A node's executor is capped by what its callbacks block on (``N_THREADS``, ``GOAL_THREADS``).
+A node's executor is sized by what its callbacks block on (``N_THREADS``, ``goal_threads``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,18 @@ from typing import Optional
 SHUTDOWN_GRACE_S = 2.0  # a node's teardown after SIGINT never takes longer than this
 SPIN_WAKE_S = 0.1  # the main thread checks for signals at least this often
 N_THREADS = 4  # executor threads of a node whose callbacks never block for long
-# Goals held at once by the server and the generator (queued + running); each holds one executor
-# thread while it waits (blocked on an event, not polling), so this caps their executors. rclpy's
-# executor starts a thread only when every started one is busy: an idle node holds a few, not
-# this many (measured in BENCHMARKS.md, threads per node).
-GOAL_THREADS = 128 + 8
+
+
+def goal_threads(max_goals: int) -> int:
+    """
+    Size the executor of a node that holds up to ``max_goals`` goals (server, generator).
+
+    Each held goal waits in one executor thread (blocked on an event, not polling: see
+    ``wait_first``), and ``N_THREADS`` more keep services, heartbeats and cancels moving while
+    every goal waits. rclpy's executor starts a thread only when every started one is busy, so
+    an idle node holds a few, not this many (threads per node in docs/BENCHMARKS.md).
+    """
+    return max(int(max_goals), 1) + N_THREADS
 
 
 def run_node(node, num_threads: int = N_THREADS) -> int:
