@@ -32,6 +32,7 @@ import sys
 import time
 
 from timebill_ros.core import weights as W
+from timebill_ros.core.calibration.timing import time_decode_step
 from timebill_ros.core.config import TimeBillConfig
 from timebill_ros.core.engine import Engine, GenerationRequest
 from timebill_ros.core.model import gguf_source, load_model
@@ -137,7 +138,7 @@ def bench_format(fmt, ids, threads, bandwidth, steps, repeats, kv_lengths, prefi
         del cache
         # what calibration times (a random-filled cache), beside the real cache
         r['calib_decode_ms'][n_long] = 1e3 * statistics.median(
-            engine.time_decode_step(n_long, steps + 1)[1:]
+            time_decode_step(engine, n_long, steps + 1)[1:]
         )
         r['evicted_kv'] = evicted.kv_after
         r['evicted_ms'] = 1e3 * decode_steps(
@@ -242,28 +243,28 @@ def calibration_check(fmt, threads, quick=False, profile=None):
 
     The fitted model against real prefill + decode runs of real prompts.
     """
-    from timebill_ros.core import calibration as cal
+    from timebill_ros.core.calibration import fit, store, timing
 
     cfg = TimeBillConfig(weights=fmt, threads=threads)
     engine = Engine.from_config(cfg)
     load_start = load1()
     if profile:
-        prof = cal.load_profile(profile, engine.profile_key())
+        prof = store.load_profile(profile, store.profile_key(engine))
     elif quick:
-        prof = cal.calibrate(
+        prof = timing.calibrate(
             engine,
-            cal.QUICK_PREFILL_GRID,
-            cal.QUICK_DECODE_GRID,
-            cal.QUICK_PREFILL_HELD_OUT,
-            cal.QUICK_DECODE_HELD_OUT,
+            timing.QUICK_PREFILL_GRID,
+            timing.QUICK_DECODE_GRID,
+            timing.QUICK_PREFILL_HELD_OUT,
+            timing.QUICK_DECODE_HELD_OUT,
             repeats=2,
             decode_repeats=3,
             progress=False,
         )
     else:  # the grids of `timebill calibrate`, fewer repeats: minutes, not a quarter hour
-        prof = cal.calibrate(engine, repeats=2, decode_repeats=3, progress=False)
+        prof = timing.calibrate(engine, repeats=2, decode_repeats=3, progress=False)
     m = prof.model
-    shape = cal.chunked_prefill_fit(prof, CHUNK)
+    shape = fit.chunked_prefill_fit(prof, CHUNK)
     res = {
         'format': fmt,
         'threads': threads,

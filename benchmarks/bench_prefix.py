@@ -38,6 +38,7 @@ import pstats
 import sys
 import time
 
+from timebill_ros.core.calibration.store import profile_key
 from timebill_ros.core.config import default_config_path, TimeBillConfig
 from timebill_ros.core.engine import Engine, GenerationRequest
 from timebill_ros.core.prefix_cache import PrefixCache
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
                 'prefill_chunk', 'prefix_cache_mb', 'prefix_block_tokens',
             )
         },
-        'profile_key': engine.profile_key(),
+        'profile_key': profile_key(engine),
         'repeats': repeats,
         'max_new_tokens': MAX_NEW,
     }

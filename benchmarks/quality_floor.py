@@ -20,7 +20,7 @@ from pathlib import Path
 import time
 
 from timebill_ros.cli.options import add_config_arguments, load_config
-from timebill_ros.core import calibration as cal
+from timebill_ros.core.calibration.store import load_profile_for, profile_key
 from timebill_ros.core.engine import Engine
 from timebill_ros.core.evaluation import longctx_tasks as lt
 from timebill_ros.core.evaluation.tasks import counter_for
@@ -57,7 +57,7 @@ def main() -> int:
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     cfg = load_config(args)
     engine = Engine.from_config(cfg)
-    model = cal.load_profile_for(engine.profile_key(), cfg.profile_path or None).model
+    model = load_profile_for(profile_key(engine), cfg.profile_path or None).model
     task = lt.make_task(args.kind, args.tokens, counter_for(engine), args.seed, 0)
     ids = engine.encode(task.prompt, task.system_prompt or None)
     n, cap = len(ids), args.max_new_tokens

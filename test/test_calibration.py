@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 import pytest
-from timebill_ros.core import calibration as cal
-from timebill_ros.core.config import TimeBillConfig
+from timebill_ros.core.calibration import fit, report, store, timing
+from timebill_ros.core.config import cache_dir, TimeBillConfig
 from timebill_ros.core.engine import Engine
 from timebill_ros.core.errors import ProfileMismatchError
 from timebill_ros.core.time_estimator import ExecutionTimeModel, mape
@@ -27,22 +27,22 @@ KEY = {
 
 def synthetic(held_off_by=(0.10, 0.04)):
     """Exact timings on the grid; held-out points off by a known fraction."""
-    pre = [cal.Measurement(n, [TRUE.prefill_s(n)] * 3) for n in cal.PREFILL_GRID]
+    pre = [store.Measurement(n, [TRUE.prefill_s(n)] * 3) for n in timing.PREFILL_GRID]
     pre += [
-        cal.Measurement(n, [TRUE.prefill_s(n) * (1 + held_off_by[0])] * 3, True)
-        for n in cal.PREFILL_HELD_OUT
+        store.Measurement(n, [TRUE.prefill_s(n) * (1 + held_off_by[0])] * 3, True)
+        for n in timing.PREFILL_HELD_OUT
     ]
-    dec = [cal.Measurement(n, [TRUE.decode_step_s(n)] * 3) for n in cal.DECODE_GRID]
+    dec = [store.Measurement(n, [TRUE.decode_step_s(n)] * 3) for n in timing.DECODE_GRID]
     dec += [
-        cal.Measurement(n, [TRUE.decode_step_s(n) * (1 + held_off_by[1])] * 3, True)
-        for n in cal.DECODE_HELD_OUT
+        store.Measurement(n, [TRUE.decode_step_s(n) * (1 + held_off_by[1])] * 3, True)
+        for n in timing.DECODE_HELD_OUT
     ]
     return pre, dec
 
 
 def test_mape_is_computed_on_held_out_points_only():
     pre, dec = synthetic()
-    prof = cal.fit_profile(KEY, pre, dec)
+    prof = fit.fit_profile(KEY, pre, dec)
     # the fit never saw the held-out points, so it is exact and they carry all the error
     assert prof.model.a == pytest.approx(TRUE.a, rel=1e-6) and prof.model.q == pytest.approx(
         TRUE.q, rel=1e-6
@@ -60,58 +60,60 @@ def test_fit_recovers_known_coefficients_from_noisy_samples():
         # load only ever adds time
         return list(t * (1 + np.abs(0.01 * rng.standard_normal(7))))
 
-    pre = [cal.Measurement(n, noisy(TRUE.prefill_s(n))) for n in cal.PREFILL_GRID]
-    pre += [cal.Measurement(n, noisy(TRUE.prefill_s(n)), True) for n in cal.PREFILL_HELD_OUT]
-    dec = [cal.Measurement(n, noisy(TRUE.decode_step_s(n))) for n in cal.DECODE_GRID]
-    dec += [cal.Measurement(n, noisy(TRUE.decode_step_s(n)), True) for n in cal.DECODE_HELD_OUT]
-    prof = cal.fit_profile(KEY, pre, dec, statistic='min')
+    pre = [store.Measurement(n, noisy(TRUE.prefill_s(n))) for n in timing.PREFILL_GRID]
+    pre += [store.Measurement(n, noisy(TRUE.prefill_s(n)), True) for n in timing.PREFILL_HELD_OUT]
+    dec = [store.Measurement(n, noisy(TRUE.decode_step_s(n))) for n in timing.DECODE_GRID]
+    dec += [
+        store.Measurement(n, noisy(TRUE.decode_step_s(n)), True) for n in timing.DECODE_HELD_OUT
+    ]
+    prof = fit.fit_profile(KEY, pre, dec, statistic='min')
     for name in ('a', 'b', 'c', 'p', 'q'):
         assert getattr(prof.model, name) == pytest.approx(getattr(TRUE, name), rel=0.05), name
     assert prof.mape['prefill'] < 0.5 and prof.mape['decode'] < 0.5
     assert (
-        cal.fit_profile(KEY, pre, dec, statistic='median').mape['prefill'] > prof.mape['prefill']
+        fit.fit_profile(KEY, pre, dec, statistic='median').mape['prefill'] > prof.mape['prefill']
     )
 
 
 def test_decode_slopes_show_curvature():
     pre, dec = synthetic((0.0, 0.0))
-    lo, hi, mid = cal.decode_slopes(cal.fit_profile(KEY, pre, dec))
+    lo, hi, mid = fit.decode_slopes(fit.fit_profile(KEY, pre, dec))
     assert lo == pytest.approx(TRUE.p, rel=1e-6) and hi == pytest.approx(TRUE.p, rel=1e-6)
     bent = [
-        cal.Measurement(
+        store.Measurement(
             m.n, [TRUE.q + TRUE.p * min(m.n, 4096) + 0.3 * TRUE.p * max(m.n - 4096, 0)], m.held_out
         )
         for m in dec
     ]
-    lo, hi, mid = cal.decode_slopes(cal.fit_profile(KEY, pre, bent))
+    lo, hi, mid = fit.decode_slopes(fit.fit_profile(KEY, pre, bent))
     assert mid == 2048 and hi / lo < 0.6
 
 
 def test_summarize():
-    assert cal.summarize([3.0, 1.0, 2.0, 10.0], 'min') == 1.0
-    assert cal.summarize([3.0, 1.0, 2.0, 10.0], 'median') == 2.5
+    assert store.summarize([3.0, 1.0, 2.0, 10.0], 'min') == 1.0
+    assert store.summarize([3.0, 1.0, 2.0, 10.0], 'median') == 2.5
     with pytest.raises(ValueError):
-        cal.summarize([1.0], 'mean')
+        store.summarize([1.0], 'mean')
 
 
 def test_profile_roundtrip(tmp_path):
-    prof = cal.fit_profile(KEY, *synthetic())
-    path = cal.save_profile(prof, tmp_path / 'p.json')
-    back = cal.load_profile(path, KEY)
+    prof = fit.fit_profile(KEY, *synthetic())
+    path = store.save_profile(prof, tmp_path / 'p.json')
+    back = store.load_profile(path, KEY)
     assert back.model == prof.model and back.key == KEY and back.mape == prof.mape
-    assert [m.n for m in back.prefill if m.held_out] == list(cal.PREFILL_HELD_OUT)
+    assert [m.n for m in back.prefill if m.held_out] == list(timing.PREFILL_HELD_OUT)
     doc = json.loads(path.read_text())
     doc['version'] = 0
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match='re-run'):
-        cal.load_profile(path)
+        store.load_profile(path)
 
 
 def test_mismatched_key_is_refused_naming_the_fields(tmp_path):
-    path = cal.save_profile(cal.fit_profile(KEY, *synthetic()), tmp_path / 'p.json')
+    path = store.save_profile(fit.fit_profile(KEY, *synthetic()), tmp_path / 'p.json')
     running = {**KEY, 'threads': '4', 'torch': '2.14.0'}
     with pytest.raises(ProfileMismatchError) as err:
-        cal.load_profile(path, running)
+        store.load_profile(path, running)
     msg = str(err.value)
     assert (
         "threads: profile '2' vs engine '4'" in msg
@@ -120,52 +122,52 @@ def test_mismatched_key_is_refused_naming_the_fields(tmp_path):
     )
     assert 'dtype' not in msg and 'model' not in msg.split('(')[1].split(')')[0]
     with pytest.raises(ProfileMismatchError, match="press: profile '<missing>'"):
-        cal.check_key({k: v for k, v in KEY.items() if k != 'press'}, KEY)
-    cal.check_key(dict(KEY), dict(KEY))  # same setup: accepted
+        store.check_key({k: v for k, v in KEY.items() if k != 'press'}, KEY)
+    store.check_key(dict(KEY), dict(KEY))  # same setup: accepted
 
 
 def test_default_path_is_keyed_under_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('TIMEBILL_CACHE', str(tmp_path))
-    p = cal.default_profile_path(KEY)
+    p = store.default_profile_path(KEY)
     assert p.parent == tmp_path / 'profiles' and p.name.startswith(
         'smollm2-135m-instruct-float32-cpu-t2-'
     )
-    assert all(cal.default_profile_path({**KEY, f: 'other'}) != p for f in KEY)
+    assert all(store.default_profile_path({**KEY, f: 'other'}) != p for f in KEY)
     with pytest.raises(FileNotFoundError, match='timebill calibrate'):
-        cal.load_profile_for(KEY)
-    cal.save_profile(cal.fit_profile(KEY, *synthetic()))
-    assert cal.load_profile_for(KEY).key == KEY
-    assert cal.load_time_model(TimeBillConfig(), running_key=KEY) is not None
+        store.load_profile_for(KEY)
+    store.save_profile(fit.fit_profile(KEY, *synthetic()))
+    assert store.load_profile_for(KEY).key == KEY
+    assert store.load_time_model(TimeBillConfig(), running_key=KEY) is not None
     # none written
-    assert cal.load_time_model(TimeBillConfig(), running_key={**KEY, 'model': 'other'}) is None
-    cfg = TimeBillConfig(profile_path=str(cal.default_profile_path(KEY)))
+    assert store.load_time_model(TimeBillConfig(), running_key={**KEY, 'model': 'other'}) is None
+    cfg = TimeBillConfig(profile_path=str(store.default_profile_path(KEY)))
     with pytest.raises(ProfileMismatchError):
-        cal.load_time_model(cfg, running_key={**KEY, 'dtype': 'bfloat16'})
+        store.load_time_model(cfg, running_key={**KEY, 'dtype': 'bfloat16'})
 
 
 def test_held_out_lengths_must_be_unseen(tiny):
     engine = Engine(tiny, None, press='none')
     with pytest.raises(ValueError, match='also grid points'):
-        cal.calibrate(engine, prefill_grid=[16, 32, 64], prefill_held_out=[32], progress=False)
+        timing.calibrate(engine, prefill_grid=[16, 32, 64], prefill_held_out=[32], progress=False)
     with pytest.raises(ValueError, match='context'):
-        cal.calibrate(engine, decode_grid=[16, 32, 5000], decode_held_out=[24], progress=False)
+        timing.calibrate(engine, decode_grid=[16, 32, 5000], decode_held_out=[24], progress=False)
 
 
 def test_tiny_real_calibration_and_report(tiny, tmp_path):
     engine = Engine(tiny, None, press='snapkv', window_size=8, model_name='tiny-llama')
-    prof = cal.calibrate(
+    prof = timing.calibrate(
         engine,
-        cal.QUICK_PREFILL_GRID,
-        cal.QUICK_DECODE_GRID,
-        cal.QUICK_PREFILL_HELD_OUT,
-        cal.QUICK_DECODE_HELD_OUT,
+        timing.QUICK_PREFILL_GRID,
+        timing.QUICK_DECODE_GRID,
+        timing.QUICK_PREFILL_HELD_OUT,
+        timing.QUICK_DECODE_HELD_OUT,
         repeats=2,
         decode_repeats=3,
         warmup=1,
         progress=False,
     )
-    assert prof.key == engine.profile_key()
-    assert [m.n for m in prof.prefill if m.held_out] == list(cal.QUICK_PREFILL_HELD_OUT)
+    assert prof.key == store.profile_key(engine)
+    assert [m.n for m in prof.prefill if m.held_out] == list(timing.QUICK_PREFILL_HELD_OUT)
     assert all(len(m.samples) == 2 for m in prof.prefill) and all(
         len(m.samples) == 3 for m in prof.decode
     )
@@ -174,7 +176,7 @@ def test_tiny_real_calibration_and_report(tiny, tmp_path):
         mape([min(m.samples) for m in held], [prof.model.decode_step_s(m.n) for m in held])
     )
     assert set(prof.flops_ratios) == {'prefill_a_over_b', 'decode_p_over_q'}
-    paths = cal.write_report(prof, tmp_path, stem='tiny')
+    paths = report.write_report(prof, tmp_path, stem='tiny')
     assert paths['png'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     md = paths['md'].read_text()
     assert (
@@ -183,17 +185,17 @@ def test_tiny_real_calibration_and_report(tiny, tmp_path):
         and 'prefill_a_over_b' in md
         and 'Decode linearity' in md
     )
-    assert cal.load_profile(paths['json'], engine.profile_key()).model == prof.model
+    assert store.load_profile(paths['json'], store.profile_key(engine)).model == prof.model
     # another press: other timings
     other = Engine(tiny, None, press='none', model_name='tiny-llama')
     with pytest.raises(ProfileMismatchError, match='press'):
-        cal.load_profile(paths['json'], other.profile_key())
+        store.load_profile(paths['json'], store.profile_key(other))
 
 
 def test_key_from_config_matches_the_engine(tiny):
     cfg = TimeBillConfig(model='tiny-llama', threads=0, press='streaming_llm', weights='fp32')
     engine = Engine(tiny, None, press=cfg.press, model_name=cfg.model)
-    assert cal.key_from_config(cfg) == engine.profile_key()
+    assert store.key_from_config(cfg) == store.profile_key(engine)
 
 
 def test_chooser_drives_engine_eviction(tiny):
@@ -230,7 +232,7 @@ def test_cli_quick_smollm2(tmp_path, monkeypatch):
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    monkeypatch.setenv('TIMEBILL_CACHE', str(cal.cache_dir()))  # the converted model lives there
+    monkeypatch.setenv('TIMEBILL_CACHE', str(cache_dir()))  # the converted model lives there
     prof_path = tmp_path / 'profile.json'
     args = parser.parse_args(
         ['--quick', '--no-progress', '--out', str(tmp_path / 'out'), '--profile', str(prof_path)]
@@ -244,22 +246,22 @@ def test_cli_quick_smollm2(tmp_path, monkeypatch):
         for e in ('json', 'md', 'png')
     ]
     # key_from_config found it valid
-    assert cal.load_time_model(cfg) == cal.load_profile(prof_path).model
+    assert store.load_time_model(cfg) == store.load_profile(prof_path).model
     with pytest.raises(ProfileMismatchError, match='threads'):
-        cal.load_time_model(cfg.replace(threads=cfg.threads + 1))
+        store.load_time_model(cfg.replace(threads=cfg.threads + 1))
 
 
 def test_a_bad_fit_is_named():
-    assert cal.profile_problems(cal.fit_profile(KEY, *synthetic((0.0, 0.0)))) == []
-    probs = cal.profile_problems(cal.fit_profile(KEY, *synthetic((0.10, 0.0))), max_mape=5.0)
+    assert fit.profile_problems(fit.fit_profile(KEY, *synthetic((0.0, 0.0)))) == []
+    probs = fit.profile_problems(fit.fit_profile(KEY, *synthetic((0.10, 0.0))), max_mape=5.0)
     assert len(probs) == 1 and 'prefill held-out MAPE 9.09% exceeds 5.0%' in probs[0]
     # a busy machine slows the short prompts most: a concave curve, a < 0
     pre = [
-        cal.Measurement(n, [1e-3 * n + 0.3 + 2e-4 * n**1.5 * (n < 1000)])
+        store.Measurement(n, [1e-3 * n + 0.3 + 2e-4 * n**1.5 * (n < 1000)])
         for n in (64, 256, 512, 1024, 2048)
     ]
-    pre += [cal.Measurement(n, [1e-3 * n + 0.3], True) for n in (128, 1536)]
-    probs = cal.profile_problems(cal.fit_profile(KEY, pre, synthetic()[1]), max_mape=1e9)
+    pre += [store.Measurement(n, [1e-3 * n + 0.3], True) for n in (128, 1536)]
+    probs = fit.profile_problems(fit.fit_profile(KEY, pre, synthetic()[1]), max_mape=1e9)
     assert any(p.startswith('coefficient a =') for p in probs)
 
 
@@ -269,32 +271,34 @@ WARM_TRUE = ExecutionTimeModel(a=2.5e-7, b=1.2e-3, c=0.30, p=1.0e-5, q=0.060, d=
 
 def synthetic_warm(model=WARM_TRUE, held_off_by=0.05):
     """Exact warm timings on the grid; held-out points off by a known fraction."""
-    warm = [cal.Measurement(n, [model.prefill_s(n, m)] * 3, False, m) for n, m in cal.WARM_GRID]
+    warm = [
+        store.Measurement(n, [model.prefill_s(n, m)] * 3, False, m) for n, m in timing.WARM_GRID
+    ]
     warm += [
-        cal.Measurement(n, [model.prefill_s(n, m) * (1 + held_off_by)] * 3, True, m)
-        for n, m in cal.WARM_HELD_OUT
+        store.Measurement(n, [model.prefill_s(n, m) * (1 + held_off_by)] * 3, True, m)
+        for n, m in timing.WARM_HELD_OUT
     ]
     return warm
 
 
 def test_warm_grid_is_whole_blocks_inside_the_reuse_limit():
-    for n, m in cal.WARM_GRID + cal.WARM_HELD_OUT:
+    for n, m in timing.WARM_GRID + timing.WARM_HELD_OUT:
         assert m % 64 == 0 and 0 < m <= n - 64, (n, m)
-    assert not set(cal.WARM_GRID) & set(cal.WARM_HELD_OUT)
-    assert {n for n, _ in cal.WARM_GRID} == {512, 1024, 2048, 4096}
-    assert len({m for _, m in cal.QUICK_WARM_GRID}) >= 2
+    assert not set(timing.WARM_GRID) & set(timing.WARM_HELD_OUT)
+    assert {n for n, _ in timing.WARM_GRID} == {512, 1024, 2048, 4096}
+    assert len({m for _, m in timing.QUICK_WARM_GRID}) >= 2
 
 
 def test_warm_fit_recovers_known_d_e_and_scores_held_out_only():
     pre, dec = synthetic((0.0, 0.0))
-    prof = cal.fit_profile(KEY, pre, dec, warm=synthetic_warm())
+    prof = fit.fit_profile(KEY, pre, dec, warm=synthetic_warm())
     assert prof.model.a == pytest.approx(WARM_TRUE.a, rel=1e-6)
     assert prof.model.d == pytest.approx(WARM_TRUE.d, rel=1e-6)
     assert prof.model.e == pytest.approx(WARM_TRUE.e, rel=1e-5)
     assert prof.mape['warm'] == pytest.approx(100 * 0.05 / 1.05)
     assert prof.fit_mape['warm'] == pytest.approx(0, abs=1e-6) and prof.warm_note == ''
     # without warm points: the profile says nothing about them and d = 2a
-    cold = cal.fit_profile(KEY, pre, dec)
+    cold = fit.fit_profile(KEY, pre, dec)
     assert 'warm' not in cold.mape and cold.model.d == 2 * cold.model.a and cold.model.e == 0
 
 
@@ -302,13 +306,13 @@ def test_warm_fit_from_noisy_samples():
     rng = np.random.default_rng(5)
     pre, dec = synthetic((0.0, 0.0))
     warm = [
-        cal.Measurement(
+        store.Measurement(
             w.n, list(w.samples[0] * (1 + np.abs(0.01 * rng.standard_normal(5)))), w.held_out,
             w.cached,
         )
         for w in synthetic_warm(held_off_by=0.0)
     ]
-    prof = cal.fit_profile(KEY, pre, dec, warm=warm)
+    prof = fit.fit_profile(KEY, pre, dec, warm=warm)
     assert prof.model.d == pytest.approx(WARM_TRUE.d, rel=0.05)
     assert prof.mape['warm'] < 1.0
     # the copy-in is a few percent of a warm prefill: e is looser, but positive and close
@@ -319,29 +323,29 @@ def test_a_negative_warm_term_is_clamped_to_zero():
     pre, dec = synthetic((0.0, 0.0))
     # cached tokens make the prefill faster than the cold fit says: e would come out < 0
     faster = ExecutionTimeModel(**{**WARM_TRUE.to_dict(), 'e': -2e-5})
-    prof = cal.fit_profile(KEY, pre, dec, warm=synthetic_warm(faster, 0.0))
+    prof = fit.fit_profile(KEY, pre, dec, warm=synthetic_warm(faster, 0.0))
     assert prof.model.e == 0.0 and prof.model.d > 0
     assert 'e = 0' in prof.warm_note and 'd fitted alone' in prof.warm_note
 
 
 def test_profile_round_trip_keeps_d_e_and_warm_points(tmp_path):
     pre, dec = synthetic()
-    prof = cal.fit_profile(KEY, pre, dec, warm=synthetic_warm())
-    path = cal.save_profile(prof, tmp_path / 'p.json')
+    prof = fit.fit_profile(KEY, pre, dec, warm=synthetic_warm())
+    path = store.save_profile(prof, tmp_path / 'p.json')
     doc = json.loads(path.read_text())
     assert doc['model']['d'] == prof.model.d and doc['model']['e'] == prof.model.e
-    back = cal.load_profile(path, KEY)
+    back = store.load_profile(path, KEY)
     assert back.model == prof.model and back.model.e == pytest.approx(WARM_TRUE.e, rel=1e-5)
     assert back.warm == prof.warm and back.mape == prof.mape
-    assert [(w.n, w.cached) for w in back.warm if w.held_out] == list(cal.WARM_HELD_OUT)
-    assert cal.load_time_model(
+    assert [(w.n, w.cached) for w in back.warm if w.held_out] == list(timing.WARM_HELD_OUT)
+    assert store.load_time_model(
         TimeBillConfig(profile_path=str(path)), running_key=KEY
     ).prefill_s(4096, 3968) == pytest.approx(WARM_TRUE.prefill_s(4096, 3968), rel=1e-5)
 
 
 def test_a_profile_without_d_e_gets_d_2a(tmp_path):
     """A profile written before the prefix cache (no d, e, warm, cached) still loads."""
-    prof = cal.fit_profile(KEY, *synthetic())
+    prof = fit.fit_profile(KEY, *synthetic())
     doc = prof.to_dict()
     for k in ('d', 'e'):
         del doc['model'][k]
@@ -351,9 +355,9 @@ def test_a_profile_without_d_e_gets_d_2a(tmp_path):
         del m['cached']
     path = tmp_path / 'old.json'
     path.write_text(json.dumps(doc))
-    back = cal.load_profile(path, KEY)
+    back = store.load_profile(path, KEY)
     assert back.model.d == 2 * back.model.a and back.model.e == 0.0
-    assert back.warm == [] and cal.profile_problems(back, max_mape=20) == []
+    assert back.warm == [] and fit.profile_problems(back, max_mape=20) == []
     assert back.model.prefill_s(1024, 512) == pytest.approx(
         back.model.a * 512**2 + back.model.b * 512 + back.model.c + 2 * back.model.a * 512 * 512
     )
@@ -361,18 +365,18 @@ def test_a_profile_without_d_e_gets_d_2a(tmp_path):
 
 def test_a_bad_warm_fit_is_named():
     pre, dec = synthetic((0.0, 0.0))
-    prof = cal.fit_profile(KEY, pre, dec, warm=synthetic_warm(held_off_by=0.3))
-    probs = cal.profile_problems(prof, max_mape=10.0)
+    prof = fit.fit_profile(KEY, pre, dec, warm=synthetic_warm(held_off_by=0.3))
+    probs = fit.profile_problems(prof, max_mape=10.0)
     assert len(probs) == 1 and probs[0].startswith('warm held-out MAPE 23.08%')
 
 
 def test_warm_points_are_checked_before_any_timing(tiny):
     engine = Engine(tiny, None, press='snapkv', window_size=8)
     kw = {
-        'prefill_grid': cal.QUICK_PREFILL_GRID,
-        'prefill_held_out': cal.QUICK_PREFILL_HELD_OUT,
-        'decode_grid': cal.QUICK_DECODE_GRID,
-        'decode_held_out': cal.QUICK_DECODE_HELD_OUT,
+        'prefill_grid': timing.QUICK_PREFILL_GRID,
+        'prefill_held_out': timing.QUICK_PREFILL_HELD_OUT,
+        'decode_grid': timing.QUICK_DECODE_GRID,
+        'decode_held_out': timing.QUICK_DECODE_HELD_OUT,
         'progress': False,
     }
     for grid, held, match in (
@@ -383,27 +387,27 @@ def test_warm_points_are_checked_before_any_timing(tiny):
         ([(256, 64), (4096, 128)], [], "model's context"),
     ):
         with pytest.raises(ValueError, match=match):
-            cal.calibrate(engine, warm_grid=grid, warm_held_out=held, **kw)
+            timing.calibrate(engine, warm_grid=grid, warm_held_out=held, **kw)
 
 
 def test_tiny_real_warm_calibration_and_report(tiny, tmp_path):
     engine = Engine(tiny, None, press='snapkv', window_size=8, model_name='tiny-llama')
-    prof = cal.calibrate(
+    prof = timing.calibrate(
         engine,
-        cal.QUICK_PREFILL_GRID,
-        cal.QUICK_DECODE_GRID,
-        cal.QUICK_PREFILL_HELD_OUT,
-        cal.QUICK_DECODE_HELD_OUT,
+        timing.QUICK_PREFILL_GRID,
+        timing.QUICK_DECODE_GRID,
+        timing.QUICK_PREFILL_HELD_OUT,
+        timing.QUICK_DECODE_HELD_OUT,
         repeats=2,
         decode_repeats=3,
         progress=False,
-        warm_grid=cal.QUICK_WARM_GRID,
-        warm_held_out=cal.QUICK_WARM_HELD_OUT,
+        warm_grid=timing.QUICK_WARM_GRID,
+        warm_held_out=timing.QUICK_WARM_HELD_OUT,
     )
     assert engine.prefix_cache is None  # the private cache is gone again
     assert [(w.n, w.cached, w.held_out) for w in prof.warm] == sorted(
-        [(n, m, False) for n, m in cal.QUICK_WARM_GRID]
-        + [(n, m, True) for n, m in cal.QUICK_WARM_HELD_OUT]
+        [(n, m, False) for n, m in timing.QUICK_WARM_GRID]
+        + [(n, m, True) for n, m in timing.QUICK_WARM_HELD_OUT]
     )
     assert all(len(w.samples) == 2 and min(w.samples) > 0 for w in prof.warm)
     assert prof.model.d >= 0 and prof.model.e >= 0 and math.isfinite(prof.mape['warm'])
@@ -411,11 +415,11 @@ def test_tiny_real_warm_calibration_and_report(tiny, tmp_path):
     assert prof.mape['warm'] == pytest.approx(
         mape([min(w.samples) for w in held], [prof.model.prefill_s(w.n, w.cached) for w in held])
     )
-    paths = cal.write_report(prof, tmp_path, stem='tiny-warm')
+    paths = report.write_report(prof, tmp_path, stem='tiny-warm')
     assert paths['png'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     md = paths['md'].read_text()
     assert '## warm prefill (prefix cache)' in md and '| warm prefill |' in md
-    assert cal.load_profile(paths['json'], engine.profile_key()).model == prof.model
+    assert store.load_profile(paths['json'], store.profile_key(engine)).model == prof.model
 
 
 def test_cli_parses_warm_pairs():

@@ -277,7 +277,7 @@ def test_generate_help_lists_every_registered_press(capsys):
 @pytest.fixture(scope='module')
 def cli_config(tmp_path_factory):
     """Return a config whose timing profile is written by hand (no calibration), no predictor."""
-    from timebill_ros.core import calibration as cal
+    from timebill_ros.core.calibration.store import key_from_config, Profile, save_profile
     from timebill_ros.core.config import TimeBillConfig
     from timebill_ros.core.time_estimator import ExecutionTimeModel
 
@@ -285,8 +285,8 @@ def cli_config(tmp_path_factory):
     cfg = TimeBillConfig(
         profile_path=str(d / 'profile.json'), predictor_checkpoint=str(d / 'no-predictor')
     )
-    prof = cal.Profile(
-        key=cal.key_from_config(cfg),
+    prof = Profile(
+        key=key_from_config(cfg),
         model=ExecutionTimeModel(1.5e-7, 1.2e-3, 0.15, 1.2e-5, 0.06),
         statistic='min',
         prefill=[],
@@ -294,7 +294,7 @@ def cli_config(tmp_path_factory):
         mape={},
         fit_mape={},
     )
-    cal.save_profile(prof, Path(cfg.profile_path))
+    save_profile(prof, Path(cfg.profile_path))
     path = d / 'timebill.yaml'
     path.write_text(
         '/**:\n  ros__parameters:\n'

@@ -10,6 +10,7 @@ import sys
 import pytest
 from timebill_ros.core import kernels
 from timebill_ros.core import weights as W
+from timebill_ros.core.calibration.store import profile_key
 from timebill_ros.core.engine import Engine, GenerationRequest
 from timebill_ros.core.fast_decode import FastDecoder
 from timebill_ros.core.model import tiny_model
@@ -188,12 +189,12 @@ def test_fast_step_takes_an_int4_llama_and_says_why_not_otherwise():
     fast, why = FastDecoder.for_model(tiny_model())
     assert fast is None and 'int4' in why
     engine = Engine(tiny_model(), None, press='snapkv', chat_template=False)
-    assert engine.fast is None and engine.profile_key()['decode_step'] == 'transformers'
+    assert engine.fast is None and profile_key(engine)['decode_step'] == 'transformers'
 
 
 @needs_kernels
 def test_profile_key_names_the_decode_step_the_config_will_run():
-    from timebill_ros.core import calibration as cal
+    from timebill_ros.core.calibration.store import key_from_config
     from timebill_ros.core.config import TimeBillConfig
 
     for fmt, step in (('int4', 'timebill-avx2'), ('fp32', 'transformers')):
@@ -201,15 +202,15 @@ def test_profile_key_names_the_decode_step_the_config_will_run():
         model = tiny_model(layers=2)
         W.apply_weights(model, fmt)
         engine = Engine(model, None, press=cfg.press, model_name=cfg.model)
-        assert engine.profile_key()['decode_step'] == step
-        assert cal.key_from_config(cfg) == engine.profile_key()
+        assert profile_key(engine)['decode_step'] == step
+        assert key_from_config(cfg) == profile_key(engine)
 
 
 @needs_kernels
 @pytest.mark.parametrize('alpha', [0.0, 0.5])
 def test_fast_step_follows_the_transformers_step_after_eviction(alpha):
     engine = Engine(_int4_tiny(), None, press='snapkv', chat_template=False)
-    assert engine.fast is not None and engine.profile_key()['decode_step'] == 'timebill-avx2'
+    assert engine.fast is not None and profile_key(engine)['decode_step'] == 'timebill-avx2'
     ids = torch.randint(3, 256, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     state = engine.prefill(ids, capacity=len(ids) + 40)
     if alpha:

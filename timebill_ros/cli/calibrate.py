@@ -120,27 +120,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from timebill_ros.core import calibration as cal
+    from timebill_ros.core.calibration import fit, report, store, timing
     from timebill_ros.core.engine import Engine
 
     cfg = load_config(args)
     q = args.quick
     grids = {
-        'prefill_grid': args.prefill_grid or (cal.QUICK_PREFILL_GRID if q else cal.PREFILL_GRID),
+        'prefill_grid': args.prefill_grid
+        or (timing.QUICK_PREFILL_GRID if q else timing.PREFILL_GRID),
         'prefill_held_out': args.prefill_held_out
-        or (cal.QUICK_PREFILL_HELD_OUT if q else cal.PREFILL_HELD_OUT),
-        'decode_grid': args.decode_grid or (cal.QUICK_DECODE_GRID if q else cal.DECODE_GRID),
+        or (timing.QUICK_PREFILL_HELD_OUT if q else timing.PREFILL_HELD_OUT),
+        'decode_grid': args.decode_grid
+        or (timing.QUICK_DECODE_GRID if q else timing.DECODE_GRID),
         'decode_held_out': args.decode_held_out
-        or (cal.QUICK_DECODE_HELD_OUT if q else cal.DECODE_HELD_OUT),
+        or (timing.QUICK_DECODE_HELD_OUT if q else timing.DECODE_HELD_OUT),
         'warm_grid': ()
         if args.no_warm
-        else args.warm_grid or (cal.QUICK_WARM_GRID if q else cal.WARM_GRID),
+        else args.warm_grid or (timing.QUICK_WARM_GRID if q else timing.WARM_GRID),
         'warm_held_out': ()
         if args.no_warm
-        else args.warm_held_out or (cal.QUICK_WARM_HELD_OUT if q else cal.WARM_HELD_OUT),
+        else args.warm_held_out or (timing.QUICK_WARM_HELD_OUT if q else timing.WARM_HELD_OUT),
     }
     engine = Engine.from_config(cfg)
-    profile = cal.calibrate(
+    profile = timing.calibrate(
         engine,
         **grids,
         repeats=args.repeats or (2 if q else 5),
@@ -154,11 +156,11 @@ def run(args) -> int:
     stem = f'{Path(k["model"]).name}-{k["dtype"]}-{k["device"]}-t{k["threads"]}' + (
         '-quick' if q else ''
     )
-    paths = cal.write_report(profile, args.out, stem=stem)
-    target = args.profile or (None if q else (cfg.profile_path or cal.default_profile_path(k)))
-    problems = [] if q else cal.profile_problems(profile, args.max_mape)
+    paths = report.write_report(profile, args.out, stem=stem)
+    target = args.profile or (None if q else (cfg.profile_path or store.default_profile_path(k)))
+    problems = [] if q else fit.profile_problems(profile, args.max_mape)
     if target and (not problems or args.force):
-        paths['profile'] = cal.save_profile(profile, Path(target))
+        paths['profile'] = store.save_profile(profile, Path(target))
 
     m = profile.model
     print(f'prefill t = {m.a:.4e}·N² + {m.b:.4e}·N + {m.c:.4e}  s')
@@ -193,7 +195,7 @@ def run(args) -> int:
             f'{os.cpu_count()} CPUs'
             + (': the machine was busy, timings include interference' if busy else '')
         )
-    slopes = cal.decode_slopes(profile)
+    slopes = fit.decode_slopes(profile)
     if slopes:
         print(
             f'decode slope below/above N_kv={slopes[2]}: {slopes[0]:.3e} / {slopes[1]:.3e} s '

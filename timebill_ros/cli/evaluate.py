@@ -109,11 +109,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool = False):
     """(time model, description): the cached profile for this setup, else a short calibration."""
-    from timebill_ros.core import calibration as cal
+    from timebill_ros.core.calibration import store, timing
 
+    key = store.profile_key(engine)
     try:
-        prof = cal.load_profile_for(engine.profile_key(), cfg.profile_path or None)
-        path = cfg.profile_path or cal.default_profile_path(engine.profile_key())
+        prof = store.load_profile_for(key, cfg.profile_path or None)
+        path = cfg.profile_path or store.default_profile_path(key)
         held = ', '.join(f'{k} {v:.1f}%' for k, v in prof.mape.items())
         return prof.model, f'`{path}` (held-out MAPE: {held})'
     except FileNotFoundError:
@@ -145,7 +146,7 @@ def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool =
         f'[eval] no timing profile for this setup: calibrating '
         f'prompt lengths {pre} (held out {pre_held})'
     )
-    prof = cal.calibrate(
+    prof = timing.calibrate(
         engine,
         prefill_grid=pre,
         prefill_held_out=pre_held,
@@ -155,7 +156,7 @@ def ensure_profile(engine, cfg, lengths, out_dir: Path, log=print, quick: bool =
         decode_repeats=3,
         progress=False,
     )
-    path = cal.save_profile(prof, out_dir / 'profile.json')
+    path = store.save_profile(prof, out_dir / 'profile.json')
     held = ', '.join(f'{k} {v:.1f}%' for k, v in prof.mape.items())
     return prof.model, (
         f'none cached for this setup; calibrated for this run in {prof.duration_s:.0f} s, '

@@ -70,7 +70,7 @@ def read_schema(spec: str) -> str:
 
 
 def run(args) -> int:
-    from timebill_ros.core.calibration import time_model_for
+    from timebill_ros.core.calibration.store import profile_key, time_model_for
     from timebill_ros.core.engine import Engine
     from timebill_ros.core.errors import TimeBillError
     from timebill_ros.core.job import Job
@@ -107,7 +107,7 @@ def run(args) -> int:
     except TimeBillError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
-    model, _ = time_model_for(cfg, engine.profile_key(), log=say)
+    model, _ = time_model_for(cfg, profile_key(engine), log=say)
     if args.predicted_length is not None or args.budget is None or args.alpha is not None:
         lengths = FixedLength(args.predicted_length)
     else:  # the predictor falls back to N_max itself when it has no checkpoint

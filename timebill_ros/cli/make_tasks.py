@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from timebill_ros.core import calibration as cal
+    from timebill_ros.core.calibration.store import load_profile_for, profile_key
     from timebill_ros.core.engine import Engine
     from timebill_ros.core.evaluation.bags import write_request_bag
     from timebill_ros.core.evaluation.tasks import counter_for, retrieval_tasks, save_tasks
@@ -67,7 +67,7 @@ def run(args) -> int:
     model = None
     if args.budget is None:
         try:
-            model = cal.load_profile_for(engine.profile_key(), cfg.profile_path or None).model
+            model = load_profile_for(profile_key(engine), cfg.profile_path or None).model
         except FileNotFoundError as exc:
             print(f'{exc}\n(or give --budget SECONDS)', file=sys.stderr)
             return 2

@@ -100,7 +100,7 @@ class OfflineServer:
     """The request pipeline the generator node runs, in this process, under a chosen policy."""
 
     def __init__(self, cfg, policy_text: str, log: Callable[[str], None]):
-        from timebill_ros.core.calibration import time_model_for
+        from timebill_ros.core.calibration.store import profile_key, time_model_for
         from timebill_ros.core.engine import Engine
         from timebill_ros.core.evaluation.policies import parse_policy
         from timebill_ros.core.length_predictor import load_length_predictor
@@ -109,7 +109,7 @@ class OfflineServer:
 
         self.cfg, self.policy = cfg, parse_policy(policy_text)
         self.engine = Engine.from_config(cfg)
-        model, _ = time_model_for(cfg, self.engine.profile_key(), log=log)
+        model, _ = time_model_for(cfg, profile_key(self.engine), log=log)
         lengths = (
             PredictorLength(load_length_predictor(cfg, logger=log))
             if self.policy.budget_dependent

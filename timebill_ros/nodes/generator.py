@@ -36,7 +36,7 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from timebill_ros.action import Generate
-from timebill_ros.core.calibration import time_model_for
+from timebill_ros.core.calibration.store import profile_key, time_model_for
 from timebill_ros.core.job import Job
 from timebill_ros.core.pipeline import Pipeline
 from timebill_ros.msg import Estimate, Heartbeat, PrefillPlan
@@ -110,7 +110,7 @@ class GeneratorNode(PlanningServices, LifecycleNode):
             self.cfg = read_config(self)
             self.engine = Engine.from_config(self.cfg)
             model, source = time_model_for(
-                self.cfg, log=self.get_logger().warning, running_key=self.engine.profile_key()
+                self.cfg, log=self.get_logger().warning, running_key=profile_key(self.engine)
             )
         except Exception as exc:  # noqa: BLE001 - a failed configure says why (heartbeat.error)
             self.error = f'configure failed: {safe_reason(exc)}'
@@ -169,6 +169,9 @@ class GeneratorNode(PlanningServices, LifecycleNode):
             f'configured: model {self.cfg.model}, press {self.cfg.press}, '
             f'timing model from {source}'
         )
+        from timebill_ros.core import kernels
+
+        self.get_logger().info(kernels.describe())  # prebuilt, or why compiled / off
         pc = self.engine.prefix_cache
         self.get_logger().info(
             f'prefix cache: starts empty in this process (pid {os.getpid()}), bound '

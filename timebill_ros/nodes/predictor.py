@@ -30,7 +30,7 @@ from typing import Optional
 import rclpy
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from timebill_ros.core.calibration import time_model_for
+from timebill_ros.core.calibration.store import time_model_for
 from timebill_ros.core.job import answer_cap
 from timebill_ros.core.time_estimator import ExecutionTimeModel, wcet_length
 from timebill_ros.msg import Estimate, Heartbeat, PrefillPlan, Request
