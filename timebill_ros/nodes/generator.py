@@ -169,6 +169,9 @@ class GeneratorNode(PlanningServices, LifecycleNode):
             f'configured: model {self.cfg.model}, press {self.cfg.press}, '
             f'timing model from {source}'
         )
+        from timebill_ros.core import kernels
+
+        self.get_logger().info(kernels.describe())  # prebuilt, or why compiled / off
         pc = self.engine.prefix_cache
         self.get_logger().info(
             f'prefix cache: starts empty in this process (pid {os.getpid()}), bound '
