@@ -34,7 +34,8 @@ import time
 from timebill_ros.core import weights as W
 from timebill_ros.core.calibration.timing import time_decode_step
 from timebill_ros.core.config import TimeBillConfig
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
+from timebill_ros.core.generation import GenerationRequest
 from timebill_ros.core.model import gguf_source, load_model
 import torch
 

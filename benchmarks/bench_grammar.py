@@ -154,7 +154,8 @@ def _ms(xs):
 def bench_engine(rows, repeats: int = 3):
     """Time the served decode with and without a schema on the default engine (C++ step)."""
     from timebill_ros.core.config import TimeBillConfig
-    from timebill_ros.core.engine import Engine, GenerationRequest
+    from timebill_ros.core.engine import Engine
+    from timebill_ros.core.generation import GenerationRequest
 
     eng = Engine.from_config(TimeBillConfig())
     prompt = 'List the colours of a traffic light.'

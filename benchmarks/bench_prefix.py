@@ -40,7 +40,8 @@ import time
 
 from timebill_ros.core.calibration.store import profile_key
 from timebill_ros.core.config import default_config_path, TimeBillConfig
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
+from timebill_ros.core.generation import GenerationRequest
 from timebill_ros.core.prefix_cache import PrefixCache
 import torch
 

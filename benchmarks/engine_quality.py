@@ -10,7 +10,8 @@ from __future__ import annotations
 import gc
 import statistics
 
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
+from timebill_ros.core.generation import GenerationRequest
 from timebill_ros.core.model import load_model
 
 

@@ -29,10 +29,11 @@ import time
 from typing import Dict, List
 
 from timebill_ros.core.config import TimeBillConfig
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
 from timebill_ros.core.evaluation import longctx_tasks as lt
 from timebill_ros.core.evaluation.tasks import counter_for
 from timebill_ros.core.eviction import get_press, Press
+from timebill_ros.core.generation import GenerationRequest
 import torch
 from tqdm import tqdm
 

@@ -101,9 +101,10 @@ def main(argv=None) -> int:
         return compare(args.mae, [c for c in args.checkpoints.split(',') if c])
 
     from timebill_ros.core.config import TimeBillConfig
-    from timebill_ros.core.engine import Engine, GenerationRequest
+    from timebill_ros.core.engine import Engine
     from timebill_ros.core.evaluation.robot_tasks import build_robot_tasks
     from timebill_ros.core.evaluation.tasks import counter_for
+    from timebill_ros.core.generation import GenerationRequest
     from timebill_ros.core.rlp.label_io import header_line
     from timebill_ros.core.structured import with_schema
 

@@ -12,9 +12,10 @@ import pickle
 import pytest
 import timebill_ros
 from timebill_ros.core import attention
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
 from timebill_ros.core.errors import InvalidRequestError, PrefillStopped, TimeBillError
 from timebill_ros.core.eviction import n_keep, SnapKVPress
+from timebill_ros.core.generation import GenerationRequest
 import torch
 import torch.nn.functional as F
 

@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
 from timebill_ros.core.errors import (
     DeadlinePassedError,
     EmptyPromptError,
@@ -14,6 +14,7 @@ from timebill_ros.core.errors import (
     PromptTooLongError,
     UnknownPressError,
 )
+from timebill_ros.core.generation import GenerationRequest
 import torch
 
 

@@ -212,8 +212,8 @@ def test_sweep_shares_prefill_and_runs(sweep_run):
 
 def test_copied_prefill_decodes_like_a_fresh_request(sweep_run):
     """Reusing one prefill for every policy must not change an answer: compare with generate()."""
-    from timebill_ros.core.engine import GenerationRequest
     from timebill_ros.core.eviction import n_keep
+    from timebill_ros.core.generation import GenerationRequest
 
     engine, _, results, _, _ = sweep_run
     r = results[0]

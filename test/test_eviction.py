@@ -3,8 +3,9 @@
 from types import SimpleNamespace
 
 import pytest
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
 from timebill_ros.core.eviction import get_press, n_keep, PRESSES, SnapKVPress, StreamingLLMPress
+from timebill_ros.core.generation import GenerationRequest
 import torch
 
 

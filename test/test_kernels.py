@@ -11,8 +11,9 @@ import pytest
 from timebill_ros.core import kernels
 from timebill_ros.core import weights as W
 from timebill_ros.core.calibration.store import profile_key
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
 from timebill_ros.core.fast_decode import FastDecoder
+from timebill_ros.core.generation import GenerationRequest
 from timebill_ros.core.model import tiny_model
 import torch
 import torch.nn.functional as F
@@ -247,7 +248,8 @@ def test_kernels_can_be_switched_off_and_the_engine_still_decodes():
     code = (
         'from timebill_ros.core import kernels, weights as W\n'
         'from timebill_ros.core.model import tiny_model\n'
-        'from timebill_ros.core.engine import Engine, GenerationRequest\n'
+        'from timebill_ros.core.engine import Engine\n'
+        'from timebill_ros.core.generation import GenerationRequest\n'
         'm = tiny_model(layers=2); W.apply_weights(m, "int4")\n'
         'e = Engine(m, None, chat_template=False)\n'
         'r = e.generate(GenerationRequest(input_ids=list(range(3, 30)), max_new_tokens=5))\n'

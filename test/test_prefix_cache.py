@@ -12,8 +12,9 @@ import time
 
 import pytest
 from timebill_ros.core.config import TimeBillConfig
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
 from timebill_ros.core.eviction import n_keep, PRESSES
+from timebill_ros.core.generation import GenerationRequest
 from timebill_ros.core.job import Job
 from timebill_ros.core.lengths import FixedLength
 from timebill_ros.core.pipeline import Pipeline

@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
 from timebill_ros.core.eviction import (
     AdaLayersPress,
     ChunkKVPress,
@@ -14,6 +14,7 @@ from timebill_ros.core.eviction import (
     QuestionWindowPress,
     SnapKVPress,
 )
+from timebill_ros.core.generation import GenerationRequest
 import torch
 
 NEW = ('pyramidkv', 'chunkkv', 'question_window', 'ada_layers')

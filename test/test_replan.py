@@ -7,7 +7,8 @@ mid-decode and the decode carries on.
 
 import math
 
-from timebill_ros.core.engine import Engine, GenerationRequest
+from timebill_ros.core.engine import Engine
+from timebill_ros.core.generation import GenerationRequest
 from timebill_ros.core.replan import re_evict, Replanner, target_kv
 from timebill_ros.core.time_estimator import ExecutionTimeModel
 

@@ -6,7 +6,9 @@ import pytest
 from timebill_ros.core import weights as W
 from timebill_ros.core.calibration.store import profile_key
 from timebill_ros.core.calibration.timing import time_decode_step
-from timebill_ros.core.engine import Engine, GenerationRequest, TextStream
+from timebill_ros.core.decoding import TextStream
+from timebill_ros.core.engine import Engine
+from timebill_ros.core.generation import GenerationRequest
 from timebill_ros.core.model import tiny_model
 import torch
 import torch.nn.functional as F

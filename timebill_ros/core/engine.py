@@ -3,15 +3,12 @@ The time-budgeted generation engine: prefill → choose α → evict → decode 
 
 TimeBill chooses the eviction ratio only once the prefill is done (when the predicted
 response length has arrived), so prefill, eviction and decoding are separate calls; ``generate``
-chains them. The decode loop is our own: ``model.generate`` cannot continue from an evicted
-cache (it derives positions from the cache length).
+chains them. This module builds the cache (chunked prefill, prefix reuse, eviction); the text
+side is ``prompt_input``, the decode loop ``decoding``, the data they pass ``generation``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-import math
-import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -19,122 +16,19 @@ import torch
 
 from . import kv_cache
 from .attention import ATTENTION_NAME, collect as _collect, register_attention
-from .config import OVERRUN_POLICIES, TimeBillConfig
-from .errors import (
-    DeadlinePassedError,
-    EmptyPromptError,
-    InvalidRequestError,
-    PrefillStopped,
-    PromptTooLongError,
-)
+from .config import TimeBillConfig
+from .decoding import DecodeLoop
+from .errors import EmptyPromptError, InvalidRequestError, PrefillStopped
 from .eviction import check_alpha, get_press, n_keep, Press
 from .fast_decode import FastDecoder
+from .generation import GenerationRequest, GenerationResult, PrefillState
 from .prefix_cache import Lease, PrefixCache
-from .structured import Compiled, GrammarError, Grammars
+from .prompt_input import PromptInput
+from .structured import Grammars
 from .weights import weight_format
 
 
-class TextStream:
-    """
-    The answer's text so far, decoding only the tokens since the last whole character.
-
-    Decoding the whole answer every token costs O(n) per step; here each step decodes a few
-    tokens. A byte-level token can end inside a UTF-8 character (the text then ends in U+FFFD):
-    such tokens wait for the next. The previous span is decoded with the new one so that
-    tokenizers whose pieces depend on their left neighbour (leading spaces) get it right.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: List[int] = []
-        self.text = ''
-        self._prefix = self._read = 0
-
-    def add(self, token_id: int) -> str:
-        """Append one token; return the text of all complete characters so far."""
-        self.ids.append(int(token_id))
-        if self.tokenizer is None:
-            return ''
-        dec = self.tokenizer.decode
-        before = dec(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        now = dec(self.ids[self._prefix:], skip_special_tokens=True)
-        if len(now) > len(before) and not now.endswith('\ufffd'):
-            self.text += now[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
-        return self.text
-
-
-@dataclass
-class GenerationRequest:
-    prompt: Optional[str] = None
-    input_ids: Optional[Sequence[int]] = None
-    system_prompt: Optional[str] = None
-    max_new_tokens: int = 512
-    deadline: Optional[float] = None  # absolute, time.monotonic() seconds
-    alpha: Optional[float] = None
-    overrun: str = 'kill'
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    on_token: Optional[Callable[[int, int, str], None]] = None  # (step, token_id, text_so_far)
-    cancel: Optional[threading.Event] = None
-    json_schema: str = ''  # the answer must validate against this JSON schema (text)
-    grammar: str = ''  # or match this Lark grammar
-    compiled: Optional[Compiled] = None  # either, compiled already (Engine.compile_grammar)
-
-
-@dataclass
-class PrefillState:
-    """Everything decode needs after prefill; one prefill can be cloned for several policies."""
-
-    input_ids: List[int]
-    cache: object
-    logits: torch.Tensor  # last position's logits, [vocab]
-    scores: Dict[int, torch.Tensor]
-    started_at: float
-    prefill_s: float
-    kv_before: int
-    kv_after: int = 0
-    alpha: float = 0.0
-    evict_s: float = 0.0
-    evicted: bool = False
-    chunks: int = 1  # model calls the prefill took
-    cached_tokens: int = 0  # prompt tokens copied from the prefix cache instead of computed
-
-    @property
-    def n_prompt(self) -> int:
-        return len(self.input_ids)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: List[int]
-    completed: bool
-    deadline_met: bool
-    stop_reason: str  # eos | max_new_tokens | deadline | cancelled | closed (a close ended it)
-    alpha: float
-    kv_before: int
-    kv_after: int
-    tokens_generated: int
-    prefill_s: float
-    evict_s: float
-    decode_step_s: List[float]
-    total_s: float
-    started_at: float
-    finished_at: float
-    token_times: List[float] = field(default_factory=list)  # monotonic time each token was ready
-    valid: Optional[bool] = None  # a structured answer's text is whole and matches (None: free)
-    closed_at: Optional[int] = None  # tokens generated when closing began (overrun close)
-    mask_s: float = 0.0  # time spent masking logits with the grammar
-
-    @property
-    def decode_s(self) -> float:
-        return float(sum(self.decode_step_s))
-
-
-class Engine:
+class Engine(PromptInput, DecodeLoop):
     def __init__(
         self,
         model,
@@ -207,105 +101,6 @@ class Engine:
         if cfg.prefix_cache and cfg.prefix_cache_mb > 0:
             engine.prefix_cache = PrefixCache(cfg.prefix_cache_mb, cfg.prefix_block_tokens)
         return engine
-
-    # ------------------------------------------------------------------ input
-    def encode(self, prompt: str, system_prompt: Optional[str] = None) -> List[int]:
-        if prompt is None or not str(prompt).strip():
-            raise EmptyPromptError('prompt is empty: nothing to answer')
-        if self.tokenizer is None:
-            raise InvalidRequestError(
-                'this engine has no tokenizer: pass input_ids instead of a prompt'
-            )
-        tok = self.tokenizer
-        if self.chat_template and getattr(tok, 'chat_template', None):
-            msgs = [{'role': 'system', 'content': system_prompt}] if system_prompt else []
-            msgs.append({'role': 'user', 'content': prompt})
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, 'keys'):
-                ids = ids['input_ids']
-        else:
-            text = f'{system_prompt}\n\n{prompt}' if system_prompt else prompt
-            ids = tok(text)['input_ids']
-        return list(ids)
-
-    def encode_prefix(self, context: str, system_prompt: Optional[str] = None) -> List[int]:
-        """
-        Token ids a goal whose prompt starts with ``context`` shares with every such goal.
-
-        The chat template wraps the prompt (a user turn and its closing tokens), so the ids of
-        ``context`` alone would end in the template's closing tokens, which a goal with a
-        question after the context does not have. Here the template is rendered around a marker
-        and cut there: the ids up to where the context text ends.
-        """
-        if context is None or not str(context).strip():
-            raise EmptyPromptError('context is empty: nothing to prime')
-        tok = self.tokenizer
-        if tok is None:
-            raise InvalidRequestError('this engine has no tokenizer: prime with input_ids')
-        if not (self.chat_template and getattr(tok, 'chat_template', None)):
-            text = f'{system_prompt}\n\n{context}' if system_prompt else context
-            return list(tok(text)['input_ids'])
-        marker = '\u2063TIMEBILL_PRIME_MARK\u2063'
-        msgs = [{'role': 'system', 'content': system_prompt}] if system_prompt else []
-        msgs.append({'role': 'user', 'content': context + marker})
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        head = text[: text.index(marker)]
-        return list(tok(head, add_special_tokens=False)['input_ids'])
-
-    @property
-    def grammars(self) -> Grammars:
-        """Return the grammar compiler for this tokenizer and vocabulary (built on first use)."""
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise GrammarError('structured answers need the tokenizer')
-            cfg = self.model.config.get_text_config(decoder=True)
-            self._grammars = Grammars(self.tokenizer, cfg.vocab_size, sorted(self.eos_ids))
-        return self._grammars
-
-    def compile_grammar(self, json_schema: str = '', grammar: str = '') -> Optional[Compiled]:
-        """Compile a goal's schema or grammar; ``GrammarError`` says why one does not."""
-        return self.grammars.compile_grammar(json_schema, grammar)
-
-    def decode_text(self, token_ids: Sequence[int]) -> str:
-        if self.tokenizer is None:
-            return ''
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    def _request_ids(self, request: GenerationRequest) -> List[int]:
-        if request.input_ids is not None:
-            ids = [int(t) for t in request.input_ids]
-            if not ids:
-                raise EmptyPromptError('input_ids is empty: nothing to answer')
-            return ids
-        return self.encode(request.prompt, request.system_prompt)
-
-    def check_request(self, request: GenerationRequest) -> None:
-        """Reject what cannot be served before spending any compute on it."""
-        if request.overrun not in OVERRUN_POLICIES:
-            raise InvalidRequestError(
-                f'unknown overrun policy {request.overrun!r}; use one of {OVERRUN_POLICIES}'
-            )
-        if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
-            raise InvalidRequestError(
-                f'max_new_tokens must be a positive integer, got {request.max_new_tokens!r}'
-            )
-        if request.alpha is not None:
-            check_alpha(request.alpha)
-        if request.deadline is not None:
-            if isinstance(request.deadline, float) and math.isnan(request.deadline):
-                raise InvalidRequestError('deadline is NaN')
-            now = time.monotonic()
-            if request.deadline <= now:
-                raise DeadlinePassedError(
-                    f'deadline already passed {now - request.deadline:.3f} s ago'
-                )
-
-    def check_length(self, n_prompt: int) -> None:
-        if n_prompt >= self.max_context:
-            raise PromptTooLongError(
-                f"prompt has {n_prompt} tokens; the model's "
-                f'context is {self.max_context} (no room to answer)'
-            )
 
     # --------------------------------------------------------------- stages
     def _chunk_bounds(
@@ -533,158 +328,6 @@ class Engine:
             evicted=state.evicted,
             chunks=state.chunks,
         )
-
-    def _sampler(self, request: GenerationRequest):
-        if not request.do_sample:
-            return lambda logits: int(torch.argmax(logits))
-        gen = torch.Generator(device='cpu')
-        gen.manual_seed(request.seed if request.seed is not None else torch.seed())
-        temp, top_p = max(float(request.temperature), 1e-5), float(request.top_p)
-
-        def sample(logits):
-            probs = torch.softmax(logits.float().cpu() / temp, dim=-1)
-            if top_p < 1.0:
-                sp, si = probs.sort(descending=True)
-                cut = sp.cumsum(0) - sp > top_p
-                sp[cut] = 0
-                probs = torch.zeros_like(probs).scatter_(0, si, sp)
-            return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
-
-        return sample
-
-    @torch.inference_mode()
-    def decode(self, state: PrefillState, request: GenerationRequest) -> GenerationResult:
-        """
-        Decode until EOS, max_new_tokens, the deadline or cancellation.
-
-        The loop stops *before* a step whose expected finish (last step's duration) lies past
-        the deadline, so an answer is never more than one step late and usually on time. With
-        a schema or grammar every step's logits are masked to what it allows, and the answer
-        ends the moment it is complete. Under overrun ``close`` the decoder starts closing the
-        structure when the time left covers only the steps that needs (``structured``).
-        """
-        if not state.evicted:
-            state.alpha, state.kv_after = 0.0, state.kv_before
-        select = self._sampler(request)
-        compiled = request.compiled
-        if compiled is None and (request.json_schema or request.grammar):
-            compiled = self.compile_grammar(request.json_schema, request.grammar)
-        grammar = self.grammars.constraint(compiled) if compiled is not None else None
-        closes = grammar is not None and request.overrun == 'close'
-        max_new = min(request.max_new_tokens, self.max_context - state.n_prompt)
-        deadline = request.deadline if request.deadline is not None else math.inf
-        cancel = request.cancel
-        cache = state.cache
-        tokens: List[int] = []
-        times: List[float] = []
-        steps: List[float] = []
-        masking = [0.0]
-        pos = state.n_prompt
-        step = self.stepper(cache)
-        stream = TextStream(self.tokenizer) if request.on_token else None
-
-        def choose(logits: torch.Tensor) -> int:
-            if grammar is None:
-                return select(logits)
-            t0 = time.monotonic()
-            grammar.mask(logits)
-            masking[0] += time.monotonic() - t0
-            tok = select(logits)
-            grammar.accept(tok)
-            return tok
-
-        tok = choose(state.logits.clone() if grammar is not None else state.logits)
-        tokens.append(tok)
-        times.append(time.monotonic())
-        if request.on_token:
-            request.on_token(0, tok, stream.add(tok))
-        stop = None
-        closed_at = None
-        last_step = slow = 0.0
-        while stop is None:
-            if tok in self.eos_ids or (grammar is not None and grammar.done):
-                stop = 'closed' if closed_at is not None else 'eos'
-            elif len(tokens) >= max_new:
-                stop = 'max_new_tokens'
-            elif cancel is not None and cancel.is_set():
-                stop = 'cancelled'
-            elif time.monotonic() + last_step > deadline:
-                stop = 'deadline'
-            if stop:
-                break
-            if closes and closed_at is None:
-                need = (compiled.close_tokens + 1) * slow
-                room = max_new - len(tokens)
-                if time.monotonic() + need > deadline or room <= compiled.close_tokens:
-                    grammar.closing, closed_at = True, len(tokens)
-            t0 = time.monotonic()
-            tok = choose(step(tok, pos))
-            t1 = time.monotonic()
-            last_step = t1 - t0
-            # a close plans on the recent worst token period (hooks included), decaying
-            slow = max(slow * 0.9, t1 - times[-1])
-            steps.append(last_step)
-            pos += 1
-            tokens.append(tok)
-            times.append(t1)
-            if request.on_token:
-                request.on_token(len(tokens) - 1, tok, stream.add(tok))
-        finished = time.monotonic()
-        completed = stop in ('eos', 'max_new_tokens')
-        if grammar is not None and stop == 'max_new_tokens' and not grammar.valid:
-            completed = False  # the cap cut a structured answer: not an answer
-        deadline_met = completed and finished <= deadline
-        text = self.decode_text(tokens)
-        if not completed and stop != 'closed' and (
-            stop == 'cancelled' or request.overrun == 'kill'
-        ):
-            text = ''
-        return GenerationResult(
-            text=text,
-            token_ids=tokens,
-            completed=completed,
-            deadline_met=deadline_met,
-            stop_reason=stop,
-            alpha=state.alpha,
-            kv_before=state.kv_before,
-            kv_after=state.kv_after,
-            tokens_generated=len(tokens),
-            prefill_s=state.prefill_s,
-            evict_s=state.evict_s,
-            decode_step_s=steps,
-            total_s=finished - state.started_at,
-            started_at=state.started_at,
-            finished_at=finished,
-            token_times=times,
-            valid=(grammar.valid and bool(text)) if grammar is not None else None,
-            closed_at=closed_at,
-            mask_s=masking[0],
-        )
-
-    def stepper(self, cache) -> Callable[[int, int], torch.Tensor]:
-        """
-        Return ``step(token, pos)`` for ``cache``: one decode step, the logits [vocab].
-
-        Chosen once per decode: the C++ step (``fast_decode``) where the model and cache allow
-        it, else transformers' forward on two reused one-element inputs.
-        """
-        if self.fast is not None and FastDecoder.takes(cache):
-            return lambda token, pos: self.fast.step(token, pos, cache)
-        ids = torch.empty((1, 1), dtype=torch.long, device=self.device)
-        at = torch.empty((1, 1), dtype=torch.long, device=self.device)
-
-        def step(token: int, pos: int) -> torch.Tensor:
-            ids.fill_(token)
-            at.fill_(pos)
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, position_ids=at)
-            return out.logits[0, -1]
-
-        return step
-
-    @torch.inference_mode()
-    def step(self, token: int, pos: int, cache) -> torch.Tensor:
-        """One decode step of ``token`` at ``pos`` on ``cache`` (see ``stepper``)."""
-        return self.stepper(cache)(token, pos)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """

@@ -270,7 +270,7 @@ class Stages:
         times) runs on to the end, still re-planning toward the deadline. ``late(step, token,
         text, then, replanner)``: the deferred α decision, called before every token's hooks.
         """
-        from .engine import GenerationRequest
+        from .generation import GenerationRequest
         from .replan import Replanner
 
         clock, cfg = self.clock, self.cfg
