@@ -173,6 +173,8 @@ def load_model(
     ``weights`` (see ``weights.py``) swaps the Linear layers after loading; the model keeps
     ``dtype`` for everything else. Loading in bf16 goes through ``from_pretrained(dtype=...)``,
     which keeps RoPE's inverse frequencies in fp32 (``model.to(bf16)`` would round them).
+    int4/int8 from a GGUF source (a ``.gguf`` spec or the default) are read tensor by tensor
+    into their layers (``gguf_weights.py``): the float model is never built.
     """
     from .weights import apply_weights, check_format
 
@@ -190,21 +192,43 @@ def load_model(
     torch_dtype = getattr(torch, DTYPES[dtype])
     target, extra = resolve_model_path(spec)
     t0 = time.perf_counter()
+    gguf = gguf_source(spec) if weights in ('int4', 'int8') else None
+    counts = None
     try:
         tok = AutoTokenizer.from_pretrained(target, **extra)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **extra)
+        if gguf is None:
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **extra)
+        else:
+            model, counts = _from_gguf(gguf, target, extra, weights, prefill_weights, torch_dtype,
+                                       device)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - surface one readable reason
         raise ModelLoadError(
             f'could not load model {spec!r} ({target}): {type(exc).__name__}: {exc}'
         ) from exc
     model.to(device).eval()
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or tok.eos_token_id
-    counts = apply_weights(
-        model, weights, gguf_source(spec) if weights == 'int4' else None, prefill_weights
-    )
+    if counts is None:
+        counts = apply_weights(model, weights, prefill_weights)
     done = f', weights {weights} {counts}' if counts else ''
     print(f'[timebill] loaded {spec} in {time.perf_counter() - t0:.1f}s{done}', file=sys.stderr)
     return model, tok
+
+
+def _from_gguf(path, target, extra, weights, prefill_weights, dtype, device):
+    """Build the model from its config and fill it from the GGUF ``path`` (tensor by tensor)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from .gguf_weights import load_gguf_model
+
+    config = AutoConfig.from_pretrained(target, **extra)
+    model, counts = load_gguf_model(path, config, weights, prefill_weights, dtype, device)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(target, **extra)
+    except (OSError, ValueError):
+        pass  # from_config's generation config (from the model config) stays
+    return model, counts
 
 
 def tiny_model(seed: int = 0, vocab_size: int = 256, layers: int = 2, max_positions: int = 1024):

@@ -8,7 +8,8 @@ swapped for layers that store the weights compactly and cast activations at thei
 the rest of the engine never knows which format runs.
 
 int4 is group-32 asymmetric (a scale and a minimum per 32 weights): exactly GGUF Q4_1's block,
-so a Q4_1 GGUF's own blocks are used as they are; other checkpoints are quantised at load time.
+so GGUF 4-bit blocks (Q4_0/Q4_1/Q4_K) become int4 layers without loss (``gguf_weights.py``
+reads them); float checkpoints are quantised at load time.
 Few-row calls (decode) run the engine's AVX2 kernels (``kernels/``, int16 activations) where
 they build, else torch's CPU int4 kernel (fast only with AVX-512 and bf16 inputs); prefill goes
 through a dense copy of the same weights (``prefill_weights``): bf16 where the CPU multiplies
@@ -20,7 +21,6 @@ The output head is int8 per channel in the int4 format.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -34,17 +34,6 @@ PREFILL_WEIGHTS = ('auto', 'bf16', 'fp32', 'none')
 _INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N divisible by 16
 _log = logging.getLogger(__name__)
 _BF16 = torch.bfloat16
-
-# GGUF tensor name (after ``blk.<i>.``) -> HF module path (after ``model.layers.<i>.``).
-_GGUF_NAMES = {
-    'attn_q': 'self_attn.q_proj',
-    'attn_k': 'self_attn.k_proj',
-    'attn_v': 'self_attn.v_proj',
-    'attn_output': 'self_attn.o_proj',
-    'ffn_gate': 'mlp.gate_proj',
-    'ffn_up': 'mlp.up_proj',
-    'ffn_down': 'mlp.down_proj',
-}
 
 
 def check_format(fmt: str) -> str:
@@ -236,99 +225,18 @@ def int4_fits(linear: nn.Linear) -> bool:
     return k % GROUP == 0 and n % _INT4_N_MULTIPLE == 0
 
 
-# ------------------------------------------------------------------------------------- GGUF
-def parse_q4_1(raw) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """
-    Split Q4_1 blocks ([rows, 20·K/32] bytes) into codes [rows, K] and fp16 d, m [rows, K/32].
-
-    A block is 20 bytes: fp16 scale d, fp16 minimum m, then 16 bytes whose low nibbles are
-    elements 0..15 and high nibbles 16..31; element = d·q + m.
-    """
-    import numpy as np
-
-    raw = np.asarray(raw, dtype=np.uint8)
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, 20)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
-    qs = blocks[..., 4:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
-    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m)
-
-
-def read_q4_1(gguf_path: str | Path) -> Dict[str, Tuple[torch.Tensor, ...]]:
-    """Read every Q4_1 tensor of a GGUF file as ``{gguf name: (q, d, m)}``."""
-    return {name: parse_q4_1(raw.numpy()) for name, raw in _q4_1_blocks(Path(gguf_path)).items()}
-
-
-def _q4_1_blocks(path: Path) -> Dict[str, torch.Tensor]:
-    """
-    Return the raw Q4_1 blocks per tensor, cached.
-
-    GGUFReader parses the whole vocabulary first (10 s on a busy 2-core machine); the cached copy
-    loads in a blink.
-    """
-    from .config import cache_dir
-
-    st = path.stat()
-    cached = cache_dir() / 'gguf-q4_1' / f'{path.stem}-{st.st_size}-{int(st.st_mtime)}.pt'
-    if cached.is_file():
-        return torch.load(cached)
-    import numpy as np
-    from gguf import GGMLQuantizationType, GGUFReader
-
-    out = {
-        t.name: torch.from_numpy(np.array(t.data))
-        for t in GGUFReader(str(path)).tensors
-        if t.tensor_type == GGMLQuantizationType.Q4_1
-    }
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + '.tmp')
-    torch.save(out, tmp)
-    tmp.replace(cached)
-    return out
-
-
-def _llama_unpermute(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row order for rotary (the inverse of its converter's ``permute``)."""
-    rest = x.shape[1:]
-    return x.reshape(n_head, x.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(x.shape)
-
-
-def _match_rows(name, q, d, m, target: torch.Tensor, cfg) -> Optional[Tuple[torch.Tensor, ...]]:
-    """Put the GGUF rows in the HF order; None unless they reproduce ``target`` exactly."""
-    heads = {
-        'attn_q': cfg.num_attention_heads,
-        'attn_k': getattr(cfg, 'num_key_value_heads', None) or cfg.num_attention_heads,
-    }.get(name.split('.')[-2])
-    candidates = [(q, d, m)]
-    if heads:
-        candidates.append(tuple(_llama_unpermute(t, heads) for t in (q, d, m)))
-    for cq, cd, cm in candidates:
-        n, k = cq.shape
-        w = cq.float().reshape(n, -1, GROUP) * cd.float()[..., None] + cm.float()[..., None]
-        if w.shape[0] == target.shape[0] and torch.equal(w.reshape(n, k), target.float()):
-            return cq, cd, cm
-    return None
-
-
 # ----------------------------------------------------------------------------------- apply
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, attr = path.rpartition('.')
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def apply_weights(
-    model: nn.Module,
-    fmt: str,
-    gguf_path: Optional[str | Path] = None,
-    prefill_weights: str = 'auto',
-) -> Dict[str, int]:
+def apply_weights(model: nn.Module, fmt: str, prefill_weights: str = 'auto') -> Dict[str, int]:
     """
     Swap the decoder's and head's ``nn.Linear`` layers for ``fmt``; return counts per kind.
 
-    int4 takes a Q4_1 GGUF's own blocks where ``gguf_path`` has them and they reproduce the
-    loaded weights exactly (rows matched, zero error), else quantises the loaded weights.
+    The loaded float weights are quantised; a GGUF checkpoint's own blocks are read by
+    ``gguf_weights.load_gguf_model`` instead (no float copy of the model on the way).
     """
     fmt = effective_format(fmt, next(model.parameters()).device)
     dense = prefill_dtype(prefill_weights)
@@ -336,13 +244,6 @@ def apply_weights(
     counts: Dict[str, int] = {}
     if fmt == 'fp32':
         return counts
-    cfg = model.config.get_text_config(decoder=True)
-    blocks = read_q4_1(gguf_path) if fmt == 'int4' and gguf_path else {}
-    by_hf = {}
-    for name in blocks:
-        parts = name.split('.')  # blk.<i>.<kind>.weight
-        if len(parts) == 4 and parts[0] == 'blk' and parts[2] in _GGUF_NAMES:
-            by_hf[f'layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}'] = name
     head = model.get_output_embeddings()
     for path, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
@@ -356,12 +257,7 @@ def apply_weights(
         elif fmt == 'int8' or is_head:
             new, kind = Int8Linear(w, b), 'int8'
         else:
-            src = next((g for h, g in by_hf.items() if path.endswith(h)), None)
-            exact = _match_rows(src, *blocks[src], w, cfg) if src else None
-            if exact is not None:
-                new, kind = Int4Linear(*exact, bias=b, dense=dense), 'int4 (gguf q4_1)'
-            else:
-                new, kind = Int4Linear.quantize(w, b, dense=dense), 'int4 (quantised)'
+            new, kind = Int4Linear.quantize(w, b, dense=dense), 'int4 (quantised)'
         _replace(model, path, new)
         counts[kind] = counts.get(kind, 0) + 1
     if fmt in ('int8', 'int4'):
