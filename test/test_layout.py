@@ -15,9 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / 'timebill_ros'
 MAX_LINES = 400
 # A file may stay longer only with a reason written here.
-LONG_FILES_ALLOWED = {
-    'timebill_ros/core/rlp/prompts.py': 'prompt corpora as data, 8 lines over',
-}
+LONG_FILES_ALLOWED = {}
 
 
 def _sources():

@@ -202,19 +202,8 @@ STORY_FORMS = [
 ]
 LANGS = ['Python', 'Python', 'Python', 'C++', 'JavaScript', 'Rust', 'Java', 'Go']
 NUM_WORDS = {
-    1: 'one',
-    2: 'two',
-    3: 'three',
-    4: 'four',
-    5: 'five',
-    6: 'six',
-    7: 'seven',
-    8: 'eight',
-    9: 'nine',
-    10: 'ten',
-    12: 'twelve',
-    15: 'fifteen',
-    20: 'twenty',
+    1: 'one', 2: 'two', 3: 'three', 4: 'four', 5: 'five', 6: 'six', 7: 'seven', 8: 'eight',
+    9: 'nine', 10: 'ten', 12: 'twelve', 15: 'fifteen', 20: 'twenty',
 }
 
 
