@@ -5,26 +5,53 @@ timebill_lifecycle_manager (``autostart: true`` in the parameters file) configur
 the predictor, the generator and then the server, and brings a restarted node back.
 
     ros2 launch timebill_ros bringup.launch.py [params_file:=/path/to/timebill.yaml]
+    ros2 launch timebill_ros bringup.launch.py generators:=2    # two generators, one server
 
 The node list comes from timebill_ros.bringup.NODES, the same list `timebill bringup`
 starts on machines without launch_ros, and both pass the same parameters file.
 """
 
 import os
+import tempfile
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from timebill_ros.bringup import NODES, PACKAGE
+from timebill_ros.bringup import fleet_nodes, fleet_parameters, generator_names, NODES, PACKAGE
+import yaml
+
+
+def _nodes(context):
+    """Make the node actions: the default system, or one with several generators."""
+    params = LaunchConfiguration('params_file').perform(context)
+    namespace = LaunchConfiguration('namespace').perform(context)
+    generators = LaunchConfiguration('generators').perform(context).strip()
+    specs, files = NODES, [params]
+    if generators:
+        names = generator_names(generators)
+        specs = fleet_nodes(names)
+        fd, path = tempfile.mkstemp(prefix='timebill_fleet_', suffix='.yaml')
+        with os.fdopen(fd, 'w') as fh:
+            yaml.safe_dump(fleet_parameters(names), fh)
+        files.append(path)  # after the main file: its values win
+    return [
+        Node(
+            package=PACKAGE,
+            executable=spec.program,
+            name=spec.name,
+            namespace=namespace,
+            output='screen',
+            parameters=files,
+        )
+        for spec in specs
+    ]
 
 
 def generate_launch_description():
     default_params = os.path.join(get_package_share_directory(PACKAGE), 'config', 'timebill.yaml')
-    params = LaunchConfiguration('params_file')
-    namespace = LaunchConfiguration('namespace')
-    actions = [
+    return LaunchDescription([
         DeclareLaunchArgument(
             'params_file',
             default_value=default_params,
@@ -35,16 +62,11 @@ def generate_launch_description():
             default_value='',
             description='namespace of this TimeBill system (several systems side by side)',
         ),
-    ]
-    for spec in NODES:
-        actions.append(
-            Node(
-                package=PACKAGE,
-                executable=spec.name,
-                name=spec.name,
-                namespace=namespace,
-                output='screen',
-                parameters=[params],
-            )
-        )
-    return LaunchDescription(actions)
+        DeclareLaunchArgument(
+            'generators',
+            default_value='',
+            description='several generators behind the server: a count (2) or node names '
+            "(gen_a,gen_b); empty: the params file's generators",
+        ),
+        OpaqueFunction(function=_nodes),
+    ])

@@ -18,8 +18,8 @@ pytest.importorskip('timebill_ros.action', reason='ROS interfaces not built (run
 ACTION = Path(__file__).resolve().parents[1] / 'action'
 # what the pipeline keeps for itself: objects, not values a message can carry
 NOT_ON_WIRE = {'verdict', 'replans', 'result'}
-# set by the server, not the pipeline: when it handed the request on
-SERVER_ONLY = {'dispatch_at_s'}
+# set by the server, not the pipeline: when it handed the request on, and to which generator
+SERVER_ONLY = {'dispatch_at_s', 'generator'}
 
 
 def action_result_fields(name: str) -> list:

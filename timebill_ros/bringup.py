@@ -27,8 +27,13 @@ PACKAGE = 'timebill_ros'
 
 @dataclass(frozen=True)
 class NodeSpec:
-    name: str  # node name, and the executable in lib/timebill_ros (`ros2 run timebill_ros <name>`)
+    name: str  # node name (the executable too, unless ``executable`` says otherwise)
     module: str  # `python -m <module>` runs the same main()
+    executable: str = ''  # in lib/timebill_ros (`ros2 run timebill_ros <executable>`)
+
+    @property
+    def program(self) -> str:
+        return self.executable or self.name
 
 
 # Process start order does not matter: the lifecycle manager configures and activates the
@@ -41,6 +46,57 @@ NODES = (
 )
 SERVER = 'timebill_server'
 MANAGER = 'timebill_lifecycle_manager'
+GENERATOR = 'timebill_generator'
+PREDICTOR = 'timebill_predictor'
+
+
+def generator_names(generators) -> List[str]:
+    """
+    Name the generators of a system from a count or from names.
+
+    A count: 1 is ``timebill_generator``, n are ``timebill_generator_0`` to ``..._<n-1>``;
+    names: a list, or one comma-separated string.
+    """
+    if isinstance(generators, str):
+        generators = generators.strip()
+        if generators.isdigit():
+            generators = int(generators)
+        else:
+            generators = [g.strip() for g in generators.split(',') if g.strip()]
+    if isinstance(generators, int):
+        if generators < 1:
+            raise ValueError(f'a system needs at least one generator, got {generators}')
+        return [GENERATOR] if generators == 1 else [f'{GENERATOR}_{i}' for i in range(generators)]
+    names = list(generators)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f'generators must be distinct node names, got {names}')
+    return names
+
+
+def fleet_nodes(names: List[str]) -> tuple:
+    """Return ``NODES`` with one generator process per name (same executable)."""
+    out = []
+    for spec in NODES:
+        if spec.name == GENERATOR:
+            out += [NodeSpec(n, spec.module, GENERATOR) for n in names]
+        else:
+            out.append(spec)
+    return tuple(out)
+
+
+def fleet_parameters(names: List[str]) -> dict:
+    """
+    Return the params-file content that makes a system of these generators.
+
+    Every node reads ``generators``; the lifecycle manager brings the generators up between the
+    predictor and the server (and down in reverse).
+    """
+    return {
+        '/**': {'ros__parameters': {'generators': list(names)}},
+        f'/**/{MANAGER}': {'ros__parameters': {'node_names': [PREDICTOR, *names, SERVER]}},
+    }
+
+
 NO_AUTOSTART = Path(__file__).resolve().parent / 'data' / 'no_autostart.yaml'
 
 
@@ -162,10 +218,24 @@ class Bringup:
         log_dir: Optional[str | os.PathLike] = None,
         env: Optional[Mapping[str, str]] = None,
         namespace: str = '',
+        generators=None,
     ):
         self.params = params_file(params)
         self.namespace = namespace
         self.overrides = dict(overrides or {})
+        # several generators: their nodes, and a second params file that names them to all
+        self.generators = generator_names(generators) if generators is not None else None
+        self.fleet_params: Optional[Path] = None
+        if self.generators is not None:
+            import tempfile
+
+            import yaml
+
+            nodes = fleet_nodes(self.generators)
+            fd, path = tempfile.mkstemp(prefix='timebill_fleet_', suffix='.yaml')
+            with os.fdopen(fd, 'w') as fh:
+                yaml.safe_dump(fleet_parameters(self.generators), fh)
+            self.fleet_params = Path(path)
         self.nodes = {spec.name: spec for spec in nodes}
         self.domain_id = domain_id
         self.log_dir = Path(log_dir) if log_dir else None
@@ -179,6 +249,9 @@ class Bringup:
     def command(self, name: str) -> List[str]:
         spec = self.nodes[name]
         args = params_args(spec, self.params, self.overrides, self.namespace)
+        if self.fleet_params is not None:  # after the main file: its values win
+            at = args.index('--params-file') + 2
+            args[at:at] = ['--params-file', str(self.fleet_params)]
         if name == MANAGER:
             # this runner drives the startup and reports why it failed: no autostart. A node's
             # own section of a params file outranks `-p`, so the override is a second file.

@@ -169,7 +169,7 @@ class ServiceCalls:
         if not self._prime.wait_for_service(timeout_sec=wait_s):
             return Primed(
                 False,
-                f'no {SERVICE_PRIME} service within {wait_s:g} s (is timebill_generator '
+                f'no {SERVICE_PRIME} service within {wait_s:g} s (is timebill_server '
                 f'configured?)',
                 prime_id,
             )
@@ -204,7 +204,7 @@ class ServiceCalls:
             return Released(
                 False,
                 f'no {SERVICE_RELEASE_PRIME} service within {timeout_s:g} s (is '
-                f'timebill_generator configured?)',
+                f'timebill_server configured?)',
             )
         future = self._release.call_async(ReleasePrime.Request(prime_id=prime_id))
         if not self.spin_until(future, timeout_s):

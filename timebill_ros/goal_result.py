@@ -75,6 +75,7 @@ class GoalResult:
     goal_id: str = ''
     valid: bool = False  # a whole answer: matches the goal's schema/grammar; free text: completed
     structured: bool = False  # the goal had a JSON schema or grammar
+    generator: str = ''  # the generator node that served it ('' = refused by the server)
     value: Any = None  # the answer parsed as JSON when structured and valid, else None
 
     @property

@@ -36,6 +36,11 @@ def add_arguments(p) -> None:
         help='ROS namespace for the nodes (a second system beside the first, e.g. robot2)',
     )
     p.add_argument(
+        '--generators',
+        help='several generators behind the server: a count (2) or node names (gen_a,gen_b); '
+        "each may have its own section in the params file (default: the file's generators)",
+    )
+    p.add_argument(
         '--no-activate', action='store_true', help='leave the nodes unconfigured (no startup)'
     )
     p.add_argument(
@@ -67,7 +72,7 @@ def run(args) -> int:
 
     import rclpy
     from rclpy.signals import SignalHandlerOptions
-    from timebill_ros.bringup import Bringup, MANAGER, NODES
+    from timebill_ros.bringup import Bringup, MANAGER
     from timebill_ros.client import TimeBillClient
 
     if args.domain_id is not None:
@@ -84,6 +89,7 @@ def run(args) -> int:
         domain_id=args.domain_id,
         log_dir=args.log_dir,
         namespace=args.namespace,
+        generators=args.generators,
     )
     client = TimeBillClient('timebill_bringup', namespace=args.namespace)
     code = 0
@@ -97,7 +103,7 @@ def run(args) -> int:
                 file=sys.stderr,
             )
             return 1
-        names = ', '.join(spec.name for spec in NODES)
+        names = ', '.join(runner.nodes)
         print(
             f'[bringup] up: {names}; the system is {client.get_state()}. Ctrl-C stops.',
             flush=True,

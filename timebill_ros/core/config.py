@@ -9,10 +9,10 @@ without ROS. Every field has a default that runs on a 2-core CPU machine.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, List, Mapping
 
 # How a goal that cannot finish by its deadline ends: kill (stopped, no text), truncate (the text
 # so far), skip-next (it runs on; goals that waited meanwhile are skipped). The one spelling.
@@ -99,6 +99,13 @@ class TimeBillConfig:
     # held goal waits in an executor thread of the server and of the generator, so this also
     # sizes their executors (spin.goal_threads)
     max_goals: int = 32
+    # --- several generators behind one server (core.fleet, nodes.fleet) ----
+    # the generator nodes the server dispatches to (same namespace); each may have its own
+    # section in the params file (threads, model)
+    generators: List[str] = field(default_factory=lambda: ['timebill_generator'])
+    # a generator silent this long has lost its goals when another can take them over (they are
+    # re-dispatched if their deadline allows); alone, peer_timeout_s applies
+    failover_after_s: float = 0.75
     record_bag: str = ''  # empty: do not record
 
     @property
@@ -128,6 +135,13 @@ class TimeBillConfig:
             raise ValueError(f'prefix_block_tokens must be >= 1, got {self.prefix_block_tokens}')
         if not self.estimate_defer_s >= 0:
             raise ValueError(f'estimate_defer_s must be >= 0, got {self.estimate_defer_s}')
+        if not self.generators or len(set(self.generators)) != len(self.generators):
+            raise ValueError(f'generators must name distinct nodes, got {self.generators}')
+        if not 0 < self.failover_after_s <= self.peer_timeout_s:
+            raise ValueError(
+                f'failover_after_s must be in (0, peer_timeout_s={self.peer_timeout_s:g}], '
+                f'got {self.failover_after_s}'
+            )
         if self.prefill_chunk < 0:
             raise ValueError(f'prefill_chunk must be >= 0, got {self.prefill_chunk}')
         for name in (

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import astuple
 import gc
+import math
 import os
 import sys
 import time
@@ -45,13 +46,10 @@ from timebill_ros.nodes.heartbeat import HeartbeatSender
 from timebill_ros.nodes.parameters import declare_config, read_config
 from timebill_ros.nodes.planning import PlanningServices
 from timebill_ros.nodes.qos import (
-    ACTION_GENERATE,
     ACTION_QOS,
     CHANNEL_QOS,
-    SERVICE_ESTIMATE_BUDGET,
+    generator_endpoint,
     SERVICE_PREDICT_LENGTH,
-    SERVICE_PRIME,
-    SERVICE_RELEASE_PRIME,
     TOPIC_ESTIMATES,
     TOPIC_PREFILL_PLANS,
 )
@@ -126,6 +124,10 @@ class GeneratorNode(PlanningServices, LifecycleNode):
             self._lengths,
         )
         self.pipeline.on_observed = self._observe
+
+        def endpoint(what: str) -> str:  # this generator's own, beside others in the namespace
+            return generator_endpoint(self.get_name(), what)
+
         self._entities = [
             self.create_subscription(
                 Estimate,
@@ -137,7 +139,7 @@ class GeneratorNode(PlanningServices, LifecycleNode):
             ActionServer(
                 self,
                 Generate,
-                ACTION_GENERATE,
+                endpoint('generate'),
                 execute_callback=self.execute,
                 goal_callback=self.on_goal,
                 cancel_callback=self.on_cancel,
@@ -146,16 +148,16 @@ class GeneratorNode(PlanningServices, LifecycleNode):
             ),
             self.create_service(
                 EstimateBudget,
-                SERVICE_ESTIMATE_BUDGET,
+                endpoint('estimate_budget'),
                 self.on_estimate_budget,
                 callback_group=self._group,
             ),
             self.create_service(
-                Prime, SERVICE_PRIME, self.on_prime, callback_group=self._group
+                Prime, endpoint('prime'), self.on_prime, callback_group=self._group
             ),
             self.create_service(
                 ReleasePrime,
-                SERVICE_RELEASE_PRIME,
+                endpoint('release_prime'),
                 self.on_release_prime,
                 callback_group=self._group,
             ),
@@ -184,10 +186,12 @@ class GeneratorNode(PlanningServices, LifecycleNode):
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active, self.state_label = True, 'active'
+        self.publish_heartbeat()  # at once: the server dispatches by the state it last heard
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active, self.state_label = False, 'inactive'
+        self.publish_heartbeat()
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -239,6 +243,10 @@ class GeneratorNode(PlanningServices, LifecycleNode):
         msg.queued, msg.running = snap['queued'], snap['running']
         if pipeline is not None:
             msg.time_model = [float(x) for x in astuple(pipeline.time_model())]
+            # the work it holds, as admission counts it ahead of a goal with no deadline
+            msg.busy_s = float(pipeline.admission(1, math.inf).ahead_s)
+            pc = pipeline.prefix_cache
+            msg.primed = sorted(pc.holds()) if pc is not None else []
 
     def _observe(self, outcome) -> None:
         """Time-model error of one served request, for /diagnostics."""

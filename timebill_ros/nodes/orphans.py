@@ -41,6 +41,7 @@ class ServedGoal:
     accepted_s: float  # ROS time of acceptance
     inner: object = None  # the generator's goal handle, once it accepted
     stop: Optional[Any] = None  # an rclpy Future, completed with a reason to abort the goal
+    generator: str = ''  # the generator it was dispatched to (several: config generators)
     generator_pid: int = 0  # heartbeat pid when the goal was dispatched
     dispatched: bool = False  # handed to the generator
     client_node: str = ''  # the goal's client, when it named itself

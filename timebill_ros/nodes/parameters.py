@@ -79,6 +79,10 @@ PARAMETERS = {
     'guarantee_margin_s': ('EstimateBudget guarantees only worst cases ending this long before '
                            'the deadline', (0.0, 60.0)),
     'record_bag': ('rosbag2 folder the server records goals and results to (empty: none)', None),
+    'max_goals': ('goals held at once (queued + running); sizes the executors', (1, 4096)),
+    'generators': ('generator nodes the server dispatches to (several: a fleet)', None),
+    'failover_after_s': ('a silent generator loses its goals to another after this long',
+                         (0.01, 3600.0)),
 }
 
 

@@ -10,14 +10,25 @@ from lifecycle_msgs.msg import Transition
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 ACTION_TIMED_INFERENCE = 'timed_inference'  # planner-facing, on timebill_server
-ACTION_GENERATE = 'timebill/generate'  # internal: server -> generator
 TOPIC_REQUESTS = 'timebill/requests'  # server -> predictor, published with the generate goal
 TOPIC_ESTIMATES = 'timebill/estimates'  # predictor -> generator (and anyone recording)
 TOPIC_PREFILL_PLANS = 'timebill/prefill_plans'  # generator -> predictor: cached length per goal
-SERVICE_ESTIMATE_BUDGET = 'timebill/estimate_budget'  # planner-facing, on timebill_generator
+# planner-facing, on timebill_server, which asks its generators (generator_endpoint)
+SERVICE_ESTIMATE_BUDGET = 'timebill/estimate_budget'
+SERVICE_PRIME = 'timebill/prime'  # prefix cache priming, on every generator
+SERVICE_RELEASE_PRIME = 'timebill/release_prime'
 SERVICE_PREDICT_LENGTH = 'timebill/predict_length'  # generator -> predictor (EstimateBudget)
-SERVICE_PRIME = 'timebill/prime'  # planner-facing, on timebill_generator: prefix cache priming
-SERVICE_RELEASE_PRIME = 'timebill/release_prime'  # planner-facing, on timebill_generator
+
+
+def generator_endpoint(generator: str, what: str) -> str:
+    """
+    Name one generator's internal action or service: ``timebill/<generator>/<what>``.
+
+    ``what``: generate (action), estimate_budget, prime, release_prime. One prefix per
+    generator node, so several serve side by side in one namespace.
+    """
+    return f'timebill/{generator}/{what}'
+
 
 # Requests and estimates must not be lost (a lost estimate costs a pessimistic N_max plan), but a
 # restarted node must not act on stale ones: reliable, volatile.

@@ -28,35 +28,34 @@ import time
 from typing import Optional
 
 import rclpy
-from rclpy.action import ActionClient, ActionServer, CancelResponse, GoalResponse
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.task import Future
-from timebill_ros.action import Generate, TimedInference
-from timebill_ros.msg import Heartbeat, Request
-from timebill_ros.nodes.admission import grace_s, hopeless as refuse_hopeless
+from timebill_ros.action import TimedInference
+from timebill_ros.msg import Request
 from timebill_ros.nodes.diagnostics import ServedStats
-from timebill_ros.nodes.dispatch import dispatch
-from timebill_ros.nodes.heartbeat import heartbeat_topic, HeartbeatSender
+from timebill_ros.nodes.fleet import Fleet, Lost
+from timebill_ros.nodes.heartbeat import HeartbeatSender
 from timebill_ros.nodes.orphans import OrphanWatch, ServedGoal
 from timebill_ros.nodes.parameters import declare_config, read_config
 from timebill_ros.nodes.qos import (
-    ACTION_GENERATE,
     ACTION_QOS,
     ACTION_TIMED_INFERENCE,
     CHANNEL_QOS,
-    HEARTBEAT_QOS,
+    SERVICE_ESTIMATE_BUDGET,
+    SERVICE_PRIME,
+    SERVICE_RELEASE_PRIME,
     TOPIC_REQUESTS,
 )
 from timebill_ros.nodes.recording import GoalRecording
-from timebill_ros.nodes.results import copy_fields
-from timebill_ros.nodes.ros_time import ros_now_s, s_to_time, uuid_hex
-from timebill_ros.nodes.spin import goal_threads, run_node, safe_reason
+from timebill_ros.nodes.ros_time import ros_now_s, uuid_hex
+from timebill_ros.nodes.serve_goal import serve
+from timebill_ros.nodes.spin import goal_threads, N_THREADS, run_node, safe_reason
 from timebill_ros.nodes.tokenizer import PromptTokenizer
-from timebill_ros.nodes.validation import InvalidGoal, model_prompt, validate_goal
+from timebill_ros.srv import EstimateBudget, Prime, ReleasePrime
 
 R = TimedInference.Result
-GENERATOR = 'timebill_generator'
 
 
 class TimeBillServer(LifecycleNode):
@@ -69,18 +68,14 @@ class TimeBillServer(LifecycleNode):
         self._action_server = self._requests = None
         self._recording: Optional[GoalRecording] = None
         self.stats = ServedStats()
-        self._beat: Optional[Heartbeat] = None
-        self._beat_at = 0.0  # time.monotonic() of the last heartbeat
+        self._planning_services = []
         group = ReentrantCallbackGroup()
         self._group = group
         # Created once, before any executor spins this node: rclpy's ActionClient registers itself
         # with the node before it has its lock (a configure-time creation crashed the executor).
-        self._generator = ActionClient(
-            self, Generate, ACTION_GENERATE, callback_group=group, **ACTION_QOS
-        )
-        self.create_subscription(
-            Heartbeat, heartbeat_topic(GENERATOR), self._on_heartbeat, HEARTBEAT_QOS,
-            callback_group=group,
+        # The generator list is read here, so changing it needs a restart of the server.
+        self.fleet = Fleet(
+            self, list(self.get_parameter('generators').value), group, self._generator_restarted
         )
         self.alive = HeartbeatSender(
             self, float(self.get_parameter('heartbeat_s').value), callback_group=group
@@ -112,6 +107,16 @@ class TimeBillServer(LifecycleNode):
             **ACTION_QOS,
         )
         self.orphans.introspect(self._action_server, self.get_clock())  # who sent each goal
+        # planner-facing planning services, answered for the fleet
+        self._planning_services = [
+            self.create_service(srv, name, lambda rq, rs, f=f: f(rq, rs, self.cfg),
+                                callback_group=self._group)
+            for srv, name, f in (
+                (EstimateBudget, SERVICE_ESTIMATE_BUDGET, self.fleet.estimate),
+                (Prime, SERVICE_PRIME, self.fleet.prime),
+                (ReleasePrime, SERVICE_RELEASE_PRIME, self.fleet.release),
+            )
+        ]
         if self.cfg.record_bag:
             self._recording = GoalRecording(self, self.cfg.record_bag)
         self.stats.model_state = 'configured'
@@ -160,6 +165,9 @@ class TimeBillServer(LifecycleNode):
         if self._requests is not None:
             self.destroy_publisher(self._requests)
             self._requests = None
+        for service in self._planning_services:
+            self.destroy_service(service)
+        self._planning_services = []
         recording, self._recording = self._recording, None
         if recording is not None:
             recording.close()
@@ -182,30 +190,26 @@ class TimeBillServer(LifecycleNode):
             g.inner.cancel_goal_async()
 
     # ---------------------------------------------------------------- liveness
-    def _on_heartbeat(self, msg: Heartbeat) -> None:
-        previous = self._beat
-        self._beat, self._beat_at = msg, time.monotonic()
-        if previous is not None and previous.pid != msg.pid:
-            for g in list(self._goals.values()):
-                if g.generator_pid == previous.pid:
-                    self._stop(
-                        g,
-                        f'lost the generator: it restarted (pid {previous.pid} -> {msg.pid}) '
-                        f'while the goal was running',
-                    )
+    def _generator_restarted(self, name: str, old: int, new: int) -> None:
+        for g in list(self._goals.values()):
+            if g.generator == name and g.generator_pid == old:
+                self._stop(g, Lost(f'lost the generator {name}: it restarted (pid {old} -> '
+                                   f'{new}) while the goal was running'))
 
     def _watchdog(self) -> None:
-        """Abort dispatched goals when the generator's heartbeat stops; end orphaned goals."""
+        """Take goals from a generator whose heartbeat stopped; end orphaned goals."""
         if not self._goals or self.cfg is None:
             return
         self.orphans.check()
-        silent = time.monotonic() - self._beat_at
-        if silent <= self.cfg.peer_timeout_s:
-            return
-        pid = self._beat.pid if self._beat is not None else 0
-        for g in list(self._goals.values()):
-            if g.dispatched:
-                self._stop(g, f'lost the generator (pid {pid}): no heartbeat for {silent:.1f} s')
+        for peer in self.fleet.peers.values():
+            silent = peer.silent_s()
+            if silent <= self.fleet.lost_after_s(peer.name, self.cfg):
+                continue
+            pid = peer.beat.pid if peer.beat is not None else 0
+            for g in list(self._goals.values()):
+                if g.dispatched and g.generator == peer.name:
+                    self._stop(g, Lost(f'lost the generator {peer.name} (pid {pid}): no '
+                                       f'heartbeat for {silent:.2f} s'))
 
     # ------------------------------------------------------------------- goals
     def on_goal(self, goal: TimedInference.Goal) -> GoalResponse:
@@ -233,7 +237,7 @@ class TimeBillServer(LifecycleNode):
         rid = uuid_hex(goal_handle.goal_id)
         ctx = self._goals.get(rid) or ServedGoal(rid, ros_now_s(self), stop=Future())
         try:
-            result = self._execute(goal_handle, ctx)
+            result = serve(self, goal_handle, ctx)
             self.stats.record(result)
             self._record(
                 'record_result', goal_handle.goal_id, result, status=int(goal_handle.status)
@@ -249,115 +253,6 @@ class TimeBillServer(LifecycleNode):
             )
         finally:
             self._goals.pop(rid, None)
-
-    def _execute(self, goal_handle, ctx: ServedGoal) -> TimedInference.Result:
-        rel = lambda: ros_now_s(self) - ctx.accepted_s  # noqa: E731
-        # stages that never happen stay -1 (a refusal by the server starts none of them)
-        never = ('dispatch_at_s', 'prefill_start_s', 'prefill_end_s', 'estimate_received_s',
-                 'decode_start_s')
-        # a refusal by the server evicts nothing and plans no quality: unknown, not 0
-        result = R(**{name: -1.0 for name in never}, expected_quality=-1.0, alpha_limit=-1.0)
-        goal = goal_handle.request
-        result.structured = bool(goal.json_schema or goal.grammar)
-        cfg = self.cfg
-        if cfg is None:
-            return self._end(
-                goal_handle, result, rel, R.STATUS_ABORTED, 'the server is not configured'
-            )
-        if len(self._goals) > cfg.max_goals:  # each held goal holds an executor thread
-            return self._end(
-                goal_handle, result, rel, R.STATUS_REJECTED,
-                f'queue full: {len(self._goals) - 1} goals are held (max_goals '
-                f'{cfg.max_goals}); retry later',
-            )
-        try:
-            deadline, ids, overrun, max_new = validate_goal(
-                goal_handle.request, ctx.accepted_s, cfg, self.tokenizer
-            )
-        except InvalidGoal as exc:
-            return self._end(goal_handle, result, rel, R.STATUS_REJECTED, str(exc))
-        result.prompt_tokens = len(ids)
-        ctx.client_node = goal.client_node
-        request = Request(
-            request_id=ctx.request_id,
-            accepted_at=s_to_time(ctx.accepted_s),
-            deadline=s_to_time(deadline),
-            # the text the ids encode: the predictor predicts from what the model reads
-            prompt=model_prompt(goal.prompt, goal.json_schema, cfg),
-            system_prompt=goal.system_prompt,
-            input_ids=ids,
-            max_new_tokens=max_new,
-            overrun_policy=overrun,
-            min_quality=float(goal.min_quality),
-            max_alpha=float(goal.max_alpha),
-            json_schema=goal.json_schema,
-            grammar=goal.grammar,
-        )
-        hopeless = refuse_hopeless(
-            self._beat, self._beat_fresh(), cfg, ros_now_s(self), len(ids), deadline
-        )
-        if hopeless:
-            return self._end(goal_handle, result, rel, R.STATUS_REJECTED, hopeless)
-        if not self._generator.server_is_ready():
-            why = (
-                self._beat.error
-                if self._beat is not None and self._beat.error
-                else 'not reachable'
-            )
-            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, f'the generator is {why}')
-
-        def relay(feedback_msg) -> None:
-            goal_handle.publish_feedback(
-                copy_fields(feedback_msg.feedback, TimedInference.Feedback())
-            )
-
-        # Hand the request to predictor and generator at the same moment: the estimate is
-        # computed while the generator queues and prefills.
-        result.dispatch_at_s = rel()
-        ctx.generator_pid = self._beat.pid if self._beat is not None else 0
-        ctx.dispatched = True
-        self._requests.publish(request)
-        # the generator ends every goal by its deadline plus a step or a chunk; past that its
-        # request or answer was lost on the way
-        grace = grace_s(self._beat, cfg, len(ids), max_new, overrun)
-        left = lambda: deadline + grace - ros_now_s(self)  # noqa: E731
-
-        def held(inner) -> None:
-            ctx.inner = inner
-            if goal_handle.is_cancel_requested or ctx.stop.done():
-                inner.cancel_goal_async()
-
-        sent = dispatch(
-            self._generator, Generate.Goal(request=request), goal_handle.goal_id, relay,
-            ctx.stop, left, held,
-        )
-        if sent.asked_by_id or sent.sends > 1:
-            self.get_logger().warning(
-                f"goal {ctx.request_id[:8]}: the generator's goal reply was lost; result asked "
-                f'for by id ({sent.sends} request(s) sent)'
-            )
-        if sent.result is None:
-            why = (
-                sent.stopped
-                if sent.stopped is not None
-                else 'the generator refused the request (not active?)'
-                if sent.refused
-                else f'no answer from the generator {grace:.2f} s after the deadline: the '
-                f'request or its answer was lost on the way ({sent.sends} request(s) sent)'
-            )
-            return self._end(goal_handle, result, rel, R.STATUS_ABORTED, why)
-        dispatched = result.dispatch_at_s
-        copy_fields(sent.result, result)
-        result.dispatch_at_s = dispatched
-        result.structured = bool(goal.json_schema or goal.grammar)
-        result.total_s = rel()
-        if result.status == R.STATUS_CANCELED and goal_handle.is_cancel_requested:
-            goal_handle.canceled()
-        elif result.status in (R.STATUS_SUCCEEDED, R.STATUS_TRUNCATED):
-            goal_handle.succeed()
-        else:
-            goal_handle.abort()
-        return result
 
     def _end(self, goal_handle, result, rel, status: int, reason: str) -> TimedInference.Result:
         log = self.get_logger().warning
@@ -377,22 +272,23 @@ class TimeBillServer(LifecycleNode):
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
         # /diagnostics is one topic for the whole robot: name the node with its namespace
-        msg.status = self.stats.statuses(
-            self._beat, self._beat_fresh(), self._active, self.get_fully_qualified_name()
+        peers = self.fleet.fresh(self.cfg.peer_timeout_s if self.cfg else 5.0)
+        beat = peers[0].beat if peers else next(iter(self.fleet.peers.values())).beat
+        name = self.get_fully_qualified_name()
+        msg.status = self.stats.statuses(beat, bool(peers), self._active, name)
+        msg.status.append(
+            self.fleet.status(name.lstrip('/'), self.cfg.peer_timeout_s if self.cfg else 5.0)
         )
         self._diag_pub.publish(msg)
-
-    def _beat_fresh(self) -> bool:
-        """Tell whether the generator's last heartbeat is recent enough to go by."""
-        timeout = self.cfg.peer_timeout_s if self.cfg is not None else 5.0
-        return self._beat is not None and time.monotonic() - self._beat_at <= timeout
 
 
 def main(args=None) -> int:
     rclpy.init(args=args)
     node = TimeBillServer()
     # one waiting thread per held goal
-    return run_node(node, num_threads=goal_threads(node.get_parameter('max_goals').value))
+    # one waiting thread per held goal, and as many for planning calls forwarded to the fleet
+    threads = goal_threads(node.get_parameter('max_goals').value) + 2 * N_THREADS
+    return run_node(node, num_threads=threads)
 
 
 if __name__ == '__main__':
