@@ -54,18 +54,40 @@ def uptime() -> str:
         return f'load average {os.getloadavg()}'
 
 
-def proc_status(pid: int) -> dict:
-    """Return a process's thread count and resident memory (KiB) from /proc ({} once gone)."""
+def proc_status(pid: int | str = 'self') -> dict:
+    """Return a process's thread count, resident memory and its peak (KiB) ({} once gone)."""
     out = {}
     try:
         with open(f'/proc/{pid}/status') as fh:
             for line in fh:
                 key, _, val = line.partition(':')
-                if key in ('Threads', 'VmRSS'):
+                if key in ('Threads', 'VmRSS', 'VmHWM'):
                     out[key] = int(val.split()[0])
     except OSError:
         pass
     return out
+
+
+def reset_peak() -> bool:
+    """Set this process's peak RSS (VmHWM) back to its current RSS; False where Linux can't."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as fh:
+            fh.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def mem_available() -> int:
+    """Return MemAvailable from /proc/meminfo in bytes (0 where there is none)."""
+    try:
+        with open('/proc/meminfo') as fh:
+            for line in fh:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class _Plain:

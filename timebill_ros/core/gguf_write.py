@@ -72,15 +72,34 @@ def quantize_q6_k(w: torch.Tensor) -> np.ndarray:
     return block.reshape(w.shape[0], -1).numpy()
 
 
+def quantize_q4_1(w: torch.Tensor) -> np.ndarray:
+    """Quantise [N, K] to Q4_1 blocks (fp16 d, m; nibbles) with the engine's own quantiser."""
+    from .weights import quantize_q4_1 as codes
+
+    q, d, m = codes(w)
+    g = q.reshape(w.shape[0], -1, 32)
+    qs = g[..., :16] | (g[..., 16:] << 4)
+    return torch.cat([_bytes(d[..., None]), _bytes(m[..., None]), qs], -1).reshape(
+        w.shape[0], -1).numpy()
+
+
+def quantize_q8_0(w: torch.Tensor) -> np.ndarray:
+    """Quantise [N, K] to Q8_0 blocks: fp16 scale (max |w| / 127), 32 int8 codes."""
+    x = w.detach().float().reshape(w.shape[0], -1, 32)
+    d = (x.abs().amax(-1) / 127).half()
+    q = _div(x, d.float()[..., None]).round().clamp(-127, 127).to(torch.int8).view(torch.uint8)
+    return torch.cat([_bytes(d[..., None]), q], -1).reshape(w.shape[0], -1).numpy()
+
+
 def quantize(w: torch.Tensor, qtype) -> np.ndarray:
     """Return ``w`` [N, K] in GGUF type ``qtype``: bytes, or float32/float16 values."""
     from gguf import GGMLQuantizationType as T
     import gguf.quants as gq
 
-    if qtype == T.Q4_K:
-        return quantize_q4_k(w)
-    if qtype == T.Q6_K:
-        return quantize_q6_k(w)
+    ours = {T.Q4_K: quantize_q4_k, T.Q6_K: quantize_q6_k, T.Q4_1: quantize_q4_1,
+            T.Q8_0: quantize_q8_0}  # torch, all cores: gguf-py's numpy ones take minutes at 7B
+    if qtype in ours:
+        return ours[qtype](w)
     return gq.quantize(w.detach().float().numpy(), qtype)
 
 
@@ -124,17 +143,14 @@ def _metadata(writer, cfg) -> None:
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_rope_dimension_count(head_dim)
-    for key in ('bos_token_id', 'eos_token_id'):
-        if isinstance(getattr(cfg, key, None), int):
-            writer.add_uint32(f'tokenizer.ggml.{key}', getattr(cfg, key))
 
 
 def copy_tokenizer(writer, source: str | Path) -> None:
-    """Copy the tokenizer fields (vocabulary, merges, chat template) of another GGUF."""
+    """Copy the tokenizer fields (vocabulary, merges, special ids, chat template) of a GGUF."""
     from gguf import GGUFReader, GGUFValueType
 
     for key, field in GGUFReader(str(source)).fields.items():
-        if not key.startswith('tokenizer.') or key.endswith(('bos_token_id', 'eos_token_id')):
+        if not key.startswith('tokenizer.'):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
@@ -148,13 +164,16 @@ def write_gguf(
     tensor: Callable[[str], torch.Tensor],
     mix: str = 'q4_k_m',
     tokenizer_from: Optional[str | Path] = None,
+    reuse: bool = False,
 ) -> Path:
     """
     Write the HF parameters ``shapes`` ({name: shape}) of a Llama/Qwen2 ``config`` as a GGUF.
 
     ``tensor(name)`` gives each one (fp32) when it is written, so a random or real model of any
     size is written without being held. Llama's q/k rows are permuted as llama.cpp's converter
-    does; a tied head is left out (the loader ties it back). Return ``path``.
+    does; a tied head is left out (the loader ties it back). ``reuse``: quantise each (shape,
+    type) once and write those bytes for every matrix that has them (random benchmark weights:
+    minutes less at 7B). Return ``path``.
     """
     import gguf
 
@@ -179,6 +198,10 @@ def write_gguf(
     _metadata(writer, cfg)
     if tokenizer_from is not None:
         copy_tokenizer(writer, tokenizer_from)
+    else:
+        for key in ('bos_token_id', 'eos_token_id'):
+            if isinstance(getattr(cfg, key, None), int):
+                writer.add_uint32(f'tokenizer.ggml.{key}', getattr(cfg, key))
     for hf, name, shape, qtype in plan:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(shape)) // block * size
@@ -186,7 +209,11 @@ def write_gguf(
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    memo: Dict[tuple, np.ndarray] = {}
     for hf, name, shape, qtype in plan:
+        if (shape, qtype) in memo:
+            writer.write_tensor_data(memo[shape, qtype])
+            continue
         w = tensor(hf).detach().float().reshape(shape)
         kind = name.split('.')[-2] if name.count('.') >= 2 else ''
         if arch == 'llama' and kind in ('attn_q', 'attn_k'):
@@ -195,7 +222,10 @@ def write_gguf(
             w = w.reshape(shape)
         data = w.numpy() if qtype == gguf.GGMLQuantizationType.F32 else quantize(
             w.reshape(-1, shape[-1]), qtype)
-        writer.write_tensor_data(np.ascontiguousarray(data))
+        data = np.ascontiguousarray(data)
+        if reuse and len(shape) > 1:
+            memo[shape, qtype] = data
+        writer.write_tensor_data(data)
     writer.close()
     tmp.replace(path)
     return path
