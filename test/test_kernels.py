@@ -12,7 +12,7 @@ from timebill_ros.core import kernels
 from timebill_ros.core import weights as W
 from timebill_ros.core.calibration.store import profile_key
 from timebill_ros.core.engine import Engine
-from timebill_ros.core.fast_decode import FastDecoder
+from timebill_ros.core.fast_decode import FastDecoder, kernel_step_name
 from timebill_ros.core.generation import GenerationRequest
 from timebill_ros.core.model import tiny_model
 import torch
@@ -198,7 +198,7 @@ def test_profile_key_names_the_decode_step_the_config_will_run():
     from timebill_ros.core.calibration.store import key_from_config
     from timebill_ros.core.config import TimeBillConfig
 
-    for fmt, step in (('int4', 'timebill-avx2'), ('fp32', 'transformers')):
+    for fmt, step in (('int4', kernel_step_name()), ('fp32', 'transformers')):
         cfg = TimeBillConfig(model='tiny', threads=0, press='snapkv', weights=fmt)
         model = tiny_model(layers=2)
         W.apply_weights(model, fmt)
@@ -211,7 +211,7 @@ def test_profile_key_names_the_decode_step_the_config_will_run():
 @pytest.mark.parametrize('alpha', [0.0, 0.5])
 def test_fast_step_follows_the_transformers_step_after_eviction(alpha):
     engine = Engine(_int4_tiny(), None, press='snapkv', chat_template=False)
-    assert engine.fast is not None and profile_key(engine)['decode_step'] == 'timebill-avx2'
+    assert engine.fast is not None and profile_key(engine)['decode_step'] == kernel_step_name()
     ids = torch.randint(3, 256, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     state = engine.prefill(ids, capacity=len(ids) + 40)
     if alpha:

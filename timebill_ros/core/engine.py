@@ -20,7 +20,7 @@ from .config import TimeBillConfig
 from .decoding import DecodeLoop
 from .errors import EmptyPromptError, InvalidRequestError, PrefillStopped
 from .eviction import check_alpha, get_press, n_keep, Press
-from .fast_decode import FastDecoder
+from .fast_decode import FastDecoder, kernel_step_name
 from .generation import GenerationRequest, GenerationResult, PrefillState
 from .prefix_cache import Lease, PrefixCache
 from .prompt_input import PromptInput
@@ -68,7 +68,7 @@ class Engine(PromptInput, DecodeLoop):
         self.device = next(model.parameters()).device
         self.weights = weight_format(model)
         self.fast, self.fast_why_not = FastDecoder.for_model(model)
-        self.decode_step = 'timebill-avx2' if self.fast is not None else 'transformers'
+        self.decode_step = kernel_step_name() if self.fast is not None else 'transformers'
         self.prefill_chunk: Optional[int] = None  # calibration times prefill as requests run it
         self.prefix_cache = prefix_cache
         self._grammars: Optional[Grammars] = None

@@ -62,7 +62,8 @@ def decode_step_name(model: str, weights: str, device: str) -> str:
     """
     Name the decode step an engine with these settings runs, reading the model's config only.
 
-    ``timebill-avx2`` or ``transformers``; part of the timing profile's key, so a profile
+    ``timebill-<isa>`` (the kernel variant this CPU loads: avx512, avx2) or ``transformers``;
+    part of the timing profile's key, so a profile
     measured with one step is never used to time the other.
     """
     from . import kernels
@@ -76,7 +77,15 @@ def decode_step_name(model: str, weights: str, device: str) -> str:
         fast = model_type(model) in ARCHITECTURES
     except ModelLoadError:
         fast = False  # the engine will not load it either; its own error says why
-    return 'timebill-avx2' if fast else 'transformers'
+    return kernel_step_name() if fast else 'transformers'
+
+
+def kernel_step_name() -> str:
+    """Name the C++ step by the kernel variant loaded: its timings differ per ISA."""
+    from . import kernels
+
+    info = kernels.origin()
+    return f"timebill-{info['isa']}" if info else 'timebill'
 
 
 class FastDecoder:
