@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, IO, Iterable, List, Mapping, Optional
+from typing import Dict, IO, Iterable, List, Mapping, Optional, Sequence
 
 from timebill_ros.core.config import default_config_path
 
@@ -119,16 +119,40 @@ def param_literal(value) -> str:
 
 
 def params_args(
-    spec: NodeSpec, params: Path, overrides: Mapping[str, object] = (), namespace: str = ''
+    spec: NodeSpec,
+    params: Path,
+    overrides: Mapping[str, object] = (),
+    namespace: str = '',
+    enclave: str = '',
 ) -> List[str]:
-    """Return the ``--ros-args`` for one node: its name, the params file, then overrides."""
+    """Return the ``--ros-args`` for one node: its name, enclave, params file, then overrides."""
     args = ['--ros-args', '-r', f'__node:={spec.name}']
     if namespace.strip('/'):
         args += ['-r', f'__ns:=/{namespace.strip("/")}']
+    if enclave:
+        args += ['--enclave', enclave]
     args += ['--params-file', str(params)]
     for key, value in dict(overrides).items():
         args += ['-p', f'{key}:={param_literal(value)}']
     return args
+
+
+# ------------------------------------------------------------------------------ security
+ENCLAVE_ROOT = '/timebill'  # a secured system: node <name> runs in enclave /timebill/<name>
+
+
+def enclave_of(name: str) -> str:
+    """Return the SROS2 enclave a node (or client) named ``name`` runs in when secured."""
+    return f'{ENCLAVE_ROOT}/{name}'
+
+
+def security_env(keystore: str | os.PathLike) -> Dict[str, str]:
+    """Return the variables that make rcl enforce DDS Security from ``keystore`` (SROS2 layout)."""
+    return {
+        'ROS_SECURITY_KEYSTORE': str(Path(keystore).expanduser().resolve()),
+        'ROS_SECURITY_ENABLE': 'true',
+        'ROS_SECURITY_STRATEGY': 'Enforce',
+    }
 
 
 # --------------------------------------------------------------------------- environment
@@ -152,12 +176,8 @@ def ros_env(base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     env = dict(os.environ if base is None else base)
     prefix = install_prefix()
     venv = Path(sys.prefix)
-    site = (
-        prefix
-        / 'lib'
-        / f'python{sys.version_info.major}.{sys.version_info.minor}'
-        / 'site-packages'
-    )
+    version = f'python{sys.version_info.major}.{sys.version_info.minor}'
+    site = prefix / 'lib' / version / 'site-packages'
 
     def prepend(name: str, value: Path) -> None:
         parts = [p for p in env.get(name, '').split(os.pathsep) if p]
@@ -207,6 +227,10 @@ class Bringup:
     Start the nodes as processes, drive the server to active, stop them cleanly.
 
     ``with Bringup(domain_id=42) as b: ...`` brings everything up and always tears it down.
+    ``keystore``: run secured (SROS2 keystore, see tools/make_keystore.sh), each node in enclave
+    ``/timebill/<name>``. ``wrap``: node name -> a command prefix it runs under (e.g.
+    ``['ip', 'netns', 'exec', 'tb_b']``: that node in another network namespace); the prefix
+    must exec the node in its own process, as signals go to the process started.
     """
 
     def __init__(
@@ -219,8 +243,12 @@ class Bringup:
         env: Optional[Mapping[str, str]] = None,
         namespace: str = '',
         generators=None,
+        keystore: Optional[str | os.PathLike] = None,
+        wrap: Optional[Mapping[str, Sequence[str]]] = None,
     ):
         self.params = params_file(params)
+        self.keystore = keystore
+        self.wrap = {name: list(prefix) for name, prefix in (wrap or {}).items()}
         self.namespace = namespace
         self.overrides = dict(overrides or {})
         # several generators: their nodes, and a second params file that names them to all
@@ -242,13 +270,16 @@ class Bringup:
         self.env = ros_env(env)
         if domain_id is not None:
             self.env['ROS_DOMAIN_ID'] = str(domain_id)
+        if keystore:
+            self.env.update(security_env(keystore))
         self.procs: Dict[str, subprocess.Popen] = {}
         self._logs: Dict[str, IO] = {}
 
     # ---- processes
     def command(self, name: str) -> List[str]:
         spec = self.nodes[name]
-        args = params_args(spec, self.params, self.overrides, self.namespace)
+        enclave = enclave_of(name) if self.keystore else ''
+        args = params_args(spec, self.params, self.overrides, self.namespace, enclave)
         if self.fleet_params is not None:  # after the main file: its values win
             at = args.index('--params-file') + 2
             args[at:at] = ['--params-file', str(self.fleet_params)]
@@ -258,7 +289,7 @@ class Bringup:
             at = args.index('--params-file') + 2
             args[at:at] = ['--params-file', str(NO_AUTOSTART)]
         # -P: never let the working directory's source tree (no generated msgs) shadow the install
-        return [sys.executable, '-P', '-m', spec.module, *args]
+        return [*self.wrap.get(name, ()), sys.executable, '-P', '-m', spec.module, *args]
 
     def start(self, names: Optional[Iterable[str]] = None) -> None:
         for name in names or self.nodes:
@@ -291,11 +322,8 @@ class Bringup:
     ) -> Dict[str, Optional[int]]:
         """SIGINT each (server first), wait, then SIGTERM, then SIGKILL; return exit codes."""
         order = list((names or reversed(list(self.procs))))
-        for sig, wait in (
-            (signal.SIGINT, timeout_s),
-            (signal.SIGTERM, 3.0),
-            (signal.SIGKILL, 3.0),
-        ):
+        steps = ((signal.SIGINT, timeout_s), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0))
+        for sig, wait in steps:
             running = [n for n in order if n in self.procs and self.procs[n].poll() is None]
             if not running:
                 break
@@ -344,15 +372,8 @@ class Bringup:
 
         model = self.overrides.get('model') or TimeBillConfig.from_yaml(self.params).model
         if model in ('', DEFAULT_MODEL) and not (default_model_dir() / 'config.json').is_file():
-            subprocess.run(
-                [
-                    sys.executable,
-                    '-c',
-                    'from timebill_ros.core.model import ensure_default_model as e; e()',
-                ],
-                env=self.env,
-                check=True,
-            )
+            code = 'from timebill_ros.core.model import ensure_default_model as e; e()'
+            subprocess.run([sys.executable, '-c', code], env=self.env, check=True)
 
     def up(self, client, timeout_s: float = 120.0) -> None:
         """Start all nodes, wait for them, and have the lifecycle manager activate them."""
