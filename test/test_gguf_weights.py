@@ -105,8 +105,8 @@ def test_q4_k_m_file_loads_as_transformers_reads_it(tmp_path, arch, tied):
         assert torch.equal(fp32(x).logits, ref(x).logits)
     model, counts = G.load_gguf_model(path, ref.config, 'int4', prefill_weights='none')
     assert counts == {'int4 (gguf Q4_K)': 12, 'int8 (gguf Q6_K)': 3}  # layer 1 attn_v, ffn_down
-    assert G.load_gguf_model(path, ref.config, 'int8')[1] == {'int8 (gguf Q4_K)': 12,
-                                                               'int8 (gguf Q6_K)': 3}
+    int8 = G.load_gguf_model(path, ref.config, 'int8')[1]
+    assert int8 == {'int8 (gguf Q4_K)': 12, 'int8 (gguf Q6_K)': 3}
     refs = dict(ref.named_modules())
     for name, mod in model.named_modules():
         if isinstance(mod, W.Int4Linear):  # rows in the HF order (llama: q/k un-permuted)
