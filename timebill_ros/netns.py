@@ -169,6 +169,20 @@ def _fleet_ready(client, count: int, timeout_s: float) -> bool:
         client.destroy_subscription(sub)
 
 
+def _seen(nodes, client, timeout_s: float) -> Dict[str, float]:
+    """Start the nodes; return seconds from the start until this client saw each one's services."""
+    nodes.prepare()
+    t0 = time.monotonic()
+    nodes.start()
+    seen: Dict[str, float] = {}
+    while len(seen) < len(nodes.procs) and time.monotonic() - t0 < timeout_s:
+        for name in nodes.procs:
+            if name not in seen and client.wait_for_lifecycle(name, 0.02):
+                seen[name] = round(time.monotonic() - t0, 3)
+    nodes.wait_ready(client, timeout_s)  # names a node that exited or never came
+    return seen
+
+
 def _goal_record(out, wall_s: float, link: Dict[str, int]) -> dict:
     return {
         'status': out.status_name, 'generator': out.generator, 'reason': out.reason,
@@ -210,7 +224,7 @@ def run(args) -> dict:
     import rclpy
     from rclpy.context import Context
     from rclpy.signals import SignalHandlerOptions
-    from timebill_ros.bringup import Bringup
+    from timebill_ros.bringup import Bringup, MANAGER
     from timebill_ros.client import TimeBillClient
 
     names = [g for g in args.generators.split(',') if g]
@@ -228,7 +242,10 @@ def run(args) -> dict:
                     generators=names, wrap=wrap)
     t0, link0 = time.monotonic(), sys_counters(args.dev)
     try:
-        nodes.up(clients[0], timeout_s=args.timeout)
+        report['seen_s'] = _seen(nodes, clients[0], args.timeout)
+        if not clients[0].startup(timeout_s=args.timeout):
+            report['error'] = f'could not activate the system\n{nodes.log_tail(MANAGER)}'
+            return report
         report['active_s'] = round(time.monotonic() - t0, 3)
         if not _fleet_ready(clients[0], len(names), args.timeout):
             report['error'] = 'the server never reported every generator ready'
