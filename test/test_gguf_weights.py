@@ -205,3 +205,17 @@ def test_loading_never_builds_the_float_model(tmp_path):
     growth = got['after']['VmHWM'] - got['before']['VmRSS']
     print(f'peak growth {growth / 2**20:.0f} MiB vs the linears in fp32 {linear_fp32 / 2**20:.0f}')
     assert growth < linear_fp32 / 2, (growth, linear_fp32)  # int4 weights: ~38 MB
+
+
+def test_other_architectures_are_left_to_transformers(tmp_path):
+    """Gemma, GPT-2, ... need tensor rewrites transformers does: load_model falls back."""
+    writer = gguf.GGUFWriter(tmp_path / 'g.gguf', 'gemma')
+    writer.add_tensor('token_embd.weight', np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert not G.streams(tmp_path / 'g.gguf') and G.streams(
+        write_model_gguf(_tiny('qwen2'), tmp_path / 'q.gguf', 'q8_0'))
+    with pytest.raises(ModelLoadError, match="architecture 'gemma' is not read"):
+        G.load_gguf_model(tmp_path / 'g.gguf', _tiny().config, 'int4')

@@ -9,14 +9,11 @@ So loading never holds more than the converted model plus one tensor's temporari
 
 What each GGUF type becomes (``weights: int4``; ``int8``: every Linear is per-row int8):
 
-========================  ============================================================
-Q4_0, Q4_1, Q4_K          ``Int4Linear``, exactly (per-32 scale d and minimum m in fp32: Q4_K's
-                          d·sc and −dmin·mn, Q4_0's d and −8·d); zero error vs gguf-py
-Q5_0, Q5_1, Q5_K, Q6_K,   ``Int8Linear`` (per-row symmetric int8: its layout has one scale per
-Q8_0                      row, so blocks are dequantised and requantised; a 4-bit layout would
-                          throw away the file's extra bits)
-F32, F16, BF16            quantised as ``apply_weights`` does for a float checkpoint
-========================  ============================================================
+- Q4_0, Q4_1, Q4_K: ``Int4Linear`` exactly (per-32 scale d and minimum m in fp32: Q4_K's d·sc
+  and −dmin·mn, Q4_0's d and −8·d); zero error vs gguf-py's dequantisation.
+- Q5_0, Q5_1, Q5_K, Q6_K, Q8_0: ``Int8Linear``, which has one (bf16) scale per row: the blocks
+  are dequantised and requantised, error < row max / 127 (a 4-bit layout would lose more).
+- F32, F16, BF16: quantised as ``apply_weights`` does for a float checkpoint.
 
 The output head is int8 per row in both formats, as in ``apply_weights``. Any other type (Q2_K,
 Q3_K, IQ*, ...) is refused with the tensor's name. llama.cpp stores Llama's q/k rows permuted
@@ -53,6 +50,9 @@ FOUR_BIT = {QT.Q4_0, QT.Q4_1, QT.Q4_K}  # these become Int4Linear without any lo
 FLOATS = {QT.F32, QT.F16, QT.BF16}  # quantised at load time like a float checkpoint
 READABLE = FOUR_BIT | FLOATS | {QT.Q5_0, QT.Q5_1, QT.Q5_K, QT.Q6_K, QT.Q8_0}
 _LIBC = ctypes.CDLL(None)  # the process's own C library (malloc_trim where it is glibc)
+# architectures whose GGUF tensors need nothing beyond Llama's q/k un-permutation (transformers
+# rewrites others' tensors: Gemma's norms, GPT-2's fused qkv, ...): only these are read here
+STREAMED = ('llama', 'qwen2')
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -103,7 +103,7 @@ class GGUFFile:
             (n,) = struct.unpack_from('<Q', mm, at)
             return mm[at + 8: at + 8 + n].decode('utf-8'), at + 8 + n
 
-        def value(vtype, at, keep):
+        def value(vtype, at):
             if vtype in _SCALARS:
                 fmt = '<' + _SCALARS[vtype]
                 return struct.unpack_from(fmt, mm, at)[0], at + struct.calcsize(fmt)
@@ -116,14 +116,14 @@ class GGUFFile:
             if etype in _SCALARS:
                 return None, at + count * struct.calcsize('<' + _SCALARS[etype])
             for _ in range(count):  # strings (or nested arrays): walk their lengths only
-                at = value(etype, at, False)[1] if etype != _STRING else (
-                    at + 8 + struct.unpack_from('<Q', mm, at)[0])
+                at = value(etype, at)[1] if etype != _STRING else at + 8 + int.from_bytes(
+                    mm[at: at + 8], 'little')
             return None, at
 
         for _ in range(n_kv):
             key, pos = string(pos)
             (vtype,) = struct.unpack_from('<I', mm, pos)
-            val, pos = value(vtype, pos + 4, True)
+            val, pos = value(vtype, pos + 4)
             if val is not None:
                 self.fields[key] = val
         infos = []
@@ -261,6 +261,12 @@ def _llama_unpermute(x: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ loading
+def streams(path: str | Path) -> bool:
+    """Tell whether this reader takes the GGUF at ``path`` (its architecture is in STREAMED)."""
+    with GGUFFile(path) as gf:
+        return gf.architecture in STREAMED
+
+
 def _name_map(arch: str, n_layers: int):
     by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     if arch not in by_name:
@@ -273,6 +279,9 @@ class _Source:
     """A GGUF file seen through HF parameter names, with rows in the HF order."""
 
     def __init__(self, gf: GGUFFile, cfg):
+        if gf.architecture not in STREAMED:
+            raise ModelLoadError(f'{gf.path.name}: architecture {gf.architecture!r} is not read '
+                                 f'tensor by tensor (only {", ".join(STREAMED)})')
         self.gf, self.cfg = gf, cfg
         self.gguf_name = _name_map(gf.architecture, cfg.num_hidden_layers)
         self.permuted = gf.architecture == 'llama'  # as transformers' LlamaTensorProcessor
@@ -319,13 +328,7 @@ def _linear(src: _Source, gname: str, mod: nn.Linear, bias, fmt: str, dense, is_
 
 
 def _release() -> None:
-    """
-    Hand freed heap pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
-
-    glibc keeps freed mid-sized blocks in its heap, so every tensor's temporaries would stay in
-    the RSS (torch's int4 packing: 4x a 67M-weight model's int4 size); trimmed after each
-    tensor, the load holds what the model holds.
-    """
+    """Give freed heap back to the OS after a tensor (glibc keeps it: the RSS would grow 4x)."""
     trim = getattr(_LIBC, 'malloc_trim', None)
     if trim is not None:
         trim(0)

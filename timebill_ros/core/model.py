@@ -193,6 +193,10 @@ def load_model(
     target, extra = resolve_model_path(spec)
     t0 = time.perf_counter()
     gguf = gguf_source(spec) if weights in ('int4', 'int8') else None
+    if gguf is not None:
+        from .gguf_weights import streams
+
+        gguf = gguf if streams(gguf) else None  # else transformers reads it (then quantised)
     counts = None
     try:
         tok = AutoTokenizer.from_pretrained(target, **extra)
