@@ -6,6 +6,7 @@ the predictor, the generator and then the server, and brings a restarted node ba
 
     ros2 launch timebill_ros bringup.launch.py [params_file:=/path/to/timebill.yaml]
     ros2 launch timebill_ros bringup.launch.py generators:=2    # two generators, one server
+    ros2 launch timebill_ros bringup.launch.py keystore:=/path/to/keystore  # secured (SROS2)
 
 The node list comes from timebill_ros.bringup.NODES, the same list `timebill bringup`
 starts on machines without launch_ros, and both pass the same parameters file.
@@ -19,7 +20,9 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from timebill_ros.bringup import fleet_nodes, fleet_parameters, generator_names, NODES, PACKAGE
+from timebill_ros.bringup import (
+    enclave_of, fleet_nodes, fleet_parameters, generator_names, NODES, PACKAGE, security_env,
+)
 import yaml
 
 
@@ -28,6 +31,7 @@ def _nodes(context):
     params = LaunchConfiguration('params_file').perform(context)
     namespace = LaunchConfiguration('namespace').perform(context)
     generators = LaunchConfiguration('generators').perform(context).strip()
+    keystore = LaunchConfiguration('keystore').perform(context).strip()
     specs, files = NODES, [params]
     if generators:
         names = generator_names(generators)
@@ -44,6 +48,9 @@ def _nodes(context):
             namespace=namespace,
             output='screen',
             parameters=files,
+            # secured: DDS Security enforced, each node in enclave /timebill/<name>
+            ros_arguments=['--enclave', enclave_of(spec.name)] if keystore else [],
+            additional_env=security_env(keystore) if keystore else None,
         )
         for spec in specs
     ]
@@ -67,6 +74,12 @@ def generate_launch_description():
             default_value='',
             description='several generators behind the server: a count (2) or node names '
             "(gen_a,gen_b); empty: the params file's generators",
+        ),
+        DeclareLaunchArgument(
+            'keystore',
+            default_value='',
+            description='SROS2 keystore: run secured (Enforce), node <name> in enclave '
+            '/timebill/<name> (tools/make_keystore.sh, docs/SECURITY.md); empty: unsecured',
         ),
         OpaqueFunction(function=_nodes),
     ])

@@ -41,6 +41,12 @@ def add_arguments(p) -> None:
         "each may have its own section in the params file (default: the file's generators)",
     )
     p.add_argument(
+        '--keystore',
+        help='run secured (DDS Security, Enforce) from this SROS2 keystore '
+        '(tools/make_keystore.sh): each node in enclave /timebill/<node>, this command in '
+        '/timebill/timebill_bringup; see docs/SECURITY.md',
+    )
+    p.add_argument(
         '--no-activate', action='store_true', help='leave the nodes unconfigured (no startup)'
     )
     p.add_argument(
@@ -72,7 +78,7 @@ def run(args) -> int:
 
     import rclpy
     from rclpy.signals import SignalHandlerOptions
-    from timebill_ros.bringup import Bringup, MANAGER
+    from timebill_ros.bringup import Bringup, enclave_of, MANAGER, security_env
     from timebill_ros.client import TimeBillClient
 
     if args.domain_id is not None:
@@ -80,7 +86,11 @@ def run(args) -> int:
     # Our handlers, not rclpy's: a signal must stop the children, in order, before we exit.
     # args=[]: this command's own `-p name:=value` are for the nodes, not ROS arguments of this
     # process (rcl would read them as old-style remap rules and warn).
-    rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO)
+    ros_args = []
+    if args.keystore:  # this command's client must be enrolled too, or it cannot see the nodes
+        os.environ.update(security_env(args.keystore))
+        ros_args = ['--ros-args', '--enclave', enclave_of('timebill_bringup')]
+    rclpy.init(args=ros_args, signal_handler_options=SignalHandlerOptions.NO)
     signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     runner = Bringup(
@@ -90,8 +100,14 @@ def run(args) -> int:
         log_dir=args.log_dir,
         namespace=args.namespace,
         generators=args.generators,
+        keystore=args.keystore,
     )
-    client = TimeBillClient('timebill_bringup', namespace=args.namespace)
+    try:
+        client = TimeBillClient('timebill_bringup', namespace=args.namespace)
+    except Exception as exc:  # noqa: BLE001 - e.g. a Fast DDS built without DDS Security
+        print(f"[bringup] cannot create this command's node: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 1
     code = 0
     try:
         runner.prepare()
