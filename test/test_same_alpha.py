@@ -43,6 +43,9 @@ def test_node_replay_and_sweep_choose_the_same_alpha_and_status(tiny_domain_id, 
         'weights': 'fp32',
         'profile_path': str(tmp_path / 'profile.json'),
         'record_bag': str(tmp_path / 'bags'),
+        # no trained predictor: N̂ = N_max (capped at max_new_tokens) on all three paths, so
+        # the plan cannot hinge on whether the node's estimate beat its prefill
+        'predictor_checkpoint': str(tmp_path / 'no_predictor'),
     }
     cfg = TimeBillConfig.from_yaml(default_config_path()).replace(**overrides)
     engine = Engine.from_config(cfg)
