@@ -37,7 +37,7 @@ import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also under -P
 from benchkit import cpu_info, load1, mem_available, proc_status, progress  # noqa: E402
-from benchkit import reset_peak, uptime  # noqa: E402
+from benchkit import reset_peak, uptime, wait_for_quiet  # noqa: E402
 
 GIB = 2 ** 30
 QWEN = {'model_type': 'qwen2', 'rope_theta': 1e6, 'rms_norm_eps': 1e-6,
@@ -279,6 +279,8 @@ def measure(name: str, args, say) -> dict:
                'prefill_weights': pw, 'threads': args.threads, 'prefill': args.prefill,
                'decode': args.kv if pw == default else [], 'repeats': args.repeats,
                'prefill_limit_s': args.prefill_limit_s}
+        if args.wait_quiet:
+            wait_for_quiet(args.wait_quiet, say=lambda m: print(f'  {m}', flush=True))
         res = run_child(job, args.child_timeout)
         res['dense'] = _name(dense)
         row['runs'][pw] = res
@@ -299,9 +301,12 @@ def main(argv=None) -> int:
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--context', type=int, default=0, help="KV context (0: the model's)")
     ap.add_argument('--repeats', type=int, default=2, help='prefill repeats (the best counts)')
+    ap.add_argument('--prefill-lengths', default='1024,4096', help='prompt tokens to prefill')
     ap.add_argument('--prefill-limit-s', type=float, default=900.0,
                     help='skip a prefill length estimated to take longer')
     ap.add_argument('--child-timeout', type=float, default=3600.0)
+    ap.add_argument('--wait-quiet', type=float, default=0.0, metavar='LOAD',
+                    help='before each measured run wait (up to 5 min) for a 1-min load <= LOAD')
     ap.add_argument('--out', default='results/bench_models')
     ap.add_argument('--no-progress', action='store_true')
     ap.add_argument('--child', help=argparse.SUPPRESS)
@@ -318,7 +323,7 @@ def main(argv=None) -> int:
     unknown = [s for s in sizes if s not in SHAPES]
     if unknown:
         ap.error(f'unknown sizes {unknown}; known: {", ".join(SHAPES)}')
-    args.prefill = [1024] if args.quick else [1024, 4096]
+    args.prefill = [1024] if args.quick else [int(n) for n in args.prefill_lengths.split(',')]
     args.kv = [1024, 4096]
     args.repeats = 1 if args.quick else args.repeats
     meta = {'cpu': cpu_info(), 'uptime_start': uptime(), 'threads': args.threads,

@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 
 def load1() -> float:
@@ -19,6 +20,16 @@ def load1() -> float:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return float('nan')
+
+
+def wait_for_quiet(limit: float, minutes: int = 5, say=print) -> float:
+    """Wait (at most ``minutes``, checking each minute) for a 1-minute load under ``limit``."""
+    for _ in range(minutes):
+        if load1() <= limit:
+            break
+        say(f'load {load1()} > {limit}: waiting 60 s')
+        time.sleep(60)
+    return load1()
 
 
 def cpu_info() -> dict:
