@@ -81,15 +81,16 @@ def mixed_goals(
     out = []
     for i in range(n):
         cancel = 0.3 if cancel_every and i % cancel_every == cancel_every - 1 else None
-        out.append(
-            GoalSpec(
-                rng.choice(PROMPTS),
-                rng.choice(budgets),
-                rng.choice((1, 4, 12)),
-                rng.choice(('', 'kill', 'truncate')),
-                cancel,
-            )
+        spec = GoalSpec(
+            rng.choice(PROMPTS),
+            rng.choice(budgets),
+            rng.choice((1, 4, 12)),
+            rng.choice(('', 'kill', 'truncate')),
+            cancel,
         )
+        if cancel is not None:  # one that is still running when its cancel comes
+            spec.budget_s, spec.max_new_tokens = max(budgets), 400
+        out.append(spec)
     return out
 
 

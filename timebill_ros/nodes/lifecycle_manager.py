@@ -33,6 +33,8 @@ from timebill_ros.nodes.heartbeat import heartbeat_topic
 from timebill_ros.nodes.qos import HEARTBEAT_QOS, TRANSITIONS
 from timebill_ros.nodes.spin import N_THREADS, run_node, safe_reason, wait_first
 
+RECONCILE_S = 5.0  # a live node short of the system's state is brought back this often
+
 NAME = 'timebill_lifecycle_manager'
 # bring-up order: the predictor answers the server's requests, the generator serves them, and the
 # server accepts goals last (so it never accepts one the others cannot take)
@@ -67,6 +69,7 @@ class LifecycleManager(LifecycleNode):
         self.beats: dict[str, Heartbeat] = {}
         self.beat_at: dict[str, float] = {}  # time.monotonic() of each node's last heartbeat
         self.lost: set = set()
+        self._retried: dict[str, float] = {}  # node -> time.monotonic() of the last reconcile
         self._beat_cv = threading.Condition()
         self._lock = threading.Lock()  # one transition of the system at a time
         group = ReentrantCallbackGroup()
@@ -212,6 +215,30 @@ class LifecycleManager(LifecycleNode):
                 self.get_logger().error(
                     f'lost {node} (pid {pid}): no heartbeat for {silent:.1f} s'
                 )
+        self._reconcile(now)
+
+    def _reconcile(self, now: float) -> None:
+        """
+        Bring back a live node still short of the system's state (a bring-back that timed out).
+
+        Not while the system itself is in transition, not a node whose configure failed (its
+        heartbeat carries the error: retrying would only repeat it), and each node at most once
+        every ``RECONCILE_S``.
+        """
+        if not self.bring_back or self.want == 'unconfigured' or self._lock.locked():
+            return
+        behind = {'inactive': ('unconfigured',), 'active': ('unconfigured', 'inactive')}
+        for node, beat in list(self.beats.items()):
+            fresh = now - self.beat_at.get(node, 0.0) < self.liveness_s
+            if (fresh and not beat.error and beat.state in behind.get(self.want, ())
+                    and now - self._retried.get(node, -RECONCILE_S) >= RECONCILE_S):
+                self._retried[node] = now
+                self.get_logger().warning(
+                    f'{node} is {beat.state}, the system is {self.want}: bringing it back'
+                )
+                threading.Thread(
+                    target=self._bring_back, args=(node,), name='timebill_bring_back', daemon=True
+                ).start()
 
 
 def main(args=None) -> int:
