@@ -11,10 +11,12 @@ int4 is group-32 asymmetric (a scale and a minimum per 32 weights): exactly GGUF
 so GGUF 4-bit blocks (Q4_0/Q4_1/Q4_K) become int4 layers without loss (``gguf_weights.py``
 reads them); float checkpoints are quantised at load time.
 Few-row calls (decode) run the engine's AVX2 kernels (``kernels/``, int16 activations) where
-they build, else torch's CPU int4 kernel (fast only with AVX-512 and bf16 inputs); prefill goes
-through a dense copy of the same weights (``prefill_weights``): bf16 where the CPU multiplies
-bf16 natively (AVX512-BF16/AMX: 2 extra bytes per weight), else fp32 (on AVX2 a bf16 GEMM is ~5×
-slower than fp32: 4 extra bytes per weight), or none (the int4 kernel, slower, no extra memory).
+they build, else torch's CPU int4 kernel (fast only with AVX-512 and bf16 inputs). Many-row calls
+(prefill) multiply int8-quantised rows by the same Q4_1 blocks or int8 weights (``q4_1_gemm``,
+``q8_gemm``: AVX-512 VNNI or AVX2): faster than a dense fp32 (AVX2) or bf16 (AVX-512) GEMM and no
+extra memory, so ``prefill_weights='auto'`` keeps no dense copy where those kernels load. A dense
+copy stays an explicit option (``bf16``: 2 extra bytes per weight, ``fp32``: 4), and is what
+``auto`` keeps where the kernels cannot run (torch's int4 kernel is slow for many rows).
 The output head is int8 per channel in the int4 format.
 """
 
@@ -29,7 +31,13 @@ import torch.nn.functional as F
 
 WEIGHT_FORMATS = ('fp32', 'bf16', 'int8', 'int4')
 GROUP = 32  # int4 group size: GGUF Q4_1's block
-DENSE_ROWS = 8  # above this many rows an int4 layer with a dense copy uses it
+DENSE_ROWS = 8  # above this many rows: the dense copy if any, else the many-row kernel
+# Many-row kernels: a block of 32 activations whose max exceeds this many times its mean |x|
+# (an outlier channel sets its int8 scale) is multiplied twice, its rounding residual too
+# (~15-bit there). SmolLM2 int4, KL to the fp32 model over 1k tokens: 0.0028 at 8 (~30 % of
+# blocks twice), 0.0060 plain int8 (inf), 0.0023 at 0 (every block, ~1.6x the work); the dense
+# copies 0.0024 (fp32) and 0.0026 (bf16).
+PREFILL_OUTLIER = 8.0
 PREFILL_WEIGHTS = ('auto', 'bf16', 'fp32', 'none')
 _INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N divisible by 16
 _log = logging.getLogger(__name__)
@@ -44,10 +52,18 @@ def check_format(fmt: str) -> str:
 
 
 def prefill_dtype(choice: str = 'auto') -> Optional[torch.dtype]:
-    """Return the dtype of int4 layers' dense prefill copy for ``choice`` (None: no copy)."""
+    """
+    Return the dtype of int4 layers' dense prefill copy for ``choice`` (None: no copy).
+
+    ``auto``: none where the engine's kernels run (their many-row GEMM is the faster prefill),
+    else bf16 where the CPU multiplies bf16 natively (AVX512-BF16/AMX), else fp32 (on AVX2 a
+    bf16 GEMM is ~5x slower than fp32).
+    """
     if choice not in PREFILL_WEIGHTS:
         raise ValueError(f'prefill_weights must be one of {PREFILL_WEIGHTS}, got {choice!r}')
-    if choice == 'auto':
+    if choice == 'auto' and _kernels(torch.device('cpu')) is not None:
+        choice = 'none'
+    elif choice == 'auto':
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         choice = 'bf16' if native else 'fp32'
     return {'bf16': _BF16, 'fp32': torch.float32, 'none': None}[choice]
@@ -90,16 +106,13 @@ def _kernels(device: torch.device):
     return kernels.load()
 
 
-def _few_rows(x2: torch.Tensor) -> bool:
-    return x2.shape[0] <= DENSE_ROWS and x2.dtype == torch.float32
-
-
 class Int8Linear(nn.Module):
     """
     Symmetric per-output-channel int8 weights.
 
-    Few rows (decode) go through the engine's int8 kernel where it runs, else torch's
-    ``_weight_int8pack_mm`` (bf16 activations).
+    Where the engine's kernels run, few rows (decode) take the int16-activation kernel and
+    many rows (prefill) the int8-activation GEMM; elsewhere torch's ``_weight_int8pack_mm``
+    (bf16 activations).
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -120,8 +133,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self._kern is not None and _few_rows(x2):
-            y = self._kern.q8_linear(x2.contiguous(), self.qweight, self.scale32)
+        if self._kern is not None:
+            x2 = x2.float().contiguous()
+            if x2.shape[0] <= DENSE_ROWS:
+                y = self._kern.q8_linear(x2, self.qweight, self.scale32)
+            else:
+                y = self._kern.q8_gemm(x2, self.qweight, self.scale32, PREFILL_OUTLIER)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(_BF16), self.qweight, self.scale)
         y = y.to(x.dtype)
@@ -134,10 +151,11 @@ class Int4Linear(nn.Module):
     Group-32 asymmetric int4 weights.
 
     Built from per-group integer codes ``q`` (0..15), scales ``d`` and minima ``m``, weight =
-    d·q + m, as in GGUF Q4_1. Stored as Q4_1 blocks for the engine's AVX2 kernel where it runs
-    (int8 activations, as llama.cpp's Q4_1 × Q8_1), else packed for torch's CPU int4 kernel
-    (bf16 activations). With ``dense`` (a dtype) a dense copy serves calls of many rows
-    (prefill), where a few-row kernel is slow.
+    d·q + m, as in GGUF Q4_1. Stored as Q4_1 blocks for the engine's kernels where they run
+    (few rows: int16 activations; many rows: int8 activations as llama.cpp's Q4_1 × Q8_1, a
+    residual pass on outlier blocks), else packed for torch's CPU int4 kernel (bf16
+    activations). With ``dense`` (a dtype) a dense copy serves calls of many rows (prefill)
+    instead.
     """
 
     def __init__(
@@ -196,8 +214,12 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.dense is not None and x2.shape[0] > DENSE_ROWS:
             y = F.linear(x2.to(self.dense.dtype), self.dense)
-        elif self._kern is not None and x2.dtype == torch.float32:
-            y = self._kern.q4_1_linear(x2.contiguous(), self.q4_blocks, self.q4_d, self.q4_m)
+        elif self._kern is not None:
+            x2, w = x2.float().contiguous(), (self.q4_blocks, self.q4_d, self.q4_m)
+            if x2.shape[0] <= DENSE_ROWS:
+                y = self._kern.q4_1_linear(x2, *w)
+            else:
+                y = self._kern.q4_1_gemm(x2, *w, PREFILL_OUTLIER)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(_BF16).contiguous(), self.packed, GROUP, self.scales_zeros
