@@ -39,7 +39,8 @@ class TimeBillConfig:
     # Linear-layer weights: fp32 | bf16 | int8 | int4 (core/weights.py); int8/int4 run as bf16 on
     # a GPU. int4 reads 0.6 bytes per weight instead of 4: decode ~3x faster on a CPU.
     weights: str = 'int4'
-    # int4: dense copy for prefill: auto (bf16 on AVX512-BF16/AMX, else fp32) | bf16 | fp32 | none
+    # int4 prefill: auto (no dense copy where the engine's kernels run, else a bf16 one on
+    # AVX512-BF16/AMX or fp32) | bf16 | fp32 (a dense copy beside the int4 blocks) | none
     prefill_weights: str = 'auto'
     device: str = 'cpu'
     threads: int = 2  # torch intra-op threads; 0 = leave torch's default
