@@ -45,6 +45,15 @@ def errors(x, y, w, err=0.5):
     return over, float((y - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
+def split_equal(kern, x, *weights) -> bool:
+    """Tell whether rows computed in uneven groups equal the same rows in one call, bitwise."""
+    fn = kern.q4_1_gemm if len(weights) == 3 else kern.q8_gemm
+    whole = fn(x, *weights, 8.0)
+    parts = torch.cat([fn(x[a:b].contiguous(), *weights, 8.0)
+                       for a, b in ((0, 1), (1, 8), (8, 21), (21, len(x)))])
+    return torch.equal(whole, parts)
+
+
 def check_all(kern):
     """Run both GEMMs over ROWS x SHAPES x OUTLIERS; return {case: (error / bound, rel)}."""
     out = {}
@@ -60,6 +69,12 @@ def check_all(kern):
                 y8 = kern.q8_gemm(x, q8.qweight, q8.scale32, outlier)
                 out[f'q4 {m}x{k}x{n} outlier {outlier}'] = errors(x, y4, q4.dequantized(), err)
                 out[f'q8 {m}x{k}x{n} outlier {outlier}'] = errors(x, y8, q8.dequantized(), err)
+        x = torch.randn(300, k, generator=g)
+        x[::3, 5] *= 40  # some rows' blocks take the residual pass, their neighbours' not
+        out[f'split {k}x{n}'] = (
+            split_equal(kern, x, q4.q4_blocks, q4.q4_d, q4.q4_m)
+            and split_equal(kern, x, q8.qweight, q8.scale32)
+        )
     return out
 
 
@@ -83,6 +98,8 @@ def test_each_variant_this_cpu_runs_stays_within_the_activation_rounding(isa):
     assert run.returncode == 0, run.stderr
     info, result = json.loads(run.stdout.splitlines()[-1])
     assert info['isa'] == isa
+    split = {case: result.pop(case) for case in list(result) if case.startswith('split')}
+    assert split and all(split.values()), split  # a row's result is its own, however grouped
     assert len(result) == 2 * len(ROWS) * len(SHAPES) * len(OUTLIERS)
     for case, (over, rel) in result.items():
         assert over <= 1.0, (case, over)

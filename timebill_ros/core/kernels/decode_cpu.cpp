@@ -326,11 +326,13 @@ constexpr int64_t kRowChunk = 96;               // rows per task (a multiple of 
 // from one pointer: codes [tile][block][quad][row][4], scales [tile][block][row].
 //
 // Int8 rounding costs the most where one large value (LLM activations have outlier channels)
-// sets a block's scale for 31 small ones. A block of a tile where some row's max exceeds
-// `outlier` x its mean |x| also gets the rounding residual as a second code, r = round((x -
-// d q) * 256 / d): the tile's block is then multiplied twice (q at scale d, r at d / 256),
-// ~15-bit activations there. outlier 0: every block; infinite: none (plain Q8_1).
-// `offset`: codes + 128 as u8 (VNNI's unsigned operand, for int8 weights).
+// sets a block's scale for 31 small ones. A row's block whose max exceeds `outlier` x its mean
+// |x| also gets the rounding residual as a second code, r = round((x - d q) * 256 / d), ~15-bit
+// activations there; a tile's block is multiplied a second time (r at scale d / 256) when one
+// of its rows has them, the others' residual codes adding exact zeros: a row's result never
+// depends on the rows beside it (chunked and one-pass prefills agree). outlier 0: every block;
+// infinite: none (plain Q8_1). `offset`: codes + 128 as u8 (VNNI's unsigned operand, for int8
+// weights); a residual code without the pass is a plain 0 (no +128 to undo).
 struct Q8Rows {
   std::vector<int8_t> q, r;    // first and second (residual) codes
   std::vector<float> d, s;     // the block's scale; the row's factor of the weights' term
@@ -373,7 +375,7 @@ Q8Rows quantize_rows8(const float* x, int64_t m, int64_t k, bool offset, float o
   out.tiles = (m + kRowTile - 1) / kRowTile;
   const int8_t zero = offset ? static_cast<int8_t>(-128) : 0;
   out.q.assign(out.tiles * kRowTile * k, zero);
-  out.r.assign(out.tiles * kRowTile * k, zero);
+  out.r.assign(out.tiles * kRowTile * k, 0);
   out.d.assign(out.tiles * kRowTile * nb, 0.0f);
   out.s.assign(out.tiles * kRowTile * nb, 0.0f);
   out.twice.assign(out.tiles * nb, 0);
@@ -383,7 +385,7 @@ Q8Rows quantize_rows8(const float* x, int64_t m, int64_t k, bool offset, float o
       const int64_t t = tb / nb, b = tb % nb;
       const int rows = static_cast<int>(std::min<int64_t>(kRowTile, m - t * kRowTile));
       float mx[kRowTile];
-      bool twice = false;
+      bool twice[kRowTile] = {}, any = false;
       for (int r = 0; r < rows; ++r) {
         const float* xb = x + ((t * kRowTile + r) * nb + b) * kGroup;
         __m256 amax = _mm256_setzero_ps(), asum = _mm256_setzero_ps();
@@ -395,9 +397,10 @@ Q8Rows quantize_rows8(const float* x, int64_t m, int64_t k, bool offset, float o
         __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
         a = _mm_max_ps(a, _mm_movehl_ps(a, a));
         mx[r] = _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
-        twice |= mx[r] > 0.0f && mx[r] * kGroup >= outlier * hsum(asum);
+        twice[r] = mx[r] > 0.0f && mx[r] * kGroup >= outlier * hsum(asum);
+        any |= twice[r];
       }
-      out.twice[tb] = twice;
+      out.twice[tb] = any;
       for (int r = 0; r < rows; ++r) {
         const float* xb = x + ((t * kRowTile + r) * nb + b) * kGroup;
         __m256 v[4];
@@ -408,7 +411,7 @@ Q8Rows quantize_rows8(const float* x, int64_t m, int64_t k, bool offset, float o
         const int64_t at = tb * kRowTile + r;  // this row's slot in its tile's block
         int8_t* dst = out.q.data() + tb * kRowTile * kGroup + r * 4;
         store_quads(q, offset, dst);
-        if (twice) {  // the residual after the first rounding, in steps of d / 256
+        if (twice[r]) {  // the residual after the first rounding, in steps of d / 256
           __m256 res[4];
           const __m256 vd = _mm256_set1_ps(d);
           const __m128i q8lo = _mm256_castsi256_si128(q), q8hi = _mm256_extracti128_si256(q, 1);
