@@ -8,10 +8,21 @@ Scripts import it as a sibling (``benchmarks/`` is put on sys.path by the script
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import platform
 import subprocess
 import sys
 import time
+
+
+LICENSES = Path('/usr/share/common-licenses')  # real English text on every Debian/Ubuntu box
+
+
+def licence_words() -> list:
+    """Return the words of the system's licence texts: prompt material that needs no download."""
+    return ' '.join(
+        p.read_text(errors='replace') for p in sorted(LICENSES.glob('*')) if p.is_file()
+    ).split()
 
 
 def load1() -> float:

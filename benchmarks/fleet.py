@@ -35,20 +35,13 @@ import threading
 import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also under -P
-from benchkit import cpu_info, load1  # noqa: E402,I100
+from benchkit import cpu_info, licence_words, load1  # noqa: E402,I100
 
-LICENSES = Path('/usr/share/common-licenses')
 QUESTIONS = (
     'Summarise the text above in one sentence.',
     'Which rights does the text above grant?',
     'Name one condition the text above sets.',
 )
-
-
-def words() -> list:
-    text = ' '.join(p.read_text(errors='replace') for p in sorted(LICENSES.glob('*'))
-                    if p.is_file())
-    return text.split() or ['robot'] * 1000
 
 
 def client_for(domain: int, name: str):
@@ -249,7 +242,7 @@ def main() -> int:
     reexec_with_ros_env()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = words()
+    corpus = licence_words() or ['robot'] * 1000
     started = time.strftime('%Y-%m-%d %H:%M')
     rows = [phase(n, args, args.domain + n, corpus, out_dir) for n in (1, 2)]
     one, two = rows

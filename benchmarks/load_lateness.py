@@ -44,10 +44,9 @@ import sys
 import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, also under -P
-from benchkit import proc_status  # noqa: E402,I100
+from benchkit import licence_words, proc_status  # noqa: E402,I100
 from lateness_report import report  # noqa: E402
 
-LICENSES = Path('/usr/share/common-licenses')
 SHORT = (
     'Is the corridor clear?',
     'Where is the charging dock?',
@@ -89,9 +88,7 @@ def planner(args) -> int:
     from timebill_ros.client import TimeBillClient
 
     rng = random.Random(1000 + args.worker)
-    words = ' '.join(
-        p.read_text(errors='replace') for p in sorted(LICENSES.glob('*')) if p.is_file()
-    ).split()
+    words = licence_words()
     out = Path(args.out) / f'planner{args.worker}.json'
     records: list = []
 

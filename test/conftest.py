@@ -27,6 +27,19 @@ def tiny():
     return tiny_model()
 
 
+def run_python(code: str, *args: str, cwd=None, **env):
+    """Run ``code`` in a fresh interpreter (``env`` added), fail with its stderr; the result."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, '-c', code, *args], env=dict(os.environ, **env), capture_output=True,
+        text=True, timeout=600, cwd=cwd,
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 # ---- ROS fixtures: one bringup of the three nodes, shared by the test_ros_* files ----
 def _ros_built() -> bool:
     try:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+from conftest import run_python
 import pytest
 from timebill_ros.core import kernels
 from timebill_ros.core import weights as W
@@ -24,16 +25,6 @@ needs_kernels = pytest.mark.skipif(K is None, reason=f'kernels off: {kernels.why
 
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def _python(code, cwd=None, **env):
-    """Run ``code`` in a fresh interpreter (kernels.load() caches per process)."""
-    out = subprocess.run(
-        [sys.executable, '-c', code], env=dict(os.environ, **env), capture_output=True,
-        text=True, timeout=600, cwd=cwd,
-    )
-    assert out.returncode == 0, out.stderr
-    return out
 
 
 @needs_kernels
@@ -65,7 +56,7 @@ def test_each_built_variant_this_cpu_runs_computes_the_reference(isa):
         'y = K.q4_1_linear(x, layer.q4_blocks, layer.q4_d, layer.q4_m)\n'
         'print(json.dumps([kernels.origin(), float((y - ref).norm() / ref.norm())]))\n'
     )
-    info, err = json.loads(_python(code, TIMEBILL_KERNELS_ISA=isa).stdout.splitlines()[-1])
+    info, err = json.loads(run_python(code, TIMEBILL_KERNELS_ISA=isa).stdout.splitlines()[-1])
     assert (info['source'], info['isa']) == ('prebuilt', isa)
     assert err < 1e-4
 
@@ -113,14 +104,14 @@ def test_without_a_build_the_recipe_is_compiled_once_per_key_with_a_warning(tmp_
         'TIMEBILL_CACHE': str(tmp_path / 'cache'),
         'TIMEBILL_KERNELS_ISA': 'avx2',
     }
-    first = _python(code, cwd=tmp_path, **env)  # not the repo: '' on sys.path is the cwd
+    first = run_python(code, cwd=tmp_path, **env)  # not the repo: '' on sys.path is the cwd
     where, info, why = json.loads(first.stdout.splitlines()[-1])
     assert where.startswith(str(pkg)) and why is None
     assert info['source'] == 'jit' and info['isa'] == 'avx2'
     assert Path(info['path']).is_relative_to(tmp_path / 'cache' / 'kernels')
     assert f"no prebuilt library for avx2/{info['tag']}" in first.stderr
     built = Path(info['path']).stat().st_mtime_ns
-    _, again, _ = json.loads(_python(code, cwd=tmp_path, **env).stdout.splitlines()[-1])
+    _, again, _ = json.loads(run_python(code, cwd=tmp_path, **env).stdout.splitlines()[-1])
     assert again['source'] == 'jit' and again['path'] == info['path']
     assert Path(info['path']).stat().st_mtime_ns == built
 

@@ -13,9 +13,8 @@ under 2 % (~0.5 % for Gaussian rows, ~1 % with an outlier channel that takes a b
 
 import json
 import os
-import subprocess
-import sys
 
+from conftest import run_python
 import pytest
 from timebill_ros.core import kernels
 from timebill_ros.core import weights as W
@@ -91,11 +90,7 @@ def test_each_variant_this_cpu_runs_stays_within_the_activation_rounding(isa):
         'import test_quant_prefill as t\n'
         'print(json.dumps([kernels.origin(), t.check_all(kernels.load())]))\n'
     )
-    run = subprocess.run(
-        [sys.executable, '-c', code, os.path.dirname(__file__)], capture_output=True, text=True,
-        timeout=600, env=dict(os.environ, TIMEBILL_KERNELS_ISA=isa),
-    )
-    assert run.returncode == 0, run.stderr
+    run = run_python(code, os.path.dirname(__file__), TIMEBILL_KERNELS_ISA=isa)
     info, result = json.loads(run.stdout.splitlines()[-1])
     assert info['isa'] == isa
     split = {case: result.pop(case) for case in list(result) if case.startswith('split')}

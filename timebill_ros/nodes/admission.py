@@ -21,13 +21,14 @@ def grace_s(beat, cfg, n_prompt: int, max_new: int, overrun: str) -> float:
     return answer_grace_s(model, chunk, n_prompt, max_new, overrun)
 
 
-def hopeless(beat, fresh: bool, cfg, now: float, n_prompt: int, deadline: float) -> str:
+def hopeless(beat, cfg, now: float, n_prompt: int, deadline: float) -> str:
     """
     Say why a goal cannot finish even alone at α_max, by the generator's own time model.
 
     The generator would refuse it too (its check also counts the goals ahead); answering
     here saves the refusal two round trips through loaded executors. '' when it may fit or
-    the generator's model is not known (then the generator decides).
+    the generator's model is not known (then the generator decides). ``beat`` is a recent
+    heartbeat (the caller's ``Fleet.fresh``).
 
     The server does not know what the generator's prefix cache holds, so this is a true
     lower bound only in the best case: every prompt token but the last cached
@@ -35,7 +36,7 @@ def hopeless(beat, fresh: bool, cfg, now: float, n_prompt: int, deadline: float)
     copying cached tokens above computing them. A goal is refused here only when it cannot
     finish either way; the generator, which knows the cache, decides exactly.
     """
-    if not fresh or beat is None or not beat.time_model or cfg is None:
+    if beat is None or not beat.time_model or cfg is None:
         return ''
     model = ExecutionTimeModel(*beat.time_model)
     best = max(n_prompt - 1, 0)

@@ -23,7 +23,8 @@ PARAMETERS = {
     'dtype': ('activation dtype of the target model: float32 | bfloat16 | float16', None),
     'weights': ('weight format of the target model: fp32 | bf16 | int8 | int4', None),
     'prefill_weights': (
-        'int4 prefill weights: auto | bf16 | fp32 | none (dense copy, more memory)',
+        'int4 prefill: auto (from the quantised weights where the kernels load) | none | '
+        'bf16 | fp32 (a dense copy: more memory)',
         None,
     ),
     'device': ('torch device of the target model: cpu | cuda[:n]', None),

@@ -10,6 +10,8 @@ result's reason says so with the times; when none can finish it, it ends with wh
 
 from __future__ import annotations
 
+from collections import Counter
+
 from rclpy.task import Future
 from timebill_ros.action import Generate, TimedInference
 from timebill_ros.msg import Request
@@ -65,7 +67,7 @@ def serve(node, goal_handle, ctx) -> TimedInference.Result:
     )
     fleet = node.fleet
     present = fleet.fresh(cfg.peer_timeout_s)
-    refusals = [hopeless(p.beat, True, cfg, ros_now_s(node), n_prompt, deadline) for p in present]
+    refusals = [hopeless(p.beat, cfg, ros_now_s(node), n_prompt, deadline) for p in present]
     if present and all(refusals):  # by the generators' own models: saves two round trips
         return end(R.STATUS_REJECTED, refusals[0] if len(present) == 1 else '; '.join(
             f'{p.name}: {why}' for p, why in zip(present, refusals)))
@@ -82,10 +84,7 @@ def serve(node, goal_handle, ctx) -> TimedInference.Result:
     tried, history = [], []
     result.dispatch_at_s = rel()
     while True:
-        inflight = {}
-        for g in list(node._goals.values()):
-            if g.dispatched and g.generator:
-                inflight[g.generator] = inflight.get(g.generator, 0) + 1
+        inflight = Counter(g.generator for g in list(node._goals.values()) if g.dispatched)
         choices = fleet.choose(cfg, deadline - ros_now_s(node), goal.prompt, goal.system_prompt,
                                n_prompt, max_new, min(cap, cfg.alpha_max), exclude=tried,
                                inflight=inflight)
@@ -94,7 +93,7 @@ def serve(node, goal_handle, ctx) -> TimedInference.Result:
             return end(R.STATUS_ABORTED, '; '.join(history + [why]))
         peer = fleet.peers[choices[0].name]
         if tried:  # a re-dispatch: only when this generator can still finish it
-            late = hopeless(peer.beat, True, cfg, ros_now_s(node), n_prompt, deadline)
+            late = hopeless(peer.beat, cfg, ros_now_s(node), n_prompt, deadline)
             if late:
                 return end(R.STATUS_ABORTED, '; '.join(history + [f'{peer.name}: {late}']))
             history[-1] += f'; re-dispatched to {peer.name} at {rel():.3f} s'
