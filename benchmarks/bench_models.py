@@ -12,7 +12,8 @@ values do not change a timing) into ``$TIMEBILL_CACHE/bench_models/`` with SmolL
 Every (size, prefill_weights) runs in its own process, loaded through ``Engine.from_config``
 (model = the .gguf file): RSS held after the load and the peak during it (/proc VmRSS, VmHWM
 reset before), the GGUF size, the KV cache of the configured context (the model's
-``max_position_embeddings``, fp32 KV, or ``--context``), prefill tok/s at 1k/4k (random ids,
+``max_position_embeddings``, or ``--context``; bytes per the config's ``kv_dtype``, or
+``--kv-dtype``), prefill tok/s at 1k/4k (random ids,
 chunks of the config's ``prefill_chunk``) and decode ms/token at KV 1k/4k (a written cache, as
 calibration times it). Prefill runs twice: the default ``prefill_weights`` and the other path
 (a dense copy vs the quantised layers); llama.cpp runs the same file when ``llama_cpp`` imports.
@@ -79,8 +80,10 @@ def hf_config(name: str):
     return AutoConfig.for_model(spec.pop('model_type'), **spec)
 
 
-def facts(cfg) -> dict:
-    """Parameters of a config and the per-token KV bytes (fp32), counted on a meta skeleton."""
+def facts(cfg, kv_dtype: str = 'float32') -> dict:
+    """Parameters of a config and the per-token KV bytes (``kv_dtype``), on a meta skeleton."""
+    from timebill_ros.core.kv_cache import kv_dtype as torch_kv_dtype
+
     from accelerate import init_empty_weights
     from torch import nn
     from transformers import AutoModelForCausalLM
@@ -96,7 +99,9 @@ def facts(cfg) -> dict:
         'params': sum(p.numel() for p in model.parameters()),
         'linear_params': linear,
         'embedding_params': cfg.vocab_size * cfg.hidden_size,
-        'kv_bytes_per_token': 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4,
+        'kv_bytes_per_token': 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim
+        * torch_kv_dtype(kv_dtype).itemsize,
+        'kv_dtype': kv_dtype,
         'max_position_embeddings': cfg.max_position_embeddings,
     }
 
@@ -154,7 +159,7 @@ def child(job: dict) -> dict:
 
     kernels.load()
     cfg = TimeBillConfig(model=job['spec'], prefill_weights=job['prefill_weights'],
-                         threads=job['threads'])
+                         threads=job['threads'], kv_dtype=job.get('kv_dtype', 'float32'))
     before = proc_status()
     reset_peak()
     t0 = time.monotonic()
@@ -253,7 +258,7 @@ def measure(name: str, args, say) -> dict:
     from timebill_ros.core.weights import prefill_dtype
 
     cfg = hf_config(name)
-    f = facts(cfg)
+    f = facts(cfg, args.kv_dtype)
     say(f'{name}: GGUF')
     written = run_child({'write': name}, args.child_timeout)
     if 'error' in written:
@@ -278,7 +283,7 @@ def measure(name: str, args, say) -> dict:
         job = {'spec': written['gguf'] if SHAPES[name] else DEFAULT_MODEL,
                'prefill_weights': pw, 'threads': args.threads, 'prefill': args.prefill,
                'decode': args.kv if pw == default else [], 'repeats': args.repeats,
-               'prefill_limit_s': args.prefill_limit_s}
+               'prefill_limit_s': args.prefill_limit_s, 'kv_dtype': args.kv_dtype}
         if args.wait_quiet:
             wait_for_quiet(args.wait_quiet, say=lambda m: print(f'  {m}', flush=True))
         res = run_child(job, args.child_timeout)
@@ -300,6 +305,7 @@ def main(argv=None) -> int:
     ap.add_argument('--sizes', default='', help=f'comma-separated, of {", ".join(SHAPES)}')
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--context', type=int, default=0, help="KV context (0: the model's)")
+    ap.add_argument('--kv-dtype', default='', help="the engine's kv_dtype (empty: the config's)")
     ap.add_argument('--repeats', type=int, default=2, help='prefill repeats (the best counts)')
     ap.add_argument('--prefill-lengths', default='1024,4096', help='prompt tokens to prefill')
     ap.add_argument('--prefill-limit-s', type=float, default=900.0,
@@ -325,6 +331,10 @@ def main(argv=None) -> int:
         ap.error(f'unknown sizes {unknown}; known: {", ".join(SHAPES)}')
     args.prefill = [1024] if args.quick else [int(n) for n in args.prefill_lengths.split(',')]
     args.kv = [1024, 4096]
+    if not args.kv_dtype:
+        from timebill_ros.core.config import TimeBillConfig
+
+        args.kv_dtype = TimeBillConfig().kv_dtype
     args.repeats = 1 if args.quick else args.repeats
     meta = {'cpu': cpu_info(), 'uptime_start': uptime(), 'threads': args.threads,
             'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'argv': sys.argv[1:]}

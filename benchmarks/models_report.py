@@ -91,7 +91,8 @@ def markdown(rows: list, meta: dict) -> str:
             notes.append(f'- {row["size"]} llama.cpp: {cpp.get("skipped") or cpp.get("error")}')
     lines += ['', 'RSS held: VmRSS after `Engine.from_config`; peak: VmHWM during it (reset '
               'before), from: the RSS before the load (interpreter, torch, transformers). KV: '
-              'fp32 keys and values for the whole context.']
+              f'{rows[0].get("kv_dtype", "float32") if rows else "float32"} keys and values for '
+              'the whole context.']
     return '\n'.join(lines + ([''] + sorted(set(notes)) if notes else []) + [''])
 
 

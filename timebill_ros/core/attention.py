@@ -3,7 +3,8 @@ The engine's attention: one-token decode, chunked prefill, and the press's windo
 
 Registered with transformers under ``ATTENTION_NAME``; ``collect`` (thread-local) carries what a
 scoring prefill asks of it: the press, the dict its scores go to, whether a chunk follows cached
-keys.
+keys. A 16-bit KV cache (``kv_dtype``) is read as it is by the C++ one-token attention; every
+other path widens the cached keys/values to the query's dtype once per call (a prefill chunk).
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 
     if query.shape[2] == 1 and _decode_fast_path(query, key, kwargs):
         return _decode_attention(query, key, value, kwargs.get('scaling')), None
+    key, value = _widen(key, query), _widen(value, query)
     press = getattr(collect, 'press', None)
     if press is not None and query.shape[2] > 1:
         collect.scores[module.layer_idx] = press.score(module, _as_full_query(query, key), key)
     if getattr(collect, 'chunk', False) and _chunk_fast_path(query, key, kwargs):
         return _chunk_attention(query, key, value, kwargs.get('scaling')), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _widen(cached: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Return cache entries in the query's dtype (a copy only when the cache is 16-bit)."""
+    return cached if cached.dtype == query.dtype else cached.to(query.dtype)
 
 
 _FLASH_CPU = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
@@ -83,15 +90,23 @@ def _decode_attention(query, key, value, scaling):
         out = kern.decode_attention(q, key[0], value[0], key.shape[2], scale)
         return out.reshape(b, 1, hq, d)
     packed = query.reshape(b, hkv, hq // hkv, d)
+    key, value = _widen(key, query), _widen(value, query)
     out = F.scaled_dot_product_attention(packed, key, value, scale=scaling)
     return out.reshape(b, 1, hq, d)
 
 
+_KERNEL_KV = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _decode_kernels(query, key, value):
-    """Return the engine's AVX2 kernels if they take this attention (fp32 CPU, one sequence)."""
+    """
+    Return the engine's AVX2 kernels if they take this attention.
+
+    That is an fp32 query on the CPU, one sequence, and an fp32, fp16 or bf16 cache.
+    """
     if query.device.type != 'cpu' or query.dtype != torch.float32 or query.shape[0] != 1:
         return None
-    if key.dtype != torch.float32 or value.dtype != torch.float32 or query.shape[-1] % 8:
+    if key.dtype not in _KERNEL_KV or value.dtype != key.dtype or query.shape[-1] % 8:
         return None
     if key.stride(-1) != 1 or value.stride(-1) != 1 or value.shape[-1] != query.shape[-1]:
         return None

@@ -38,6 +38,7 @@ class Engine(PromptInput, DecodeLoop):
         preallocate: bool = True,
         model_name: str = '',
         prefix_cache: Optional[PrefixCache] = None,
+        kv_dtype: Optional[str] = None,
         **press_options,
     ):
         """
@@ -45,12 +46,17 @@ class Engine(PromptInput, DecodeLoop):
 
         ``press_options`` (window_size, kernel_size, pooling, n_sink) go to the press that
         declares them. ``prefix_cache``: reuse the KV of cached prompt prefixes (None: off).
+        ``kv_dtype`` (float32 | float16 | bfloat16): what the KV cache stores; None: the
+        model's dtype.
         """
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.press = press if isinstance(press, Press) else get_press(press, **press_options)
         self.chat_template = chat_template
         self.preallocate = preallocate
+        self.kv_dtype = kv_cache.kv_dtype(kv_dtype) if kv_dtype is not None else model.dtype
+        if not preallocate and self.kv_dtype != model.dtype:
+            raise ValueError(f'kv_dtype {kv_dtype} needs the preallocated cache')
         self.model_name = (
             model_name or getattr(model.config, '_name_or_path', '') or model.config.model_type
         )
@@ -95,6 +101,7 @@ class Engine(PromptInput, DecodeLoop):
             kernel_size=cfg.kernel_size,
             pooling=cfg.pooling,
             n_sink=cfg.n_sink,
+            kv_dtype=cfg.kv_dtype,
         )
         engine.prefill_chunk = cfg.prefill_chunk or None
         engine.grammars.warm()  # llguidance's token trie: seconds once here, not in a goal
@@ -145,8 +152,12 @@ class Engine(PromptInput, DecodeLoop):
         cfg = self.model.config.get_text_config(decoder=True)
         head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, 'num_key_value_heads', None) or cfg.num_attention_heads
-        elem = torch.finfo(self.model.dtype).bits // 8
+        elem = torch.finfo(self.kv_dtype).bits // 8
         return 2 * self.num_layers * kv_heads * head_dim * elem
+
+    def _cache_dtype(self) -> Optional[torch.dtype]:
+        """Return what ``make_cache`` is told to store (None: the model's, as DynamicCache)."""
+        return self.kv_dtype if self.preallocate else None
 
     def reuse_limit(self, ids: Sequence[int]) -> int:
         """
@@ -217,7 +228,7 @@ class Engine(PromptInput, DecodeLoop):
         scorer = self._scorer(ids)
         lease = self._lease(ids, prefix, prime) if pc is not None else None
         cap = capacity or min(self.max_context, len(ids) + 512)
-        cache = kv_cache.make_cache(self.num_layers, cap, self.preallocate)
+        cache = kv_cache.make_cache(self.num_layers, cap, self.preallocate, self._cache_dtype())
         start = 0
         if lease is not None:
             start = pc.copy_into(lease, cache)

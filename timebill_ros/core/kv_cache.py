@@ -5,20 +5,40 @@ transformers' ``DynamicLayer.update`` does ``torch.cat([keys, new])`` every toke
 the full cache each step; at 8k tokens that copy costs as much as the attention itself.
 Here each layer owns a buffer sized for prompt + answer and hands the model views of its
 first ``length`` entries. Eviction compacts the kept entries to the front of the buffer.
+
+The buffer may hold 16-bit keys/values (config ``kv_dtype``): half the bytes per cached token.
+New entries are rounded as they are written; the engine's C++ attention reads them as they are,
+other readers (prefill's sdpa, the presses' scores) widen what they read (``attention.py``).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+KV_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+def kv_dtype(name: str) -> torch.dtype:
+    """Return the torch dtype of a ``kv_dtype`` setting; refuse any other name."""
+    if name not in KV_DTYPES:
+        raise ValueError(f'kv_dtype must be one of {", ".join(KV_DTYPES)}, got {name!r}')
+    return KV_DTYPES[name]
+
 
 class PreallocatedLayer(DynamicLayer):
-    """One layer's keys/values in a buffer of ``capacity`` positions (grows ×2 if outrun)."""
+    """
+    One layer's keys/values in a buffer of ``capacity`` positions (grows ×2 if outrun).
 
-    def __init__(self, capacity: int):
+    ``dtype``: what the buffer stores (None: the dtype of the first keys written).
+    """
+
+    def __init__(self, capacity: int, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.capacity = int(capacity)
+        self.dtype = dtype
         self.length = 0
         self._kbuf = self._vbuf = None
 
@@ -26,8 +46,9 @@ class PreallocatedLayer(DynamicLayer):
         b, h, _, d = key_states.shape
         self.device = key_states.device
         cap = max(self.capacity, key_states.shape[-2])
-        self._kbuf = key_states.new_empty((b, h, cap, d))
-        self._vbuf = value_states.new_empty((b, h, cap, value_states.shape[-1]))
+        dtype = self.dtype or key_states.dtype
+        self._kbuf = key_states.new_empty((b, h, cap, d), dtype=dtype)
+        self._vbuf = value_states.new_empty((b, h, cap, value_states.shape[-1]), dtype=dtype)
         self.is_initialized = True
 
     def _grow(self, needed: int):
@@ -89,7 +110,7 @@ class PreallocatedLayer(DynamicLayer):
         self.values = self._vbuf[:, :, : self.length]
 
     def clone(self) -> 'PreallocatedLayer':
-        other = PreallocatedLayer(self.capacity)
+        other = PreallocatedLayer(self.capacity, self.dtype)
         if self.is_initialized:
             other.device = self.device
             other._kbuf = self._kbuf.clone()
@@ -101,10 +122,18 @@ class PreallocatedLayer(DynamicLayer):
         return other
 
 
-def make_cache(num_layers: int, capacity: int, preallocate: bool = True) -> Cache:
-    """Make a cache for one request: preallocated (default) or transformers' DynamicCache."""
+def make_cache(
+    num_layers: int, capacity: int, preallocate: bool = True, dtype: Optional[torch.dtype] = None
+) -> Cache:
+    """
+    Make a cache for one request: preallocated (default) or transformers' DynamicCache.
+
+    ``dtype`` (preallocated only): what it stores; None: what the model writes.
+    """
     if preallocate:
-        return Cache(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+        return Cache(layers=[PreallocatedLayer(capacity, dtype) for _ in range(num_layers)])
+    if dtype is not None:
+        raise ValueError("a KV dtype other than the model's needs the preallocated cache")
     return DynamicCache()
 
 

@@ -28,6 +28,7 @@ PARAMETERS = {
         None,
     ),
     'device': ('torch device of the target model: cpu | cuda[:n]', None),
+    'kv_dtype': ('what the KV cache stores: float32 | float16 | bfloat16 (half the bytes)', None),
     'threads': ("torch intra-op threads (0: torch's default)", (0, 256)),
     'max_new_tokens': ('answer length cap for goals that ask for 0', (1, 1 << 20)),
     'chat_template': ("wrap prompts in the model's chat template", None),

@@ -172,7 +172,18 @@ def profile_key(engine) -> Dict[str, str]:
         'preallocate': str(engine.preallocate),
         'weights': engine.weights,
         'decode_step': engine.decode_step,
+        **_kv_key(str(getattr(engine, 'kv_dtype', engine.model.dtype)).replace('torch.', '')),
     }
+
+
+def _kv_key(kv_dtype: str) -> Dict[str, str]:
+    """
+    Name a 16-bit KV cache in the key (its attention reads other bytes: other timings).
+
+    An fp32 cache adds nothing, so the profiles measured before ``kv_dtype`` existed keep their
+    key and file.
+    """
+    return {} if kv_dtype == 'float32' else {'kv_dtype': kv_dtype}
 
 
 def key_from_config(cfg) -> Dict[str, str]:
@@ -202,6 +213,7 @@ def key_from_config(cfg) -> Dict[str, str]:
         'preallocate': 'True',
         'weights': effective_format(cfg.weights, device),
         'decode_step': decode_step_name(cfg.model, cfg.weights, device),
+        **_kv_key(cfg.kv_dtype),
     }
 
 

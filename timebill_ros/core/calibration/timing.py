@@ -277,7 +277,9 @@ def time_decode_step(engine, n_kv: int, repeats: int = 5) -> List[float]:
     like = torch.zeros(
         1, cfg.num_key_value_heads, 1, head_dim, dtype=engine.model.dtype, device=engine.device
     )
-    cache = kv_cache.make_cache(engine.num_layers, n_kv + 1, preallocate=True)
+    cache = kv_cache.make_cache(
+        engine.num_layers, n_kv + 1, preallocate=True, dtype=getattr(engine, 'kv_dtype', None)
+    )
     gen = torch.Generator(device=engine.device).manual_seed(n_kv)
     for layer in cache.layers:
         layer.fill_random(n_kv, like, generator=gen)

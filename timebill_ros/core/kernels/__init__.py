@@ -55,7 +55,7 @@ def cpu_supports() -> Optional[str]:
     flags = _cpu_flags()
     if flags is None:
         return None  # torch saw AVX2; trust it
-    missing = [f for f in ('avx2', 'fma') if f not in flags]
+    missing = [f for f in ('avx2', 'fma', 'f16c') if f not in flags]
     return f'CPU lacks {missing}' if missing else None
 
 

@@ -38,12 +38,13 @@ MANIFEST = 'manifest.json'
 # AVX-512 CPUs without them (Skylake-X) take avx2.
 VARIANTS = {
     'avx512': (
-        ['-mavx2', '-mfma', '-mavx512f', '-mavx512bw', '-mavx512dq', '-mavx512vl',
+        ['-mavx2', '-mfma', '-mf16c', '-mavx512f', '-mavx512bw', '-mavx512dq', '-mavx512vl',
          '-mavx512vnni', '-mavx512bf16'],
-        ['avx2', 'fma', 'avx512f', 'avx512bw', 'avx512dq', 'avx512vl', 'avx512_vnni',
+        ['avx2', 'fma', 'f16c', 'avx512f', 'avx512bw', 'avx512dq', 'avx512vl', 'avx512_vnni',
          'avx512_bf16'],
     ),
-    'avx2': (['-mavx2', '-mfma'], ['avx2', 'fma']),
+    # F16C (every AVX2 CPU has it) widens an fp16 KV cache in the attention
+    'avx2': (['-mavx2', '-mfma', '-mf16c'], ['avx2', 'fma', 'f16c']),
 }
 # cpp_extension's own flags for a CPU extension, with -O3 and OpenMP for at::parallel_for
 BASE_FLAGS = ['-O3', '-fPIC', '-std=c++20', '-fopenmp', '-DTORCH_API_INCLUDE_EXTENSION_H']

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -705,16 +706,30 @@ torch::Tensor q8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scale, dou
 
 namespace {
 
+// Eight cached elements as fp32: the cache is fp32, fp16 (F16C) or bf16 (its high half of an
+// fp32). Widened in registers as they are read: a 16-bit cache is never copied to fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const at::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
 // One query token's attention: q [Hq, D] against the first `length` entries of keys/values
 // laid out [Hkv, cap, D] with strides (h, t); out [Hq, D]. The Hq / Hkv query heads of a group
-// share its cache reads.
+// share its cache reads. T: the cache's element (float, at::Half, at::BFloat16); the arithmetic
+// is fp32 whatever it is. Both ISA variants run these 8-lane loops (Zen 4 splits 512-bit ops).
+template <typename T>
 struct KV {
-  const float* k;
-  const float* v;
+  const T* k;
+  const T* v;
   int64_t ks_h, ks_t, vs_h, vs_t, hkv;
 };
 
-void attend(const float* qp, int64_t hq, int64_t dim, const KV& kv, int64_t length, float sc,
+template <typename T>
+void attend(const float* qp, int64_t hq, int64_t dim, const KV<T>& kv, int64_t length, float sc,
             float* op) {
   const int64_t hkv = kv.hkv, group = hq / hkv, nv = dim / 8;
   const int64_t threads = at::get_num_threads();
@@ -724,18 +739,32 @@ void attend(const float* qp, int64_t hq, int64_t dim, const KV& kv, int64_t leng
   splits = (length + per - 1) / per;
   std::vector<float> part_out(hkv * splits * group * dim), part_max(hkv * splits * group),
       part_sum(hkv * splits * group);
-  const float* kp = kv.k;
-  const float* vp = kv.v;
+  const T* kp = kv.k;
+  const T* vp = kv.v;
   const int64_t ks_h = kv.ks_h, ks_t = kv.ks_t, vs_h = kv.vs_h, vs_t = kv.vs_t;
   at::parallel_for(0, hkv * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
+    // a 16-bit cache's 8 keys widened once into L1 for the whole group (not once per head)
+    std::vector<float> tile(std::is_same_v<T, float> ? 0 : 8 * dim);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t h = job / splits, s = job % splits;
       const int64_t t0 = s * per, t1 = std::min(length, t0 + per), len = t1 - t0;
       scores.assign(group * len, 0.0f);
       int64_t t = 0;
       for (; t + 8 <= len; t += 8) {  // 8 positions at a time, reduced together
-        const float* kr = kp + h * ks_h + (t0 + t) * ks_t;
+        const float* kr;
+        int64_t kst;
+        if constexpr (std::is_same_v<T, float>) {
+          kr = kp + h * ks_h + (t0 + t) * ks_t;
+          kst = ks_t;
+        } else {
+          const T* src = kp + h * ks_h + (t0 + t) * ks_t;
+          for (int p = 0; p < 8; ++p)
+            for (int64_t j = 0; j < nv; ++j)
+              _mm256_storeu_ps(tile.data() + p * dim + 8 * j, load8(src + p * ks_t + 8 * j));
+          kr = tile.data();
+          kst = dim;
+        }
         for (int64_t g = 0; g < group; ++g) {
           const float* qr = qp + (h * group + g) * dim;
           __m256 acc[8];
@@ -743,19 +772,19 @@ void attend(const float* qp, int64_t hq, int64_t dim, const KV& kv, int64_t leng
           for (int64_t j = 0; j < nv; ++j) {
             const __m256 qv = _mm256_loadu_ps(qr + 8 * j);
             for (int p = 0; p < 8; ++p)
-              acc[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + p * ks_t + 8 * j), acc[p]);
+              acc[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr + p * kst + 8 * j), acc[p]);
           }
           _mm256_storeu_ps(scores.data() + g * len + t,
                            _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(sc)));
         }
       }
       for (; t < len; ++t) {
-        const float* kr = kp + h * ks_h + (t0 + t) * ks_t;
+        const T* kr = kp + h * ks_h + (t0 + t) * ks_t;
         for (int64_t g = 0; g < group; ++g) {
           const float* qr = qp + (h * group + g) * dim;
           __m256 acc = _mm256_setzero_ps();
           for (int64_t j = 0; j < nv; ++j)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * j), _mm256_loadu_ps(kr + 8 * j), acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * j), load8(kr + 8 * j), acc);
           scores[g * len + t] = hsum(acc) * sc;
         }
       }
@@ -782,9 +811,9 @@ void attend(const float* qp, int64_t hq, int64_t dim, const KV& kv, int64_t leng
       // out[g] = sum_t p[g, t] v[t], each value row read once for the whole group
       std::vector<__m256> acc(group * nv, _mm256_setzero_ps());
       for (int64_t t = 0; t < len; ++t) {
-        const float* vr = vp + h * vs_h + (t0 + t) * vs_t;
+        const T* vr = vp + h * vs_h + (t0 + t) * vs_t;
         for (int64_t j = 0; j < nv; ++j) {
-          const __m256 vv = _mm256_loadu_ps(vr + 8 * j);
+          const __m256 vv = load8(vr + 8 * j);
           for (int64_t g = 0; g < group; ++g)
             acc[g * nv + j] = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * len + t]), vv, acc[g * nv + j]);
         }
@@ -814,9 +843,30 @@ void attend(const float* qp, int64_t hq, int64_t dim, const KV& kv, int64_t leng
   }
 }
 
-KV kv_of(const torch::Tensor& keys, const torch::Tensor& values) {
-  return KV{keys.data_ptr<float>(), values.data_ptr<float>(), keys.stride(0), keys.stride(1),
-            values.stride(0), values.stride(1), keys.size(0)};
+template <typename T>
+KV<T> kv_of(const torch::Tensor& keys, const torch::Tensor& values) {
+  return KV<T>{keys.data_ptr<T>(), values.data_ptr<T>(), keys.stride(0), keys.stride(1),
+               values.stride(0), values.stride(1), keys.size(0)};
+}
+
+// f(kv) with the cache's element type (checked by check_kv).
+template <typename F>
+void with_kv(const torch::Tensor& keys, const torch::Tensor& values, F&& f) {
+  switch (keys.scalar_type()) {
+    case torch::kHalf: f(kv_of<at::Half>(keys, values)); break;
+    case torch::kBFloat16: f(kv_of<at::BFloat16>(keys, values)); break;
+    default: f(kv_of<float>(keys, values));
+  }
+}
+
+// n fp32 values into a cache row, rounded to nearest even as torch's .to(dtype) does.
+template <typename T>
+void store_row(const float* src, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = T(src[i]);
+  }
 }
 
 void check_norm(const torch::Tensor& w, const char* name) {
@@ -827,8 +877,10 @@ void check_norm(const torch::Tensor& w, const char* name) {
 void check_kv(const torch::Tensor& keys, const torch::Tensor& values, int64_t dim) {
   check_cpu(keys, "keys");
   check_cpu(values, "values");
-  TORCH_CHECK(keys.scalar_type() == torch::kFloat32 && values.scalar_type() == torch::kFloat32,
-              "keys/values must be fp32");
+  const auto kt = keys.scalar_type();
+  TORCH_CHECK(kt == torch::kFloat32 || kt == torch::kHalf || kt == torch::kBFloat16,
+              "keys/values must be fp32, fp16 or bf16, not ", kt);
+  TORCH_CHECK(values.scalar_type() == kt, "keys and values must share one dtype");
   TORCH_CHECK(keys.dim() == 3 && values.dim() == 3 && keys.stride(2) == 1 && values.stride(2) == 1,
               "keys/values must be [Hkv, cap, D] with unit stride in D");
   TORCH_CHECK(keys.size(2) == dim && values.size(2) == dim && keys.size(0) == values.size(0),
@@ -837,8 +889,8 @@ void check_kv(const torch::Tensor& keys, const torch::Tensor& values, int64_t di
 
 }  // namespace
 
-// One query token's attention. q [Hq, D]; keys/values [Hkv, cap, D] (the first `length`
-// entries are read); returns [Hq, D].
+// One query token's attention. q [Hq, D]; keys/values [Hkv, cap, D] fp32, fp16 or bf16 (the
+// first `length` entries are read); returns [Hq, D] fp32.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
                                int64_t length, double scale) {
   check_cpu(q, "q");
@@ -849,8 +901,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
   TORCH_CHECK(dim % 8 == 0 && hq % keys.size(0) == 0, "bad head shapes");
   TORCH_CHECK(length > 0 && length <= keys.size(1), "length out of range");
   auto out = torch::empty({hq, dim}, q.options());
-  attend(q.data_ptr<float>(), hq, dim, kv_of(keys, values), length, static_cast<float>(scale),
-         out.data_ptr<float>());
+  with_kv(keys, values, [&](const auto& kv) {
+    attend(q.data_ptr<float>(), hq, dim, kv, length, static_cast<float>(scale),
+           out.data_ptr<float>());
+  });
   return out;
 }
 
@@ -937,7 +991,8 @@ class Decoder {
   }
 
   // x: the token's embedding [hidden]; cos/sin [head_dim]; keys/values per layer
-  // [1, Hkv, cap, D] buffers holding lengths[l] entries. Returns logits [vocab].
+  // [1, Hkv, cap, D] buffers (fp32, fp16 or bf16) holding lengths[l] entries; the new entry is
+  // rounded to the cache's dtype as it is written. Returns logits [vocab].
   torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
                      std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
                      std::vector<int64_t> lengths) {
@@ -962,8 +1017,6 @@ class Decoder {
       TORCH_CHECK(kb.size(0) == hkv_ && lengths[li] >= 0 && lengths[li] < kb.size(1),
                   "cache of layer ", li, " has no room for the new entry");
       const int64_t len = lengths[li];
-      float* kp = kb.data_ptr<float>();
-      float* vp = vb.data_ptr<float>();
       rms_norm(res.data(), l.in_norm.data_ptr<float>(), hidden_, eps_, h.data());
       const Q16Rows hq8 = quantize_rows(h.data(), 1, hidden_);
       q4_gemv(hq8, 1, l.q, q.data());
@@ -972,13 +1025,16 @@ class Decoder {
       q4_gemv(hq8, 1, l.v, v.data());
       rope(q.data(), hq_, dim_, cs, sn);
       rope(k.data(), hkv_, dim_, cs, sn);
-      for (int64_t hh = 0; hh < hkv_; ++hh) {
-        std::copy(k.begin() + hh * dim_, k.begin() + (hh + 1) * dim_,
-                  kp + hh * kb.stride(0) + len * kb.stride(1));
-        std::copy(v.begin() + hh * dim_, v.begin() + (hh + 1) * dim_,
-                  vp + hh * vb.stride(0) + len * vb.stride(1));
-      }
-      attend(q.data(), hq_, dim_, kv_of(kb, vb), len + 1, scale_, att.data());
+      with_kv(kb, vb, [&](const auto& kv) {
+        using T = std::remove_cv_t<std::remove_pointer_t<decltype(kv.k)>>;
+        T* kp = const_cast<T*>(kv.k);
+        T* vp = const_cast<T*>(kv.v);
+        for (int64_t hh = 0; hh < hkv_; ++hh) {
+          store_row(k.data() + hh * dim_, dim_, kp + hh * kv.ks_h + len * kv.ks_t);
+          store_row(v.data() + hh * dim_, dim_, vp + hh * kv.vs_h + len * kv.vs_t);
+        }
+        attend(q.data(), hq_, dim_, kv, len + 1, scale_, att.data());
+      });
       q4_gemv(quantize_rows(att.data(), 1, hq_ * dim_), 1, l.o, tmp.data());
       for (int64_t i = 0; i < hidden_; ++i) res[i] += tmp[i];
       rms_norm(res.data(), l.post_norm.data_ptr<float>(), hidden_, eps_, h.data());
@@ -1015,7 +1071,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q8_gemm", &q8_gemm, "x · W^T for many rows, W int8 per output row (int8 rows)",
           pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scale"),
           pybind11::arg("outlier") = INFINITY, pybind11::call_guard<pybind11::gil_scoped_release>());
-  mod.def("decode_attention", &decode_attention, "one query token's attention (AVX2)");
+  mod.def("decode_attention", &decode_attention,
+          "one query token's attention over an fp32, fp16 or bf16 cache (AVX2)");
   pybind11::class_<Decoder>(mod, "Decoder")
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, torch::Tensor, torch::Tensor,
                           torch::Tensor, int64_t, int64_t, int64_t, double, double>())
