@@ -61,6 +61,20 @@ def test_int8_linear_is_close_to_fp32():
     assert (layer(x) - ref).abs().max() <= 0.03 * ref.abs().max()
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_int8_linear_quantises_in_row_chunks_as_in_one_piece(monkeypatch, dtype):
+    # the chunks bound the load peak of a vocab x hidden head; the codes are the same
+    monkeypatch.setattr(W, 'QUANT_CHUNK', 1000)  # 31 rows of 32 per chunk, a short last one
+    w = (torch.randn(301, 32, generator=torch.Generator().manual_seed(4)) * 0.3).to(dtype)
+    before = w.clone()
+    layer = W.Int8Linear(w, None)
+    wf = before.float()
+    scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    assert torch.equal(layer.qweight, (wf / scale[:, None]).round().clamp(-127, 127).char())
+    assert torch.equal(layer.scale32, scale.to(torch.bfloat16).float())
+    assert torch.equal(w, before)  # the weights it was given are not scaled in place
+
+
 def test_formats_and_shapes_the_kernel_cannot_take():
     with pytest.raises(ValueError, match='weights must be one of'):
         W.check_format('int3')
