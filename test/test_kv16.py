@@ -155,6 +155,23 @@ def test_the_cache_holds_half_the_bytes_and_prefill_follows_fp32(tiny, kv):
     assert all(s.dtype == torch.float32 for s in b.scores.values())  # the press scores in fp32
 
 
+def test_a_16bit_prefix_cache_holds_half_the_bytes_and_a_warm_prefill_matches_cold(tiny):
+    from timebill_ros.core.prefix_cache import PrefixCache
+
+    ids = torch.randint(3, 256, (160,), generator=torch.Generator().manual_seed(5)).tolist()
+    held = {}
+    for kv in ('float32', 'float16'):
+        engine = Engine(tiny, None, press='snapkv', chat_template=False, kv_dtype=kv,
+                        prefix_cache=PrefixCache(16, 32))
+        cold = engine.prefill(ids, chunk_tokens=32)
+        warm = engine.prefill(ids, chunk_tokens=32)
+        assert cold.cached_tokens == 0 and warm.cached_tokens == 96  # the window is recomputed
+        assert warm.cache.layers[0].keys.dtype == getattr(torch, kv)
+        assert _rel(warm.logits, cold.logits) < 1e-5
+        held[kv] = engine.prefix_cache.bytes_held
+    assert held['float16'] * 2 == held['float32'] > 0
+
+
 @pytest.mark.parametrize('press', ['snapkv', 'chunkkv'])
 def test_eviction_keeps_what_it_keeps_with_fp32(tiny, press):
     ids = torch.randint(3, 256, (300,), generator=torch.Generator().manual_seed(3)).tolist()
